@@ -1,0 +1,53 @@
+"""python -m services.collector — the collector server."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+from deltarec.v1 import collector_pb2, collector_pb2_grpc
+
+from services.collector.config import CollectorConfig
+from services.collector.ingest import Ingestor
+from services.collector.server import CollectorServicer
+from services.collector.store import CollectorStore
+from services.common import db, logs
+from services.common.config import ConfigError, load
+from services.common.server import GrpcService, run_service
+
+log = logging.getLogger("deltarec.collector")
+
+
+def main() -> int:
+    try:
+        config = load(CollectorConfig)
+    except ConfigError as error:
+        print(f"collector: configuration error: {error}", file=sys.stderr)
+        return 2
+    logs.setup("collector", config.log_level)
+    db.migrate(config.database_url)
+    engine = db.make_engine(config.database_url, pool_size=config.grpc_workers,
+                            application_name="deltarec-collector")
+    ingestor = Ingestor(CollectorStore(engine), config.max_batch, config.max_clock_skew_s)
+    service = GrpcService("collector", [collector_pb2.DESCRIPTOR.services_by_name["CollectorService"].full_name],
+                          port=config.grpc_port, metrics_port=config.metrics_port,
+                          workers=config.grpc_workers, grace_s=config.shutdown_grace_s)
+    collector_id = config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    delta_stream = None
+    try:
+        from services.collector.cdc.service import build_delta_stream  # added by the CDC work
+    except ImportError:
+        build_delta_stream = None
+    if build_delta_stream is not None:
+        delta_stream = build_delta_stream(config, engine, collector_id)
+        service.on_shutdown(delta_stream.close)
+    collector_pb2_grpc.add_CollectorServiceServicer_to_server(CollectorServicer(ingestor, delta_stream),
+                                                              service.server)
+    service.on_shutdown(engine.dispose)
+    run_service(service)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Postgres side of the collector: one round trip per batch.
+
+Events go in with one `INSERT ... SELECT FROM unnest(...) ON CONFLICT (event_id)
+DO NOTHING RETURNING`, which is also where idempotency lives: the unique index on
+`event_id` makes concurrent duplicate batches safe, and RETURNING tells which
+events this call stored. Rejections are written by the same statement (a
+data-modifying CTE), so the whole batch is one transaction.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from services.collector.validation import EventRow, ItemRow
+
+INGEST_SQL = """
+WITH input AS (
+    SELECT * FROM unnest(%(event_ids)s::text[], %(types)s::text[], %(users)s::text[],
+                         %(items)s::text[], %(queries)s::text[], %(times)s::timestamptz[],
+                         %(attributes)s::jsonb[])
+        AS t(event_id, event_type, user_id, item_id, query, occurred_at, attributes)
+), rejected AS (
+    INSERT INTO rejected_events (event_id, payload, reason)
+    SELECT * FROM unnest(%(rejected_ids)s::text[], %(rejected_payloads)s::jsonb[],
+                         %(rejected_reasons)s::text[])
+    RETURNING 1
+), inserted AS (
+    INSERT INTO events (event_id, event_type, user_id, item_id, query, occurred_at, attributes)
+    SELECT event_id, event_type, user_id, item_id, query, occurred_at, attributes FROM input
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id, item_id
+)
+SELECT i.event_id,
+       i.item_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM items WHERE items.item_id = i.item_id)
+FROM inserted i
+"""
+
+UPSERT_ITEMS_SQL = """
+INSERT INTO items (item_id, title, description, category, brand, price, currency, attributes,
+                   active, updated_at)
+SELECT item_id, title, description, category, brand, price, currency, attributes, active, now()
+FROM unnest(%(ids)s::text[], %(titles)s::text[], %(descriptions)s::text[], %(categories)s::text[],
+            %(brands)s::text[], %(prices)s::numeric[], %(currencies)s::text[],
+            %(attributes)s::jsonb[], %(actives)s::boolean[])
+    AS t(item_id, title, description, category, brand, price, currency, attributes, active)
+ON CONFLICT (item_id) DO UPDATE SET
+    title = EXCLUDED.title, description = EXCLUDED.description, category = EXCLUDED.category,
+    brand = EXCLUDED.brand, price = EXCLUDED.price, currency = EXCLUDED.currency,
+    attributes = EXCLUDED.attributes, active = EXCLUDED.active, updated_at = now()
+"""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    event_id: str
+    payload: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    stored: set[str]            # event ids this call stored
+    unknown_items: int          # of those, how many name an item not in the catalog
+
+
+class CollectorStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def ingest(self, rows: list[EventRow], rejections: list[Rejection]) -> IngestOutcome:
+        """Stores valid rows and records rejections, in one statement and one transaction.
+        Returns only after the commit: what it calls stored is durable."""
+        if not rows and not rejections:
+            return IngestOutcome(set(), 0)
+        params = {
+            "event_ids": [r.event_id for r in rows],
+            "types": [r.event_type for r in rows],
+            "users": [r.user_id for r in rows],
+            "items": [r.item_id for r in rows],
+            "queries": [r.query for r in rows],
+            "times": [r.occurred_at for r in rows],
+            "attributes": [json.dumps(r.attributes) for r in rows],
+            "rejected_ids": [r.event_id for r in rejections],
+            "rejected_payloads": [r.payload for r in rejections],
+            "rejected_reasons": [r.reason for r in rejections],
+        }
+        connection = self.engine.raw_connection()
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(INGEST_SQL, params)
+                result = cursor.fetchall()
+            connection.commit()
+        except BaseException:
+            connection.rollback()
+            raise
+        finally:
+            connection.close()
+        return IngestOutcome({event_id for event_id, _ in result}, sum(1 for _, unknown in result if unknown))
+
+    def upsert_items(self, rows: list[ItemRow]) -> int:
+        if not rows:
+            return 0
+        params = {
+            "ids": [r.item_id for r in rows], "titles": [r.title for r in rows],
+            "descriptions": [r.description for r in rows], "categories": [r.category for r in rows],
+            "brands": [r.brand for r in rows], "prices": [r.price for r in rows],
+            "currencies": [r.currency for r in rows],
+            "attributes": [json.dumps(r.attributes) for r in rows],
+            "actives": [r.active for r in rows],
+        }
+        with self.engine.begin() as connection:
+            connection.exec_driver_sql(UPSERT_ITEMS_SQL, params)
+        return len(rows)
+
+    def delete_items(self, item_ids: list[str]) -> set[str]:
+        with self.engine.begin() as connection:
+            deleted = connection.execute(
+                sa.text("DELETE FROM items WHERE item_id = ANY(:ids) RETURNING item_id"),
+                {"ids": list(item_ids)}).scalars().all()
+        return set(deleted)

@@ -1,0 +1,85 @@
+"""Mapping of domain errors to precise gRPC statuses, in one place.
+
+Cores raise these plain exceptions; the gRPC edge (see `grpc_errors`) turns them into
+status codes, so no handler ever leaks a stack trace to a client.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import grpc
+import sqlalchemy.exc
+
+log = logging.getLogger(__name__)
+
+
+class DeltaRecError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(DeltaRecError):
+    """The request is malformed; the message names the field."""
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(DeltaRecError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(DeltaRecError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(DeltaRecError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(DeltaRecError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Aborted(DeltaRecError):
+    code = grpc.StatusCode.ABORTED
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, DeltaRecError):
+        return exc.code, str(exc)
+    # Postgres down or connection lost: the client may retry; nothing was committed.
+    if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                        sqlalchemy.exc.DisconnectionError)):
+        return grpc.StatusCode.UNAVAILABLE, "database unavailable; nothing was committed, retry"
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):
+        return grpc.StatusCode.UNAVAILABLE, "database connection pool exhausted; retry"
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
+
+
+def grpc_errors(method):
+    """Decorator for servicer methods (unary and streaming): exceptions become statuses."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream_wrapper(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - the edge must answer every failure
+                _abort(context, exc, method.__name__)
+        return stream_wrapper
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, exc, method.__name__)
+    return wrapper
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception, method: str):
+    if type(exc) is Exception and not exc.args:
+        raise exc  # grpc's context.abort() raises a bare Exception after setting the status
+    code, message = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("unhandled error in %s", method)
+    context.abort(code, message)

@@ -1,0 +1,117 @@
+"""Server bootstrap shared by every DeltaRec service.
+
+`GrpcService` owns the gRPC server, the health service (NOT_SERVING until the
+service says it is ready and again as soon as shutdown begins, so load balancers
+drain us first), server reflection (grpcurl works without proto files), the
+observability interceptor, the Prometheus HTTP endpoint and graceful shutdown on
+SIGTERM/SIGINT (in-flight calls get `shutdown_grace_s` to finish).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from services.common.interceptors import ObservabilityInterceptor
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# Large enough for a batch of item vectors; the default 4 MiB is too small for bulk loads.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class GrpcService:
+    def __init__(self, name: str, service_names: Iterable[str], *, port: int = 0,
+                 metrics_port: int | None = 0, workers: int = 16, grace_s: float = 10.0,
+                 host: str = "127.0.0.1") -> None:
+        self.name = name
+        self.service_names = list(service_names)
+        self.grace_s = grace_s
+        self._stopped = threading.Event()
+        self._shutdown_hooks: list[Callable[[], None]] = []
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-rpc"),
+            interceptors=[ObservabilityInterceptor()],
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.so_reuseport", 0)])
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            self.service_names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                  reflection.SERVICE_NAME], self.server)
+        self._set_health(NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind gRPC port {host}:{port}")
+        self.metrics_port = None
+        if metrics_port is not None:
+            http_server, _ = start_http_server(metrics_port, addr=host)
+            self.metrics_port = http_server.server_port
+
+    def _set_health(self, status) -> None:
+        self.health.set("", status)
+        for service_name in self.service_names:
+            self.health.set(service_name, status)
+
+    def on_shutdown(self, hook: Callable[[], None]) -> None:
+        """Runs after in-flight calls finished (or the grace period ran out)."""
+        self._shutdown_hooks.append(hook)
+
+    def start(self) -> None:
+        self.server.start()
+        log.info("listening", extra={"grpc_port": self.port, "metrics_port": self.metrics_port})
+
+    def set_ready(self, ready: bool = True) -> None:
+        self._set_health(SERVING if ready else NOT_SERVING)
+        log.info("ready" if ready else "not ready")
+
+    def stop(self, grace_s: float | None = None) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._set_health(NOT_SERVING)
+        grace = self.grace_s if grace_s is None else grace_s
+        log.info("shutting down", extra={"grace_s": grace})
+        self.server.stop(grace).wait()
+        for hook in self._shutdown_hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - keep shutting down the rest
+                log.exception("shutdown hook failed")
+        log.info("stopped")
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum, _frame):
+            log.info("signal", extra={"signal": signal.Signals(signum).name})
+            # stop() blocks for the grace period: not inside the signal handler.
+            threading.Thread(target=self.stop, name="shutdown", daemon=True).start()
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def wait(self) -> None:
+        self._stopped.wait()
+        self.server.wait_for_termination()
+
+
+def run_service(service: GrpcService, ready_check: Callable[[], None] | None = None) -> None:
+    """Start, announce readiness once `ready_check` passes, block until a signal stops us."""
+    service.install_signal_handlers()
+    service.start()
+    if ready_check is not None:
+        ready_check()
+    service.set_ready(True)
+    # A line on stdout that launchers (make run, tests) parse to find the ports.
+    print(f"DELTAREC_READY {service.name} grpc_port={service.port} metrics_port={service.metrics_port}",
+          flush=True)
+    service.wait()
