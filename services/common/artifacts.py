@@ -1,0 +1,102 @@
+"""Model artifact store, selected by URI, with sha256 verification.
+
+- `file:///abs/dir` stores `<dir>/<name>` (written to a temp file, fsynced, renamed: a reader
+  never sees half an artifact);
+- `postgres` stores the bytes in the `artifacts` table of the service's own database
+  (URI `postgres:///artifacts/<name>`), for deployments without shared disks.
+
+The sha256 is computed on write and returned with the URI; `read(uri, sha256)` refuses bytes whose
+digest differs (ArtifactCorrupt), so a ranker never loads a damaged or swapped artifact.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+
+class ArtifactCorrupt(Exception):
+    pass
+
+
+class ArtifactMissing(Exception):
+    pass
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ArtifactStore:
+    def __init__(self, root_uri: str, engine: Engine | None = None) -> None:
+        """`root_uri`: `file:///some/dir` or `postgres`; `engine` is needed for postgres."""
+        self.root_uri = root_uri
+        self.engine = engine
+        parsed = urlparse(root_uri)
+        if parsed.scheme == "file":
+            self.kind, self.directory = "file", Path(parsed.path)
+            self.directory.mkdir(parents=True, exist_ok=True)
+        elif root_uri.startswith("postgres"):
+            if engine is None:
+                raise ValueError("the postgres artifact store needs a database engine")
+            self.kind, self.directory = "postgres", None
+        else:
+            raise ValueError(f"unsupported artifact store URI {root_uri!r} (file:///dir or postgres)")
+
+    def write(self, name: str, data: bytes) -> tuple[str, str]:
+        """Stores `data` under `name`; returns (uri, sha256)."""
+        digest = sha256_hex(data)
+        if self.kind == "file":
+            target = self.directory / name
+            fd, temp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, target)
+            return target.as_uri(), digest
+        with self.engine.begin() as connection:
+            connection.execute(sa.text(
+                "INSERT INTO artifacts (name, sha256, data) VALUES (:name, :sha, :data) "
+                "ON CONFLICT (name) DO UPDATE SET sha256 = EXCLUDED.sha256, data = EXCLUDED.data"),
+                {"name": name, "sha": digest, "data": data})
+        return f"postgres:///artifacts/{name}", digest
+
+    def read(self, uri: str, expected_sha256: str | None = None) -> bytes:
+        data = read_uri(uri, self.engine)
+        if expected_sha256 is not None and sha256_hex(data) != expected_sha256:
+            raise ArtifactCorrupt(f"{uri}: sha256 {sha256_hex(data)[:12]}... != expected {expected_sha256[:12]}...")
+        return data
+
+
+def read_uri(uri: str, engine: Engine | None = None) -> bytes:
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        try:
+            return Path(parsed.path).read_bytes()
+        except FileNotFoundError:
+            raise ArtifactMissing(uri) from None
+    if parsed.scheme.startswith("postgres"):
+        if engine is None:
+            raise ValueError("reading a postgres artifact needs a database engine")
+        name = parsed.path.rsplit("/", 1)[-1]
+        with engine.connect() as connection:
+            data = connection.execute(sa.text("SELECT data FROM artifacts WHERE name = :name"),
+                                      {"name": name}).scalar()
+        if data is None:
+            raise ArtifactMissing(uri)
+        return bytes(data)
+    raise ValueError(f"unsupported artifact URI {uri!r}")
+
+
+def read_verified(uri: str, expected_sha256: str, engine: Engine | None = None) -> bytes:
+    data = read_uri(uri, engine)
+    actual = sha256_hex(data)
+    if actual != expected_sha256:
+        raise ArtifactCorrupt(f"{uri}: sha256 {actual[:12]}... != expected {expected_sha256[:12]}...")
+    return data
