@@ -90,6 +90,8 @@ class CommonConfig:
                              help="host:port of an etcd member")
     etcd_prefix: str = env("ETCD_PREFIX", "/deltarec/", pattern=r"/.*/",
                            help="key prefix of every DeltaRec key")
+    bind_host: str = env("BIND_HOST", "127.0.0.1",
+                         help="address the gRPC and metrics ports listen on (0.0.0.0 in a pod)")
     grpc_port: int = env("GRPC_PORT", 0, minimum=0, maximum=65535, help="0 = pick a free port")
     metrics_port: int = env("METRICS_PORT", 0, minimum=0, maximum=65535,
                             help="Prometheus HTTP port; 0 = pick a free port")

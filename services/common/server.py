@@ -59,6 +59,12 @@ class GrpcService:
             http_server, _ = start_http_server(metrics_port, addr=host)
             self.metrics_port = http_server.server_port
 
+    @classmethod
+    def from_config(cls, name: str, service_names: Iterable[str], config) -> "GrpcService":
+        """From a config carrying the CommonConfig fields (ports, workers, grace, host)."""
+        return cls(name, service_names, port=config.grpc_port, metrics_port=config.metrics_port,
+                   workers=config.grpc_workers, grace_s=config.shutdown_grace_s, host=config.bind_host)
+
     def _set_health(self, status) -> None:
         self.health.set("", status)
         for service_name in self.service_names:
