@@ -30,9 +30,8 @@ def main() -> int:
     engine = db.make_engine(config.database_url, pool_size=config.grpc_workers,
                             application_name="deltarec-collector")
     ingestor = Ingestor(CollectorStore(engine), config.max_batch, config.max_clock_skew_s)
-    service = GrpcService("collector", [collector_pb2.DESCRIPTOR.services_by_name["CollectorService"].full_name],
-                          port=config.grpc_port, metrics_port=config.metrics_port,
-                          workers=config.grpc_workers, grace_s=config.shutdown_grace_s)
+    service = GrpcService.from_config(
+        "collector", [collector_pb2.DESCRIPTOR.services_by_name["CollectorService"].full_name], config)
     collector_id = config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
     delta_stream = None
     try:
