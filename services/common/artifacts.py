@@ -67,11 +67,8 @@ class ArtifactStore:
                 {"name": name, "sha": digest, "data": data})
         return f"postgres:///artifacts/{name}", digest
 
-    def read(self, uri: str, expected_sha256: str | None = None) -> bytes:
-        data = read_uri(uri, self.engine)
-        if expected_sha256 is not None and sha256_hex(data) != expected_sha256:
-            raise ArtifactCorrupt(f"{uri}: sha256 {sha256_hex(data)[:12]}... != expected {expected_sha256[:12]}...")
-        return data
+    def read(self, uri: str, expected_sha256: str) -> bytes:
+        return read_verified(uri, expected_sha256, self.engine)
 
 
 def read_uri(uri: str, engine: Engine | None = None) -> bytes:
