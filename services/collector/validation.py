@@ -154,4 +154,23 @@ def validate_item(item: common_pb2.Item) -> ItemRow:
 def event_payload(event: common_pb2.Event) -> str:
     """What we keep of a rejected event: its fields as JSON, whatever they were."""
     from google.protobuf import json_format
-    return json.dumps(json_format.MessageToDict(event, preserving_proto_field_name=True))
+    try:
+        payload = json_format.MessageToDict(event, preserving_proto_field_name=True)
+    except json_format.Error:  # a timestamp out of range cannot be rendered: keep its raw fields
+        copy = common_pb2.Event()
+        copy.CopyFrom(event)
+        copy.ClearField("timestamp")
+        payload = json_format.MessageToDict(copy, preserving_proto_field_name=True)
+        payload["timestamp"] = {"seconds": event.timestamp.seconds, "nanos": event.timestamp.nanos}
+    return json.dumps(_without_nul(payload))
+
+
+def _without_nul(value):
+    """jsonb refuses U+0000 (and so would fail the whole batch): store U+FFFD instead."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    return value

@@ -36,7 +36,10 @@ def _convert(raw: str, kind: Any, name: str) -> Any:
         if kind_name in ("int",):
             return int(raw)
         if kind_name in ("float",):
-            return float(raw)
+            value = float(raw)
+            if value != value:  # NaN: every bound check would pass it
+                raise ValueError
+            return value
         if kind_name in ("bool",):
             lowered = raw.strip().lower()
             if lowered in ("1", "true", "yes", "on"):
