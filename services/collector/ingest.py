@@ -52,7 +52,8 @@ class Ingestor:
             try:
                 row = validate_event(event, now, self.max_clock_skew_s)
             except Rejected as reason:
-                rejections.append(Rejection(event.event_id[:128], event_payload(event), str(reason)))
+                rejections.append(Rejection(event.event_id[:128].replace("\x00", "\ufffd"),  # text refuses NUL
+                                            event_payload(event), str(reason)))
                 fates.append(("rejected", str(reason)))
                 continue
             if row.event_id in first_seen:

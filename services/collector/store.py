@@ -75,6 +75,9 @@ class CollectorStore:
         Returns only after the commit: what it calls stored is durable."""
         if not rows and not rejections:
             return IngestOutcome(set(), 0)
+        # One global insertion order (by event_id): concurrent batches that overlap in different
+        # orders would otherwise wait on each other's uncommitted ids and deadlock.
+        rows = sorted(rows, key=lambda r: r.event_id)
         params = {
             "event_ids": [r.event_id for r in rows],
             "types": [r.event_type for r in rows],
