@@ -10,6 +10,7 @@ import inspect
 import logging
 
 import grpc
+import psycopg2
 import sqlalchemy.exc
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, DeltaRecError):
         return exc.code, str(exc)
     # Postgres down or connection lost: the client may retry; nothing was committed.
+    # (psycopg2's own classes too: raw connections, used for bulk statements, do not wrap them.)
     if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
-                        sqlalchemy.exc.DisconnectionError)):
+                        sqlalchemy.exc.DisconnectionError, psycopg2.OperationalError,
+                        psycopg2.InterfaceError)):
         return grpc.StatusCode.UNAVAILABLE, "database unavailable; nothing was committed, retry"
     if isinstance(exc, sqlalchemy.exc.TimeoutError):
         return grpc.StatusCode.UNAVAILABLE, "database connection pool exhausted; retry"
