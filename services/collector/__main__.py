@@ -40,12 +40,26 @@ def main() -> int:
         build_delta_stream = None
     if build_delta_stream is not None:
         delta_stream = build_delta_stream(config, engine, collector_id)
+    if delta_stream is not None:
         service.on_shutdown(delta_stream.close)
+        # Delta streams never finish by themselves: end them as soon as shutdown begins (their
+        # consumers get UNAVAILABLE and reconnect elsewhere, and the slot leases are released at
+        # once) instead of holding the shutdown for the whole grace period.
+        _close_streams_on_stop(service, delta_stream)
     collector_pb2_grpc.add_CollectorServiceServicer_to_server(CollectorServicer(ingestor, delta_stream),
                                                               service.server)
     service.on_shutdown(engine.dispose)
     run_service(service)
     return 0
+
+
+def _close_streams_on_stop(service: GrpcService, delta_stream) -> None:
+    import threading
+
+    def wait_and_close() -> None:
+        service._stopped.wait()
+        delta_stream.close()
+    threading.Thread(target=wait_and_close, name="cdc-shutdown", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,577 @@
+"""The delta stream core: consumer groups, their slots and subscriptions. Plain Python over
+protobuf messages (no gRPC): `CdcHub.open(...)` returns a `Subscription` whose `responses()`
+yields SubscribeResponse messages and whose `ack(lsn)` takes the consumer's acks; the gRPC edge
+(service.py) only moves messages between the two.
+
+One subscription = one stream of one group:
+
+1. It takes the group's slot: a per-process lock (one stream per group per collector), then
+   the etcd key `collector/slots/<group>` under a lease (one stream per group cluster-wide).
+   While someone else holds it the subscription *waits* and sends heartbeats with
+   `standby=true` and the holder's id; it takes over when the holder releases the slot (its
+   stream ended) or dies (its lease expires after COLLECTOR_SLOT_LEASE_TTL_S). A walsender still
+   attached to the slot after COLLECTOR_SLOT_FENCE_S (a holder cut off from etcd but not from
+   Postgres) is terminated: the lease, not the connection, says who owns the slot. A holder
+   that loses its lease ends its stream with UNAVAILABLE.
+2. If the group has no completed snapshot (new group; slot or row lost; or a snapshot that was
+   never acked to its end, e.g. after a crash), the slot is (re)created with an exported
+   snapshot and the snapshot is sent first (see snapshot.py), then the stream from the slot's
+   consistent point. Otherwise the stream resumes at the slot's confirmed position: whatever
+   was sent but not acked before is sent again (at-least-once).
+3. Batches hold whole transactions, up to max_batch_size deltas (a larger transaction is one
+   batch). Acks are cumulative; an ack is rounded down to the last batch boundary it covers, so
+   the slot is only ever confirmed at a commit's end LSN.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from google.protobuf import timestamp_pb2
+
+from deltarec.v1 import collector_pb2
+
+from services.collector.cdc import metrics
+from services.collector.cdc.buffer import BufferClosed, Transaction, TransactionBuffer
+from services.collector.cdc.convert import batch_of
+from services.collector.cdc.reader import ReplicationReader, SlotBusy
+from services.collector.cdc.slots import GROUP_NAME, GroupRow, SlotStore
+from services.collector.cdc.snapshot import Snapshot
+from services.common.errors import (Aborted, FailedPrecondition, InvalidArgument, NotFound,  # noqa: F401
+                                    Unavailable)
+from services.common.etcd import Etcd, EtcdUnavailable, Leadership
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 500
+MAX_BATCH = 100_000
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    heartbeat_s: float = 2.0
+    buffer_deltas: int = 10_000
+    max_unacked_batches: int = 256
+    lease_ttl_s: int = 5
+    fence_s: float = 10.0
+
+
+class Cancelled(Exception):
+    """The subscription was cancelled (client gone, group dropped, collector shutting down)."""
+
+
+class GroupStats:
+    """What the metrics of one group are computed from; outlives its subscriptions."""
+
+    def __init__(self, hub: "CdcHub", group: str) -> None:
+        self.hub, self.group = hub, group
+        self.lock = threading.Lock()
+        self.acked_lsn = 0
+        self.caught_up_lsn = 0
+        self.max_sent_lsn = 0                 # highest commit_lsn ever sent by this process
+        self.pending: collections.deque[tuple[int, int]] = collections.deque()  # (commit_lsn, commit_time_us)
+        self.buffer: TransactionBuffer | None = None
+        self.unacked = 0
+        metrics.LAG_BYTES.labels(group).set_function(self.lag_bytes)
+        metrics.LAG_SECONDS.labels(group).set_function(self.lag_seconds)
+        metrics.BUFFERED.labels(group).set_function(lambda: self.buffer.size if self.buffer else 0)
+        metrics.UNACKED.labels(group).set_function(lambda: self.unacked)
+        metrics.ACKED_LSN.labels(group).set_function(lambda: self.acked_lsn)
+
+    def enqueued(self, transaction: Transaction) -> None:
+        with self.lock:
+            self.pending.append((transaction.commit_lsn, transaction.commit_time_us))
+
+    def acked(self, lsn: int) -> None:
+        with self.lock:
+            self.acked_lsn = max(self.acked_lsn, lsn)
+            while self.pending and self.pending[0][0] <= lsn:
+                self.pending.popleft()
+
+    def reset_pending(self) -> None:
+        with self.lock:
+            self.pending.clear()
+
+    def lag_seconds(self) -> float:
+        with self.lock:
+            if not self.pending:
+                return 0.0
+            oldest_us = self.pending[0][1]
+        return max(0.0, time.time() - (946_684_800 + oldest_us / 1e6))
+
+    def lag_bytes(self) -> float:
+        server = self.hub.cached_wal_lsn()
+        position = max(self.acked_lsn, self.caught_up_lsn)
+        return float(max(0, server - position)) if server and position else 0.0
+
+
+class CdcHub:
+    """The consumer groups of one collector process."""
+
+    def __init__(self, store: SlotStore, dsn: str, publication: str, tables: Sequence[str],
+                 etcd: Etcd | None, collector_id: str, settings: StreamSettings = StreamSettings()) -> None:
+        self.store, self.dsn, self.publication = store, dsn, publication
+        self.tables = tuple(tables)
+        self.etcd, self.collector_id, self.settings = etcd, collector_id, settings
+        self._lock = threading.Lock()
+        self._group_locks: dict[str, threading.Lock] = {}
+        self._stats: dict[str, GroupStats] = {}
+        self._subscriptions: set[Subscription] = set()
+        self._closed = False
+        self._wal_lsn = 0
+        self._wal_lsn_at = 0.0
+        self._wal_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ helpers
+    def group_lock(self, group: str) -> threading.Lock:
+        with self._lock:
+            return self._group_locks.setdefault(group, threading.Lock())
+
+    def stats(self, group: str) -> GroupStats:
+        with self._lock:
+            if group not in self._stats:
+                self._stats[group] = GroupStats(self, group)
+            return self._stats[group]
+
+    def slot_key(self, group: str) -> str:
+        return f"collector/slots/{group}"
+
+    def wal_lsn(self, max_age_s: float = 0.5) -> int:
+        """pg_current_wal_lsn(), cached for `max_age_s` (heartbeats of many streams share it)."""
+        with self._wal_lock:
+            if time.monotonic() - self._wal_lsn_at > max_age_s:
+                try:
+                    self._wal_lsn = self.store.current_wal_lsn()
+                    self._wal_lsn_at = time.monotonic()
+                except Exception as error:  # noqa: BLE001 - a heartbeat without a fresh LSN
+                    log.warning("cannot read the WAL position", extra={"error": str(error)[:200]})
+            return self._wal_lsn
+
+    def cached_wal_lsn(self) -> int:
+        return self.wal_lsn(max_age_s=5.0)
+
+    # ------------------------------------------------------------------ API
+    def open(self, group: str, tables: Sequence[str] = (), max_batch_size: int = 0) -> "Subscription":
+        if self._closed:
+            raise Unavailable("collector is shutting down")
+        if not GROUP_NAME.fullmatch(group or ""):
+            raise InvalidArgument("consumer_group: must match [a-z][a-z0-9_]{0,40}")
+        if max_batch_size > MAX_BATCH:
+            raise InvalidArgument(f"max_batch_size: at most {MAX_BATCH}")
+        requested = tuple(dict.fromkeys(tables))
+        unknown = [table for table in requested if table not in self.tables]
+        if unknown:
+            raise InvalidArgument(f"tables: {', '.join(unknown)} not published "
+                                  f"(published: {', '.join(self.tables)})")
+        subscription = Subscription(self, group, requested, max_batch_size or DEFAULT_BATCH)
+        with self._lock:
+            self._subscriptions.add(subscription)
+        return subscription
+
+    def _forget(self, subscription: "Subscription") -> None:
+        with self._lock:
+            self._subscriptions.discard(subscription)
+
+    def list_groups(self) -> collector_pb2.ListConsumerGroupsResponse:
+        response = collector_pb2.ListConsumerGroupsResponse()
+        rows = {row.name: row for row in self.store.groups()}
+        slots = {info.slot_name: info for info in self.store.slots_with_prefix()}
+        names = set(rows)
+        prefix = self.store.slot_prefix
+        orphans = {name[len(prefix):]: name for name in slots
+                   if name.startswith(prefix) and not any(r.slot_name == name for r in rows.values())}
+        names |= set(orphans)
+        for name in sorted(names):
+            row = rows.get(name)
+            slot_name = row.slot_name if row else orphans[name]
+            info = slots.get(slot_name)
+            group = response.groups.add(name=name, slot_name=slot_name)
+            if row is not None:
+                group.consistent_lsn = row.consistent_lsn
+                group.snapshot_done = row.snapshot_done
+                group.tables.extend(row.tables)
+            if info is not None:
+                group.slot_exists = True
+                group.confirmed_flush_lsn = info.confirmed_flush_lsn
+                group.retained_wal_bytes = max(0, info.retained_wal_bytes)
+                group.active = info.active
+            group.holder = self._holder(name) or ""
+        return response
+
+    def _holder(self, group: str) -> str | None:
+        if self.etcd is None:
+            return None
+        try:
+            kv = self.etcd.get(self.slot_key(group))
+        except EtcdUnavailable:
+            return None
+        return None if kv is None else kv.value.decode()
+
+    def drop_group(self, group: str, timeout_s: float = 15.0) -> collector_pb2.DropConsumerGroupResponse:
+        if not GROUP_NAME.fullmatch(group or ""):
+            raise InvalidArgument("consumer_group: must match [a-z][a-z0-9_]{0,40}")
+        # A stream of the group on this collector ends first (its consumer gets UNAVAILABLE).
+        with self._lock:
+            local = [s for s in self._subscriptions if s.group == group]
+        for subscription in local:
+            subscription.cancel("consumer group dropped")
+        lock = self.group_lock(group)
+        if not lock.acquire(timeout=timeout_s):
+            raise Unavailable(f"consumer group {group}: its stream on this collector did not stop")
+        leadership = None
+        try:
+            if self.etcd is not None:
+                leadership = Leadership(self.etcd, self.slot_key(group), self.collector_id,
+                                        self.settings.lease_ttl_s)
+                try:
+                    acquired = leadership.try_acquire()
+                except EtcdUnavailable as error:
+                    raise Unavailable(f"etcd unavailable: {error}") from error
+                if not acquired:
+                    holder = self._holder(group) or "?"
+                    raise FailedPrecondition(f"consumer group {group} is being streamed by collector "
+                                             f"{holder}; stop its consumers (or drop it there) first")
+            row = self.store.group(group)
+            slot_name = row.slot_name if row else self.store.slot_name(group)
+            # We hold the lease: a walsender still on the slot belongs to a stream being torn down.
+            if self.store.terminate_slot_user(slot_name) is not None:
+                time.sleep(0.2)
+            dropped = self.drop_slot(slot_name)
+            dropped = self.store.delete_group(group) or dropped
+            log.info("consumer group dropped", extra={"group": group, "slot": slot_name, "existed": dropped})
+            return collector_pb2.DropConsumerGroupResponse(dropped=dropped)
+        finally:
+            if leadership is not None:
+                try:
+                    leadership.resign()
+                except Exception:  # noqa: BLE001 - expires by itself
+                    pass
+            lock.release()
+
+    def drop_slot(self, slot_name: str, timeout_s: float = 10.0) -> bool:
+        """Drops a slot, waiting for a walsender that is exiting to let go of it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.store.drop_slot(slot_name)
+            except Exception as error:  # noqa: BLE001
+                if "is active" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._closed = True
+        with self._lock:
+            subscriptions = list(self._subscriptions)
+        for subscription in subscriptions:
+            subscription.cancel("collector is shutting down")
+        deadline = time.monotonic() + timeout_s
+        for subscription in subscriptions:
+            subscription.closed.wait(max(0.0, deadline - time.monotonic()))
+
+
+class Subscription:
+    def __init__(self, hub: CdcHub, group: str, tables: tuple[str, ...], max_batch_size: int) -> None:
+        self.hub, self.group, self.requested_tables = hub, group, tables
+        self.max_batch_size = max_batch_size
+        self.settings = hub.settings
+        self.stats = hub.stats(group)
+        self._cancelled = threading.Event()
+        self.cancel_reason = ""
+        self._cancelled_by_server = False
+        self.closed = threading.Event()
+        self._condition = threading.Condition()
+        self.unacked: collections.deque[tuple[int, int]] = collections.deque()   # (commit_lsn, deltas)
+        self.acked_lsn = 0
+        self.last_sent_lsn = 0
+        self.reader: ReplicationReader | None = None
+        self.buffer: TransactionBuffer | None = None
+        self.snapshot: Snapshot | None = None
+        self.snapshot_pending = False
+        self.consistent_lsn = 0
+        self.tables: tuple[str, ...] = ()
+        self.leadership: Leadership | None = None
+        self._lock_held = False
+        self._streaming = False
+        self._last_sent = time.monotonic()
+
+    # ------------------------------------------------------------------ control
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self, reason: str = "cancelled", by_server: bool = True) -> None:
+        """Ends the subscription. `by_server`: the collector ends it (shutdown, group dropped),
+        and the consumer is told UNAVAILABLE; otherwise the consumer went away."""
+        if not self._cancelled.is_set():
+            self.cancel_reason = reason
+            self._cancelled_by_server = by_server
+            self._cancelled.set()
+        if self.buffer is not None:
+            self.buffer.wake()
+        with self._condition:
+            self._condition.notify_all()
+
+    def _check(self) -> None:
+        if self._cancelled.is_set():
+            raise Cancelled(self.cancel_reason)
+        if self.leadership is not None and self._streaming and not self.leadership.held:
+            raise Unavailable(f"collector {self.hub.collector_id} lost the lease of consumer group "
+                              f"{self.group}; reconnect")
+
+    # ------------------------------------------------------------------ acks
+    def ack(self, lsn: int) -> None:
+        """The consumer durably applied everything up to `lsn`."""
+        metrics.ACKS.labels(self.group).inc()
+        with self._condition:
+            effective = 0
+            while self.unacked and self.unacked[0][0] <= lsn:
+                effective = self.unacked.popleft()[0]
+            self.stats.unacked = len(self.unacked)
+            if effective == 0:
+                if lsn > self.last_sent_lsn:
+                    log.warning("ack beyond what was sent; ignored",
+                                extra={"group": self.group, "lsn": lsn, "last_sent": self.last_sent_lsn})
+                return
+            self.acked_lsn = effective
+            self._condition.notify_all()
+        self.stats.acked(effective)
+        if self.snapshot_pending and effective >= self.consistent_lsn:
+            self.snapshot_pending = False
+            try:
+                self.hub.store.mark_snapshot_done(self.group, self.consistent_lsn)
+                log.info("initial snapshot acked", extra={"group": self.group,
+                                                          "consistent_lsn": self.consistent_lsn})
+            except Exception as error:  # noqa: BLE001 - redone (safely) on the next subscription
+                log.warning("could not record the snapshot's end", extra={"group": self.group,
+                                                                          "error": str(error)[:200]})
+        if self.reader is not None:
+            self.reader.confirm(effective)
+
+    # ------------------------------------------------------------------ messages
+    def _heartbeat(self, standby: bool = False, holder: str = "") -> collector_pb2.SubscribeResponse:
+        heartbeat = collector_pb2.Heartbeat(server_lsn=self.hub.wal_lsn(), standby=standby, holder=holder)
+        heartbeat.server_time.GetCurrentTime()
+        if self.reader is not None and not standby:
+            caught_up = self.reader.caught_up_lsn
+            if caught_up and self.acked_lsn >= self.reader.last_enqueued_lsn and not self.unacked:
+                heartbeat.caught_up_lsn = caught_up
+                self.stats.caught_up_lsn = caught_up
+        self._last_sent = time.monotonic()
+        return collector_pb2.SubscribeResponse(heartbeat=heartbeat)
+
+    def _send(self, batch: collector_pb2.DeltaBatch) -> collector_pb2.SubscribeResponse:
+        count = len(batch.deltas)
+        with self._condition:
+            self.unacked.append((batch.commit_lsn, count))
+            self.stats.unacked = len(self.unacked)
+            self.last_sent_lsn = batch.commit_lsn
+        if batch.commit_lsn <= self.stats.max_sent_lsn and not batch.snapshot:
+            metrics.REDELIVERED.labels(self.group).inc(count)
+        self.stats.max_sent_lsn = max(self.stats.max_sent_lsn, batch.commit_lsn)
+        metrics.DELTAS.labels(self.group).inc(count)
+        metrics.BATCHES.labels(self.group).inc()
+        if batch.snapshot:
+            metrics.SNAPSHOT_ROWS.labels(self.group).inc(count)
+        self._last_sent = time.monotonic()
+        return collector_pb2.SubscribeResponse(batch=batch)
+
+    def _wait_window(self) -> Iterator[collector_pb2.SubscribeResponse]:
+        """Flow control by acks: at most max_unacked_batches in flight."""
+        limit = self.settings.max_unacked_batches
+        if not limit:
+            return
+        while True:
+            self._check()
+            with self._condition:
+                if len(self.unacked) < limit:
+                    return
+                self._condition.wait(self._until_heartbeat())
+            if time.monotonic() - self._last_sent >= self.settings.heartbeat_s:
+                yield self._heartbeat()
+
+    def _until_heartbeat(self) -> float:
+        return max(0.01, self._last_sent + self.settings.heartbeat_s - time.monotonic())
+
+    # ------------------------------------------------------------------ the stream
+    def responses(self) -> Iterator[collector_pb2.SubscribeResponse]:
+        """Heartbeats while waiting for the slot, then the snapshot (if due), then the stream.
+        Ends when cancelled; raises a DeltaRecError (Unavailable, ...) on failures."""
+        try:
+            yield from self._acquire()
+            yield from self._prepare()
+            self._streaming = True
+            metrics.STREAMS.labels(self.group).inc()
+            try:
+                yield from self._stream()
+            finally:
+                metrics.STREAMS.labels(self.group).dec()
+        except Cancelled:
+            if self._cancelled_by_server:
+                raise Unavailable(f"{self.cancel_reason}; reconnect") from None
+            return
+
+    def _acquire(self) -> Iterator[collector_pb2.SubscribeResponse]:
+        heartbeat_s = self.settings.heartbeat_s
+        lock = self.hub.group_lock(self.group)
+        metrics.STANDBY.labels(self.group).inc()
+        try:
+            while not lock.acquire(timeout=min(heartbeat_s, 0.5)):
+                self._check()
+                if time.monotonic() - self._last_sent >= heartbeat_s:
+                    yield self._heartbeat(standby=True, holder=self.hub.collector_id)
+            self._lock_held = True
+            self._check()
+            if self.hub.etcd is None:
+                return
+            self.leadership = Leadership(self.hub.etcd, self.hub.slot_key(self.group), self.hub.collector_id,
+                                         self.settings.lease_ttl_s)
+            waiting_logged = False
+            while True:
+                try:
+                    if self.leadership.try_acquire():
+                        break
+                    holder = self.hub._holder(self.group) or ""
+                except EtcdUnavailable as error:
+                    holder = ""
+                    log.warning("etcd unavailable while taking a slot", extra={"group": self.group,
+                                                                                "error": str(error)[:200]})
+                if not waiting_logged:
+                    log.info("slot held elsewhere; standing by", extra={"group": self.group, "holder": holder})
+                    waiting_logged = True
+                self._check()
+                if time.monotonic() - self._last_sent >= heartbeat_s:
+                    yield self._heartbeat(standby=True, holder=holder)
+                self._cancelled.wait(min(heartbeat_s, 0.5))
+                self._check()
+            log.info("slot lease taken", extra={"group": self.group, "collector": self.hub.collector_id})
+        finally:
+            metrics.STANDBY.labels(self.group).dec()
+
+    def _wait_slot_free(self, slot_name: str) -> Iterator[collector_pb2.SubscribeResponse]:
+        """Waits for a walsender still attached to the slot to go (a previous holder's
+        connection being torn down); terminates it after COLLECTOR_SLOT_FENCE_S."""
+        deadline = time.monotonic() + self.settings.fence_s
+        while True:
+            info = self.hub.store.slot(slot_name)
+            if info is None or not info.active:
+                return
+            self._check()
+            if time.monotonic() >= deadline:
+                pid = self.hub.store.terminate_slot_user(slot_name)
+                log.warning("terminated a walsender still attached to a slot we hold the lease of",
+                            extra={"group": self.group, "slot": slot_name, "pid": pid})
+                deadline = time.monotonic() + self.settings.fence_s
+            if time.monotonic() - self._last_sent >= self.settings.heartbeat_s:
+                yield self._heartbeat()
+            self._cancelled.wait(0.1)
+
+    def _prepare(self) -> Iterator[collector_pb2.SubscribeResponse]:
+        store = self.hub.store
+        slot_name = store.slot_name(self.group)
+        row = store.group(self.group)
+        slot = store.slot(slot_name)
+        resume = row is not None and row.snapshot_done and slot is not None and row.slot_name == slot_name
+        if resume:
+            missing = [t for t in self.requested_tables if t not in row.tables]
+            if missing:
+                raise FailedPrecondition(
+                    f"consumer group {self.group} receives tables {', '.join(row.tables)}, not "
+                    f"{', '.join(missing)}; drop the group to change its tables")
+            self.tables = self.requested_tables or row.tables
+        else:
+            self.tables = self.requested_tables or self.hub.tables
+            if row is not None and row.snapshot_done:
+                log.warning("the group's slot is gone: a new snapshot follows",
+                            extra={"group": self.group, "slot": slot_name})
+            elif row is not None or slot is not None:
+                log.warning("the group's initial snapshot was never completed: starting it over",
+                            extra={"group": self.group, "slot": slot_name})
+        self.buffer = TransactionBuffer(self.settings.buffer_deltas)
+        self.stats.buffer = self.buffer
+        self.stats.reset_pending()
+        self.reader = ReplicationReader(self.hub.dsn, slot_name, self.hub.publication, self.tables,
+                                        self.buffer, feedback_interval_s=min(1.0, self.settings.heartbeat_s),
+                                        on_enqueue=self.stats.enqueued)
+        if resume:
+            for _attempt in range(100):
+                yield from self._wait_slot_free(slot_name)
+                self.reader.connect()
+                try:
+                    self.reader.start(0)
+                    break
+                except SlotBusy:
+                    self.reader._close_connection()
+                    self._cancelled.wait(0.2)
+            else:
+                raise Unavailable(f"replication slot {slot_name} stays busy; retry")
+            log.info("streaming resumed", extra={"group": self.group, "slot": slot_name,
+                                                 "confirmed_lsn": slot.confirmed_flush_lsn})
+            return
+        if slot is not None:
+            yield from self._wait_slot_free(slot_name)
+            self.hub.drop_slot(slot_name)
+        self._check()
+        self.reader.connect()
+        consistent_lsn, snapshot_name = self.reader.create_slot()
+        self.snapshot = Snapshot(self.hub.dsn, snapshot_name, self.tables, consistent_lsn, self.max_batch_size)
+        store.save_group(GroupRow(self.group, slot_name, self.tables, consistent_lsn, self.snapshot.rows, False))
+        self.consistent_lsn = consistent_lsn
+        self.snapshot_pending = True
+        self.reader.required_lsn = consistent_lsn
+        self.reader.start(0)
+        metrics.SNAPSHOTS.labels(self.group).inc()
+        log.info("slot created; initial snapshot follows",
+                 extra={"group": self.group, "slot": slot_name, "consistent_lsn": consistent_lsn,
+                        "rows": self.snapshot.rows, "batches": self.snapshot.batches})
+
+    def _stream(self) -> Iterator[collector_pb2.SubscribeResponse]:
+        if self.snapshot is not None:
+            for batch in self.snapshot.read():
+                yield from self._wait_window()
+                self._check()
+                if self.reader.error is not None:
+                    raise Unavailable(f"replication stream failed: {self.reader.error}")
+                yield self._send(batch)
+            self.snapshot.close()
+            self.snapshot = None
+        while True:
+            yield from self._wait_window()
+            self._check()
+            try:
+                transactions = self.buffer.take(self.max_batch_size, timeout=self._until_heartbeat())
+            except BufferClosed:
+                self._check()
+                raise Unavailable("replication stream ended; reconnect") from None
+            except Exception as error:  # noqa: BLE001 - the reader's failure, re-raised by the buffer
+                self._check()
+                raise Unavailable(f"replication stream failed: {str(error).strip()[:300]}") from error
+            if transactions:
+                yield self._send(batch_of(transactions))
+            elif time.monotonic() - self._last_sent >= self.settings.heartbeat_s:
+                self._check()
+                yield self._heartbeat()
+
+    def close(self) -> None:
+        self.cancel(self.cancel_reason or "closed")
+        try:
+            if self.reader is not None:
+                self.reader.stop()
+            if self.snapshot is not None:
+                self.snapshot.close()
+        finally:
+            if self.leadership is not None:
+                try:
+                    self.leadership.resign()
+                except Exception:  # noqa: BLE001 - the lease expires by itself
+                    pass
+            if self._lock_held:
+                self._lock_held = False
+                self.hub.group_lock(self.group).release()
+            self.stats.buffer = None
+            self.hub._forget(self)
+            self.closed.set()
