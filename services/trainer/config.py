@@ -1,0 +1,88 @@
+"""Trainer settings (environment variables).
+
+Model hyper-parameters default to the model engineer's `ModelConfig` defaults (chosen on the
+Beauty validation target); the TRAINER_MODEL_* variables override them, e.g. to keep models tiny
+in tests. The strategy variables are what the background loop applies by itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from services.common.config import CommonConfig, env
+from services.trainer.model import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_ARTIFACT_URI = (REPO_ROOT / ".run" / "artifacts").as_uri()
+_MODEL = ModelConfig()
+PRIORITIES = ("", "recency", "item_novelty", "user_activity")
+GATE_METRICS = ("ndcg_at_10", "recall_at_10", "ndcg_at_5", "recall_at_5")
+HANG_POINTS = ("", "training", "artifact_written", "published_etcd")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig(CommonConfig):
+    trainer_id: str = env("TRAINER_ID", "", help="id of this trainer (default: host-pid)")
+    collector_address: str = env("COLLECTOR_ADDRESS", "",
+                                 help="host:port of the collector's delta stream; empty = do not consume")
+    artifact_uri: str = env("TRAINER_ARTIFACT_URI", DEFAULT_ARTIFACT_URI,
+                            help="artifact store: file:///dir or postgres")
+    seed: int = env("TRAINER_SEED", 0, minimum=0, help="default seed of trainings and updates")
+    torch_threads: int = env("TRAINER_TORCH_THREADS", 2, minimum=1, maximum=64)
+    leader_ttl_s: int = env("TRAINER_LEADER_TTL_S", 10, minimum=1, maximum=300,
+                            help="TTL of the etcd lease trainer/leader; a standby takes over after it")
+
+    # --- model (defaults: ModelConfig) ---------------------------------------------------------
+    epochs: int = env("TRAINER_MODEL_EPOCHS", _MODEL.epochs, minimum=1, help="epochs of a full training")
+    incremental_epochs: int = env("TRAINER_MODEL_INCREMENTAL_EPOCHS", _MODEL.incremental_epochs, minimum=1)
+    dim: int = env("TRAINER_MODEL_DIM", _MODEL.dim, minimum=2)
+    num_layers: int = env("TRAINER_MODEL_LAYERS", _MODEL.num_layers, minimum=1)
+    num_heads: int = env("TRAINER_MODEL_HEADS", _MODEL.num_heads, minimum=1)
+    max_len: int = env("TRAINER_MODEL_MAX_LEN", _MODEL.max_len, minimum=2)
+    num_negatives: int = env("TRAINER_MODEL_NEGATIVES", _MODEL.num_negatives, minimum=-1,
+                             help="uniform negatives per batch; -1 = full softmax")
+    batch_size: int = env("TRAINER_MODEL_BATCH_SIZE", _MODEL.batch_size, minimum=1)
+    learning_rate: float = env("TRAINER_MODEL_LR", _MODEL.learning_rate, minimum=0.0)
+    incremental_learning_rate: float = env("TRAINER_MODEL_INCREMENTAL_LR", _MODEL.incremental_learning_rate,
+                                           minimum=0.0)
+
+    # --- data ---------------------------------------------------------------------------------
+    text_fallback: str = env("TRAINER_TEXT_FALLBACK", "minilm", choices=("minilm", "hash"),
+                             help="text vector of items without an item_features embedding: embed "
+                                  "the catalog text with MiniLM, or a hashed vector (tests)")
+    eval_users: int = env("TRAINER_EVAL_USERS", 2000, minimum=1,
+                          help="held-out slice: the last interaction of the N most recently active users")
+    min_interactions: int = env("TRAINER_MIN_INTERACTIONS", 200, minimum=1,
+                                help="the loop's first full training waits for this many interactions")
+
+    # --- gate ---------------------------------------------------------------------------------
+    gate_metric: str = env("TRAINER_GATE_METRIC", "ndcg_at_10", choices=GATE_METRICS)
+    gate_tolerance: float = env("TRAINER_GATE_TOLERANCE", 0.05, minimum=0.0, maximum=1.0,
+                                help="publish if candidate >= current * (1 - tolerance) on the gate metric")
+
+    # --- strategy of the background loop (and the default of Update) --------------------------
+    loop_enabled: bool = env("TRAINER_LOOP", True, help="run the strategy by itself in the background")
+    loop_interval_s: float = env("TRAINER_LOOP_INTERVAL_S", 5.0, minimum=0.1,
+                                 help="how often the loop checks whether to train")
+    window_seconds: int = env("TRAINER_STRATEGY_WINDOW_S", 0, minimum=0,
+                              help="time window: only interactions of the last W seconds (0 = all new)")
+    threshold_events: int = env("TRAINER_STRATEGY_THRESHOLD", 1000, minimum=0,
+                                help="update once this many new interactions arrived")
+    priority: str = env("TRAINER_STRATEGY_PRIORITY", "", choices=PRIORITIES,
+                        help="rank new interactions by recency, item_novelty or user_activity")
+    top_share: float = env("TRAINER_STRATEGY_TOP_SHARE", 1.0, minimum=0.0001, maximum=1.0)
+    replay_ratio: float = env("TRAINER_STRATEGY_REPLAY_RATIO", 1.0, minimum=0.0, maximum=100.0,
+                              help="older interactions replayed per new one, against forgetting")
+
+    # --- failure drills (tests, chaos exercises); never set in production ----------------------
+    fault_hang_at: str = env("TRAINER_FAULT_HANG_AT", "", choices=HANG_POINTS,
+                             help="block forever at this point of a run (to kill -9 there)")
+    fault_damage_candidate: bool = env("TRAINER_FAULT_DAMAGE_CANDIDATE", False,
+                                       help="negate every new candidate's scores before the gate")
+
+    def model_config(self) -> ModelConfig:
+        return dataclasses.replace(
+            ModelConfig(), epochs=self.epochs, incremental_epochs=self.incremental_epochs, dim=self.dim,
+            num_layers=self.num_layers, num_heads=self.num_heads, max_len=self.max_len,
+            num_negatives=self.num_negatives, batch_size=self.batch_size, learning_rate=self.learning_rate,
+            incremental_learning_rate=self.incremental_learning_rate)

@@ -1,0 +1,404 @@
+"""The trainer's core: full trainings, incremental updates, the gate, publishing, crash recovery.
+
+Plain Python between the gRPC edge (server.py), the background loop (loop.py) and storage
+(interaction log, model_versions/trainer_runs, artifact store, etcd). One run at a time per
+process (a lock), and only while this process holds the leader lease.
+
+A run, step by step (each step durable before the next):
+1. read etcd `model/current` (the parent for an update, the gate's baseline for both kinds) and
+   the interaction log's high-water mark (the run's lsn_to);
+2. allocate the version: model_versions 'candidate' + trainer_runs 'training' (versions.py);
+3. train (pipeline.py) on the interactions up to lsn_to, evaluate candidate and current on the
+   held-out slice, decide (gate.py);
+4. write the artifact (content-addressed, sha256) and record metrics, sha256, URI and the
+   decision: phase 'trained' (or 'done' + status 'rejected' when the gate refused);
+5. CAS `model/current` from the value read in step 1; record 'published', or 'rejected' with
+   the lost race.
+
+Recovery (`recover`, run by a new leader before anything else) looks at every run not 'done':
+already in etcd -> recorded as published (nothing written again); 'trained' -> step 5 (the CAS
+refuses if etcd moved on); 'training' -> redone under the SAME version number from the stored
+request (same interactions, seed and data time, so the same selection), as long as etcd still
+holds its baseline, else abandoned. A version is therefore published at most once, and a lost
+race is never overwritten.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from services.common.artifacts import read_verified
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.trainer import gate, pipeline, strategies
+from services.trainer.artifact import ModelArtifact, deserialize
+from services.trainer.catalog import Catalog
+from services.trainer.config import TrainerConfig
+from services.trainer.interaction_log import InteractionLog
+from services.trainer.publisher import Current, Publisher
+from services.trainer.strategies import Strategy
+from services.trainer.versions import (CANDIDATE, PUBLISHED, REJECTED, Fenced, Run, VersionRow, VersionStore)
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class Outcome:
+    version: VersionRow | None
+    published: bool = False
+    skipped: bool = False
+    reason: str = ""
+
+
+@dataclass
+class Progress:
+    version: int
+    kind: str
+    phase: str = "loading"
+    epoch: int = 0
+    epochs: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Inputs:
+    """A run's data, prepared once (fresh runs prepare before allocating, to skip cheaply)."""
+    prepared: pipeline.Prepared
+    parent: ModelArtifact | None
+    examples: list = field(default_factory=list)
+    selection: strategies.Selection | None = None
+    selection_as_of: float = 0.0
+
+
+class TrainerCore:
+    def __init__(self, config: TrainerConfig, engine, publisher: Publisher, trainer_id: str,
+                 is_leader: Callable[[], bool] = lambda: True, leader_id: Callable[[], str] = lambda: "") -> None:
+        self.config, self.engine, self.publisher, self.trainer_id = config, engine, publisher, trainer_id
+        self.is_leader, self.leader_id = is_leader, leader_id
+        self.log = InteractionLog(engine)
+        self.versions = VersionStore(engine)
+        self.catalog = Catalog(engine, config.text_fallback)
+        self.job_lock = threading.Lock()
+        self.progress: Progress | None = None
+        self.last_update: float | None = None   # wall clock of the last finished run
+        self._artifacts: dict[str, ModelArtifact] = {}
+        self.on_version: Callable[[VersionRow, bool], None] | None = None
+        self.show_progress = False              # per-epoch progress bars on stderr (the CLI)
+
+    # ------------------------------------------------------------------------------ public
+    def default_strategy(self) -> Strategy:
+        c = self.config
+        return Strategy(c.window_seconds, c.threshold_events, c.priority, c.top_share, c.replay_ratio)
+
+    def train(self, seed: int = 0, epochs: int = 0, publish: bool = False) -> Outcome:
+        """Full training on every recorded interaction."""
+        with self._job():
+            current = self.publisher.current()
+            lsn_to = self.log.high_water()
+            if self.log.count(0, lsn_to) == 0:
+                raise FailedPrecondition("no interactions recorded yet: nothing to train on")
+            seed = seed or self.config.seed
+            epochs = epochs or self.config.epochs
+            request = {"seed": seed, "epochs": epochs}
+            inputs = self._inputs("full", lsn_to, parent=None, parent_lsn=0, request=request)
+            request["as_of"] = self._as_of(inputs.prepared)
+            run = self.versions.allocate(
+                kind="full", parent_version=0, strategy="full", parameters=dict(request), lsn_from=0,
+                lsn_to=lsn_to, request=request, publish=publish, baseline_version=current.version,
+                baseline_value=current.raw, holder=self.trainer_id)
+            return self._execute(run, inputs)
+
+    def update(self, strategy: Strategy | None = None, publish: bool = False, seed: int = 0) -> Outcome:
+        """Incremental update from the current version with `strategy` (default: configured)."""
+        strategy = (strategy or self.default_strategy())
+        try:
+            strategy.validate()
+        except ValueError as error:
+            raise InvalidArgument(f"strategy.{error}") from None
+        with self._job():
+            current = self.publisher.current()
+            if current.value is None:
+                raise FailedPrecondition("no current model version to update: run Train first")
+            lsn_to = self.log.high_water()
+            pending = self.log.count(current.data_lsn, lsn_to)
+            if pending == 0 or pending < strategy.threshold_events:
+                reason = ("no new interactions since the current version" if pending == 0 else
+                          f"{pending} new interactions, below the threshold of {strategy.threshold_events}")
+                return Outcome(None, skipped=True, reason=reason)
+            parent = self._load_current(current)
+            seed = seed or self.config.seed
+            request = {"seed": seed, "epochs": self.config.incremental_epochs, "strategy": strategy.to_dict()}
+            inputs = self._inputs("update", lsn_to, parent=parent, parent_lsn=current.data_lsn, request=request)
+            if inputs.selection.skipped:
+                return Outcome(None, skipped=True, reason=inputs.selection.reason)
+            request["as_of"] = inputs.selection_as_of
+            run = self.versions.allocate(
+                kind="update", parent_version=current.version, strategy=strategy.name,
+                parameters={**strategy.to_dict(), "seed": seed}, lsn_from=current.data_lsn, lsn_to=lsn_to,
+                request=request, publish=publish, baseline_version=current.version, baseline_value=current.raw,
+                holder=self.trainer_id)
+            return self._execute(run, inputs)
+
+    def recover(self) -> list[Outcome]:
+        """Finishes or abandons the runs a crash left open (see the module docstring)."""
+        outcomes = []
+        with self._job(check_busy=False):
+            for run in self.versions.open_runs():
+                try:
+                    outcomes.append(self._recover_run(run))
+                except Fenced as error:
+                    log.warning("recovery skipped a run taken over elsewhere", extra={"error": str(error)})
+        return outcomes
+
+    def status(self) -> dict:
+        current = self.publisher.current()
+        recorded = self.log.high_water()
+        return {"leader": self.is_leader(), "leader_id": self.leader_id() or "", "current_version": current.version,
+                "recorded_lsn": recorded, "pending": self.log.count(current.data_lsn, recorded) if current.value else
+                self.log.count(0, recorded), "busy": self.progress is not None, "progress": self.progress,
+                "last_update": self.last_update, "latest_version": self.versions.latest_version()}
+
+    def get_version(self, version: int) -> VersionRow:
+        row = self.versions.get(version)
+        if row is None:
+            raise NotFound(f"version {version} does not exist")
+        return row
+
+    # ------------------------------------------------------------------------------ runs
+    @contextlib.contextmanager
+    def _job(self, check_busy: bool = True):
+        if not self.is_leader():
+            leader = self.leader_id()
+            raise FailedPrecondition("this trainer is a standby; only the leader trains"
+                                     + (f" (leader: {leader})" if leader else ""))
+        with self.job_lock:
+            try:
+                yield
+            finally:
+                self.progress = None
+
+    def _phase(self, phase: str, **values) -> None:
+        if self.progress is not None:
+            self.progress.phase = phase
+            for name, value in values.items():
+                setattr(self.progress, name, value)
+        log.info("run phase", extra={"phase": phase, "version": self.progress.version if self.progress else 0})
+
+    def _hang(self, point: str, version: int) -> None:
+        if self.config.fault_hang_at == point:
+            log.warning("failure drill: hanging", extra={"point": point, "version": version})
+            print(f"DELTAREC_FAULT hanging at {point} version={version}", flush=True)
+            threading.Event().wait()
+
+    def _as_of(self, prepared: pipeline.Prepared) -> float:
+        return max((i.occurred_at for i in prepared.interactions), default=0.0)
+
+    def _inputs(self, kind: str, lsn_to: int, *, parent: ModelArtifact | None, parent_lsn: int,
+                request: dict) -> "_Inputs":
+        interactions = self.log.load(lsn_to)
+        catalog_items, _ = self.catalog.items()
+        prepared = pipeline.prepare(interactions, item_prefix=parent.item_ids if parent else (),
+                                    catalog_items=catalog_items, eval_users=self.config.eval_users)
+        pipeline.set_item_text(prepared, self.catalog.vectors(prepared.data.item_ids.external_ids()))
+        inputs = _Inputs(prepared, parent)
+        if kind == "update":
+            strategy = Strategy.from_dict(request["strategy"])
+            as_of = request.get("as_of") or self._as_of(prepared)
+            new, old_counts = pipeline.new_interactions(prepared, parent_lsn)
+            inputs.selection = strategies.select(new, strategy, as_of, old_counts)
+            inputs.selection_as_of = as_of
+            inputs.examples = pipeline.examples_of(inputs.selection.selected)
+        return inputs
+
+    def _execute(self, run: Run, inputs: "_Inputs | None" = None) -> Outcome:
+        self.progress = Progress(run.version, run.kind)
+        log.info("run started", extra={"version": run.version, "kind": run.kind, "attempt": run.attempt,
+                                       "lsn_to": run.lsn_to})
+        try:
+            return self._train_gate_store_publish(run, inputs)
+        except Fenced as error:
+            log.warning("run taken over by another trainer; stopping", extra={"error": str(error)})
+            return Outcome(self.versions.get(run.version), reason=str(error))
+
+    def _train_gate_store_publish(self, run: Run, inputs: "_Inputs | None") -> Outcome:
+        self._hang("training", run.version)
+        request = run.request
+        if inputs is None:
+            parent = self._load_version(run.parent_version) if run.kind == "update" else None
+            inputs = self._inputs(run.kind, run.lsn_to, parent=parent, parent_lsn=run.lsn_from, request=request)
+        prepared = inputs.prepared
+        started = time.perf_counter()
+        seed = int(request.get("seed", self.config.seed))
+        extra: dict = {}
+        self._phase("training", epochs=int(request.get("epochs") or 0))
+        if run.kind == "full":
+            model, stats = pipeline.run_full(prepared, self.config.model_config(), seed=seed,
+                                             epochs=int(request.get("epochs") or self.config.epochs),
+                                             progress=self.show_progress)
+        else:
+            parent = inputs.parent
+            model = pipeline.remap_items(parent.build_model(), parent.item_ids, prepared.data.item_ids)
+            model.config = dataclasses.replace(
+                model.config, incremental_epochs=self.config.incremental_epochs,
+                incremental_learning_rate=self.config.incremental_learning_rate,
+                batch_size=self.config.batch_size, num_negatives=self.config.num_negatives)
+            strategy = Strategy.from_dict(request["strategy"])
+            stats = pipeline.run_incremental(model, prepared, inputs.examples, strategy.replay_ratio, seed=seed,
+                                             epochs=int(request.get("epochs") or self.config.incremental_epochs),
+                                             progress=self.show_progress)
+            extra = {**inputs.selection.summary(), "examples": len(inputs.examples),
+                     "replay_examples": stats.replay_examples,
+                     "new_items": len(prepared.data.item_ids) - len(parent.item_ids)}
+        train_seconds = time.perf_counter() - started
+        if self.config.fault_damage_candidate:
+            log.warning("failure drill: damaging the candidate", extra={"version": run.version})
+            pipeline.damage(model)
+
+        self._phase("evaluating", epoch=stats.epochs_run)
+        baseline_model = self._baseline_model(run, prepared)
+        decision = gate.evaluate_pair(model, baseline_model, prepared, self.config.gate_metric,
+                                      self.config.gate_tolerance)
+
+        self._phase("storing")
+        catalog_items, active = self.catalog.items()
+        active_ids = active if catalog_items else prepared.data.item_ids.external_ids()
+        vector_ids, vectors = pipeline.item_vector_table(model, prepared, active_ids)
+        artifact = ModelArtifact(
+            version=run.version, config=model.config,
+            state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
+            item_ids=prepared.data.item_ids.external_ids(), item_vector_ids=vector_ids, item_vectors=vectors,
+            data_lsn=run.lsn_to, parent_version=run.parent_version,
+            popular_item_ids=pipeline.popular_items(prepared.interactions, 100, set(active_ids)))
+        uri, sha = self.publisher.store_artifact(artifact)
+        self._remember(sha, artifact)
+        self.versions.record_trained(
+            run, metrics=decision.candidate, baseline_metrics=decision.baseline, train_seconds=train_seconds,
+            sha256=sha, artifact_uri=uri, interactions=len(prepared.interactions), items=prepared.num_items,
+            decision=decision.reason, parameters={**extra, "epochs_run": stats.epochs_run} if extra
+            else {"epochs_run": stats.epochs_run}, rejected=not decision.passed)
+        log.info("run trained", extra={"version": run.version, "metrics": decision.candidate,
+                                       "baseline": decision.baseline, "passed": decision.passed,
+                                       "train_seconds": round(train_seconds, 2), "sha256": sha})
+        self._hang("artifact_written", run.version)
+        if not decision.passed:
+            return self._done(run, False, decision.reason)
+        if not run.publish:
+            self.versions.finish(run, CANDIDATE, decision.reason + "; not published (publish=false)")
+            return self._done(run, False, "not published (publish=false)")
+        return self._publish(run, uri, sha, decision.candidate, decision.reason)
+
+    def _publish(self, run: Run, uri: str, sha: str, metrics: dict, gate_reason: str) -> Outcome:
+        self._phase("publishing")
+        if not self.is_leader():
+            self.versions.set_decision(run, gate_reason + "; waiting: leadership lost before publishing")
+            return Outcome(self.versions.get(run.version), reason="leadership lost before publishing")
+        result = self.publisher.publish(version=run.version, uri=uri, sha256=sha, data_lsn=run.lsn_to,
+                                        metrics=metrics, expected=run.baseline_value)
+        self._hang("published_etcd", run.version)
+        if result.published:
+            value = result.current.value or {}
+            self.versions.finish(run, PUBLISHED, f"{gate_reason}; {result.reason}",
+                                 sha256=value.get("sha256", sha), artifact_uri=value.get("uri", uri))
+            return self._done(run, True, result.reason)
+        self.versions.finish(run, REJECTED, result.reason)
+        return self._done(run, False, result.reason)
+
+    def _done(self, run: Run, published: bool, reason: str) -> Outcome:
+        self.last_update = time.time()
+        row = self.versions.get(run.version)
+        if self.on_version is not None and row is not None:
+            try:
+                self.on_version(row, published)
+            except Exception:  # noqa: BLE001 - reporting must not fail a run
+                log.exception("on_version hook failed")
+        return Outcome(row, published=published, reason=reason)
+
+    def _recover_run(self, run: Run) -> Outcome:
+        current = self.publisher.current()
+        if current.version == run.version:
+            run = self.versions.take_over(run, self.trainer_id)
+            value = current.value or {}
+            self.versions.finish(run, PUBLISHED, "published before a restart; recorded by recovery",
+                                 sha256=value.get("sha256"), artifact_uri=value.get("uri"))
+            log.info("recovery: run was already published", extra={"version": run.version})
+            return self._done(run, True, "already published")
+        row = self.versions.get(run.version)
+        if run.phase == "trained":
+            run = self.versions.take_over(run, self.trainer_id)
+            if not run.publish:
+                self.versions.finish(run, CANDIDATE, row.decision + "; not published (publish=false)")
+                return self._done(run, False, "record only")
+            log.info("recovery: publishing a trained run", extra={"version": run.version})
+            self.progress = Progress(run.version, run.kind, "publishing")
+            return self._publish(run, row.artifact_uri, row.sha256, row.metrics, row.decision)
+        # interrupted while training
+        run = self.versions.take_over(run, self.trainer_id)
+        if not run.publish:
+            reason = "abandoned: interrupted while training (record-only run)"
+        elif run.attempt > MAX_ATTEMPTS:
+            reason = f"abandoned: interrupted {run.attempt - 1} times"
+        elif current.raw != run.baseline_value:
+            reason = (f"abandoned: interrupted while training, and model/current moved on to version "
+                      f"{current.version} meanwhile")
+        else:
+            log.info("recovery: redoing an interrupted run", extra={"version": run.version, "attempt": run.attempt})
+            return self._execute(run)
+        self.versions.finish(run, REJECTED, reason)
+        log.info("recovery: run abandoned", extra={"version": run.version, "reason": reason})
+        return self._done(run, False, reason)
+
+    # ------------------------------------------------------------------------------ models
+    def _load_artifact(self, uri: str, sha: str) -> ModelArtifact:
+        cached = self._artifacts.get(sha)
+        if cached is not None:
+            return cached
+        artifact = deserialize(read_verified(uri, sha, self.engine))
+        self._remember(sha, artifact)
+        return artifact
+
+    def _remember(self, sha: str, artifact: ModelArtifact) -> None:
+        """Keeps the last two artifacts (the current version and the newest candidate)."""
+        self._artifacts[sha] = artifact
+        while len(self._artifacts) > 2:
+            self._artifacts.pop(next(iter(self._artifacts)))
+
+    def _load_current(self, current: Current) -> ModelArtifact:
+        value = current.value or {}
+        try:
+            return self._load_artifact(value["uri"], value["sha256"])
+        except Exception as error:  # noqa: BLE001 - any failure: the current version is unusable
+            raise FailedPrecondition(f"cannot load the current version {current.version} "
+                                     f"({type(error).__name__}: {str(error)[:200]}); run Train") from None
+
+    def _load_version(self, version: int) -> ModelArtifact:
+        row = self.versions.get(version)
+        if row is None or not row.artifact_uri:
+            raise FailedPrecondition(f"version {version} has no artifact")
+        return self._load_artifact(row.artifact_uri, row.sha256)
+
+    def _baseline_model(self, run: Run, prepared: pipeline.Prepared):
+        """The version the run is gated against (etcd's value when the run started), in the
+        prepared index space; None when there was none or it cannot be loaded."""
+        if not run.baseline_value:
+            return None
+        try:
+            value = json.loads(run.baseline_value)
+            artifact = self._load_artifact(value["uri"], value["sha256"])
+        except Exception as error:  # noqa: BLE001
+            log.warning("gate: the current version cannot be loaded; comparing with nothing",
+                        extra={"error": str(error)[:200]})
+            return None
+        return pipeline.remap_items(artifact.build_model(), artifact.item_ids, prepared.data.item_ids)
+
+
+def set_torch_threads(threads: int) -> None:
+    torch.set_num_threads(max(1, threads))

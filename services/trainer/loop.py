@@ -1,0 +1,126 @@
+"""What the leader does by itself: record the delta stream, and keep the model current.
+
+Recording: consumer group `trainer` on the collector's delta stream (`events` table only). Each
+batch goes to the interaction log in one transaction with the LSN high-water mark
+(`InteractionLog.apply_batch`); the DeltaConsumer acks a batch only after that call returned, so
+only durably recorded data is ever acked.
+
+Training, every TRAINER_LOOP_INTERVAL_S:
+* first, once after each election, `recover()` finishes or abandons runs a crash left open;
+* no current version yet: a full training (published through the gate) as soon as the log holds
+  TRAINER_MIN_INTERACTIONS interactions;
+* otherwise: an incremental update with the configured strategy once the interactions pending
+  since the current version reach the threshold (at least 1). After an update that did not
+  publish (gate rejection, lost race, nothing selected), the next attempt waits until another
+  threshold's worth of interactions arrived, so a rejected update is not retried on the same
+  data in a tight loop.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from services.trainer.core import TrainerCore
+
+log = logging.getLogger(__name__)
+
+
+class TrainingLoop:
+    def __init__(self, core: TrainerCore, *, enabled: bool, interval_s: float, min_interactions: int) -> None:
+        self.core, self.enabled, self.interval_s, self.min_interactions = core, enabled, interval_s, min_interactions
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._recover = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trainer-loop", daemon=True)
+        self._attempted_at_pending: int | None = None
+        self._attempted_for_version: int | None = None
+
+    def start(self) -> "TrainingLoop":
+        self._thread.start()
+        return self
+
+    def elected(self) -> None:
+        """Called on election: recover first, then resume the strategy."""
+        self._recover.set()
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if not self.core.is_leader():
+                continue
+            try:
+                if self._recover.is_set():
+                    self._recover.clear()
+                    for outcome in self.core.recover():
+                        log.info("recovered run", extra={"version": outcome.version.version if outcome.version else 0,
+                                                         "published": outcome.published, "reason": outcome.reason})
+                if self.enabled:
+                    self.tick()
+            except Exception as error:  # noqa: BLE001 - keep looping; the next tick retries
+                log.warning("training loop iteration failed", extra={"error": f"{type(error).__name__}: {error}"[:300]})
+
+    def tick(self) -> None:
+        core = self.core
+        current = core.publisher.current()
+        recorded = core.log.high_water()
+        if current.value is None:
+            total = core.log.count(0, recorded)
+            if total < self.min_interactions:
+                return
+            log.info("loop: first full training", extra={"interactions": total})
+            core.train(publish=True)
+            return
+        threshold = max(1, core.config.threshold_events)
+        pending = core.log.count(current.data_lsn, recorded)
+        if pending < threshold:
+            return
+        if (self._attempted_for_version == current.version and self._attempted_at_pending is not None
+                and pending - self._attempted_at_pending < threshold):
+            return
+        log.info("loop: incremental update", extra={"pending": pending, "parent": current.version})
+        outcome = core.update(core.default_strategy(), publish=True)
+        if outcome.published:
+            self._attempted_at_pending = self._attempted_for_version = None
+        else:
+            self._attempted_at_pending, self._attempted_for_version = pending, current.version
+
+
+class StreamRecorder:
+    """The delta-stream consumer of group `trainer`, started while this trainer leads."""
+
+    def __init__(self, collector_address: str, core: TrainerCore, group: str = "trainer") -> None:
+        self.collector_address, self.core, self.group = collector_address, core, group
+        self.consumer = None
+        self._lock = threading.Lock()
+
+    def start(self) -> bool:
+        with self._lock:
+            if self.consumer is not None or not self.collector_address:
+                return self.consumer is not None
+            try:
+                from services.common.delta_consumer import DeltaConsumer, row_of
+            except ImportError:
+                log.warning("no delta consumer in this build: interactions are not recorded from the stream")
+                return False
+
+            def apply_batch(batch) -> None:
+                self.core.log.apply_batch(batch, row_of)
+
+            self.consumer = DeltaConsumer(self.collector_address, self.group, apply_batch, tables=("events",))
+            self.consumer.start()
+            log.info("recording the delta stream", extra={"collector": self.collector_address, "group": self.group})
+            return True
+
+    def stop(self) -> None:
+        with self._lock:
+            consumer, self.consumer = self.consumer, None
+        if consumer is not None:
+            consumer.stop()

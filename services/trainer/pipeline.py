@@ -1,0 +1,226 @@
+"""Full training and incremental update, as plain functions over in-memory data.
+
+No database, etcd or gRPC here: `services.trainer.core` feeds these functions from the
+interaction log and the feature store and stores what they return; `bench/incremental.py`
+calls them directly.
+
+Data preparation (`prepare`)
+    * item id table: the parent's ids first, in the parent's order (an index, once given, keeps
+      its meaning, so warm-started rows stay with their items), then every other known item
+      (catalog and interactions) in sorted order: new items GROW the table, nothing collides;
+    * users: the model has no per-user parameters, a user is its history; a new user only needs
+      its interactions;
+    * held-out slice (the gate's evaluation set): the last interaction of each of the
+      `eval_users` most recently active users with at least 3 interactions. Those targets are
+      removed from the training histories of every run (full and incremental), so the candidate
+      and the current version are compared on interactions neither has learned.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from services.trainer.data import (EvalCase, EventType, IdMap, InteractionData, TrainingExample, UserHistory)
+from services.trainer.evaluation import evaluate_model
+from services.trainer.interaction_log import Interaction
+from services.trainer.model import DeltaRecModel, ModelConfig
+from services.trainer.strategies import NewInteraction
+from services.trainer.training import TrainingStats, train_full, update_incremental
+
+log = logging.getLogger(__name__)
+
+TEXT_DIM = 384
+METRIC_NAMES = ("recall_at_5", "recall_at_10", "ndcg_at_5", "ndcg_at_10")
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, in the model's index space."""
+    data: InteractionData                      # all interactions (histories complete)
+    train_histories: dict[int, UserHistory]    # held-out targets removed
+    holdout: list[EvalCase]
+    # position of each interaction in its user's TRAINING history (None: held out)
+    positions: dict[str, tuple[int, int] | None] = field(default_factory=dict)
+    interactions: list[Interaction] = field(default_factory=list)
+
+    def training_view(self) -> InteractionData:
+        """`data` with the training histories (same id maps and text table)."""
+        return dataclasses.replace(self.data, histories=self.train_histories)
+
+    @property
+    def num_items(self) -> int:
+        return self.data.num_items
+
+
+def item_order(prefix: Sequence[str], others: Iterable[str]) -> IdMap:
+    ids = IdMap(prefix)
+    for item_id in sorted(set(others) - set(prefix)):
+        ids.add(item_id)
+    return ids
+
+
+def prepare(interactions: Sequence[Interaction], *, item_prefix: Sequence[str] = (),
+            catalog_items: Iterable[str] = (), eval_users: int = 2000) -> Prepared:
+    """Id maps, per-user histories in time order, held-out slice (see the module docstring)."""
+    data = InteractionData()
+    data.item_ids = item_order(item_prefix, list(catalog_items) + [i.item_id for i in interactions])
+    by_user: dict[str, list[Interaction]] = {}
+    for interaction in interactions:
+        by_user.setdefault(interaction.user_id, []).append(interaction)
+    for user_id in sorted(by_user):
+        rows = sorted(by_user[user_id], key=lambda i: (i.occurred_at, i.row_id, i.event_id))
+        by_user[user_id] = rows
+        user = data.user_ids.add(user_id)
+        data.histories[user] = UserHistory(
+            items=np.array([data.item_ids.get(r.item_id) for r in rows], np.int64),
+            events=np.array([int(EventType.parse(r.event_type)) for r in rows], np.int64),
+            timestamps=np.array([r.occurred_at for r in rows], np.float64))
+    data.item_text = np.zeros((data.item_ids.table_size, TEXT_DIM), np.float32)
+
+    eligible = [(float(h.timestamps[-1]), data.user_ids.external(u), u)
+                for u, h in data.histories.items() if len(h) >= 3]
+    eligible.sort(key=lambda row: (-row[0], row[1]))
+    held_out_users = {u for _, _, u in eligible[:max(0, eval_users)]}
+    train_histories: dict[int, UserHistory] = {}
+    holdout: list[EvalCase] = []
+    positions: dict[str, tuple[int, int] | None] = {}
+    for user, history in data.histories.items():
+        rows = by_user[data.user_ids.external(user)]
+        if user in held_out_users:
+            train_histories[user] = history.head(-1)
+            holdout.append(EvalCase(user, history.head(-1), int(history.items[-1]), float(history.timestamps[-1])))
+            positions[rows[-1].event_id] = None
+            rows = rows[:-1]
+        else:
+            train_histories[user] = history
+        for position, row in enumerate(rows):
+            positions[row.event_id] = (user, position)
+    holdout.sort(key=lambda case: case.user)
+    return Prepared(data, train_histories, holdout, positions, list(interactions))
+
+
+def set_item_text(prepared: Prepared, vectors: Mapping[str, np.ndarray]) -> int:
+    """Fills the text table from `vectors` (item id -> 384-d); returns how many were missing."""
+    table = np.zeros((prepared.data.item_ids.table_size, TEXT_DIM), np.float32)
+    missing = 0
+    for index, item_id in enumerate(prepared.data.item_ids.external_ids(), start=1):
+        vector = vectors.get(item_id)
+        if vector is None:
+            missing += 1
+            continue
+        table[index] = vector
+    prepared.data.item_text = table
+    return missing
+
+
+# ------------------------------------------------------------------------------------ runs
+
+def new_interactions(prepared: Prepared, after_lsn: int) -> tuple[list[NewInteraction], dict[str, int]]:
+    """Interactions recorded after `after_lsn` (the parent's lsn_to) that are trainable, and the
+    per-item interaction counts before it (for item novelty)."""
+    new: list[NewInteraction] = []
+    old_counts: dict[str, int] = {}
+    for interaction in prepared.interactions:
+        if interaction.commit_lsn <= after_lsn:
+            old_counts[interaction.item_id] = old_counts.get(interaction.item_id, 0) + 1
+            continue
+        position = prepared.positions.get(interaction.event_id)
+        if position is None:
+            continue  # held out for the gate
+        new.append(NewInteraction(key=position, user=interaction.user_id, item=interaction.item_id,
+                                  occurred_at=interaction.occurred_at, seq=interaction.row_id))
+    return new, old_counts
+
+
+def examples_of(selected: Iterable[NewInteraction]) -> list[TrainingExample]:
+    """Selected interactions as next-item examples (a user's first interaction predicts nothing:
+    it is context only)."""
+    return sorted({TrainingExample(user, position) for user, position in (s.key for s in selected)
+                   if position >= 1}, key=lambda e: (e.user, e.target_position))
+
+
+def run_full(prepared: Prepared, config: ModelConfig, seed: int, epochs: int | None = None,
+             progress: bool = False) -> tuple[DeltaRecModel, TrainingStats]:
+    return train_full(prepared.data, config, seed=seed, epochs=epochs, progress=progress,
+                      histories=prepared.train_histories)
+
+
+def run_incremental(model: DeltaRecModel, prepared: Prepared, examples: Sequence[TrainingExample],
+                    replay_ratio: float, seed: int, epochs: int | None = None,
+                    progress: bool = False) -> TrainingStats:
+    """Warm-start fine-tune of `model` in place (its id table must be a prefix of the prepared
+    one: see `remap_items`); grows the id table to the prepared item count."""
+    return update_incremental(model, prepared.training_view(), examples, replay_ratio=replay_ratio,
+                              seed=seed, epochs=epochs, progress=progress)
+
+
+def evaluate(model: DeltaRecModel, prepared: Prepared) -> dict:
+    """Metrics on the held-out slice, ranking against all items."""
+    if not prepared.holdout:
+        return {**{name: 0.0 for name in METRIC_NAMES}, "users": 0}
+    figures = evaluate_model(model, prepared.holdout, prepared.data.item_text)
+    return {**{name: float(figures[name]) for name in METRIC_NAMES}, "users": len(prepared.holdout)}
+
+
+# ------------------------------------------------------------------------------------ models
+
+def remap_items(model: DeltaRecModel, model_item_ids: Sequence[str], target: IdMap) -> DeltaRecModel:
+    """A copy of `model` whose id table follows `target`'s indexes: rows of known items move to
+    their new index, unknown items get the zero row (text-only vector). The copy scores every item
+    exactly like `model` does, so two versions with different id tables can be compared on one
+    evaluation set. When `model_item_ids` is a prefix of `target`, the copy is `model` grown."""
+    weights = model.item_id_embedding.weight.detach()
+    rows = torch.zeros(target.table_size, weights.shape[1], dtype=weights.dtype)
+    for old_index, item_id in enumerate(model_item_ids, start=1):
+        new_index = target.get(item_id)
+        if new_index:
+            rows[new_index] = weights[old_index]
+    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    state["item_id_embedding.weight"] = rows
+    remapped = DeltaRecModel(model.config, num_items=len(target))
+    remapped.load_state_dict(state)
+    remapped.train(model.training)
+    return remapped
+
+
+@torch.no_grad()
+def damage(model: DeltaRecModel) -> None:
+    """Failure drill: negate every user vector (hence every score), in place."""
+    model.output_norm.weight.neg_()
+    model.output_norm.bias.neg_()
+    model.empty_history_vector.neg_()
+
+
+@torch.no_grad()
+def item_vector_table(model: DeltaRecModel, prepared: Prepared, active_items: Sequence[str]
+                      ) -> tuple[list[str], np.ndarray]:
+    """The item tower's output for `active_items` (ids absent from the table: text-only)."""
+    model.eval()
+    table = model.all_item_vectors(torch.as_tensor(prepared.data.item_text, dtype=torch.float32))
+    ids = [item_id for item_id in active_items if item_id in prepared.data.item_ids]
+    indexes = torch.tensor([prepared.data.item_ids.get(item_id) for item_id in ids], dtype=torch.long)
+    vectors = table[indexes].numpy().astype(np.float32) if ids else np.zeros((0, model.config.dim), np.float32)
+    return ids, vectors
+
+
+def popular_items(interactions: Sequence[Interaction], k: int = 100,
+                  active: set[str] | None = None) -> list[str]:
+    counts: dict[str, int] = {}
+    for interaction in interactions:
+        if active is None or interaction.item_id in active:
+            counts[interaction.item_id] = counts.get(interaction.item_id, 0) + 1
+    return [item for item, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+def copy_model(model: DeltaRecModel) -> DeltaRecModel:
+    return copy.deepcopy(model)
+
+
+def config_from_dict(values: Mapping[str, Hashable]) -> ModelConfig:
+    return ModelConfig.from_dict(dict(values))

@@ -1,0 +1,95 @@
+"""Artifacts to the store, versions to etcd `model/current`.
+
+The artifact is written first (content-addressed name, sha256 returned by the store), then
+`{version, uri, sha256, data_lsn, metrics}` goes to `model/current` in an etcd transaction that
+compares the key with the exact value the run started from. Outcomes:
+
+* the compare holds: published;
+* the key already holds THIS version (a previous attempt published and crashed before recording
+  it): published, nothing written again (idempotent);
+* anything else (another trainer, a rollback, a newer version): the race is lost and reported;
+  the value in etcd is never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from services.common.artifacts import ArtifactStore, sha256_hex
+from services.common.etcd import Etcd
+from services.trainer.artifact import ModelArtifact, serialize
+
+log = logging.getLogger(__name__)
+
+CURRENT_KEY = "model/current"
+LEADER_KEY = "trainer/leader"
+
+
+@dataclass(frozen=True)
+class Current:
+    raw: bytes | None
+    value: dict | None
+
+    @property
+    def version(self) -> int:
+        return int((self.value or {}).get("version") or 0)
+
+    @property
+    def data_lsn(self) -> int:
+        return int((self.value or {}).get("data_lsn") or 0)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    published: bool
+    reason: str
+    current: Current
+    already: bool = False     # this version was already current: nothing was written
+
+
+def current_value(version: int, uri: str, sha256: str, data_lsn: int, metrics: dict) -> bytes:
+    return json.dumps({"version": int(version), "uri": uri, "sha256": sha256, "data_lsn": int(data_lsn),
+                       "metrics": metrics}, sort_keys=True).encode()
+
+
+def artifact_name(version: int, sha256: str) -> str:
+    """Content-addressed: two attempts, two databases or two clusters never share a name."""
+    return f"model-v{version:06d}-{sha256[:16]}.pt"
+
+
+class Publisher:
+    def __init__(self, etcd: Etcd, store: ArtifactStore) -> None:
+        self.etcd, self.store = etcd, store
+
+    def current(self) -> Current:
+        kv = self.etcd.get(CURRENT_KEY)
+        if kv is None:
+            return Current(None, None)
+        try:
+            value = json.loads(kv.value)
+        except ValueError:
+            value = None
+        return Current(kv.value, value if isinstance(value, dict) else None)
+
+    def store_artifact(self, artifact: ModelArtifact) -> tuple[str, str]:
+        data = serialize(artifact)
+        uri, digest = self.store.write(artifact_name(artifact.version, sha256_hex(data)), data)
+        return uri, digest
+
+    def publish(self, *, version: int, uri: str, sha256: str, data_lsn: int, metrics: dict,
+                expected: bytes | None) -> PublishResult:
+        """CAS `model/current` from `expected` (None: the key must not exist)."""
+        value = current_value(version, uri, sha256, data_lsn, metrics)
+        if self.etcd.compare_and_swap(CURRENT_KEY, expected, value):
+            log.info("published", extra={"version": version, "uri": uri, "sha256": sha256, "data_lsn": data_lsn})
+            return PublishResult(True, f"published as model/current (data_lsn {data_lsn})",
+                                 Current(value, json.loads(value)))
+        now = self.current()
+        if now.version == version:
+            return PublishResult(True, "already model/current (an earlier attempt published it)", now, already=True)
+        reason = (f"lost the publish race: model/current changed to version {now.version} "
+                  f"since this run started (expected version "
+                  f"{(json.loads(expected) or {}).get('version', 0) if expected else 0})")
+        log.warning("publish refused: stale", extra={"version": version, "current_version": now.version})
+        return PublishResult(False, reason, now)

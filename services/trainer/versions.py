@@ -1,0 +1,202 @@
+"""Model lineage (`model_versions`) and the trainer's run bookkeeping (`trainer_runs`).
+
+Version numbers are allocated durably BEFORE training: one transaction (serialised by an
+advisory lock) inserts the `model_versions` row (status 'candidate') and its `trainer_runs` row
+(phase 'training', with everything needed to redo the run: kind, seed, epochs, strategy, the LSN
+range, the `as_of` data time, and the exact etcd value to compare-and-swap from). A crash at any
+later point leaves a row that says how far the run got; the next leader finishes it or abandons
+it (see `core.TrainerCore.recover`).
+
+Every write of a run is fenced by its `attempt`: recovery takes a run over by incrementing the
+attempt, after which the previous owner's writes match no row and it stops (`Fenced`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+ALLOCATION_LOCK = 724204  # pg_advisory_xact_lock key serialising version allocation
+
+CANDIDATE, PUBLISHED, REJECTED, ROLLED_BACK = "candidate", "published", "rejected", "rolled_back"
+
+
+class Fenced(Exception):
+    """Another trainer took this run over (its attempt moved on): stop touching it."""
+
+
+@dataclass
+class VersionRow:
+    version: int
+    parent_version: int
+    strategy: str
+    parameters: dict
+    lsn_from: int
+    lsn_to: int
+    metrics: dict
+    baseline_metrics: dict
+    train_seconds: float
+    sha256: str
+    artifact_uri: str
+    status: str
+    decision: str
+    interactions: int
+    items: int
+    created_at: datetime | None
+    baseline_version: int = 0
+
+
+@dataclass
+class Run:
+    version: int
+    kind: str                     # "full" | "update"
+    request: dict                 # seed, epochs, strategy, as_of, parent ...
+    publish: bool
+    baseline_version: int
+    baseline_value: bytes | None  # etcd model/current as it was when the run started (None: absent)
+    phase: str                    # training | trained | done
+    attempt: int
+    holder: str
+    parent_version: int = 0
+    lsn_from: int = 0
+    lsn_to: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+_VERSION_COLUMNS = ("v.version, COALESCE(v.parent_version, 0), v.strategy, v.parameters, v.lsn_from, v.lsn_to, "
+                    "v.metrics, v.baseline_metrics, v.train_seconds, COALESCE(v.sha256, ''), "
+                    "COALESCE(v.artifact_uri, ''), v.status, v.decision, v.interactions, v.items, v.created_at, "
+                    "COALESCE(r.baseline_version, 0)")
+_RUN_COLUMNS = ("r.version, r.kind, r.request, r.publish, r.baseline_version, r.baseline_value, r.phase, "
+                "r.attempt, r.holder, COALESCE(v.parent_version, 0), v.lsn_from, v.lsn_to")
+
+
+def _json(value: Any) -> dict:
+    if value is None:
+        return {}
+    return value if isinstance(value, dict) else json.loads(value)
+
+
+def _version(row) -> VersionRow:
+    return VersionRow(int(row[0]), int(row[1]), row[2], _json(row[3]), int(row[4]), int(row[5]), _json(row[6]),
+                      _json(row[7]), float(row[8]), row[9], row[10], row[11], row[12], int(row[13]),
+                      int(row[14]), row[15], int(row[16]))
+
+
+def _run(row) -> Run:
+    return Run(int(row[0]), row[1], _json(row[2]), bool(row[3]), int(row[4]),
+               None if row[5] is None else bytes(row[5]), row[6], int(row[7]), row[8], int(row[9]),
+               int(row[10]), int(row[11]))
+
+
+class VersionStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # ------------------------------------------------------------------------------ runs
+    def allocate(self, *, kind: str, parent_version: int, strategy: str, parameters: dict, lsn_from: int,
+                 lsn_to: int, request: dict, publish: bool, baseline_version: int,
+                 baseline_value: bytes | None, holder: str) -> Run:
+        """The next version number, durably: model_versions (candidate) + trainer_runs (training)."""
+        with self.engine.begin() as connection:
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": ALLOCATION_LOCK})
+            version = int(connection.execute(sa.text(
+                "SELECT COALESCE(max(version), 0) + 1 FROM model_versions")).scalar_one())
+            connection.execute(sa.text(
+                "INSERT INTO model_versions (version, parent_version, strategy, parameters, lsn_from, lsn_to, "
+                "status, decision) VALUES (:v, :p, :s, CAST(:params AS jsonb), :lf, :lt, 'candidate', 'training')"),
+                {"v": version, "p": parent_version or None, "s": strategy, "params": json.dumps(parameters),
+                 "lf": lsn_from, "lt": lsn_to})
+            connection.execute(sa.text(
+                "INSERT INTO trainer_runs (version, kind, request, publish, baseline_version, baseline_value, "
+                "phase, attempt, holder) VALUES (:v, :k, CAST(:r AS jsonb), :pub, :bv, :bval, 'training', 1, :h)"),
+                {"v": version, "k": kind, "r": json.dumps(request), "pub": publish, "bv": baseline_version,
+                 "bval": baseline_value, "h": holder})
+        return Run(version, kind, request, publish, baseline_version, baseline_value, "training", 1, holder,
+                   parent_version, lsn_from, lsn_to)
+
+    def open_runs(self) -> list[Run]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(sa.text(
+                f"SELECT {_RUN_COLUMNS} FROM trainer_runs r JOIN model_versions v USING (version) "
+                "WHERE r.phase <> 'done' ORDER BY r.version")).all()
+        return [_run(row) for row in rows]
+
+    def take_over(self, run: Run, holder: str) -> Run:
+        """Claims `run` for `holder` (attempt + 1); raises Fenced if it was finished meanwhile."""
+        with self.engine.begin() as connection:
+            row = connection.execute(sa.text(
+                "UPDATE trainer_runs SET attempt = attempt + 1, holder = :h, updated_at = now() "
+                "WHERE version = :v AND attempt = :a AND phase <> 'done' RETURNING attempt"),
+                {"h": holder, "v": run.version, "a": run.attempt}).first()
+        if row is None:
+            raise Fenced(f"version {run.version} was taken over or finished by someone else")
+        run.attempt, run.holder = int(row[0]), holder
+        return run
+
+    def _fenced_update(self, connection, run: Run, phase: str) -> None:
+        updated = connection.execute(sa.text(
+            "UPDATE trainer_runs SET phase = :phase, updated_at = now() "
+            "WHERE version = :v AND attempt = :a AND phase <> 'done'"),
+            {"phase": phase, "v": run.version, "a": run.attempt}).rowcount
+        if updated != 1:
+            raise Fenced(f"version {run.version}: attempt {run.attempt} is no longer the owner")
+        run.phase = phase
+
+    def record_trained(self, run: Run, *, metrics: dict, baseline_metrics: dict | None, train_seconds: float,
+                       sha256: str, artifact_uri: str, interactions: int, items: int, decision: str,
+                       parameters: dict | None = None, rejected: bool = False) -> None:
+        """The artifact is stored and the gate has decided: phase 'trained' (or done+rejected)."""
+        with self.engine.begin() as connection:
+            self._fenced_update(connection, run, "done" if rejected else "trained")
+            connection.execute(sa.text(
+                "UPDATE model_versions SET metrics = CAST(:m AS jsonb), baseline_metrics = CAST(:b AS jsonb), "
+                "train_seconds = :t, sha256 = :sha, artifact_uri = :uri, interactions = :n, items = :i, "
+                "decision = :d, status = :status, "
+                "parameters = CASE WHEN CAST(:p AS jsonb) IS NULL THEN parameters "
+                "                  ELSE parameters || CAST(:p AS jsonb) END "
+                "WHERE version = :v"),
+                {"m": json.dumps(metrics), "b": json.dumps(baseline_metrics or {}), "t": train_seconds,
+                 "sha": sha256, "uri": artifact_uri, "n": interactions, "i": items, "d": decision,
+                 "status": REJECTED if rejected else CANDIDATE,
+                 "p": None if parameters is None else json.dumps(parameters), "v": run.version})
+
+    def finish(self, run: Run, status: str, decision: str, *, sha256: str | None = None,
+               artifact_uri: str | None = None) -> None:
+        """Terminal state of a run: published, rejected, or left a candidate (record-only)."""
+        with self.engine.begin() as connection:
+            self._fenced_update(connection, run, "done")
+            connection.execute(sa.text(
+                "UPDATE model_versions SET status = :s, decision = :d, "
+                "sha256 = COALESCE(:sha, sha256), artifact_uri = COALESCE(:uri, artifact_uri) WHERE version = :v"),
+                {"s": status, "d": decision, "sha": sha256, "uri": artifact_uri, "v": run.version})
+
+    def set_decision(self, run: Run, decision: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(sa.text(
+                "UPDATE model_versions SET decision = :d WHERE version = :v AND EXISTS ("
+                "SELECT 1 FROM trainer_runs WHERE version = :v AND attempt = :a)"),
+                {"d": decision, "v": run.version, "a": run.attempt})
+
+    # ------------------------------------------------------------------------------ versions
+    def get(self, version: int) -> VersionRow | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.text(
+                f"SELECT {_VERSION_COLUMNS} FROM model_versions v LEFT JOIN trainer_runs r USING (version) "
+                "WHERE v.version = :v"), {"v": version}).first()
+        return None if row is None else _version(row)
+
+    def list(self, limit: int = 50) -> list[VersionRow]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(sa.text(
+                f"SELECT {_VERSION_COLUMNS} FROM model_versions v LEFT JOIN trainer_runs r USING (version) "
+                "ORDER BY v.version DESC LIMIT :n"), {"n": limit}).all()
+        return [_version(row) for row in rows]
+
+    def latest_version(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.execute(sa.text("SELECT COALESCE(max(version), 0) FROM model_versions")).scalar_one())

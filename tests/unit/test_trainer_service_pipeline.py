@@ -1,0 +1,142 @@
+"""The trainer's pure pipeline and gate: id tables, held-out slice, warm start, the gate rule."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from services.trainer import gate, pipeline, synthetic
+from services.trainer.catalog import fallback_vector
+from services.trainer.interaction_log import Interaction
+from services.trainer.model import ModelConfig
+
+TINY = dataclasses.replace(ModelConfig(), dim=16, num_layers=1, num_heads=1, max_len=20, num_negatives=-1,
+                           batch_size=32, epochs=15, incremental_epochs=3, dropout=0.1)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def with_text(prepared: pipeline.Prepared) -> pipeline.Prepared:
+    pipeline.set_item_text(prepared, {i: fallback_vector(i) for i in prepared.data.item_ids.external_ids()})
+    return prepared
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    rows = [dataclasses.replace(r, commit_lsn=100) for r in synthetic.structured_interactions(n_users=80)]
+    prepared = with_text(pipeline.prepare(rows, eval_users=40))
+    model, _ = pipeline.run_full(prepared, TINY, seed=1)
+    return rows, prepared, model
+
+
+def test_prepare_keeps_the_parent_order_and_appends_new_items_sorted():
+    rows = [Interaction("e1", "u1", "b", "view", 1.0), Interaction("e2", "u1", "z", "view", 2.0),
+            Interaction("e3", "u2", "a", "view", 1.0)]
+    prepared = pipeline.prepare(rows, item_prefix=["z", "old"], catalog_items=["c", "a"], eval_users=0)
+    assert prepared.data.item_ids.external_ids() == ["z", "old", "a", "b", "c"]
+    assert prepared.data.user_ids.external_ids() == ["u1", "u2"]
+
+
+def test_holdout_is_the_last_interaction_of_the_most_recent_users_and_is_not_trained():
+    rows = []
+    for user, start in (("old", 0.0), ("recent", 100.0), ("short", 500.0)):
+        for step in range(4 if user != "short" else 2):
+            rows.append(Interaction(f"{user}-{step}", user, f"i{step}", "view", start + step))
+    prepared = pipeline.prepare(rows, eval_users=1)
+    recent = prepared.data.user_ids.get("recent")
+    assert [case.user for case in prepared.holdout] == [recent]   # "short" has < 3 interactions
+    assert prepared.holdout[0].target_item == prepared.data.item_ids.get("i3")
+    assert len(prepared.train_histories[recent]) == 3
+    assert prepared.positions["recent-3"] is None and prepared.positions["recent-2"] == (recent, 2)
+    assert len(prepared.train_histories[prepared.data.user_ids.get("old")]) == 4
+
+
+def test_new_interactions_and_examples():
+    rows = [Interaction(f"e{n}", "u", f"i{n % 2}", "view", float(n), commit_lsn=10 if n < 3 else 20, row_id=n)
+            for n in range(6)]
+    prepared = pipeline.prepare(rows, eval_users=0)
+    new, old_counts = pipeline.new_interactions(prepared, after_lsn=10)
+    assert [n.key for n in new] == [(1, 3), (1, 4), (1, 5)]
+    assert old_counts == {"i0": 2, "i1": 1}
+    user_first = [dataclasses.replace(n, key=(1, 0)) for n in new[:1]]
+    assert pipeline.examples_of(user_first) == []     # a first interaction predicts nothing
+
+
+def test_remap_items_scores_like_the_original(trained):
+    _, prepared, model = trained
+    shuffled = pipeline.prepare(prepared.interactions, item_prefix=list(reversed(prepared.data.item_ids.external_ids())),
+                                eval_users=40)
+    with_text(shuffled)
+    remapped = pipeline.remap_items(model, prepared.data.item_ids.external_ids(), shuffled.data.item_ids)
+    assert pipeline.evaluate(remapped, shuffled) == pipeline.evaluate(model, prepared)
+
+
+def test_training_is_deterministic_for_a_seed(trained):
+    _, prepared, model = trained
+    again, _ = pipeline.run_full(prepared, TINY, seed=1)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+
+
+def test_trained_model_beats_popularity_on_the_structured_set(trained):
+    from services.trainer.evaluation import evaluate_popularity, popularity_counts
+    _, prepared, model = trained
+    figures = pipeline.evaluate(model, prepared)
+    popular = evaluate_popularity(prepared.holdout, popularity_counts(prepared.train_histories.values(),
+                                                                      prepared.data.item_ids.table_size))
+    assert figures["recall_at_10"] > popular["recall_at_10"] + 0.1
+
+
+def test_gate_rejects_a_damaged_candidate_and_passes_an_equal_one(trained):
+    _, prepared, model = trained
+    same = pipeline.copy_model(model)
+    assert gate.evaluate_pair(same, model, prepared).passed
+    damaged = pipeline.copy_model(model)
+    pipeline.damage(damaged)
+    decision = gate.evaluate_pair(damaged, model, prepared)
+    assert not decision.passed
+    assert decision.candidate["ndcg_at_10"] < decision.baseline["ndcg_at_10"] * 0.5
+    assert "rejected by the gate" in decision.reason
+
+
+def test_gate_rule():
+    base = {"ndcg_at_10": 0.10, "users": 100}
+    assert gate.decide({"ndcg_at_10": 0.096, "users": 100}, base, tolerance=0.05).passed
+    assert not gate.decide({"ndcg_at_10": 0.094, "users": 100}, base, tolerance=0.05).passed
+    assert gate.decide({"ndcg_at_10": 0.0, "users": 100}, None).passed          # first version
+    assert gate.decide({"ndcg_at_10": 0.0, "users": 0}, base).passed             # nothing to compare on
+    assert gate.decide({"recall_at_10": 0.2, "users": 5}, {"recall_at_10": 0.2, "users": 5},
+                       metric="recall_at_10", tolerance=0.0).passed
+
+
+def test_update_grows_the_id_table_and_new_items_get_vectors(trained):
+    rows, prepared, model = trained
+    parent_ids = prepared.data.item_ids.external_ids()
+    more = [dataclasses.replace(r, commit_lsn=200) for r in synthetic.structured_interactions(
+        n_users=30, start=synthetic.T0 + 50_000, user_prefix="N", item_prefix="J", seed=3)]
+    grown = with_text(pipeline.prepare(rows + more, item_prefix=parent_ids, eval_users=40))
+    assert grown.data.item_ids.external_ids()[:len(parent_ids)] == parent_ids
+    new_ids = grown.data.item_ids.external_ids()[len(parent_ids):]
+    assert new_ids and all(i.startswith("J") for i in new_ids)
+
+    candidate = pipeline.remap_items(model, parent_ids, grown.data.item_ids)
+    new, old_counts = pipeline.new_interactions(grown, after_lsn=100)
+    examples = pipeline.examples_of(new)
+    stats = pipeline.run_incremental(candidate, grown, examples, replay_ratio=1.0, seed=1)
+    assert stats.replay_examples == len(examples)
+    assert candidate.num_items == len(parent_ids) + len(new_ids)
+    # old rows moved on from the parent's but stayed in place; new rows were trained off zero
+    new_rows = candidate.item_id_embedding.weight[len(parent_ids) + 1:]
+    assert (new_rows.abs().sum(dim=1) > 0).all()
+    ids, vectors = pipeline.item_vector_table(candidate, grown, grown.data.item_ids.external_ids())
+    assert set(new_ids) <= set(ids) and vectors.shape == (len(ids), TINY.dim)
+    assert np.isfinite(vectors).all() and (np.abs(vectors[[ids.index(i) for i in new_ids]]).sum(axis=1) > 0).all()
