@@ -14,6 +14,8 @@ from decimal import Decimal
 import grpc
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2
 from scripts.launch import ServiceProcess
@@ -147,6 +149,48 @@ def test_each_event_is_reported_in_order_and_exactly_the_accepted_ones_are_store
     # Unstorable characters are replaced, not allowed to fail the batch.
     assert rejected[2]["event_id"] == p + "6\ufffd"
     assert rejected[3]["payload"]["timestamp"] == {"seconds": 10 ** 12, "nanos": 123456000}
+
+
+NASTY = ['quote"inside', "back\\slash", "ends with backslash\\", '\\"', "{braces}", "a,b", "NULL", "null",
+         " padded ", "new\nline", "tab\tbed", "'single'", "$$dollar$$", "ü—漢字🙂", "%(events)s", "{\"a\": 1}"]
+
+
+def test_any_text_round_trips_exactly(stub, engine, prefix):
+    batch = []
+    for i, text in enumerate(NASTY):
+        batch.append(event(f"{prefix}{i}{text}", user=text, item=text, note=text, **{text: "key"}))
+        batch.append(event(f"{prefix}{i}s{text}", "search", user=text, item=None, query=text))
+    response = ingest(stub, batch)
+    assert response.accepted == len(batch), [r.reason for r in response.results if r.reason]
+    stored = stored_events(engine, prefix)
+    for i, text in enumerate(NASTY):
+        row = stored[f"{prefix}{i}{text}"]
+        assert (row["user_id"], row["item_id"], row["attributes"]) == (text, text, {"note": text, text: "key"})
+        assert stored[f"{prefix}{i}s{text}"]["query"] == text
+
+
+def _text(max_chars: int):
+    return st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                   min_size=1, max_size=max_chars).filter(lambda s: s.strip())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(_text(32), _text(32), _text(200), st.dictionaries(_text(16), _text(200), max_size=3)),
+                min_size=1, max_size=20))
+def test_generated_events_round_trip_exactly(stub, engine, fields):
+    prefix = f"h{uuid.uuid4().hex[:10]}-"
+    batch = [event(f"{prefix}{i}", user=user, item=item, query="", when=T0 + timedelta(microseconds=i), **attrs)
+             if i % 2 else
+             event(f"{prefix}{i}", "search", user=user, item=None, query=query, when=T0, **attrs)
+             for i, (user, item, query, attrs) in enumerate(fields)]
+    response = ingest(stub, batch)
+    assert response.accepted == len(batch), [r.reason for r in response.results if r.reason]
+    stored = stored_events(engine, prefix)
+    for i, (user, item, query, attrs) in enumerate(fields):
+        row = stored[f"{prefix}{i}"]
+        assert row["user_id"] == user and row["attributes"] == attrs
+        assert (row["item_id"], row["query"]) == ((item, None) if i % 2 else (None, query))
+        assert row["occurred_at"] == (T0 + timedelta(microseconds=i) if i % 2 else T0)
 
 
 def test_a_retried_batch_reports_the_stored_events_as_duplicates(stub, engine, prefix):
