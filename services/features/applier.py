@@ -135,11 +135,13 @@ class FeatureApplier:
             if unresolved:   # the stored progress differed from ours (another writer): rare
                 texts.update(self._resolve_texts(unresolved))
             if selection.restart_from_snapshot:
-                log.warning("a new snapshot starts: rebuilding user state and item statistics",
-                            extra={"snapshot_lsn": batch.commit_lsn})
-                self.store.reset_event_state(connection)
+                log.warning("a snapshot starts over: rebuilding the feature store from it",
+                            extra={"snapshot_lsn": batch.snapshot_lsn, "previous_lsn": progress.applied_lsn})
+                self.store.start_rebuild(connection)
             report = self._fold(connection, selection.changes, batch.commit_lsn, texts, vectors)
             report.skipped_transactions = selection.skipped_transactions
+            if batch.snapshot_end and selection.progress != progress:
+                self.store.finish_snapshot(connection, batch.commit_lsn)
             self.store.save_progress(connection, selection.progress)
         # Committed.
         self.progress = selection.progress
@@ -152,6 +154,29 @@ class FeatureApplier:
         if self.on_commit is not None:
             self.on_commit(self.progress.applied_lsn, self.latest_commit_time)
         return report
+
+    def advance_idle(self, caught_up_lsn: int) -> bool:
+        """The collector said every change of our tables committed at or before `caught_up_lsn`
+        was sent and acked (so applied): the store is then current as of that LSN although no
+        batch ended there. Moving the mark there lets `data_lsn`, `data/watermark` and WatchItems
+        advance while our tables are idle, so that a reader waiting for "at least LSN L" (e.g.
+        pg_current_wal_lsn() after its write) is not kept waiting for unrelated traffic. Batches
+        that follow end after it, so the skip rule is unaffected. Call between batches."""
+        if caught_up_lsn <= self.progress.applied_lsn:
+            return False
+        with self._lock, self.store.engine.begin() as connection:
+            progress = self.store.lock_progress(connection)
+            if caught_up_lsn <= progress.applied_lsn:
+                self.progress = progress
+                return False
+            new_progress = replace(progress, applied_lsn=caught_up_lsn,
+                                   stream_lsn=max(progress.stream_lsn, caught_up_lsn))
+            self.store.save_progress(connection, new_progress)
+        self.progress = new_progress
+        APPLIED_LSN.set(caught_up_lsn)
+        if self.on_commit is not None:
+            self.on_commit(caught_up_lsn, self.latest_commit_time)
+        return True
 
     def _resolve_texts(self, changes: Iterable) -> dict[ItemRow, ItemText | None]:
         """Each upsert's embedding text. Columns the stream left out (unchanged TOASTed values)

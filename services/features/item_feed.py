@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from services.common.errors import FailedPrecondition
 from services.features.items import ItemRecord
 from services.features.store import FeatureStore
 
@@ -88,7 +89,14 @@ class ItemChangeFeed:
         first_round = True
         last_sent = time.monotonic()
         while active() and not self.notifier.closed:
-            upper = max(self.store.applied_lsn(), watermark)
+            applied = self.store.applied_lsn()
+            if applied < watermark:
+                # Watermarks only come from this store, which only moves forward — except when a
+                # snapshot started over rebuilt it: the receiver must start again from 0.
+                raise FailedPrecondition(
+                    f"after_lsn: {watermark} is ahead of the feature store ({applied}); it was rebuilt "
+                    "from a new snapshot: watch again from after_lsn=0")
+            upper = applied
             if first_round or upper > watermark:
                 cursor: tuple[int, str | None] = (watermark, None)
                 while True:

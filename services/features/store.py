@@ -187,13 +187,23 @@ class FeatureStore:
         connection.exec_driver_sql(SAVE_USERS_SQL, params)
         return len(users)
 
-    def reset_event_state(self, connection: Connection) -> None:
-        """Forgets everything derived from events, before a new snapshot rebuilds it."""
+    def start_rebuild(self, connection: Connection) -> None:
+        """Before a snapshot that starts over: forgets everything derived from events, and marks
+        every listed item unconfirmed (out of the catalog, still active, vector kept) — the
+        snapshot confirms the items that still exist (their vectors are reused when their text
+        did not change) and `finish_rebuild` removes the others."""
         connection.execute(sa.text("DELETE FROM user_features"))
+        connection.execute(sa.text("DELETE FROM item_features WHERE updated_lsn = 0 AND NOT in_catalog"))
         connection.execute(sa.text(
             "UPDATE item_features SET views = 0, clicks = 0, add_to_carts = 0, purchases = 0, "
-            "popularity = 0, popularity_at = NULL, last_interaction = NULL, stats_lsn = 0"))
-        connection.execute(sa.text("DELETE FROM item_features WHERE updated_lsn = 0 AND NOT in_catalog"))
+            "popularity = 0, popularity_at = NULL, last_interaction = NULL, stats_lsn = 0, "
+            "in_catalog = false"))
+
+    def finish_snapshot(self, connection: Connection, lsn: int) -> int:
+        """At the end of a snapshot: items left unconfirmed by it are gone from the catalog."""
+        return connection.execute(sa.text(
+            "UPDATE item_features SET active = false, updated_lsn = :lsn WHERE NOT in_catalog AND active"),
+            {"lsn": lsn}).rowcount
 
     # ------------------------------------------------------------------ the catalog (source)
     def catalog_entries(self, connection: Connection, item_ids: Iterable[str] | None) -> dict[str, CatalogEntry]:
@@ -242,6 +252,10 @@ class FeatureStore:
                 f"ORDER BY updated_lsn, item_id LIMIT :limit"),
                 {"lsn": after[0], "item": after[1], "upper": upper_lsn, "limit": limit})
             return [_item_from_row(row) for row in rows]
+
+    def current_wal_lsn(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.execute(sa.text("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")).scalar())
 
     def applied_lsn(self) -> int:
         with self.engine.connect() as connection:

@@ -1,0 +1,132 @@
+"""python -m services.features — the features service.
+
+Start-up: configuration, logs, schema migration, the embedding model (loaded once, owned by one
+thread: embedder.MicroBatcher), the stored progress, then the delta stream consumer (group
+`features`) and the gRPC server.
+
+Readiness: the service reports SERVING (and prints its ready line) as soon as the model is
+loaded, the feature store is migrated and reachable and the delta consumer is started — not
+when it has caught up. A feature store that lags is still the best answer there is, and every
+response says how fresh it is (`data_lsn`, Status.lag_*, the etcd key `data/watermark`), so
+callers that need a given write can wait for its LSN; holding the whole service back during a
+catalog bulk load or a long initial snapshot would only turn freshness into an outage.
+
+Watermark: after every committed batch the applied LSN goes to etcd `data/watermark` as
+{"lsn": N, "lsn_text": "X/Y", "consumer": ..., "commit_time": ..., "published_at": ...},
+coalesced to at most one write per FEATURES_WATERMARK_INTERVAL_S, off the apply path (watermark.py).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import timezone
+
+from deltarec.v1 import features_pb2, features_pb2_grpc
+
+from services.common import db, logs
+from services.common.config import ConfigError, load
+from services.common.delta_consumer import DeltaConsumer, row_of
+from services.common.etcd import Etcd
+from services.common.server import GrpcService, run_service
+from services.features.applier import ApplierSettings, FeatureApplier
+from services.features.config import FeaturesConfig
+from services.features.content import is_usable
+from services.features.embedder import LruCache, MicroBatcher, QueryEmbedder
+from services.features.item_feed import ItemChangeFeed, LsnNotifier
+from services.features.server import FeaturesServicer
+from services.features.store import FeatureStore
+from services.features.stream_monitor import StreamMonitor
+from services.features.watermark import WatermarkPublisher
+
+log = logging.getLogger("deltarec.features")
+
+SERVICE_NAME = features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name
+
+
+def main() -> int:
+    try:
+        config = load(FeaturesConfig)
+    except ConfigError as error:
+        print(f"features: configuration error: {error}", file=sys.stderr)
+        return 2
+    logs.setup("features", config.log_level)
+
+    import torch
+    torch.set_num_threads(config.torch_threads)
+    from services.common.text_encoder import TextEncoder
+
+    db.migrate(config.database_url)
+    engine = db.make_engine(config.database_url, pool_size=min(config.grpc_workers, 16) + 2,
+                            application_name="deltarec-features")
+    encoder = TextEncoder(num_threads=config.torch_threads)
+    log.info("model loaded", extra={"model": encoder.model_name, "dim": encoder.dim,
+                                    "torch_threads": config.torch_threads})
+    batcher = MicroBatcher(lambda texts: encoder.encode(texts, batch_size=len(texts)),
+                           max_batch_size=config.embed_batch_size,
+                           max_wait_s=config.embed_max_wait_ms / 1000.0, dim=encoder.dim)
+    queries = QueryEmbedder(batcher, LruCache(config.embed_cache_size), usable=is_usable,
+                            fallback=lambda text: encoder.fallback_vector(f"query:{text}"))
+
+    store = FeatureStore(engine, config.consumer_group)
+    notifier = LsnNotifier()
+    etcd = Etcd(config.etcd_endpoint, config.etcd_prefix)
+    publisher = WatermarkPublisher(etcd, config.consumer_group, config.watermark_interval_s)
+
+    def on_commit(lsn, commit_time) -> None:
+        notifier.publish(lsn)
+        publisher.set(lsn, commit_time)
+
+    applier = FeatureApplier(
+        store, lambda texts: batcher.embed(texts, kind="bulk"), encoder.fallback_vector,
+        ApplierSettings(model_name=encoder.model_name, history_length=config.history_length,
+                        recent_queries=config.recent_queries,
+                        popularity_half_life_s=config.popularity_half_life_s),
+        row_of=row_of, on_commit=on_commit)
+    progress = applier.load()
+    notifier.publish(progress.applied_lsn)
+    publisher.set(progress.applied_lsn)
+    log.info("feature store loaded", extra={"applied_lsn": progress.applied_lsn,
+                                            "snapshot_done": progress.snapshot_done})
+
+    monitor = StreamMonitor()
+
+    def apply_batch(batch) -> None:
+        commit_time = (batch.deltas[0].commit_time.ToDatetime(tzinfo=timezone.utc)
+                       if batch.deltas and batch.deltas[0].HasField("commit_time") else None)
+        monitor.batch_received(commit_time)
+        applier.apply_batch(batch)
+        monitor.batch_applied()
+
+    def on_heartbeat(heartbeat) -> None:
+        monitor.heartbeat(heartbeat.server_lsn, heartbeat.caught_up_lsn)
+        if heartbeat.caught_up_lsn:
+            try:
+                applier.advance_idle(heartbeat.caught_up_lsn)
+            except Exception as error:  # noqa: BLE001 - a heartbeat must never end the stream
+                log.warning("could not record the caught-up position", extra={"error": str(error)[:200]})
+
+    consumer = DeltaConsumer(config.collector_address, config.consumer_group, apply_batch,
+                             tables=("items", "events"), max_batch_size=config.delta_batch_size,
+                             on_heartbeat=on_heartbeat)
+
+    service = GrpcService.from_config("features", [SERVICE_NAME], config)
+    feed = ItemChangeFeed(store, notifier, poll_s=config.watch_poll_s)
+    features_pb2_grpc.add_FeaturesServiceServicer_to_server(
+        FeaturesServicer(store, applier, queries, feed, model_name=encoder.model_name, dim=encoder.dim,
+                         monitor=monitor, connected=consumer.connected.is_set), service.server)
+
+    # After in-flight calls: the consumer finishes (and acks) the batch it is applying, then
+    # the rest closes in dependency order.
+    service.on_shutdown(consumer.stop)
+    service.on_shutdown(notifier.close)
+    service.on_shutdown(batcher.close)
+    service.on_shutdown(publisher.close)
+    service.on_shutdown(etcd.close)
+    service.on_shutdown(engine.dispose)
+    consumer.start()
+    run_service(service)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
