@@ -1,0 +1,59 @@
+"""Ranker settings (environment variables)."""
+from __future__ import annotations
+
+import dataclasses
+
+from services.common.config import HOST_PORT, CommonConfig, env
+from services.ranker.index import IndexOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class RankerConfig(CommonConfig):
+    # More handler threads than the common default: admission control (below) decides how many
+    # run; the others only wait or are refused at once.
+    grpc_workers: int = env("GRPC_WORKERS", 64, minimum=1, maximum=1024)
+    replica_id: str = env("RANKER_REPLICA_ID", "", pattern=r"[A-Za-z0-9._\-]{0,128}",
+                          help="name of this replica under rankers/ in etcd (default: host-pid)")
+    # Required; a default only because dataclass fields with defaults precede it (checked in main).
+    features_address: str = env("FEATURES_ADDRESS", "", pattern=f"({HOST_PORT})?",
+                                help="host:port of the features service (user histories, item feed, EmbedText); "
+                                     "required")
+    features_timeout_s: float = env("RANKER_FEATURES_TIMEOUT_S", 0.5, minimum=0.01, maximum=60.0,
+                                    help="deadline of a GetUserFeatures call (capped by the request's)")
+    query_encoder: str = env("RANKER_QUERY_ENCODER", "features", choices=("features", "local"),
+                             help="embed search queries through features.EmbedText or with MiniLM in-process")
+    index_kind: str = env("RANKER_INDEX", "auto", choices=("auto", "flat", "hnsw"),
+                          help="faiss index: flat (exact), hnsw, or auto (flat below RANKER_HNSW_MIN_ITEMS)")
+    hnsw_min_items: int = env("RANKER_HNSW_MIN_ITEMS", 50_000, minimum=1,
+                              help="catalog size from which auto uses HNSW (measured crossover, bench/ranker.py)")
+    hnsw_m: int = env("RANKER_HNSW_M", 32, minimum=4, maximum=256)
+    hnsw_ef_search: int = env("RANKER_HNSW_EF_SEARCH", 128, minimum=8, maximum=4096)
+    hnsw_ef_construction: int = env("RANKER_HNSW_EF_CONSTRUCTION", 80, minimum=8, maximum=4096)
+    rebuild_dead_fraction: float = env("RANKER_REBUILD_DEAD_FRACTION", 0.25, minimum=0.01, maximum=10.0,
+                                       help="HNSW is rebuilt in the background when dead rows exceed this share")
+    max_running: int = env("RANKER_MAX_RUNNING", 4, minimum=1, maximum=1024,
+                           help="requests computed at once (about 2x the cores)")
+    max_waiting: int = env("RANKER_MAX_WAITING", 48, minimum=0, maximum=100_000,
+                           help="requests allowed to wait for a slot; more are refused with RESOURCE_EXHAUSTED")
+    user_cache_ttl_s: float = env("RANKER_USER_CACHE_TTL_S", 1.0, minimum=0.0, maximum=3600.0,
+                                  help="how long a user's history (and vector) is reused; 0 = always read; "
+                                       "min_data_lsn always reads through")
+    user_cache_size: int = env("RANKER_USER_CACHE_SIZE", 10_000, minimum=0)
+    history_length: int = env("RANKER_HISTORY_LENGTH", 50, minimum=1, maximum=1000,
+                              help="history items asked of features (the model uses at most its max_len)")
+    max_wait_s: float = env("RANKER_MAX_LSN_WAIT_S", 5.0, minimum=0.0, maximum=600.0,
+                            help="longest wait for min_data_lsn (also capped by the call's deadline)")
+    lease_ttl_s: int = env("RANKER_LEASE_TTL_S", 10, minimum=2, maximum=3600,
+                           help="TTL of the rankers/<replica> registration lease")
+    register_interval_s: float = env("RANKER_REGISTER_INTERVAL_S", 2.0, minimum=0.1, maximum=3600.0)
+    startup_timeout_s: float = env("RANKER_STARTUP_TIMEOUT_S", 300.0, minimum=1.0,
+                                   help="longest wait for the catalog and the first model before exiting")
+    torch_threads: int = env("RANKER_TORCH_THREADS", 1, minimum=1, maximum=256,
+                             help="intra-op threads of torch and faiss (requests run in parallel instead)")
+    artifact_retry_s: float = env("RANKER_ARTIFACT_RETRY_S", 10.0, minimum=0.1, maximum=3600.0,
+                                  help="retry interval of an artifact that could not be read (missing, store down)")
+
+    def index_options(self) -> IndexOptions:
+        return IndexOptions(kind=self.index_kind, hnsw_min_items=self.hnsw_min_items, hnsw_m=self.hnsw_m,
+                            hnsw_ef_search=self.hnsw_ef_search, hnsw_ef_construction=self.hnsw_ef_construction,
+                            rebuild_dead_fraction=self.rebuild_dead_fraction)

@@ -1,0 +1,19 @@
+"""Prometheus metrics of the ranker (served on METRICS_PORT by the common server bootstrap)."""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MODEL_VERSION = Gauge("deltarec_ranker_model_version", "model version served", ["variant"])
+SWAPS = Counter("deltarec_ranker_swaps_total", "model swaps completed")
+SWAP_SECONDS = Histogram("deltarec_ranker_swap_seconds", "artifact read to swap, seconds",
+                         buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+REFUSED = Counter("deltarec_ranker_refused_artifacts_total", "artifacts refused", ["reason"])
+INDEX_SIZE = Gauge("deltarec_ranker_index_size", "items in the live index", ["index"])
+DATA_LSN = Gauge("deltarec_ranker_data_lsn", "data watermark applied by this replica")
+ITEM_CHANGES = Counter("deltarec_ranker_item_changes_total", "item changes applied from WatchItems")
+FEED_RECONNECTS = Counter("deltarec_ranker_feed_reconnects_total", "WatchItems stream reconnects")
+REJECTED = Counter("deltarec_ranker_rejected_total", "requests refused by admission control", ["method"])
+USER_CACHE = Counter("deltarec_ranker_user_cache_total", "user feature cache lookups", ["result"])
+DEGRADED = Counter("deltarec_ranker_degraded_total", "answers without user features (features unreachable)")
+MIN_LSN_WAIT = Histogram("deltarec_ranker_min_lsn_wait_seconds", "time spent waiting for min_data_lsn",
+                         buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))

@@ -1,0 +1,201 @@
+"""Recommend and SimilarItems: the request logic, plain Python (the gRPC edge is server.py).
+
+Recommend: route the user (current or canary), read the user's history from features (through
+the short-lived cache), run the model's user tower over the history's item vectors, retrieve from
+the bundle's item index with the filters, and explain each item by the history item it is most
+similar to ("because you bought X"). A user without usable history, or a replica without a
+model, gets popular items (live popularity from features, else the model's popular list) mixed
+with the newest items.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from services.common.errors import NotFound, Unavailable
+from services.ranker import metrics
+from services.ranker.catalog import Catalog
+from services.ranker.retrieval import (Answer, CachedUser, FeaturesUnavailable, FilterSpec, Scored, UserCache,
+                                       UserHistory, check_id, check_k, make_acceptor, retrieve, wait_for_lsn)
+from services.ranker.serving import ModelBundle, ServingState
+from services.trainer.data import EventType
+
+log = logging.getLogger(__name__)
+
+_VERBS = {
+    int(EventType.PURCHASE): "because you bought {}",
+    int(EventType.ADD_TO_CART): "because you added {} to your cart",
+    int(EventType.CLICK): "because you viewed {}",
+    int(EventType.VIEW): "because you viewed {}",
+}
+_TITLE_CHARS = 80
+
+
+def short(title: str) -> str:
+    return title if len(title) <= _TITLE_CHARS else title[: _TITLE_CHARS - 1].rstrip() + "…"
+
+
+def tower_input(catalog: Catalog, bundle: ModelBundle, history: UserHistory
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The last max_len history items the replica knows, as (iids, event types, ages in s)."""
+    now = time.time()
+    iids, events, ages = [], [], []
+    text_index = catalog.text_index
+    for item_id, event, stamp in zip(history.item_ids, history.event_types, history.timestamps):
+        iid = catalog.iid(item_id)
+        if iid is None or not (bundle.index.has_vector(iid) or text_index.has_vector(iid)):
+            continue
+        iids.append(iid)
+        events.append(event if 0 < event < 5 else int(EventType.VIEW))
+        ages.append(max(now - stamp, 0.0))
+    limit = bundle.max_len
+    return (np.asarray(iids[-limit:], np.int64), np.asarray(events[-limit:], np.int64),
+            np.asarray(ages[-limit:], np.float32))
+
+
+def user_state(catalog: Catalog, bundle: ModelBundle, cached: CachedUser
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(user vector, history iids, event types) for this bundle, memoised in the cache entry;
+    None when no history item is usable."""
+    state = cached.vectors.get(bundle.spec)
+    if state is None:
+        iids, events, ages = tower_input(catalog, bundle, cached.history)
+        if not iids.size:
+            return None
+        state = (bundle.user_vector(iids, events, ages), iids, events)
+        cached.vectors[bundle.spec] = state
+    return state
+
+
+class Recommender:
+    def __init__(self, catalog: Catalog, state: ServingState, users: UserCache, *, history_length: int = 50,
+                 max_wait_s: float = 5.0, fresh_share: float = 0.3) -> None:
+        self.catalog, self.state, self.users = catalog, state, users
+        self.history_length = history_length
+        self.max_wait_s = max_wait_s
+        self.fresh_share = fresh_share
+
+    # ------------------------------------------------------------------ Recommend
+    def recommend(self, user_id: str, k: int = 10, filters: FilterSpec | None = None, min_data_lsn: int = 0,
+                  timeout_s: float | None = None) -> Answer:
+        check_id("user_id", user_id)
+        k = check_k(k)
+        filters = filters if filters is not None else FilterSpec()
+        wait_for_lsn(self.catalog, min_data_lsn, timeout_s, self.max_wait_s)
+        watermark = self.catalog.watermark
+        bundle, variant = self.state.route(user_id)
+        version = bundle.version if bundle is not None else 0
+        try:
+            cached = self.users.get(user_id, self.history_length, min_data_lsn, timeout_s)
+        except FeaturesUnavailable as error:
+            if min_data_lsn:
+                raise Unavailable(f"user features unavailable: {error}") from None
+            metrics.DEGRADED.inc()
+            cached = None
+        history = cached.history if cached is not None else UserHistory()
+        data_lsn = min(watermark, history.data_lsn) if history.data_lsn else watermark
+        excluded = self._excluded(history, filters)
+        if bundle is not None and cached is not None:
+            personal = self._personal(bundle, cached, k, filters, excluded)
+            if personal:
+                return Answer(personal, version, data_lsn, variant, cold_start=False)
+        return Answer(self.cold_start(bundle, k, filters, excluded), version, data_lsn, variant, cold_start=True)
+
+    def _excluded(self, history: UserHistory, filters: FilterSpec) -> set[int]:
+        excluded = {iid for iid in map(self.catalog.iid, filters.exclude_item_ids) if iid is not None}
+        if filters.exclude_seen or filters.exclude_purchased:
+            purchase = int(EventType.PURCHASE)
+            for item_id, event in zip(history.item_ids, history.event_types):
+                if filters.exclude_seen or event == purchase:
+                    iid = self.catalog.iid(item_id)
+                    if iid is not None:
+                        excluded.add(iid)
+        return excluded
+
+    def _personal(self, bundle: ModelBundle, cached: CachedUser, k: int, filters: FilterSpec,
+                  excluded: set[int]) -> list[Scored]:
+        state = user_state(self.catalog, bundle, cached)
+        if state is None:
+            return []
+        user, iids, events = state
+        found = retrieve(self.catalog, bundle.index, user, k, filters, excluded)
+        if not found:
+            return []
+        history_vectors = bundle.history_vectors(iids)
+        found_vectors = bundle.index.vectors_of([iid for iid, _ in found])
+        closest = np.argmax(found_vectors @ history_vectors.T, axis=1)
+        items = []
+        for (iid, score), position in zip(found, closest):
+            meta = self.catalog.meta(iid)
+            anchor = self.catalog.meta(int(iids[position]))
+            verb = _VERBS.get(int(events[position]), "because you viewed {}")
+            reason = verb.format(short(anchor.title or anchor.item_id)) if anchor is not None else "picked for you"
+            items.append(Scored(meta.item_id, score, reason, meta.title))
+        return items
+
+    # ------------------------------------------------------------------ cold start
+    def _popular(self, bundle: ModelBundle | None) -> Iterator[int]:
+        """The model's popular list (interactions up to its training), then the popularity that
+        came with item changes from features (it only moves when an item changes)."""
+        if bundle is not None:
+            for item_id in bundle.popular_item_ids:
+                iid = self.catalog.iid(item_id)
+                if iid is not None:
+                    yield iid
+        yield from (int(i) for i in self.catalog.popular)
+
+    def cold_start(self, bundle: ModelBundle | None, k: int, filters: FilterSpec, excluded: set[int]) -> list[Scored]:
+        """Popular items with a share of the newest ones; never empty while any item qualifies."""
+        accept = make_acceptor(self.catalog, filters, excluded)
+        fresh_slots = int(math.floor(k * self.fresh_share)) if k > 1 else 0
+        picked: list[tuple[int, str]] = []
+        seen: set[int] = set()
+
+        def take(source: Iterable[int], limit: int, reason: str) -> None:
+            for iid in source:
+                if len(picked) >= limit:
+                    return
+                if iid not in seen and accept(iid):
+                    seen.add(iid)
+                    picked.append((iid, reason))
+
+        take(self._popular(bundle), k - fresh_slots, "popular right now")
+        take((int(i) for i in self.catalog.fresh), k, "new in the catalog")
+        take(self._popular(bundle), k, "popular right now")
+        if len(picked) < k and filters.categories:
+            take(sorted(self.catalog.in_categories(filters.categories)), k, "in your chosen category")
+        items = []
+        for rank, (iid, reason) in enumerate(picked):
+            meta = self.catalog.meta(iid)
+            items.append(Scored(meta.item_id, 1.0 / (rank + 1), reason, meta.title))
+        return items
+
+    # ------------------------------------------------------------------ SimilarItems
+    def similar(self, item_id: str, k: int = 10, filters: FilterSpec | None = None) -> Answer:
+        check_id("item_id", item_id)
+        k = check_k(k)
+        filters = filters if filters is not None else FilterSpec(exclude_purchased=False)
+        iid = self.catalog.iid(item_id)
+        if iid is None:
+            raise NotFound(f"item {item_id!r} is not in the catalog")
+        watermark = self.catalog.watermark
+        bundle = self.state.current
+        if bundle is not None and bundle.index.has_vector(iid):
+            index, version = bundle.index, bundle.version
+        elif self.catalog.text_index.has_vector(iid):
+            index, version = self.catalog.text_index, 0
+        else:
+            raise NotFound(f"item {item_id!r} has no vector yet")
+        query = index.vectors_of([iid])[0]
+        excluded = {iid} | {i for i in map(self.catalog.iid, filters.exclude_item_ids) if i is not None}
+        anchor = self.catalog.meta(iid)
+        reason = f"similar to {short(anchor.title or anchor.item_id)}"
+        items = []
+        for found, score in retrieve(self.catalog, index, query, k, filters, excluded):
+            meta = self.catalog.meta(found)
+            items.append(Scored(meta.item_id, score, reason, meta.title))
+        return Answer(items, version, watermark)

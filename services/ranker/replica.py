@@ -1,0 +1,46 @@
+"""One ranker replica's core, assembled: what the gRPC edge calls and what Status reports."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.ranker.admission import AdmissionControl
+from services.ranker.catalog import Catalog
+from services.ranker.index import VectorIndex
+from services.ranker.recommend import Recommender
+from services.ranker.search import Searcher
+from services.ranker.serving import ServingState
+
+
+@dataclass
+class RankerReplica:
+    replica_id: str
+    catalog: Catalog
+    state: ServingState
+    recommender: Recommender
+    searcher: Searcher
+    admission: AdmissionControl
+    address: str = ""
+
+    def live_index(self) -> VectorIndex:
+        """The index Recommend retrieves from: the current model's, else the text index."""
+        current = self.state.current
+        return current.index if current is not None else self.catalog.text_index
+
+    def status(self) -> dict:
+        routing = self.state.routing
+        index = self.live_index()
+        return {
+            "replica_id": self.replica_id,
+            "address": self.address,
+            "model_version": routing.current.version if routing.current else 0,
+            "model_sha256": routing.current.sha256 if routing.current else "",
+            "data_lsn": self.catalog.watermark,
+            "index_size": index.size,
+            "index_kind": index.kind,
+            "index_checksum": index.checksum(self.catalog.name_of),
+            "canary_version": routing.canary.version if routing.canary else 0,
+            "canary_share": routing.canary_share,
+            "refused_version": self.state.refused_version,
+            "refused_reason": self.state.refused_reason,
+            "swaps": self.state.swaps,
+        }

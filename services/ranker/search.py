@@ -1,0 +1,170 @@
+"""Search: semantic retrieval over MiniLM item text vectors, blended with BM25 and exact title /
+brand matches, personalised with the user's vector when a user is given.
+
+score = semantic_weight * cosine(query, item text)
+      + lexical_weight  * BM25 / best BM25 of the query
+      + personal_weight * min-max normalised (user vector . item vector)   (with a user)
+      + exact_title_boost if the query is the item's whole title
+      + brand_boost       if the item's brand appears in the query
+
+Candidates: the semantic top N, the BM25 top N, exact title matches and the brand's items (each
+N = max(50, 4k)), filtered. An exact title therefore always reaches the top, with or without a
+model, even for an item that arrived a second ago (its text vector and lexical entry come with
+the item change, no model update needed).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from services.common.errors import InvalidArgument, Unavailable
+from services.ranker import metrics
+from services.ranker.catalog import Catalog
+from services.ranker.lexical import normalize
+from services.ranker.recommend import user_state
+from services.ranker.retrieval import (NO_FILTERS, Answer, FeaturesUnavailable, FilterSpec, Scored, UserCache,
+                                       check_id, check_k, make_acceptor, wait_for_lsn)
+from services.ranker.serving import ServingState
+
+log = logging.getLogger(__name__)
+
+MAX_QUERY_BYTES = 1024
+
+
+class QueryEncoder(Protocol):
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+class CachedEncoder:
+    """LRU of query embeddings (shoppers repeat queries a lot)."""
+
+    def __init__(self, encoder: QueryEncoder, capacity: int = 10_000) -> None:
+        self.encoder, self.capacity = encoder, capacity
+        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def encode_one(self, text: str) -> np.ndarray:
+        key = " ".join(text.split())
+        with self._lock:
+            vector = self._entries.get(key)
+            if vector is not None:
+                self._entries.move_to_end(key)
+                return vector
+        vector = np.asarray(self.encoder.encode([key]), np.float32).reshape(-1)
+        if self.capacity:
+            with self._lock:
+                self._entries[key] = vector
+                while len(self._entries) > self.capacity:
+                    self._entries.popitem(last=False)
+        return vector
+
+
+@dataclass(frozen=True)
+class SearchWeights:
+    semantic: float = 0.6
+    lexical: float = 0.4
+    personal: float = 0.15
+    exact_title_boost: float = 1.0
+    brand_boost: float = 0.2
+
+
+class Searcher:
+    def __init__(self, catalog: Catalog, state: ServingState, users: UserCache, encoder: CachedEncoder, *,
+                 history_length: int = 50, max_wait_s: float = 5.0, weights: SearchWeights | None = None) -> None:
+        self.catalog, self.state, self.users, self.encoder = catalog, state, users, encoder
+        self.history_length, self.max_wait_s = history_length, max_wait_s
+        self.weights = weights or SearchWeights()
+
+    def search(self, query: str, user_id: str = "", k: int = 10, filters: FilterSpec | None = None,
+               min_data_lsn: int = 0, timeout_s: float | None = None) -> Answer:
+        size = len(query.encode())
+        if not 1 <= size <= MAX_QUERY_BYTES or not query.strip():
+            raise InvalidArgument(f"query: must be 1..{MAX_QUERY_BYTES} bytes of text")
+        check_id("user_id", user_id, required=False)
+        k = check_k(k)
+        filters = filters if filters is not None else NO_FILTERS
+        wait_for_lsn(self.catalog, min_data_lsn, timeout_s, self.max_wait_s)
+        watermark = self.catalog.watermark
+        bundle, variant = self.state.route(user_id)
+        version = bundle.version if bundle is not None else 0
+        data_lsn = watermark
+        excluded = {i for i in map(self.catalog.iid, filters.exclude_item_ids) if i is not None}
+        user = None
+        if user_id and bundle is not None:
+            try:
+                cached = self.users.get(user_id, self.history_length, min_data_lsn, timeout_s)
+            except FeaturesUnavailable as error:
+                if min_data_lsn:
+                    raise Unavailable(f"user features unavailable: {error}") from None
+                metrics.DEGRADED.inc()
+                cached = None
+            if cached is not None:
+                if cached.history.data_lsn:
+                    data_lsn = min(data_lsn, cached.history.data_lsn)
+                state = user_state(self.catalog, bundle, cached)
+                if state is not None:
+                    user = state[0]
+        items = self._rank(query, k, filters, excluded, bundle if user is not None else None, user)
+        return Answer(items, version, data_lsn, variant)
+
+    def _rank(self, query: str, k: int, filters: FilterSpec, excluded: set[int], bundle, user) -> list[Scored]:
+        catalog, weights = self.catalog, self.weights
+        accept = make_acceptor(catalog, filters, excluded)
+        pool = max(50, 4 * k)
+        try:
+            vector = self.encoder.encode_one(query)
+        except FeaturesUnavailable:
+            # No query embedding (features unreachable): lexical and exact matches still answer.
+            metrics.DEGRADED.inc()
+            vector = None
+        semantic: dict[int, float] = {}
+        if vector is not None and catalog.text_index.size:
+            scores, ids = catalog.text_index.search(vector.reshape(1, -1), pool)
+            semantic = {int(i): float(s) for s, i in zip(scores[0], ids[0]) if i >= 0}
+        lexical = dict(catalog.lexical.search(query, pool))
+        exact = set(catalog.lexical.exact_title(query))
+        brands = set(catalog.lexical.brands_in(query, limit=pool))
+        candidates = np.fromiter((i for i in (semantic.keys() | lexical.keys() | exact | brands)
+                                  if accept(i) and catalog.text_index.contains(i)), np.int64)
+        if not candidates.size:
+            return []
+        sem = (catalog.text_index.score(vector, candidates) if vector is not None
+               else np.zeros(candidates.shape[0], np.float32))
+        best_lexical = max(lexical.values(), default=0.0) or 1.0
+        lex = np.array([lexical.get(int(i), 0.0) for i in candidates], np.float32) / best_lexical
+        total = weights.semantic * sem + weights.lexical * lex
+        is_exact = np.array([int(i) in exact for i in candidates])
+        is_brand = np.array([int(i) in brands for i in candidates])
+        total += weights.exact_title_boost * is_exact + weights.brand_boost * is_brand
+        personal = None
+        if bundle is not None and user is not None:
+            known = np.array([bundle.index.contains(int(i)) for i in candidates])
+            raw = np.zeros(candidates.shape[0], np.float32)
+            if known.any():
+                raw[known] = bundle.index.score(user, candidates[known])
+                low, high = raw[known].min(), raw[known].max()
+                personal = np.where(known, (raw - low) / (high - low) if high > low else 0.5, 0.0)
+                total += weights.personal * personal
+        order = np.argsort(-total, kind="stable")[:k]
+        normalized_query = normalize(query)
+        items = []
+        for position in order:
+            iid = int(candidates[position])
+            meta = catalog.meta(iid)
+            if is_exact[position]:
+                reason = "exact title match"
+            elif is_brand[position]:
+                reason = f"from the brand {meta.brand}" if meta.brand else "matches the brand"
+            elif personal is not None and personal[position] > 0.75:
+                reason = f"matches \"{normalized_query[:40]}\" and your taste"
+            elif lex[position] > 0.5:
+                reason = f"matches \"{normalized_query[:40]}\""
+            else:
+                reason = f"related to \"{normalized_query[:40]}\""
+            items.append(Scored(meta.item_id, float(total[position]), reason, meta.title))
+        return items

@@ -1,0 +1,103 @@
+"""gRPC edge of the ranker: messages to the plain core and back, admission control, errors to
+statuses. FAILED_PRECONDITION for an unmet min_data_lsn carries this replica's watermark in the
+message and in the trailing metadata key `deltarec-data-lsn`."""
+from __future__ import annotations
+
+import functools
+import math
+
+from deltarec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
+
+from services.common.errors import InvalidArgument, grpc_errors
+from services.ranker import metrics
+from services.ranker.admission import Overloaded
+from services.ranker.replica import RankerReplica
+from services.ranker.retrieval import NO_FILTERS, Answer, DataBehind, FilterSpec
+
+WATERMARK_METADATA = "deltarec-data-lsn"
+
+
+def time_remaining(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e6 else max(remaining, 0.0)
+
+
+def filters_from(request, default: FilterSpec) -> FilterSpec:
+    if not request.HasField("filters"):
+        return default
+    f = request.filters
+    low = f.min_price if f.HasField("min_price") else None
+    high = f.max_price if f.HasField("max_price") else None
+    for name, value in (("filters.min_price", low), ("filters.max_price", high)):
+        if value is not None and not math.isfinite(value):
+            raise InvalidArgument(f"{name}: must be a finite number")
+    return FilterSpec(exclude_purchased=f.exclude_purchased, exclude_seen=f.exclude_seen,
+                      categories=tuple(c for c in f.categories if c), min_price=low, max_price=high,
+                      exclude_item_ids=tuple(f.exclude_item_ids))
+
+
+def _items(answer: Answer):
+    return [ranker_pb2.ScoredItem(item_id=i.item_id, score=i.score, reason=i.reason, title=i.title)
+            for i in answer.items]
+
+
+def _freshness(answer: Answer) -> common_pb2.Freshness:
+    return common_pb2.Freshness(model_version=answer.model_version, data_lsn=answer.data_lsn)
+
+
+def admitted(method):
+    """Admission control around a handler; watermark in the trailers of FAILED_PRECONDITION."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            with self.replica.admission.admit(time_remaining(context)):
+                return method(self, request, context)
+        except Overloaded:
+            metrics.REJECTED.labels(method.__name__).inc()
+            raise
+        except DataBehind as behind:
+            context.set_trailing_metadata(((WATERMARK_METADATA, str(behind.watermark)),))
+            raise
+    return wrapper
+
+
+class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
+    def __init__(self, replica: RankerReplica) -> None:
+        self.replica = replica
+
+    @grpc_errors
+    @admitted
+    def Recommend(self, request, context):
+        answer = self.replica.recommender.recommend(
+            request.user_id, request.k, filters_from(request, FilterSpec()), request.min_data_lsn,
+            time_remaining(context))
+        return ranker_pb2.RecommendResponse(
+            items=_items(answer), freshness=_freshness(answer), cold_start=answer.cold_start,
+            variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version))
+
+    @grpc_errors
+    @admitted
+    def Search(self, request, context):
+        answer = self.replica.searcher.search(
+            request.query, request.user_id, request.k, filters_from(request, NO_FILTERS), request.min_data_lsn,
+            time_remaining(context))
+        return ranker_pb2.SearchResponse(
+            items=_items(answer), freshness=_freshness(answer),
+            variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version))
+
+    @grpc_errors
+    @admitted
+    def SimilarItems(self, request, context):
+        answer = self.replica.recommender.similar(request.item_id, request.k, filters_from(request, NO_FILTERS))
+        return ranker_pb2.SimilarItemsResponse(items=_items(answer), freshness=_freshness(answer))
+
+    @grpc_errors
+    def Status(self, request, context):
+        status = self.replica.status()
+        return ranker_pb2.RankerServiceStatusResponse(
+            replica_id=status["replica_id"],
+            freshness=common_pb2.Freshness(model_version=status["model_version"], data_lsn=status["data_lsn"]),
+            index_size=status["index_size"], index_checksum=status["index_checksum"],
+            canary_version=status["canary_version"], canary_share=status["canary_share"],
+            refused_version=status["refused_version"], refused_reason=status["refused_reason"],
+            swaps=status["swaps"])

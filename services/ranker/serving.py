@@ -1,0 +1,236 @@
+"""What a replica serves: per-model bundles and the routing between current and canary.
+
+A `ModelBundle` is one model version ready to answer: the torch model (user tower), its item
+vectors for every active catalog item in a live `VectorIndex`, and the artifact's popular list.
+It is built in the background from a catalog snapshot, then attached to the catalog (which
+replays what changed meanwhile and from then on hands it every item change), and only then made
+visible by replacing one reference (`ServingState.routing`). A request takes that reference once
+and finishes on it, whatever is swapped meanwhile.
+
+Item vectors are computed in float64 and rounded to multiples of 2^-16 (exact in float32), so an
+item's vector has the same bits whether it was computed in the bulk build or alone when it arrived
+live (BLAS results depend on a row's position in a batch by a few float32 ulps; a float64 error
+moves a value across a 2^-16 rounding boundary with probability ~1e-10): replicas that saw the
+same changes in different batches agree on the index checksum. The rounding (< 1e-5) does not
+change rankings in any measurable way.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from services.ranker.catalog import Catalog
+from services.ranker.index import IndexOptions, VectorIndex
+from services.trainer.artifact import ArtifactInvalid, ModelArtifact
+from services.trainer.model import DeltaRecModel
+
+log = logging.getLogger(__name__)
+
+VECTOR_BLOCK = 4096
+VECTOR_GRID = 2.0 ** 16
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A version named by etcd (`model/current` or `model/canary`)."""
+    version: int
+    uri: str
+    sha256: str
+    data_lsn: int = 0
+    share: float = 0.0   # canary only
+
+    @classmethod
+    def from_json(cls, value: object, *, canary: bool = False) -> "ModelSpec":
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        try:
+            spec = cls(version=int(value["version"]), uri=str(value["uri"]), sha256=str(value["sha256"]),
+                       data_lsn=int(value.get("data_lsn", 0) or 0),
+                       share=float(value.get("share", 0.0) or 0.0) if canary else 0.0)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"bad model spec: {error}") from None
+        if spec.version <= 0 or not spec.uri or len(spec.sha256) != 64:
+            raise ValueError("bad model spec: version, uri and sha256 are required")
+        if not 0.0 <= spec.share <= 1.0:
+            raise ValueError(f"bad canary share {spec.share}")
+        return spec
+
+    def same_artifact(self, other: "ModelSpec | None") -> bool:
+        return other is not None and other.version == self.version and other.sha256 == self.sha256
+
+
+def canary_bucket(user_id: str) -> float:
+    """A user's fixed position in [0, 1): the same on every replica and for every canary."""
+    digest = hashlib.blake2b(user_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
+
+
+class ModelBundle:
+    def __init__(self, artifact: ModelArtifact, spec: ModelSpec, model: DeltaRecModel, catalog: Catalog,
+                 index_options: IndexOptions | None = None) -> None:
+        config = model.config
+        if config.text_dim != catalog.text_dim:
+            raise ArtifactInvalid(f"model text_dim {config.text_dim} != catalog text vectors {catalog.text_dim}")
+        self.spec = spec
+        self.version = artifact.version
+        self.sha256 = spec.sha256
+        self.data_lsn = artifact.data_lsn
+        self.model = model
+        self.catalog = catalog
+        self.dim = config.dim
+        self.max_len = config.max_len
+        self.model_index = {item_id: position + 1 for position, item_id in enumerate(artifact.item_ids)}
+        self.popular_item_ids = list(artifact.popular_item_ids)
+        # The item tower as plain arrays: text projection + learned id row (0 = text only).
+        with torch.inference_mode():
+            self._weight = np.ascontiguousarray(model.text_projection.weight.detach().numpy().T, np.float64)
+            self._bias = model.text_projection.bias.detach().numpy().astype(np.float64)
+            self._id_rows = model.item_id_embedding.weight.detach().numpy()   # float32, cast per block
+        for name, array in (("text_projection", self._weight), ("item_id_embedding", self._id_rows)):
+            if not np.isfinite(array).all():
+                raise ArtifactInvalid(f"{name} has non-finite weights")
+        for name, parameter in model.named_parameters():
+            if not torch.isfinite(parameter).all():
+                raise ArtifactInvalid(f"parameter {name} has non-finite values")
+        self.index = VectorIndex(self.dim, index_options)
+        self._write_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ item side
+    def compute_vectors(self, item_ids: list[str], text_vectors: np.ndarray) -> np.ndarray:
+        """Item tower output [n, dim] for items and their MiniLM vectors [n, 384] (see the module
+        docstring for the float64 + grid rounding)."""
+        count = len(item_ids)
+        out = np.empty((count, self.dim), np.float32)
+        rows = np.array([self.model_index.get(item_id, 0) for item_id in item_ids], np.int64)
+        for start in range(0, count, VECTOR_BLOCK):
+            stop = min(start + VECTOR_BLOCK, count)
+            block = np.asarray(text_vectors[start:stop], np.float64) @ self._weight
+            block += self._bias
+            block += self._id_rows[rows[start:stop]]
+            block *= VECTOR_GRID
+            np.rint(block, out=block)
+            block /= VECTOR_GRID
+            out[start:stop] = block
+        return out
+
+    def build_index(self) -> None:
+        """Fills the index from a catalog snapshot and attaches to the catalog (which replays
+        the changes made during the build). Runs in the loader thread, never on a request."""
+        iids, item_ids, text_vectors, seq = self.catalog.snapshot()
+        vectors = self.compute_vectors(item_ids, text_vectors)
+        if vectors.size and not np.isfinite(vectors).all():
+            raise ArtifactInvalid("item tower produced non-finite vectors")
+        self.index.upsert(iids, vectors)
+        self.catalog.attach(self, seq)
+
+    def items_upserted(self, iids: np.ndarray, item_ids: list[str], text_vectors: np.ndarray) -> None:
+        self.index.upsert(iids, self.compute_vectors(item_ids, text_vectors))
+
+    def items_removed(self, iids: np.ndarray) -> None:
+        self.index.remove(iids)
+
+    def detach(self) -> None:
+        self.catalog.detach(self)
+
+    def history_vectors(self, iids: np.ndarray) -> np.ndarray:
+        """Vectors of history items, also of items no longer active (computed on the fly when
+        this bundle never indexed them)."""
+        known = np.array([self.index.has_vector(int(i)) for i in iids], bool)
+        if known.all():
+            return self.index.vectors_of(iids)
+        out = np.empty((iids.shape[0], self.dim), np.float32)
+        if known.any():
+            out[known] = self.index.vectors_of(iids[known])
+        missing = iids[~known]
+        out[~known] = self.compute_vectors([self.catalog.name_of(int(i)) for i in missing],
+                                           self.catalog.text_index.vectors_of(missing))
+        return out
+
+    def artifact_agreement(self, artifact: ModelArtifact, sample: int = 256) -> float | None:
+        """Share of a sample of the artifact's items whose vector we reproduce (cosine > 0.99)
+        from the live catalog text; informative only (the text may have changed since)."""
+        pairs = [(row, self.catalog.iid(item_id)) for row, item_id in enumerate(artifact.item_vector_ids[:sample])]
+        pairs = [(row, iid) for row, iid in pairs if iid is not None and self.index.has_vector(iid)]
+        if not pairs:
+            return None
+        ours = self.index.vectors_of([iid for _, iid in pairs])
+        theirs = artifact.item_vectors[[row for row, _ in pairs]]
+        cosine = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1) + 1e-9)
+        return float((cosine > 0.99).mean())
+
+    # ------------------------------------------------------------------ user side
+    def user_vector(self, history_iids: np.ndarray, event_types: np.ndarray, ages_s: np.ndarray) -> np.ndarray:
+        """User tower for one user: history (oldest first, at most max_len) -> [dim] float32."""
+        if not history_iids.size:
+            return self.model.empty_history_vector.detach().numpy().astype(np.float32)
+        vectors = self.history_vectors(history_iids)
+        length = history_iids.shape[0]
+        with torch.inference_mode():
+            user = self.model.user_vector(
+                torch.ones((1, length), dtype=torch.long),   # only marks "not padding": vectors are given
+                torch.from_numpy(np.ascontiguousarray(event_types, np.int64)).view(1, length),
+                torch.from_numpy(np.ascontiguousarray(ages_s, np.float32)).view(1, length),
+                history_item_vectors=torch.from_numpy(vectors).view(1, length, self.dim))
+            return user[0].numpy()
+
+    def warm_up(self) -> None:
+        """First calls allocate and pick kernels; do them here, not on a request."""
+        iids = self.index.ids()[: self.max_len]
+        if not iids.size:
+            probe = self.model.empty_history_vector.detach().numpy()
+        else:
+            for length in sorted({1, min(8, iids.size), iids.size}):
+                probe = self.user_vector(iids[-length:], np.full(length, 4, np.int64),
+                                         np.arange(length, 0, -1, dtype=np.float32) * 3600.0)
+                if not np.isfinite(probe).all():
+                    raise ArtifactInvalid("user tower produced non-finite output")
+        self.index.search(np.asarray(probe, np.float32).reshape(1, -1), 10)
+
+
+@dataclass(frozen=True)
+class Routing:
+    current: ModelBundle | None = None
+    canary: ModelBundle | None = None
+    canary_share: float = 0.0
+
+
+class ServingState:
+    """The one reference requests read (`routing`), plus what Status reports."""
+
+    def __init__(self) -> None:
+        self.routing = Routing()
+        self.swaps = 0
+        self.refused_version = 0
+        self.refused_reason = ""
+        self.refused_count = 0
+        self._lock = threading.Lock()
+
+    def route(self, user_id: str) -> tuple[ModelBundle | None, str]:
+        routing = self.routing
+        if (routing.canary is not None and routing.canary_share > 0.0 and user_id
+                and canary_bucket(user_id) < routing.canary_share):
+            return routing.canary, "canary"
+        return routing.current, "current"
+
+    @property
+    def current(self) -> ModelBundle | None:
+        return self.routing.current
+
+    def install(self, current: ModelBundle | None, canary: ModelBundle | None, share: float) -> Routing:
+        """Replaces the routing; returns the previous one (the caller releases what is unused)."""
+        with self._lock:
+            previous = self.routing
+            self.routing = Routing(current, canary if share > 0 else None, share if canary is not None else 0.0)
+            if previous.current is not current:
+                self.swaps += 1
+            return previous
+
+    def refuse(self, version: int, reason: str) -> None:
+        with self._lock:
+            self.refused_version, self.refused_reason = version, reason
+            self.refused_count += 1

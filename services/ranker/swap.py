@@ -1,0 +1,317 @@
+"""Hot swap: etcd names a version, we load it in the background and swap one reference.
+
+`ModelManager` is the core (no etcd in it): it is told which specs are wanted for `current` and
+`canary` and, in its loader thread, reads the artifact (sha256 verified by the artifact store),
+deserialises it (weights-only, shape checks), builds the model, checks it (finite weights,
+text_dim), builds the item index from the catalog, warms it up and installs it. A failure
+refuses the version (Status, metric, log) and changes nothing that is served. Wanted specs are
+coalesced: if v2 and v3 are published while v1 loads, only v3 is loaded next.
+
+`EtcdModelWatcher` feeds it from etcd: it reads `model/current` and `model/canary`, then watches
+both from the next revision (the common Watch resumes from the last revision after an outage),
+and re-reads them every `reconcile_s` (covers a compacted history). If etcd is down nothing
+changes: the replica keeps serving what it has.
+
+Promotion (the canary's version becomes `model/current`) reuses the canary bundle; abort
+(`model/canary` deleted or share 0) drops it. Old bundles are detached from the catalog and
+released, then the allocator is asked to return freed memory (swaps must not leak).
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import logging
+import threading
+import time
+from typing import Callable
+
+from services.common.artifacts import ArtifactCorrupt, ArtifactMissing
+from services.common.etcd import EtcdUnavailable, WatchEvent
+from services.ranker import metrics
+from services.ranker.catalog import Catalog
+from services.ranker.index import IndexOptions
+from services.ranker.serving import ModelBundle, ModelSpec, Routing, ServingState
+from services.trainer.artifact import ArtifactInvalid, deserialize
+
+log = logging.getLogger(__name__)
+
+CURRENT_KEY = "model/current"
+CANARY_KEY = "model/canary"
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc
+    _LIBC = None
+
+
+def release_memory() -> None:
+    gc.collect()
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+class Refused(Exception):
+    """The artifact is unusable; `transient` ones are tried again later."""
+
+    def __init__(self, reason: str, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
+
+
+class ModelManager:
+    def __init__(self, catalog: Catalog, state: ServingState, read_artifact: Callable[[str, str], bytes],
+                 index_options: IndexOptions | None = None, *, retry_s: float = 10.0,
+                 on_change: Callable[[], None] | None = None) -> None:
+        self.catalog, self.state = catalog, state
+        self.read_artifact = read_artifact
+        self.index_options = index_options
+        self.retry_s = retry_s
+        self.on_change = on_change
+        self._lock = threading.Lock()
+        self._wanted: dict[str, ModelSpec | None] = {"current": None, "canary": None}
+        self._refused: dict[tuple[int, str], tuple[float, bool]] = {}   # (version, sha) -> (when, transient)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.idle = threading.Event()
+        self.idle.set()
+        self.loading: ModelSpec | None = None
+
+    # ------------------------------------------------------------------ inputs (any thread)
+    def want(self, role: str, spec: ModelSpec | None) -> None:
+        with self._lock:
+            if self._wanted.get(role) == spec:
+                return
+            self._wanted[role] = spec
+            self.idle.clear()
+        self._wake.set()
+
+    def wanted(self, role: str) -> ModelSpec | None:
+        return self._wanted.get(role)
+
+    # ------------------------------------------------------------------ loop
+    def start(self) -> "ModelManager":
+        self._thread = threading.Thread(target=self._run, name="model-loader", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _run(self) -> None:
+        trim_at = None
+        while not self._stop.is_set():
+            timeout = self.retry_s if trim_at is None else max(0.0, min(self.retry_s, trim_at - time.monotonic()))
+            self._wake.wait(timeout)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if self.process_once():
+                    # The frame that referenced the old bundles is gone: free them now, and once
+                    # more a little later for bundles that in-flight requests still held.
+                    release_memory()
+                    trim_at = time.monotonic() + 2.0
+                elif trim_at is not None and time.monotonic() >= trim_at:
+                    release_memory()
+                    trim_at = None
+            except Exception:  # noqa: BLE001 - the loader must survive anything
+                log.exception("model loader step failed")
+
+    def process_once(self) -> bool:
+        """Brings the routing to what is wanted (synchronous; the loop calls it). True when
+        bundles were dropped (call `release_memory()` once the caller's references are gone)."""
+        with self._lock:
+            want_current, want_canary = self._wanted["current"], self._wanted["canary"]
+        routing = self.state.routing
+        loaded: list[ModelBundle] = [b for b in (routing.current, routing.canary) if b is not None]
+
+        def find(spec: ModelSpec) -> ModelBundle | None:
+            return next((b for b in loaded if spec.same_artifact(b.spec)), None)
+
+        current = routing.current
+        if want_current is not None and not want_current.same_artifact(current.spec if current else None):
+            candidate = find(want_current) or self._try_load(want_current, "current")
+            if candidate is not None:
+                current = candidate
+                loaded.append(candidate)
+        canary, share = None, 0.0
+        if (want_canary is not None and want_canary.share > 0
+                and not want_canary.same_artifact(current.spec if current else None)):
+            canary = find(want_canary) or self._try_load(want_canary, "canary")
+            share = want_canary.share if canary is not None else 0.0
+        if current is routing.current and canary is routing.canary and share == routing.canary_share:
+            self._settle()
+            return False
+        previous = self.state.install(current, canary, share)
+        self._publish_metrics()
+        dropped = self._detach_dropped(previous, self.state.routing)
+        if previous.current is not current:
+            metrics.SWAPS.inc()
+            log.info("model swapped", extra={"model_version": current.version if current else 0,
+                                             "previous_version": previous.current.version if previous.current else 0})
+        if (canary is not previous.canary) or share != previous.canary_share:
+            log.info("canary set", extra={"canary_version": canary.version if canary else 0, "share": share})
+        if self.on_change:
+            self.on_change()
+        self._settle()
+        return dropped
+
+    def _settle(self) -> None:
+        with self._lock:
+            pending = any(spec is not None and self._needs_work(role, spec) for role, spec in self._wanted.items())
+            if not pending:
+                self.idle.set()
+
+    def _needs_work(self, role: str, spec: ModelSpec) -> bool:
+        routing = self.state.routing
+        served = routing.current if role == "current" else routing.canary
+        if role == "canary" and (spec.share <= 0 or spec.same_artifact(routing.current.spec if routing.current else None)):
+            return routing.canary is not None
+        if served is not None and spec.same_artifact(served.spec):
+            return False
+        refused = self._refused.get((spec.version, spec.sha256))
+        return refused is None or refused[1]
+
+    @staticmethod
+    def _detach_dropped(previous: Routing, now: Routing) -> bool:
+        keep = {id(b) for b in (now.current, now.canary) if b is not None}
+        dropped = [b for b in (previous.current, previous.canary) if b is not None and id(b) not in keep]
+        for bundle in dropped:
+            bundle.detach()
+        return bool(dropped)
+
+    def _publish_metrics(self) -> None:
+        routing = self.state.routing
+        metrics.MODEL_VERSION.labels("current").set(routing.current.version if routing.current else 0)
+        metrics.MODEL_VERSION.labels("canary").set(routing.canary.version if routing.canary else 0)
+
+    # ------------------------------------------------------------------ loading
+    def _try_load(self, spec: ModelSpec, role: str) -> ModelBundle | None:
+        key = (spec.version, spec.sha256)
+        refused = self._refused.get(key)
+        if refused is not None and (not refused[1] or time.monotonic() - refused[0] < self.retry_s):
+            return None
+        self.loading = spec
+        started = time.monotonic()
+        try:
+            bundle = self.load(spec)
+        except Refused as refusal:
+            self._refused[key] = (time.monotonic(), refusal.transient)
+            self.state.refuse(spec.version, str(refusal))
+            metrics.REFUSED.labels("transient" if refusal.transient else "invalid").inc()
+            log.error("model artifact refused; still serving the previous version",
+                      extra={"role": role, "model_version": spec.version, "reason": str(refusal),
+                             "transient": refusal.transient})
+            return None
+        finally:
+            self.loading = None
+        self._refused.pop(key, None)
+        metrics.SWAP_SECONDS.observe(time.monotonic() - started)
+        log.info("model loaded", extra={"role": role, "model_version": spec.version, "items": bundle.index.size,
+                                        "seconds": round(time.monotonic() - started, 3)})
+        return bundle
+
+    def load(self, spec: ModelSpec) -> ModelBundle:
+        """Read, verify, build, check and warm up one version (raises Refused)."""
+        try:
+            data = self.read_artifact(spec.uri, spec.sha256)
+        except ArtifactCorrupt as error:
+            raise Refused(f"checksum mismatch: {error}") from None
+        except ArtifactMissing as error:
+            raise Refused(f"artifact missing: {error}", transient=True) from None
+        except (OSError, ValueError) as error:
+            raise Refused(f"artifact unreadable: {error}", transient=True) from None
+        except Exception as error:  # noqa: BLE001 - e.g. the database of a postgres:// store is down
+            raise Refused(f"artifact store error: {type(error).__name__}: {str(error)[:200]}", transient=True) from None
+        bundle = None
+        try:
+            artifact = deserialize(data)
+            del data
+            if artifact.version != spec.version:
+                raise ArtifactInvalid(f"artifact says version {artifact.version}, etcd says {spec.version}")
+            model = artifact.build_model()
+            bundle = ModelBundle(artifact, spec, model, self.catalog, self.index_options)
+            bundle.build_index()
+            bundle.warm_up()
+            agreement = bundle.artifact_agreement(artifact)
+            if agreement is not None:
+                log.info("artifact item vectors reproduced", extra={"model_version": spec.version,
+                                                                     "agreement": round(agreement, 3)})
+            return bundle
+        except ArtifactInvalid as error:
+            if bundle is not None:
+                bundle.detach()
+            raise Refused(f"invalid artifact: {error}") from None
+        except Exception as error:  # noqa: BLE001 - anything else in a load is a refusal too
+            if bundle is not None:
+                bundle.detach()
+            log.exception("model load failed")
+            raise Refused(f"load failed: {type(error).__name__}: {str(error)[:200]}") from None
+
+
+class EtcdModelWatcher:
+    """Feeds `ModelManager` from etcd; survives etcd outages."""
+
+    def __init__(self, etcd, manager: ModelManager, *, reconcile_s: float = 30.0) -> None:
+        self.etcd, self.manager, self.reconcile_s = etcd, manager, reconcile_s
+        self._stop = threading.Event()
+        self._watch = None
+        self.synced = threading.Event()   # the first read of both keys succeeded
+        self._thread = threading.Thread(target=self._run, name="model-watch", daemon=True)
+
+    def start(self) -> "EtcdModelWatcher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.cancel()
+
+    def _apply(self, key: str, value: bytes | None) -> None:
+        role = "current" if key == CURRENT_KEY else "canary" if key == CANARY_KEY else None
+        if role is None:
+            return
+        if value is None:
+            if role == "canary":
+                self.manager.want("canary", None)
+            return   # model/current deleted: keep serving what we have
+        try:
+            spec = ModelSpec.from_json(json.loads(value), canary=role == "canary")
+        except ValueError as error:
+            log.error("unusable model spec in etcd", extra={"key": key, "error": str(error)})
+            self.manager.state.refuse(0, f"{key}: {error}")
+            metrics.REFUSED.labels("bad_spec").inc()
+            return
+        self.manager.want(role, spec)
+
+    def _on_event(self, event: WatchEvent) -> None:
+        self._apply(event.key, event.value)
+
+    def _read(self) -> int:
+        revision = self.etcd.current_revision()
+        for key in (CURRENT_KEY, CANARY_KEY):
+            kv = self.etcd.get(key)
+            self._apply(key, None if kv is None else kv.value)
+        return revision
+
+    def _run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                revision = self._read()
+                self.synced.set()
+                if self._watch is None:
+                    self._watch = self.etcd.watch("model/", self._on_event, prefix=True, start_revision=revision + 1)
+                backoff = 0.2
+                self._stop.wait(self.reconcile_s)
+            except EtcdUnavailable as error:
+                log.warning("etcd unreachable; serving the loaded version", extra={"error": str(error)[:200]})
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:  # noqa: BLE001
+                log.exception("model watcher step failed")
+                self._stop.wait(1.0)

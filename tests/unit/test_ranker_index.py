@@ -1,0 +1,151 @@
+"""The live faiss index: incremental add/update/remove, deletion filter, rebuilds, checksum."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from services.ranker.index import IndexOptions, VectorIndex
+
+faiss.omp_set_num_threads(1)
+
+
+def vectors(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def exact_top(x: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int) -> list[int]:
+    scores = x @ query
+    return [int(ids[i]) for i in np.argsort(-scores)[:k]]
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_add_update_remove_without_rebuild(kind):
+    index = VectorIndex(16, IndexOptions(kind=kind, background=False, rebuild_min_dead=10_000))
+    x = vectors(300)
+    ids = np.arange(300) * 3   # ids need not be dense
+    index.upsert(ids, x)
+    assert index.size == 300 and index.kind == kind
+    scores, found = index.search(x[7:8], 1)
+    assert found[0, 0] == ids[7]
+    assert scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+    # update: item 21 now points the other way; searching its old vector no longer finds it first
+    index.upsert([ids[7]], -x[7:8])
+    _, found = index.search(x[7:8], 5)
+    assert ids[7] not in found[0]
+    _, found = index.search(-x[7:8], 1)
+    assert found[0, 0] == ids[7]
+    assert index.size == 300
+
+    # remove: never returned again, whatever k
+    index.remove([ids[7], ids[8]])
+    assert index.size == 298
+    _, found = index.search(-x[7:8], 298)
+    assert ids[7] not in found[0] and ids[8] not in found[0]
+    assert not index.contains(int(ids[7])) and index.has_vector(int(ids[7]))
+    assert index.rebuilds == 0
+
+
+def test_hnsw_deletion_filter_then_background_rebuild_drops_dead_rows():
+    index = VectorIndex(16, IndexOptions(kind="hnsw", background=False, rebuild_min_dead=50,
+                                         rebuild_dead_fraction=0.2))
+    x = vectors(400, seed=1)
+    index.upsert(np.arange(400), x)
+    index.remove(np.arange(0, 40))          # 40 dead rows: below the threshold, filtered at search time
+    assert index.dead_rows == 40 and index.rebuilds == 0
+    _, found = index.search(x[:40], 5)
+    assert not set(found.ravel().tolist()) & set(range(40))
+    index.remove(np.arange(40, 100))        # 100 dead > 0.2 * 300 live: rebuilt
+    assert index.rebuilds == 1 and index.dead_rows == 0 and index.size == 300
+    _, found = index.search(x[100:101], 1)
+    assert found[0, 0] == 100
+
+
+def test_rebuild_replays_changes_made_while_it_ran():
+    index = VectorIndex(16, IndexOptions(kind="hnsw", background=False, rebuild_min_dead=10_000))
+    x = vectors(200, seed=2)
+    index.upsert(np.arange(200), x)
+    # Simulate a change landing between the snapshot and the swap of a rebuild.
+    original = index._lock.write
+    calls = {"n": 0}
+
+    def write_with_concurrent_change():
+        calls["n"] += 1
+        if calls["n"] == 1:     # the rebuild's final write section: first apply an outside change
+            index._lock.write = original
+            index.remove([5])
+            index.upsert([500], x[6:7] * -1)
+        return original()
+    index._lock.write = write_with_concurrent_change
+    index.rebuild("flat")
+    assert index.kind == "flat"
+    _, found = index.search(x[5:6], 200)
+    assert 5 not in found[0]
+    _, found = index.search(-x[6:7], 1)
+    assert found[0, 0] == 500
+    assert index.size == 200
+
+
+def test_auto_switches_to_hnsw_past_the_threshold_and_keeps_answers():
+    index = VectorIndex(16, IndexOptions(kind="auto", hnsw_min_items=100, background=False))
+    x = vectors(150, seed=3)
+    index.upsert(np.arange(60), x[:60])
+    assert index.kind == "flat"
+    index.upsert(np.arange(60, 150), x[60:])
+    assert index.kind == "hnsw" and index.size == 150
+    _, found = index.search(x[140:141], 1)
+    assert found[0, 0] == 140
+    index.remove(np.arange(80))
+    assert index.kind == "flat" and index.size == 70
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_search_restricted_to_allowed_ids(kind):
+    index = VectorIndex(16, IndexOptions(kind=kind, background=False))
+    x = vectors(100, seed=4)
+    index.upsert(np.arange(100), x)
+    allowed = np.array([3, 50, 77])
+    _, found = index.search(x[10:11], 3, allowed=allowed)
+    assert sorted(found[0].tolist()) == [3, 50, 77]
+
+
+def test_flat_results_are_exact():
+    index = VectorIndex(16, IndexOptions(kind="flat"))
+    x = vectors(500, seed=5)
+    ids = np.arange(1000, 1500)
+    index.upsert(ids, x)
+    query = vectors(1, seed=6)[0]
+    _, found = index.search(query, 10)
+    assert found[0].tolist() == exact_top(x, ids, query, 10)
+
+
+def test_checksum_is_order_independent_and_tracks_content():
+    names = {i: f"item-{i}" for i in range(50)}
+    x = vectors(50, seed=7)
+    a = VectorIndex(16, IndexOptions(kind="flat"))
+    b = VectorIndex(16, IndexOptions(kind="hnsw", background=False))
+    a.upsert(np.arange(50), x)
+    order = np.random.default_rng(0).permutation(50)
+    for start in range(0, 50, 7):     # other batches, other order, other structure
+        chunk = order[start:start + 7]
+        b.upsert(chunk, x[chunk])
+    assert a.checksum(names.get) == b.checksum(names.get)
+    before = a.checksum(names.get)
+    a.upsert([3], x[4:5])
+    assert a.checksum(names.get) != before
+    a.upsert([3], x[3:4])
+    assert a.checksum(names.get) == before
+    a.remove([3])
+    assert a.checksum(names.get) != before
+
+
+def test_unchanged_vectors_are_not_rewritten():
+    index = VectorIndex(16, IndexOptions(kind="hnsw", background=False))
+    x = vectors(20, seed=8)
+    index.upsert(np.arange(20), x)
+    version = index.version
+    assert index.upsert(np.arange(20), x) == 0
+    assert index.version == version and index.dead_rows == 0
