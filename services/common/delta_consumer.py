@@ -41,6 +41,11 @@ rule gives:
   started over (with `snapshot_begin` on its first batch): discard what the earlier one left.
 - If apply_batch raises, nothing is acked: the stream is closed, and after `reconnect_backoff_s`
   the unacked batches come again.
+- After a reconnect, a batch is never a mix of transactions the consumer applied and new ones:
+  either the collector is told exactly where the consumer is (`resume_lsn=`, e.g.
+  `lambda: select applied_lsn`) and skips what it has, or it sends the transactions it may have
+  sent before one per batch. So the batch-level check above is exact. (Pass `resume_lsn` when
+  catching up after a restart should be fast: batches are then packed from the start.)
 
 Values in `Delta.new_row`/`key`/`old_key` are JSON-typed (see services/collector/cdc/values.py):
 numeric as decimal strings, timestamps as RFC 3339 strings, json/jsonb as objects, bigint as
@@ -100,6 +105,7 @@ class DeltaConsumer:
                  on_heartbeat: Callable[[collector_pb2.Heartbeat], None] | None = None,
                  reconnect_backoff_s: float = 0.5,
                  idle_timeout_s: float = 60.0,
+                 resume_lsn: Callable[[], int] | None = None,
                  channel_options: Sequence[tuple[str, object]] = ()) -> None:
         self.addresses = [address.strip() for address in collector_address.split(",") if address.strip()]
         if not self.addresses:
@@ -114,6 +120,13 @@ class DeltaConsumer:
         # No message at all (not even a heartbeat) for this long: the connection is presumed
         # dead and is replaced.
         self.idle_timeout_s = idle_timeout_s
+        # Optional: returns the consumer's durable high-water mark, exactly (e.g. SELECT
+        # applied_lsn FROM consumer_offsets ...); asked before each (re)connect and sent as
+        # SubscribeStart.resume_after_lsn, so that the collector skips what the consumer has and
+        # batches the rest freely. Without it (or when it returns 0) the collector sends what it
+        # may have sent before one transaction per batch. (The last ack of this process is not a
+        # substitute: when apply_batch skipped batches, the mark is above it.)
+        self.resume_lsn = resume_lsn
         self.channel_options = list(channel_options)
         self.connected = threading.Event()      # set while a stream is live (not standing by)
         self.standby = threading.Event()        # set while the collector waits for the group's slot
@@ -204,7 +217,8 @@ class DeltaConsumer:
         """One subscription; returns whether any batch was applied."""
         requests: queue.Queue = queue.Queue()
         requests.put(collector_pb2.SubscribeRequest(start=collector_pb2.SubscribeStart(
-            consumer_group=self.group, tables=self.tables, max_batch_size=self.max_batch_size)))
+            consumer_group=self.group, tables=self.tables, max_batch_size=self.max_batch_size,
+            resume_after_lsn=self._resume_after())))
 
         def request_iterator():
             while True:
@@ -242,7 +256,8 @@ class DeltaConsumer:
                         raise _ApplyFailed() from error
                     if batch.commit_lsn:
                         requests.put(collector_pb2.SubscribeRequest(ack=collector_pb2.SubscribeAck(lsn=batch.commit_lsn)))
-                        self.last_acked_lsn = max(self.last_acked_lsn, batch.commit_lsn)
+                        # Not max(): a new snapshot (snapshot_begin) starts positions over.
+                        self.last_acked_lsn = batch.commit_lsn
                     self.batches += 1
                     self.deltas += len(batch.deltas)
                     progressed = True
@@ -275,6 +290,10 @@ class DeltaConsumer:
             with self._call_lock:
                 self._call = None
             channel.close()
+
+    def _resume_after(self) -> int:
+        """Where the consumer is, exactly, or 0 when not known."""
+        return int(self.resume_lsn() or 0) if self.resume_lsn is not None else 0
 
     def _watch_idle(self, call, last_message: list, idle_stop: threading.Event) -> None:
         while not idle_stop.wait(min(1.0, self.idle_timeout_s / 4)):

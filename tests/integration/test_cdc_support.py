@@ -47,7 +47,7 @@ def sql_connection(database_url: str):
 
 def current_wal_lsn(connection) -> int:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_current_wal_lsn()::text")
+        cursor.execute("SELECT pg_current_wal_insert_lsn()::text")
         return parse_lsn(cursor.fetchone()[0])
 
 

@@ -57,10 +57,11 @@ class TransactionBuffer:
             self._condition.notify_all()
             return True
 
-    def take(self, max_deltas: int, timeout: float | None = None) -> list[Transaction]:
+    def take(self, max_deltas: int, timeout: float | None = None, single_through_lsn: int = 0) -> list[Transaction]:
         """Whole transactions totalling at most `max_deltas` deltas (at least one transaction,
-        however large); [] if none arrived within `timeout`. Raises BufferClosed once closed
-        and drained of nothing more to give (an error set by the reader is re-raised)."""
+        however large); [] if none arrived within `timeout`. A transaction committed at or
+        before `single_through_lsn` is taken alone. Raises BufferClosed once closed and drained
+        (an error set by the reader is re-raised)."""
         with self._condition:
             self._condition.wait_for(lambda: self._items or self._closed, timeout)
             if not self._items:
@@ -71,7 +72,8 @@ class TransactionBuffer:
                 return []
             taken = [self._items.popleft()]
             total = len(taken[0].changes)
-            while self._items and total + len(self._items[0].changes) <= max_deltas:
+            while (self._items and taken[0].commit_lsn > single_through_lsn
+                   and total + len(self._items[0].changes) <= max_deltas):
                 transaction = self._items.popleft()
                 total += len(transaction.changes)
                 taken.append(transaction)

@@ -62,6 +62,8 @@ class ReplicationReader:
         # Positions (ints, read and written atomically under the GIL).
         self.acked_lsn = 0              # highest transaction boundary the consumer acked
         self.required_lsn = 0           # the consumer must ack at least this before rule 2 applies
+        self.skip_through_lsn = 0       # transactions committed at or before this are not enqueued
+                                        # (the consumer said it has them: SubscribeStart.resume_after_lsn)
         self.last_enqueued_lsn = 0      # commit end LSN of the last transaction put in the buffer
         self.confirmed_lsn = 0          # last flush_lsn sent to the server
         self.caught_up_lsn = 0          # nonzero while rule 2 holds: the position confirmed by it
@@ -176,7 +178,7 @@ class ReplicationReader:
             elif kind == 0x43:    # Commit
                 commit = decoder.feed(payload, message.data_start)[0]
                 assert isinstance(commit, Commit)
-                if current is not None and current.changes:
+                if current is not None and current.changes and commit.end_lsn > self.skip_through_lsn:
                     current.commit_lsn = commit.end_lsn
                     self.last_enqueued_lsn = commit.end_lsn
                     self._enqueue(current)

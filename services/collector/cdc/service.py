@@ -36,7 +36,8 @@ class DeltaStreamService:
             if first.WhichOneof("message") != "start":
                 raise InvalidArgument("the first message must be `start`")
             start = first.start
-            subscription = self.hub.open(start.consumer_group, list(start.tables), start.max_batch_size)
+            subscription = self.hub.open(start.consumer_group, list(start.tables), start.max_batch_size,
+                                         start.resume_after_lsn)
             context.add_callback(lambda: subscription.cancel("client gone", by_server=False))
             threading.Thread(target=self._read_acks, args=(request_iterator, subscription),
                              name=f"cdc-acks-{start.consumer_group}", daemon=True).start()

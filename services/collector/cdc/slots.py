@@ -180,8 +180,11 @@ class SlotStore:
         return None if row is None else row[0]
 
     def current_wal_lsn(self) -> int:
+        """The WAL insert position: at or after the end of every transaction committed so far
+        (pg_current_wal_lsn(), the write position, can lag behind it with synchronous_commit
+        off)."""
         with self.engine.connect() as connection:
-            return parse_lsn(connection.execute(sa.text("SELECT pg_current_wal_lsn()::text")).scalar())
+            return parse_lsn(connection.execute(sa.text("SELECT pg_current_wal_insert_lsn()::text")).scalar())
 
 
 def ensure_publication(engine: Engine, publication: str, tables: Sequence[str]) -> None:

@@ -141,7 +141,8 @@ class CdcHub:
         return f"collector/slots/{group}"
 
     def wal_lsn(self, max_age_s: float = 0.5) -> int:
-        """pg_current_wal_lsn(), cached for `max_age_s` (heartbeats of many streams share it)."""
+        """The server's WAL (insert) position, cached for `max_age_s` (heartbeats of many
+        streams share it)."""
         with self._wal_lock:
             if time.monotonic() - self._wal_lsn_at > max_age_s:
                 try:
@@ -155,7 +156,8 @@ class CdcHub:
         return self.wal_lsn(max_age_s=5.0)
 
     # ------------------------------------------------------------------ API
-    def open(self, group: str, tables: Sequence[str] = (), max_batch_size: int = 0) -> "Subscription":
+    def open(self, group: str, tables: Sequence[str] = (), max_batch_size: int = 0,
+             resume_after_lsn: int = 0) -> "Subscription":
         if self._closed:
             raise Unavailable("collector is shutting down")
         if not GROUP_NAME.fullmatch(group or ""):
@@ -167,7 +169,7 @@ class CdcHub:
         if unknown:
             raise InvalidArgument(f"tables: {', '.join(unknown)} not published "
                                   f"(published: {', '.join(self.tables)})")
-        subscription = Subscription(self, group, requested, max_batch_size or DEFAULT_BATCH)
+        subscription = Subscription(self, group, requested, max_batch_size or DEFAULT_BATCH, resume_after_lsn)
         with self._lock:
             self._subscriptions.add(subscription)
         return subscription
@@ -275,9 +277,13 @@ class CdcHub:
 
 
 class Subscription:
-    def __init__(self, hub: CdcHub, group: str, tables: tuple[str, ...], max_batch_size: int) -> None:
+    def __init__(self, hub: CdcHub, group: str, tables: tuple[str, ...], max_batch_size: int,
+                 resume_after_lsn: int = 0) -> None:
         self.hub, self.group, self.requested_tables = hub, group, tables
         self.max_batch_size = max_batch_size
+        self.resume_after_lsn = resume_after_lsn
+        # Transactions committed at or before this go one per batch (see `_prepare`).
+        self.single_through_lsn = 0
         self.settings = hub.settings
         self.stats = hub.stats(group)
         self._cancelled = threading.Event()
@@ -498,6 +504,23 @@ class Subscription:
                                         self.buffer, feedback_interval_s=min(1.0, self.settings.heartbeat_s),
                                         on_enqueue=self.stats.enqueued)
         if resume:
+            # Whatever an earlier stream of the group may have sent was committed before now.
+            # Unless the consumer told us exactly where it is, those transactions go one per
+            # batch: a consumer's batch-level high-water mark is then exact whatever batches it
+            # applied before (a redelivered batch is never a mix of applied and new transactions).
+            horizon = store.current_wal_lsn()
+            resume_after = self.resume_after_lsn
+            if resume_after > horizon:
+                log.warning("resume_after_lsn beyond the server's WAL position; ignored",
+                            extra={"group": self.group, "resume_after_lsn": resume_after, "wal_lsn": horizon})
+                resume_after = 0
+            if resume_after > slot.confirmed_flush_lsn:
+                self.reader.skip_through_lsn = resume_after
+                self.reader.acked_lsn = resume_after
+                self.acked_lsn = resume_after
+                self.stats.acked(resume_after)
+            if resume_after == 0:
+                self.single_through_lsn = horizon
             for _attempt in range(100):
                 yield from self._wait_slot_free(slot_name)
                 self.reader.connect()
@@ -543,7 +566,8 @@ class Subscription:
             yield from self._wait_window()
             self._check()
             try:
-                transactions = self.buffer.take(self.max_batch_size, timeout=self._until_heartbeat())
+                transactions = self.buffer.take(self.max_batch_size, timeout=self._until_heartbeat(),
+                                                single_through_lsn=self.single_through_lsn)
             except BufferClosed:
                 self._check()
                 raise Unavailable("replication stream ended; reconnect") from None
