@@ -50,6 +50,7 @@ APPLY_SECONDS = Histogram("deltarec_features_apply_seconds", "Time to apply one 
 APPLIED_LSN = Gauge("deltarec_features_applied_lsn", "Highest LSN applied to the feature store")
 
 RESYNC_CHUNK = 1000
+PROGRESS_LOG_INTERVAL_S = 10.0
 # Resync writes are stamped just above the current watermark (see `resync`). The next commit
 # in the WAL ends at least one heap record plus a commit record (~100 bytes) later, so a few
 # stamps always stay below it; past this many without new stream data, Resync refuses.
@@ -102,6 +103,7 @@ class FeatureApplier:
         self.embeddings_computed = 0
         self.embeddings_skipped = 0
         self.fallback_embeddings = 0
+        self._last_progress_log = 0.0
         self._lock = threading.Lock()
 
     def load(self) -> Progress:
@@ -269,6 +271,12 @@ class FeatureApplier:
         self.embeddings_computed += report.embedded
         self.embeddings_skipped += report.kept_vectors
         self.fallback_embeddings += report.fallbacks
+        if report.embedded and time.monotonic() - self._last_progress_log >= PROGRESS_LOG_INTERVAL_S:
+            # A bulk load takes minutes: say how far it is (make run shows these lines).
+            self._last_progress_log = time.monotonic()
+            log.info("embedding progress", extra={"embeddings_computed": self.embeddings_computed,
+                                                  "embeddings_skipped": self.embeddings_skipped,
+                                                  "applied_lsn": self.progress.applied_lsn})
         EMBEDDINGS.labels("computed").inc(report.embedded)
         EMBEDDINGS.labels("skipped").inc(report.kept_vectors)
         FALLBACKS.inc(report.fallbacks)
@@ -321,7 +329,9 @@ class FeatureApplier:
                     report.recomputed += 1
                     report.re_embedded += 1
                 self.store.save_items(connection, records.values())
-            removed = self.store.load_items(connection, gone, lock=True)
+            # Gone from the catalog when we looked; the stream may have brought some back since.
+            back = self.store.catalog_entries(connection, gone) if gone else {}
+            removed = self.store.load_items(connection, [i for i in gone if i not in back], lock=True)
             for record in removed.values():
                 fold_removal(record, stamp)
             self.store.save_items(connection, removed.values())

@@ -1,0 +1,227 @@
+"""Embedding throughput: items/s through the features service on a bulk catalog load, vs the bare
+model on the same texts in the same run.
+
+    .venv/bin/python bench/embed.py            # full: the whole Amazon Beauty catalog (~12k titles)
+    .venv/bin/python bench/embed.py --quick    # < 60 s: the first 400 titles
+
+Starts what it needs by itself: Postgres and etcd through scripts/infra.py (state in
+.run/bench-infra, stopped at the end only if this run started them), a fresh database, a
+collector and a features service through scripts/launch.py.
+
+- Bare model: TextEncoder.encode(texts, batch_size=64) in this process, with the same number of
+  torch threads as the service, on exactly the texts the service embeds (`embedding_text` of
+  each item), after a warm-up. Measured before and after the service run; the reference is the
+  mean of the two (the machine is shared: this halves the effect of a load change).
+- Service: the catalog goes in through the collector's UpsertItems (batches of 500, as
+  `make run` does), flows through Postgres logical replication and the delta stream, and is
+  embedded and stored by the features service. Timed from the first UpsertItems call until
+  Status.embeddings_computed has grown by the number of items (the service was warmed up on a few
+  other items first).
+`ratio` = service items/s / bare items/s (target >= 0.9).
+
+Progress goes to stderr; the LAST stdout line is one JSON object with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+for _path in (REPO_ROOT, REPO_ROOT / "gen"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import grpc  # noqa: E402
+import psycopg2  # noqa: E402
+
+from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2, features_pb2, features_pb2_grpc  # noqa: E402
+from scripts import infra  # noqa: E402
+from scripts.launch import ServiceProcess  # noqa: E402
+from services.common import datasets, db  # noqa: E402
+from services.features.content import ItemText, embedding_text  # noqa: E402
+
+DEFAULT_INFRA_DIR = REPO_ROOT / ".run" / "bench-infra"
+QUICK_ITEMS = 400
+WARMUP_ITEMS = 64
+LOAD_BATCH = 500
+TARGET_RATIO = 0.9
+
+
+def progress(message: str) -> None:
+    print(f"[bench/embed] {message}", file=sys.stderr, flush=True)
+
+
+def infra_running(state: Path) -> bool:
+    try:
+        pg_port = int((state / "pg.port").read_text())
+        etcd_pid, etcd_port = int((state / "etcd.pid").read_text()), int((state / "etcd.port").read_text())
+    except (OSError, ValueError):
+        return False
+    return (infra._pg_ready(infra.postgres_bin_dir(), state / "pgsock", pg_port)
+            and infra._pid_alive(etcd_pid) and infra._etcd_healthy(etcd_port))
+
+
+def admin_connection(database_url: str, name: str = "postgres"):
+    connection = psycopg2.connect(database_url.replace("postgresql+psycopg2://", "postgresql://").rsplit("/", 1)[0]
+                                  + f"/{name}")
+    connection.autocommit = True
+    return connection
+
+
+def drop_database(admin, name: str) -> None:
+    with admin.cursor() as cursor:
+        # A replication slot pins its database: drop the slots (and their walsenders) first.
+        cursor.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                       "WHERE database = %s AND active_pid IS NOT NULL", (name,))
+        cursor.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
+                       (name,))
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def catalog(limit: int | None) -> tuple[str, list[common_pb2.Item]]:
+    data = datasets.load_default(max_users=1)
+    items = data.items[:limit] if limit else data.items
+    return data.name, [common_pb2.Item(item_id=i.item_id, title=i.title or i.item_id, category=i.category,
+                                       brand=i.brand, active=True) for i in items]
+
+
+def model_texts(items: list[common_pb2.Item]) -> list[str]:
+    return [embedding_text(ItemText(i.title, i.description, i.category, i.brand)) for i in items]
+
+
+def bare_items_per_s(encoder, texts: list[str]) -> float:
+    started = time.perf_counter()
+    encoder.encode(texts, batch_size=64)
+    return len(texts) / (time.perf_counter() - started)
+
+
+def computed(features) -> int:
+    return features.Status(features_pb2.FeaturesServiceStatusRequest(), timeout=30).embeddings_computed
+
+
+def wait_computed(features, target: int, timeout_s: float) -> float:
+    """Polls Status until embeddings_computed >= target; returns the time it was seen."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if computed(features) >= target:
+            return time.perf_counter()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the features service did not embed {target} items within {timeout_s:.0f}s")
+        time.sleep(0.1)
+
+
+def load(collector, items: list[common_pb2.Item]) -> None:
+    for start in range(0, len(items), LOAD_BATCH):
+        response = collector.UpsertItems(collector_pb2.UpsertItemsRequest(items=items[start:start + LOAD_BATCH]),
+                                         timeout=120)
+        if response.rejected:
+            raise RuntimeError(f"collector rejected items: {[r.reason for r in response.results if not r.ok][:3]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"first {QUICK_ITEMS} titles, under 60 s")
+    parser.add_argument("--items", type=int, default=None, help="number of catalog items (default: all)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, for both the service and the bare model")
+    parser.add_argument("--infra-dir", type=Path, default=DEFAULT_INFRA_DIR)
+    args = parser.parse_args(argv)
+    run_started = time.perf_counter()
+    limit = args.items or (QUICK_ITEMS if args.quick else None)
+    source, items = catalog(None if limit is None else limit + WARMUP_ITEMS)
+    warmup, items = items[:WARMUP_ITEMS], items[WARMUP_ITEMS:]
+    texts = model_texts(items)
+    progress(f"{len(items)} items from {source} (+{len(warmup)} for warm-up), {args.threads} torch threads")
+
+    import torch
+    torch.set_num_threads(args.threads)
+    from services.common.text_encoder import TextEncoder
+    encoder = TextEncoder(num_threads=args.threads)
+    encoder.encode(model_texts(warmup), batch_size=64)
+    bare_before = bare_items_per_s(encoder, texts)
+    progress(f"bare model: {bare_before:,.1f} items/s")
+
+    state = args.infra_dir.resolve()
+    started_infra = not infra_running(state)
+    env = infra.start(state)
+    progress(f"infrastructure {'started' if started_infra else 'reused'} in {state}")
+    database = "bench_embed_" + uuid.uuid4().hex[:8]
+    admin = admin_connection(env.database_url)
+    processes: list[ServiceProcess] = []
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{database}"')
+        database_url = env.database_url.rsplit("/", 1)[0] + f"/{database}"
+        db.migrate(database_url)
+        service_env = {"DATABASE_URL": database_url, "ETCD_ENDPOINT": env.etcd_endpoint,
+                       "ETCD_PREFIX": f"/bench-{uuid.uuid4().hex[:8]}/", "GRPC_PORT": "0", "METRICS_PORT": "0",
+                       "LOG_LEVEL": "WARNING", "COLLECTOR_MAX_BATCH": str(LOAD_BATCH)}
+        collector_process = ServiceProcess("services.collector", service_env, name="collector-bench-embed",
+                                           log_dir=state / "logs").start()
+        processes.append(collector_process)
+        features_process = ServiceProcess("services.features", {
+            **service_env, "COLLECTOR_ADDRESS": collector_process.address,
+            "FEATURES_TORCH_THREADS": str(args.threads)}, name="features-bench-embed", log_dir=state / "logs").start()
+        processes.append(features_process)
+        collector = collector_pb2_grpc.CollectorServiceStub(grpc.insecure_channel(collector_process.address))
+        features = features_pb2_grpc.FeaturesServiceStub(grpc.insecure_channel(features_process.address))
+
+        load(collector, warmup)
+        wait_computed(features, len(warmup), 300)
+        baseline = computed(features)
+        progress(f"service warmed up ({baseline} items embedded)")
+
+        started = time.perf_counter()
+        loader_error: list[BaseException] = []
+        loaded_at: list[float] = []
+
+        def loader() -> None:
+            try:
+                load(collector, items)
+                loaded_at.append(time.perf_counter())
+            except BaseException as error:  # noqa: BLE001 - reported below
+                loader_error.append(error)
+        thread = threading.Thread(target=loader, daemon=True)
+        thread.start()
+        finished = wait_computed(features, baseline + len(items), timeout_s=max(600.0, len(items) / 5))
+        thread.join(60)
+        if loader_error:
+            raise loader_error[0]
+        service = len(items) / (finished - started)
+        load_s = loaded_at[0] - started
+        progress(f"service: {service:,.1f} items/s (the collector accepted the load in {load_s:.1f}s)")
+        status = features.Status(features_pb2.FeaturesServiceStatusRequest(), timeout=30)
+    finally:
+        for process in reversed(processes):
+            process.stop(timeout_s=30)
+        drop_database(admin, database)
+        admin.close()
+        if started_infra:
+            infra.stop(state)
+            progress("infrastructure stopped")
+
+    bare_after = bare_items_per_s(encoder, texts)
+    bare = (bare_before + bare_after) / 2
+    progress(f"bare model again: {bare_after:,.1f} items/s")
+    ratio = service / bare
+    summary = {
+        "benchmark": "embed", "quick": args.quick, "source": source, "items": len(items),
+        "torch_threads": args.threads, "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+        "items_per_s_service": round(service, 1), "items_per_s_bare": round(bare, 1),
+        "items_per_s_bare_before": round(bare_before, 1), "items_per_s_bare_after": round(bare_after, 1),
+        "ratio": round(ratio, 3), "target_ratio": TARGET_RATIO, "meets_target": ratio >= TARGET_RATIO,
+        "collector_load_s": round(load_s, 2), "embeddings_skipped": status.embeddings_skipped,
+        "fallback_embeddings": status.fallback_embeddings, "model": status.model_name,
+        "wall_s": round(time.perf_counter() - run_started, 1),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
