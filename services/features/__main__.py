@@ -105,9 +105,12 @@ def main() -> int:
             except Exception as error:  # noqa: BLE001 - a heartbeat must never end the stream
                 log.warning("could not record the caught-up position", extra={"error": str(error)[:200]})
 
+    # resume_lsn: the stored mark, read at each (re)connect. Every transaction committed at or
+    # below it is applied (it is a batch's commit_lsn, a caught-up position or a Resync stamp
+    # just above one), so the collector may skip them and pack the rest into full batches.
     consumer = DeltaConsumer(config.collector_address, config.consumer_group, apply_batch,
                              tables=("items", "events"), max_batch_size=config.delta_batch_size,
-                             on_heartbeat=on_heartbeat)
+                             on_heartbeat=on_heartbeat, resume_lsn=store.applied_lsn)
 
     service = GrpcService.from_config("features", [SERVICE_NAME], config)
     feed = ItemChangeFeed(store, notifier, poll_s=config.watch_poll_s)
