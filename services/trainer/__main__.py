@@ -62,7 +62,7 @@ def main() -> int:
     core = TrainerCore(config, engine, Publisher(etcd, store), trainer_id)
     core.on_version = lambda row, published: print(describe_version(row, published), flush=True)
     loop = TrainingLoop(core, enabled=config.loop_enabled, interval_s=config.loop_interval_s,
-                        min_interactions=config.min_interactions)
+                        min_interactions=config.min_interactions, full_retrain_growth=config.full_retrain_growth)
     recorder = StreamRecorder(config.collector_address, core)
 
     def on_elected() -> None:
@@ -83,7 +83,11 @@ def main() -> int:
     loop.start()
     elector.start()
     run_service(service)
-    return 0
+    # A training still running in a worker thread must not hold the process past the shutdown
+    # grace: every run is crash-safe (the next leader finishes or redoes it), so exit now.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,11 @@ class TrainerConfig(CommonConfig):
                                   "the catalog text with MiniLM, or a hashed vector (tests)")
     eval_users: int = env("TRAINER_EVAL_USERS", 2000, minimum=1,
                           help="held-out slice: the last interaction of the N most recently active users")
-    min_interactions: int = env("TRAINER_MIN_INTERACTIONS", 200, minimum=1,
+    min_interactions: int = env("TRAINER_MIN_INTERACTIONS", 2000, minimum=1,
                                 help="the loop's first full training waits for this many interactions")
+    full_retrain_growth: float = env("TRAINER_FULL_RETRAIN_GROWTH", 0.0, minimum=0.0,
+                                     help="the loop retrains from scratch once the recorded interactions are "
+                                          "this many times those of the newest full training (0 = never)")
 
     # --- gate ---------------------------------------------------------------------------------
     gate_metric: str = env("TRAINER_GATE_METRIC", "ndcg_at_10", choices=GATE_METRICS)

@@ -134,6 +134,9 @@ class TrainerCore:
                 reason = ("no new interactions since the current version" if pending == 0 else
                           f"{pending} new interactions, below the threshold of {strategy.threshold_events}")
                 return Outcome(None, skipped=True, reason=reason)
+            if self.versions.get(current.version) is None:
+                raise FailedPrecondition(f"model/current names version {current.version}, which this database "
+                                         f"does not know (another deployment's etcd prefix?): run Train")
             parent = self._load_current(current)
             seed = seed or self.config.seed
             request = {"seed": seed, "epochs": self.config.incremental_epochs, "strategy": strategy.to_dict()}

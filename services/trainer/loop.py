@@ -9,6 +9,9 @@ Training, every TRAINER_LOOP_INTERVAL_S:
 * first, once after each election, `recover()` finishes or abandons runs a crash left open;
 * no current version yet: a full training (published through the gate) as soon as the log holds
   TRAINER_MIN_INTERACTIONS interactions;
+* with TRAINER_FULL_RETRAIN_GROWTH = g > 0: a full retraining once the log holds g times the
+  interactions of the newest full version (a doubling schedule for g = 2: O(log n) full trainings
+  as data grows, against the drift of a long chain of warm starts);
 * otherwise: an incremental update with the configured strategy once the interactions pending
   since the current version reach the threshold (at least 1). After an update that did not
   publish (gate rejection, lost race, nothing selected), the next attempt waits until another
@@ -26,8 +29,10 @@ log = logging.getLogger(__name__)
 
 
 class TrainingLoop:
-    def __init__(self, core: TrainerCore, *, enabled: bool, interval_s: float, min_interactions: int) -> None:
+    def __init__(self, core: TrainerCore, *, enabled: bool, interval_s: float, min_interactions: int,
+                 full_retrain_growth: float = 0.0) -> None:
         self.core, self.enabled, self.interval_s, self.min_interactions = core, enabled, interval_s, min_interactions
+        self.full_retrain_growth = full_retrain_growth
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._recover = threading.Event()
@@ -78,6 +83,8 @@ class TrainingLoop:
             log.info("loop: first full training", extra={"interactions": total})
             core.train(publish=True)
             return
+        if self.full_retrain_growth > 0 and self._full_retrain_due(recorded):
+            return
         threshold = max(1, core.config.threshold_events)
         pending = core.log.count(current.data_lsn, recorded)
         if pending < threshold:
@@ -91,6 +98,22 @@ class TrainingLoop:
             self._attempted_at_pending = self._attempted_for_version = None
         else:
             self._attempted_at_pending, self._attempted_for_version = pending, current.version
+
+
+    def _full_retrain_due(self, recorded: int) -> bool:
+        """Runs a full retraining when the log grew enough since the newest full version (whatever
+        became of it: a refused one is not retried before the data grew that much again); True if
+        it ran."""
+        core = self.core
+        last_full = next((v for v in core.versions.list(500) if v.strategy == "full" and v.interactions), None)
+        if last_full is None:
+            return False
+        total = core.log.count(0, recorded)
+        if total < last_full.interactions * self.full_retrain_growth:
+            return False
+        log.info("loop: full retraining", extra={"interactions": total, "last_full": last_full.version})
+        core.train(publish=True)
+        return True
 
 
 class StreamRecorder:
