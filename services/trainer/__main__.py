@@ -62,7 +62,8 @@ def main() -> int:
     core = TrainerCore(config, engine, Publisher(etcd, store), trainer_id)
     core.on_version = lambda row, published: print(describe_version(row, published), flush=True)
     loop = TrainingLoop(core, enabled=config.loop_enabled, interval_s=config.loop_interval_s,
-                        min_interactions=config.min_interactions, full_retrain_growth=config.full_retrain_growth)
+                        min_interactions=config.min_interactions, full_retrain_growth=config.full_retrain_growth,
+                        min_text_coverage=config.min_text_coverage)
     recorder = StreamRecorder(config.collector_address, core)
 
     def on_elected() -> None:

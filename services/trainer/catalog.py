@@ -54,6 +54,14 @@ class Catalog:
             rows = connection.execute(sa.text("SELECT item_id, active FROM items ORDER BY item_id")).all()
         return [r[0] for r in rows], [r[0] for r in rows if r[1]]
 
+    def text_coverage(self) -> tuple[int, int]:
+        """(active catalog items with a feature-store vector, active catalog items)."""
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.text(
+                "SELECT count(f.item_id), count(*) FROM items i LEFT JOIN item_features f "
+                "ON f.item_id = i.item_id AND f.embedding IS NOT NULL WHERE i.active")).one()
+        return int(row[0]), int(row[1])
+
     def vectors(self, item_ids: Iterable[str]) -> dict[str, np.ndarray]:
         wanted = list(dict.fromkeys(item_ids))
         result: dict[str, np.ndarray] = {}

@@ -54,6 +54,10 @@ class TrainerConfig(CommonConfig):
                           help="held-out slice: the last interaction of the N most recently active users")
     min_interactions: int = env("TRAINER_MIN_INTERACTIONS", 2000, minimum=1,
                                 help="the loop's first full training waits for this many interactions")
+    min_text_coverage: float = env("TRAINER_MIN_TEXT_COVERAGE", 0.9, minimum=0.0, maximum=1.0,
+                                   help="the loop's first full training waits until the feature store has text "
+                                        "vectors for this share of the active catalog (instead of embedding "
+                                        "the rest itself)")
     full_retrain_growth: float = env("TRAINER_FULL_RETRAIN_GROWTH", 0.0, minimum=0.0,
                                      help="the loop retrains from scratch once the recorded interactions are "
                                           "this many times those of the newest full training (0 = never)")

@@ -8,7 +8,9 @@ only durably recorded data is ever acked.
 Training, every TRAINER_LOOP_INTERVAL_S:
 * first, once after each election, `recover()` finishes or abandons runs a crash left open;
 * no current version yet: a full training (published through the gate) as soon as the log holds
-  TRAINER_MIN_INTERACTIONS interactions;
+  TRAINER_MIN_INTERACTIONS interactions and the feature store has text vectors for
+  TRAINER_MIN_TEXT_COVERAGE of the active catalog (so that the trainer does not embed a whole
+  catalog the features service is still embedding);
 * with TRAINER_FULL_RETRAIN_GROWTH = g > 0: a full retraining once the log holds g times the
   interactions of the newest full version (a doubling schedule for g = 2: O(log n) full trainings
   as data grows, against the drift of a long chain of warm starts);
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from services.trainer.core import TrainerCore
 
@@ -30,9 +33,10 @@ log = logging.getLogger(__name__)
 
 class TrainingLoop:
     def __init__(self, core: TrainerCore, *, enabled: bool, interval_s: float, min_interactions: int,
-                 full_retrain_growth: float = 0.0) -> None:
+                 full_retrain_growth: float = 0.0, min_text_coverage: float = 0.0) -> None:
         self.core, self.enabled, self.interval_s, self.min_interactions = core, enabled, interval_s, min_interactions
-        self.full_retrain_growth = full_retrain_growth
+        self.full_retrain_growth, self.min_text_coverage = full_retrain_growth, min_text_coverage
+        self._said_waiting = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._recover = threading.Event()
@@ -79,6 +83,13 @@ class TrainingLoop:
         if current.value is None:
             total = core.log.count(0, recorded)
             if total < self.min_interactions:
+                return
+            covered, active = core.catalog.text_coverage()
+            if active and covered < self.min_text_coverage * active:
+                if time.monotonic() - self._said_waiting > 60:
+                    self._said_waiting = time.monotonic()
+                    log.info("loop: waiting for the feature store's text vectors",
+                             extra={"covered": covered, "active_items": active})
                 return
             log.info("loop: first full training", extra={"interactions": total})
             core.train(publish=True)

@@ -411,6 +411,7 @@ def test_loop_records_the_delta_stream_and_keeps_the_model_current(own_database,
     trainer = start_service("services.trainer", {
         **trainer_env, "COLLECTOR_ADDRESS": collector.address, "TRAINER_LOOP": "1",
         "TRAINER_LOOP_INTERVAL_S": "0.5", "TRAINER_MIN_INTERACTIONS": str(len(first)),
+        "TRAINER_MIN_TEXT_COVERAGE": "0",          # no features service here: the trainer embeds titles
         "TRAINER_STRATEGY_THRESHOLD": "100", "TRAINER_STRATEGY_PRIORITY": "recency",
         "TRAINER_STRATEGY_TOP_SHARE": "0.9"})
     stub = stub_of(trainer)
