@@ -101,7 +101,7 @@ class TrainerCore:
 
     def train(self, seed: int = 0, epochs: int = 0, publish: bool = False) -> Outcome:
         """Full training on every recorded interaction."""
-        with self._job():
+        with self._job("full"):
             current = self.publisher.current()
             lsn_to = self.log.high_water()
             if self.log.count(0, lsn_to) == 0:
@@ -124,7 +124,7 @@ class TrainerCore:
             strategy.validate()
         except ValueError as error:
             raise InvalidArgument(f"strategy.{error}") from None
-        with self._job():
+        with self._job("update"):
             current = self.publisher.current()
             if current.value is None:
                 raise FailedPrecondition("no current model version to update: run Train first")
@@ -154,7 +154,7 @@ class TrainerCore:
     def recover(self) -> list[Outcome]:
         """Finishes or abandons the runs a crash left open (see the module docstring)."""
         outcomes = []
-        with self._job(check_busy=False):
+        with self._job():
             for run in self.versions.open_runs():
                 try:
                     outcomes.append(self._recover_run(run))
@@ -178,16 +178,21 @@ class TrainerCore:
 
     # ------------------------------------------------------------------------------ runs
     @contextlib.contextmanager
-    def _job(self, check_busy: bool = True):
-        if not self.is_leader():
-            leader = self.leader_id()
-            raise FailedPrecondition("this trainer is a standby; only the leader trains"
-                                     + (f" (leader: {leader})" if leader else ""))
+    def _job(self, kind: str = ""):
+        self._require_leader()
         with self.job_lock:
+            self._require_leader()      # a run waited for may outlive the lease it was asked under
+            self.progress = Progress(0, kind) if kind else None
             try:
                 yield
             finally:
                 self.progress = None
+
+    def _require_leader(self) -> None:
+        if not self.is_leader():
+            leader = self.leader_id()
+            raise FailedPrecondition("this trainer is a standby; only the leader trains"
+                                     + (f" (leader: {leader})" if leader else ""))
 
     def _phase(self, phase: str, **values) -> None:
         if self.progress is not None:
