@@ -139,3 +139,31 @@ def test_two_collectors_one_streams_a_group_the_other_takes_over_when_it_dies(
     assert b_batches and max(shared.event_applications.values()) == 1
     assert group_info(collector_b, "ha").holder in ("", "collector-b")
     assert takeover_s < 15, takeover_s                # lease TTL 2 s
+
+
+def test_a_consumer_given_both_collectors_follows_the_group_when_one_stops(
+        start_service, service_env, database_url):
+    """Graceful shutdown ends the streams at once (UNAVAILABLE) and releases the slot's lease, so
+    a consumer that lists both collectors is streaming from the other one right away."""
+    collector_a = start_service("services.collector", collector_env(service_env, COLLECTOR_ID="collector-a"),
+                                name="collector-a")
+    collector_b = start_service("services.collector", collector_env(service_env, COLLECTOR_ID="collector-b"),
+                                name="collector-b")
+    state = StateConsumer()
+    consumer = DeltaConsumer(f"{collector_a.address},{collector_b.address}", "follow", state.apply,
+                             reconnect_backoff_s=0.1).start()
+    try:
+        wait_until(lambda: consumer.connected.is_set() and consumer.last_acked_lsn > 0, what="the stream")
+        first = group_info(collector_a, "follow").holder
+        (stopping, other) = (collector_a, collector_b) if first == "collector-a" else (collector_b, collector_a)
+        started = time.monotonic()
+        assert stopping.stop() == 0
+        assert time.monotonic() - started < 5            # not held for the grace period
+        sql = sql_connection(database_url)
+        with sql.cursor() as cursor:
+            cursor.execute("INSERT INTO events (event_id, event_type, user_id, item_id, occurred_at) "
+                           "VALUES ('after-stop', 'view', 'u', 'i', now())")
+        wait_until(lambda: "after-stop" in state.events, timeout_s=10, what="the event through the other collector")
+        assert group_info(other, "follow").holder == other.env["COLLECTOR_ID"]
+    finally:
+        consumer.stop()

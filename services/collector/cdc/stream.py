@@ -31,8 +31,6 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from google.protobuf import timestamp_pb2
-
 from deltarec.v1 import collector_pb2
 
 from services.collector.cdc import metrics
@@ -41,8 +39,7 @@ from services.collector.cdc.convert import batch_of
 from services.collector.cdc.reader import ReplicationReader, SlotBusy
 from services.collector.cdc.slots import GROUP_NAME, GroupRow, SlotStore
 from services.collector.cdc.snapshot import Snapshot
-from services.common.errors import (Aborted, FailedPrecondition, InvalidArgument, NotFound,  # noqa: F401
-                                    Unavailable)
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.common.etcd import Etcd, EtcdUnavailable, Leadership
 
 log = logging.getLogger(__name__)
