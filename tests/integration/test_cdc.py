@@ -186,6 +186,10 @@ def test_admin_lists_and_drops_groups_and_metrics_show_lag(collector, database_u
         assert metric(text, "deltarec_cdc_active_streams", "admin_demo") == 1
         assert metric(text, "deltarec_cdc_lag_seconds", "admin_demo") is not None
         assert metric(text, "deltarec_cdc_lag_bytes", "admin_demo") is not None
+        with pytest.raises(grpc.RpcError) as refused:     # not while a consumer is connected
+            stub(collector).DropConsumerGroup(
+                collector_pb2.DropConsumerGroupRequest(consumer_group="admin_demo"), timeout=20)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         consumer.stop()
     wait_until(lambda: not group_info(collector, "admin_demo").active, what="the stream to end")

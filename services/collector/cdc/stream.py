@@ -213,11 +213,13 @@ class CdcHub:
     def drop_group(self, group: str, timeout_s: float = 15.0) -> collector_pb2.DropConsumerGroupResponse:
         if not GROUP_NAME.fullmatch(group or ""):
             raise InvalidArgument("consumer_group: must match [a-z][a-z0-9_]{0,40}")
-        # A stream of the group on this collector ends first (its consumer gets UNAVAILABLE).
+        # Only an abandoned group is dropped: with a consumer connected (streaming or standing
+        # by, here or on another collector) it would come back at once with a new snapshot.
         with self._lock:
-            local = [s for s in self._subscriptions if s.group == group]
-        for subscription in local:
-            subscription.cancel("consumer group dropped")
+            local = [s for s in self._subscriptions if s.group == group and not s.closed.is_set()]
+        if local:
+            raise FailedPrecondition(f"consumer group {group} has {len(local)} consumer(s) connected to "
+                                     f"collector {self.collector_id}; stop them first")
         lock = self.group_lock(group)
         if not lock.acquire(timeout=timeout_s):
             raise Unavailable(f"consumer group {group}: its stream on this collector did not stop")
