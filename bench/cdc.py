@@ -82,8 +82,11 @@ class Infra:
         if pid_file.exists() and etcd_port.exists():
             etcd_running = (infra._pid_alive(int(pid_file.read_text()))
                             and infra._etcd_healthy(int(etcd_port.read_text())))
-        env = infra.start(self.state_dir)
-        self.started_postgres, self.started_etcd = not pg_running, not etcd_running
+        try:
+            env = infra.start(self.state_dir)
+        finally:
+            # Also when start() failed half way: stop what it did start.
+            self.started_postgres, self.started_etcd = not pg_running, not etcd_running
         log(f"postgres {'started' if self.started_postgres else 'reused'}, "
             f"etcd {'started' if self.started_etcd else 'reused'} ({self.state_dir})")
         return env
@@ -280,7 +283,11 @@ def main() -> int:
     rows = args.backlog or (20_000 if args.quick else 100_000)
 
     infrastructure = Infra(STATE_DIR)
-    env = infrastructure.start()
+    try:
+        env = infrastructure.start()
+    except BaseException:
+        infrastructure.stop()
+        raise
     name = "bench_cdc_" + uuid.uuid4().hex[:8]
     collector = None
     readers = []
