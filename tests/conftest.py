@@ -9,6 +9,7 @@ each test an etcd prefix of its own, so tests do not see each other's data.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -49,12 +50,18 @@ def drop_database(env: infra.InfraEnv, name: str) -> None:
     engine = sa.create_engine(_admin_url(env), isolation_level="AUTOCOMMIT")
     with engine.connect() as connection:
         # Replication slots pin a database: drop them (and their walsenders) first.
-        connection.execute(sa.text(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-            "WHERE database = :name AND active_pid IS NOT NULL"), {"name": name})
-        connection.execute(sa.text(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = :name"),
-            {"name": name})
+        # A terminated walsender takes a moment to release its slot: retry until it has.
+        for _attempt in range(50):
+            connection.execute(sa.text(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                "WHERE database = :name AND active_pid IS NOT NULL"), {"name": name})
+            try:
+                connection.execute(sa.text(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    "WHERE database = :name"), {"name": name})
+                break
+            except sa.exc.OperationalError:
+                time.sleep(0.1)
         connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     engine.dispose()
 
