@@ -85,7 +85,7 @@ def main() -> int:
     faiss.omp_set_num_threads(config.torch_threads)
     replica_id = config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
 
-    catalog = Catalog(config.index_options())
+    catalog = Catalog(config.index_options(text=True))
     features = FeaturesClient(config.features_address, config.features_timeout_s)
     feed = ItemFeed(features, catalog)
     state = ServingState()

@@ -26,13 +26,16 @@ class RankerConfig(CommonConfig):
                           help="faiss index: flat (exact), hnsw, or auto (flat below RANKER_HNSW_MIN_ITEMS)")
     hnsw_min_items: int = env("RANKER_HNSW_MIN_ITEMS", 50_000, minimum=1,
                               help="catalog size from which auto uses HNSW (measured crossover, bench/ranker.py)")
+    text_hnsw_min_items: int = env("RANKER_TEXT_HNSW_MIN_ITEMS", 50_000, minimum=1,
+                                   help="the same for the 384-d text index Search uses")
     hnsw_m: int = env("RANKER_HNSW_M", 32, minimum=4, maximum=256)
     hnsw_ef_search: int = env("RANKER_HNSW_EF_SEARCH", 128, minimum=8, maximum=4096)
     hnsw_ef_construction: int = env("RANKER_HNSW_EF_CONSTRUCTION", 80, minimum=8, maximum=4096)
     rebuild_dead_fraction: float = env("RANKER_REBUILD_DEAD_FRACTION", 0.25, minimum=0.01, maximum=10.0,
                                        help="HNSW is rebuilt in the background when dead rows exceed this share")
-    max_running: int = env("RANKER_MAX_RUNNING", 4, minimum=1, maximum=1024,
-                           help="requests computed at once (about 2x the cores)")
+    max_running: int = env("RANKER_MAX_RUNNING", 8, minimum=1, maximum=1024,
+                           help="requests handled at once (each waits on GetUserFeatures for part of its "
+                                "time: ~4x the cores measured best)")
     max_waiting: int = env("RANKER_MAX_WAITING", 48, minimum=0, maximum=100_000,
                            help="requests allowed to wait for a slot; more are refused with RESOURCE_EXHAUSTED")
     user_cache_ttl_s: float = env("RANKER_USER_CACHE_TTL_S", 1.0, minimum=0.0, maximum=3600.0,
@@ -53,7 +56,10 @@ class RankerConfig(CommonConfig):
     artifact_retry_s: float = env("RANKER_ARTIFACT_RETRY_S", 10.0, minimum=0.1, maximum=3600.0,
                                   help="retry interval of an artifact that could not be read (missing, store down)")
 
-    def index_options(self) -> IndexOptions:
-        return IndexOptions(kind=self.index_kind, hnsw_min_items=self.hnsw_min_items, hnsw_m=self.hnsw_m,
-                            hnsw_ef_search=self.hnsw_ef_search, hnsw_ef_construction=self.hnsw_ef_construction,
+    def index_options(self, text: bool = False) -> IndexOptions:
+        """Options of the model-space item indexes, or (text=True) of the text index."""
+        return IndexOptions(kind=self.index_kind,
+                            hnsw_min_items=self.text_hnsw_min_items if text else self.hnsw_min_items,
+                            hnsw_m=self.hnsw_m, hnsw_ef_search=self.hnsw_ef_search,
+                            hnsw_ef_construction=self.hnsw_ef_construction,
                             rebuild_dead_fraction=self.rebuild_dead_fraction)

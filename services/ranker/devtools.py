@@ -19,12 +19,13 @@ def text_vectors(keys: list[str], dim: int = 384) -> np.ndarray:
 
 
 def make_artifact(version: int, item_ids: list[str], item_text: np.ndarray, *, dim: int = 32,
-                  max_len: int = 20, seed: int | None = None, popular: list[str] | None = None,
-                  data_lsn: int = 0, parent_version: int = 0, extra_ids: int = 0) -> ModelArtifact:
+                  max_len: int = 20, num_layers: int = 1, seed: int | None = None,
+                  popular: list[str] | None = None, data_lsn: int = 0, parent_version: int = 0,
+                  extra_ids: int = 0) -> ModelArtifact:
     """An untrained (randomly initialised, seeded) model over `item_ids`, with their item vectors.
     `extra_ids` more rows in the id table (items no longer in the catalog: a bigger model)."""
     torch.manual_seed(version if seed is None else seed)
-    config = ModelConfig(dim=dim, num_layers=1, num_heads=2, max_len=max_len, dropout=0.0)
+    config = ModelConfig(dim=dim, num_layers=num_layers, num_heads=2, max_len=max_len, dropout=0.0)
     model = DeltaRecModel(config, num_items=len(item_ids) + extra_ids).eval()
     with torch.inference_mode():
         indexes = torch.arange(1, len(item_ids) + 1)
@@ -52,3 +53,135 @@ def publish(etcd, spec: dict, key: str = "model/current") -> None:
         current = etcd.get(key)
         if etcd.compare_and_swap(key, None if current is None else current.value, spec):
             return
+
+
+# ---------------------------------------------------------------------------- benchmarks
+
+def random_text_vectors(n: int, seed: int = 1, dim: int = 384) -> np.ndarray:
+    """Unit vectors standing in for MiniLM embeddings of a large catalog (serving latency does
+    not depend on their values)."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors
+
+
+def bench_catalog(spec: str):
+    """`beauty` (Amazon Beauty: 12k items, 22k users) or `synthetic:N` -> (Dataset, text vectors)."""
+    from services.common import datasets
+    if spec == "beauty":
+        dataset = datasets.load_beauty()
+    else:
+        n_items = int(spec.split(":", 1)[1])
+        dataset = datasets.synthetic(n_items=n_items, n_users=max(300, n_items // 5), seed=7)
+    return dataset, random_text_vectors(len(dataset.items))
+
+
+class FeaturesStandIn:
+    """A features service stand-in for benchmarks: WatchItems (the whole catalog with vectors,
+    then an open stream), GetUserFeatures (fixed histories, one hour apart, ending a minute ago),
+    EmbedText (hashed vectors) and Status, from memory. Lets a benchmark run a ranker on a 100k
+    catalog without the collector -> Postgres -> features pipeline (which bench/new_item.py
+    measures end to end)."""
+
+    def __init__(self, dataset, vectors: np.ndarray, watermark: int = 1000) -> None:
+        from deltarec.v1 import features_pb2
+        self.pb = features_pb2
+        self.dataset, self.vectors, self.watermark = dataset, vectors, watermark
+        self._responses: dict[str, object] = {}
+
+    def servicer(self):
+        from deltarec.v1 import features_pb2_grpc
+        stand_in = self
+
+        class Servicer(features_pb2_grpc.FeaturesServiceServicer):
+            def WatchItems(self, request, context):
+                yield from stand_in.watch_items(request, context)
+
+            def GetUserFeatures(self, request, context):
+                return stand_in.user_features(request.user_id, request.max_history)
+
+            def EmbedText(self, request, context):
+                return stand_in.pb.EmbedTextResponse(vectors=[
+                    stand_in.pb.Vector(dim=384, values=text_vectors([t])[0].astype("<f4").tobytes())
+                    for t in request.texts], model_name="hashed")
+
+            def Status(self, request, context):
+                return stand_in.pb.FeaturesServiceStatusResponse(applied_lsn=stand_in.watermark,
+                                                                 server_lsn=stand_in.watermark)
+        return Servicer()
+
+    def watch_items(self, request, context):
+        pb = self.pb
+        if request.after_lsn < self.watermark:
+            batch = request.max_batch_size or 256
+            items = self.dataset.items
+            for start in range(0, len(items), batch):
+                response = pb.WatchItemsResponse()
+                for offset, item in enumerate(items[start:start + batch], start=start):
+                    features = pb.ItemFeatures(item_id=item.item_id, active=True, title=item.title,
+                                               category=item.category, brand=item.brand, updated_lsn=1 + offset)
+                    features.embedding.dim = 384
+                    features.embedding.values = self.vectors[offset].astype("<f4").tobytes()
+                    response.changes.add(kind=pb.ITEM_CHANGE_KIND_UPSERT, item=features, lsn=1 + offset)
+                last = start + batch >= len(items)
+                response.watermark = self.watermark if last else 0
+                yield response
+            if not items:
+                yield pb.WatchItemsResponse(watermark=self.watermark)
+        while context.is_active():
+            time.sleep(0.2)
+
+    def user_features(self, user_id: str, max_history: int):
+        cached = self._responses.get(user_id)
+        if cached is not None:
+            return cached
+        pb = self.pb
+        history = self.dataset.sequences.get(user_id, [])
+        if max_history:
+            history = history[-max_history:]
+        response = pb.GetUserFeaturesResponse(data_lsn=self.watermark)
+        response.features.user_id = user_id
+        now = int(time.time()) - 60
+        for position, item_id in enumerate(history):
+            entry = response.features.history.add(item_id=item_id, type=4)
+            entry.timestamp.seconds = now - 3600 * (len(history) - 1 - position)
+        response.features.updated_lsn = self.watermark
+        self._responses[user_id] = response
+        return response
+
+
+def serve_features_stand_in(spec: str) -> None:
+    """Runs the stand-in as a process (prints the DELTAREC_READY line scripts/launch.py reads)."""
+    from concurrent import futures
+
+    import grpc
+    from deltarec.v1 import features_pb2_grpc
+
+    from services.common.server import MAX_MESSAGE_BYTES
+    dataset, vectors = bench_catalog(spec)
+    stand_in = FeaturesStandIn(dataset, vectors)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
+                         options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                  ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    features_pb2_grpc.add_FeaturesServiceServicer_to_server(stand_in.servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"DELTAREC_READY features-stand-in grpc_port={port} metrics_port=None", flush=True)
+    server.wait_for_termination()
+
+
+def infra_running(state) -> bool:
+    """True when scripts/infra.py already runs a healthy Postgres + etcd in `state` (so a
+    benchmark that reuses them must not stop them)."""
+    from pathlib import Path
+
+    from scripts import infra
+    state = Path(state)
+    try:
+        pg_port = int((state / "pg.port").read_text())
+        etcd_pid, etcd_port = int((state / "etcd.pid").read_text()), int((state / "etcd.port").read_text())
+    except (OSError, ValueError):
+        return False
+    return (infra._pg_ready(infra.postgres_bin_dir(), state / "pgsock", pg_port)
+            and infra._pid_alive(etcd_pid) and infra._etcd_healthy(etcd_port))

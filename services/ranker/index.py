@@ -223,6 +223,10 @@ class VectorIndex:
         return self._seq
 
     @property
+    def rebuilding(self) -> bool:
+        return self._rebuilding
+
+    @property
     def dead_rows(self) -> int:
         return self._structure.dead
 

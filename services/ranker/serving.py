@@ -26,6 +26,7 @@ import torch
 
 from services.ranker.catalog import Catalog
 from services.ranker.index import IndexOptions, VectorIndex
+from services.ranker.tower import serving_tower
 from services.trainer.artifact import ArtifactInvalid, ModelArtifact
 from services.trainer.model import DeltaRecModel
 
@@ -98,7 +99,8 @@ class ModelBundle:
             if not torch.isfinite(parameter).all():
                 raise ArtifactInvalid(f"parameter {name} has non-finite values")
         self.index = VectorIndex(self.dim, index_options)
-        self._write_lock = threading.Lock()
+        # The numpy serving kernel when it reproduces this model (checked here), else torch.
+        self.tower = serving_tower(model)
 
     # ------------------------------------------------------------------ item side
     def compute_vectors(self, item_ids: list[str], text_vectors: np.ndarray) -> np.ndarray:
@@ -169,6 +171,8 @@ class ModelBundle:
         if not history_iids.size:
             return self.model.empty_history_vector.detach().numpy().astype(np.float32)
         vectors = self.history_vectors(history_iids)
+        if self.tower is not None:
+            return self.tower(vectors, event_types, ages_s)
         length = history_iids.shape[0]
         with torch.inference_mode():
             user = self.model.user_vector(
