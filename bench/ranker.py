@@ -1,0 +1,354 @@
+"""Ranker serving benchmark: Recommend requests/s and p50/p99 latency at concurrency 1, 8 and 32,
+on the Amazon Beauty catalog (12k items, 22k users) and on 100k synthetic items, against a bare
+gRPC echo server answering the same request with a response of the same size, in the same run;
+plus the flat-vs-HNSW crossover of the faiss index.
+
+    .venv/bin/python bench/ranker.py            # full
+    .venv/bin/python bench/ranker.py --quick    # < 60 s
+
+What runs (each a process started through scripts/launch.py, etcd through scripts/infra.py with
+state in .run/bench-infra, stopped at the end only if this run started it):
+- the real ranker (python -m services.ranker, LOG_LEVEL=WARNING so no access line per call),
+  with a model artifact built here (untrained weights of the production shape: dim 64, 2 layers,
+  max_len 50; the latency does not depend on trained values) published to etcd exactly as the
+  trainer does;
+- instead of the collector -> Postgres -> features pipeline, a features stand-in
+  (services/ranker/devtools.py: WatchItems with the whole catalog, GetUserFeatures with each
+  user's real Beauty history / synthetic history) — a separate process on the same cores, so the
+  GetUserFeatures hop of every Recommend is paid as in production. Item text vectors are random
+  unit vectors (not MiniLM; nothing measured here depends on their values);
+- the echo server: a bare grpc.server (no interceptor) that parses the RecommendRequest and
+  returns a pre-built RecommendResponse captured from the ranker (same bytes on the wire).
+Users are drawn uniformly from all users of the catalog (Beauty: 22k), so the ranker's user
+cache (1 s TTL) rarely hits: nearly every request pays GetUserFeatures + the user tower.
+The load generator is one asyncio gRPC client process (this one) for both servers.
+
+Crossover: single-query search latency (k=30) of IndexFlatIP vs IndexHNSWFlat (M=32,
+efSearch=128) on random unit vectors, one thread, with HNSW recall@10 and build time.
+
+Progress goes to stderr; the LAST stdout line is one JSON object with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+for _path in (REPO_ROOT, REPO_ROOT / "gen"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+ROLE = os.environ.get("BENCH_RANKER_ROLE", "")
+if not ROLE:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+INFRA_DIR = REPO_ROOT / ".run" / "bench-infra"
+WORK_DIR = REPO_ROOT / ".run" / "bench-ranker"
+TARGET_RATIO = 0.5
+TARGET_P99_MS = 25.0
+LEVELS = (1, 8, 32)
+
+
+def progress(message: str) -> None:
+    print(f"[bench/ranker] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- child: echo server
+
+def serve_echo() -> None:
+    from concurrent import futures
+
+    import grpc
+
+    from deltarec.v1 import ranker_pb2
+    response = ranker_pb2.RecommendResponse.FromString(bytes.fromhex(os.environ["BENCH_ECHO_RESPONSE"]))
+
+    def recommend(request, context):
+        return response
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=int(os.environ.get("BENCH_ECHO_WORKERS", "16"))))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("deltarec.v1.RankerService", {
+        "Recommend": grpc.unary_unary_rpc_method_handler(
+            recommend, request_deserializer=ranker_pb2.RecommendRequest.FromString,
+            response_serializer=ranker_pb2.RecommendResponse.SerializeToString)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"DELTAREC_READY echo grpc_port={port} metrics_port=None", flush=True)
+    server.wait_for_termination()
+
+
+# ---------------------------------------------------------------------------- load generator
+
+def run_load(address: str, users: list[str], concurrency: int, duration_s: float, warmup_s: float,
+             k: int = 10) -> dict:
+    import grpc
+
+    from deltarec.v1 import ranker_pb2
+    requests = [ranker_pb2.RecommendRequest(user_id=user, k=k) for user in users]
+
+    async def main() -> dict:
+        channel = grpc.aio.insecure_channel(address)
+        call = channel.unary_unary("/deltarec.v1.RankerService/Recommend",
+                                   request_serializer=ranker_pb2.RecommendRequest.SerializeToString,
+                                   response_deserializer=ranker_pb2.RecommendResponse.FromString)
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        start = time.perf_counter()
+        measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
+
+        async def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            while True:
+                began = time.perf_counter()
+                if began >= stop_at:
+                    return
+                try:
+                    await call(requests[rng.randrange(len(requests))], timeout=10)
+                    if began >= measure_from:
+                        latencies.append(time.perf_counter() - began)
+                except grpc.aio.AioRpcError as error:
+                    if began >= measure_from:
+                        errors[error.code().name] = errors.get(error.code().name, 0) + 1
+
+        await asyncio.gather(*(worker(seed) for seed in range(concurrency)))
+        await channel.close()
+        values = np.array(latencies) * 1000.0
+        return {"rps": round(len(latencies) / duration_s, 1),
+                "p50_ms": round(float(np.percentile(values, 50)), 2) if values.size else None,
+                "p99_ms": round(float(np.percentile(values, 99)), 2) if values.size else None,
+                "requests": len(latencies), "errors": errors}
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- crossover
+
+def clustered(n: int, dim: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors in n // 50 clusters (catalog embeddings are clustered, not uniform on the
+    sphere: uniform random vectors are a worst case no real catalog has), and queries near them."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((max(n // 50, 1), dim), dtype=np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    x = centers[rng.integers(0, centers.shape[0], n)] + rng.standard_normal((n, dim), dtype=np.float32) * (0.8 / np.sqrt(dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[rng.integers(0, n, queries)] + rng.standard_normal((queries, dim), dtype=np.float32) * (0.8 / np.sqrt(dim))
+    return x, q.astype(np.float32)
+
+
+def crossover(sizes: list[int], dims: list[int], queries: int) -> dict:
+    import faiss
+
+    from services.ranker.index import IndexOptions, VectorIndex
+    faiss.omp_set_num_threads(1)
+    result: dict = {}
+    for dim in dims:
+        rows = []
+        for n in sizes:
+            x, q = clustered(n, dim, queries, seed=n + dim)
+            row = {"items": n}
+            found = {}
+            for kind in ("flat", "hnsw"):
+                index = VectorIndex(dim, IndexOptions(kind=kind, background=False))
+                began = time.perf_counter()
+                index.upsert(np.arange(n), x)
+                build = time.perf_counter() - began
+                latencies, tops = [], []
+                for i in range(queries):
+                    began = time.perf_counter()
+                    _, ids = index.search(q[i:i + 1], 30)
+                    latencies.append(time.perf_counter() - began)
+                    tops.append(set(ids[0, :10].tolist()))
+                began = time.perf_counter()
+                for i in range(20):   # live changes: update one item, remove one item
+                    index.upsert([i], q[i:i + 1])
+                    index.remove([n - 1 - i])
+                change = (time.perf_counter() - began) / 40
+                found[kind] = tops
+                row[kind] = {"p50_us": round(float(np.percentile(latencies, 50)) * 1e6),
+                             "p99_us": round(float(np.percentile(latencies, 99)) * 1e6),
+                             "build_s": round(build, 2), "change_us": round(change * 1e6)}
+                del index
+            row["hnsw"]["recall_at_10"] = round(float(np.mean([len(a & b) / 10 for a, b in
+                                                               zip(found["flat"], found["hnsw"])])), 3)
+            rows.append(row)
+            progress(f"crossover dim {dim} n {n}: flat p50 {row['flat']['p50_us']} us, hnsw p50 "
+                     f"{row['hnsw']['p50_us']} us (recall@10 {row['hnsw']['recall_at_10']}, build "
+                     f"{row['hnsw']['build_s']} s)")
+        # first measured size where HNSW is faster, linearly interpolated from the previous one
+        cross = None
+        for before, after in zip(rows, rows[1:]):
+            gap_before = before["flat"]["p50_us"] - before["hnsw"]["p50_us"]
+            gap_after = after["flat"]["p50_us"] - after["hnsw"]["p50_us"]
+            if gap_before < 0 <= gap_after:
+                cross = round(before["items"] + (after["items"] - before["items"]) * (-gap_before)
+                              / (gap_after - gap_before))
+                break
+        if cross is None and rows and rows[0]["flat"]["p50_us"] >= rows[0]["hnsw"]["p50_us"]:
+            cross = rows[0]["items"]
+        result[f"dim_{dim}"] = {"rows": rows, "hnsw_faster_from_items": cross}
+    return result
+
+
+# ---------------------------------------------------------------------------- one catalog
+
+def bench_catalog(spec: str, env: dict, etcd, levels, duration_s: float, warmup_s: float,
+                  logs: Path, extra_env: dict | None = None) -> tuple[dict, bytes]:
+    import grpc
+
+    from deltarec.v1 import ranker_pb2, ranker_pb2_grpc
+    from scripts.launch import ServiceProcess
+    from services.common.artifacts import ArtifactStore
+    from services.ranker import devtools
+
+    began = time.perf_counter()
+    dataset, vectors = devtools.bench_catalog(spec)
+    item_ids = [item.item_id for item in dataset.items]
+    users = list(dataset.sequences)
+    progress(f"{spec}: {len(item_ids)} items, {len(users)} users; building the model artifact")
+    artifact = devtools.make_artifact(1, item_ids, vectors, dim=64, max_len=50, num_layers=2,
+                                      popular=item_ids[:200])
+    store = ArtifactStore((WORK_DIR / "artifacts").as_uri())
+    spec_json = devtools.store_artifact(store, artifact, name=f"bench-{spec.replace(':', '-')}.pt")
+    del artifact
+    devtools.publish(etcd, spec_json)
+    processes = []
+    try:
+        stand_in = ServiceProcess("bench.ranker", {"BENCH_RANKER_ROLE": "features", "BENCH_CATALOG": spec},
+                                  name=f"features-stand-in-{spec.replace(':', '-')}", log_dir=logs).start(300)
+        processes.append(stand_in)
+        ranker = ServiceProcess("services.ranker", {
+            **env, "FEATURES_ADDRESS": stand_in.address, "RANKER_REPLICA_ID": f"bench-{uuid.uuid4().hex[:6]}",
+            "LOG_LEVEL": "WARNING", **(extra_env or {})}, name=f"ranker-{spec.replace(':', '-')}",
+            log_dir=logs).start(600)
+        processes.append(ranker)
+        channel = grpc.insecure_channel(ranker.address)
+        stub = ranker_pb2_grpc.RankerServiceStub(channel)
+        status = stub.Status(ranker_pb2.RankerServiceStatusRequest(), timeout=10)
+        progress(f"{spec}: ranker ready in {time.perf_counter() - began:.1f}s (model v{status.freshness.model_version}, "
+                 f"{status.index_size} items)")
+        sample = stub.Recommend(ranker_pb2.RecommendRequest(user_id=users[0], k=10), timeout=10)
+        channel.close()
+        result = {"items": len(item_ids), "users": len(users), "index_size": status.index_size,
+                  "response_bytes": sample.ByteSize(), "levels": {}}
+        for concurrency in levels:
+            figures = run_load(ranker.address, users, concurrency, duration_s, warmup_s)
+            result["levels"][str(concurrency)] = figures
+            progress(f"{spec}: concurrency {concurrency}: {figures['rps']} req/s, p50 {figures['p50_ms']} ms, "
+                     f"p99 {figures['p99_ms']} ms, errors {figures['errors']}")
+        return result, sample.SerializeToString()
+    finally:
+        for process in reversed(processes):
+            process.stop(timeout_s=20)
+
+
+def bench_echo(payload: bytes, users: list[str], levels, duration_s: float, warmup_s: float, logs: Path) -> dict:
+    from scripts.launch import ServiceProcess
+    echo = ServiceProcess("bench.ranker", {"BENCH_RANKER_ROLE": "echo", "BENCH_ECHO_RESPONSE": payload.hex()},
+                          name="echo", log_dir=logs).start(60)
+    try:
+        result = {"response_bytes": len(payload), "levels": {}}
+        for concurrency in levels:
+            figures = run_load(echo.address, users, concurrency, duration_s, warmup_s)
+            result["levels"][str(concurrency)] = figures
+            progress(f"echo: concurrency {concurrency}: {figures['rps']} req/s, p50 {figures['p50_ms']} ms, "
+                     f"p99 {figures['p99_ms']} ms")
+        return result
+    finally:
+        echo.stop(timeout_s=10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="< 60 s: shorter runs, smaller crossover")
+    parser.add_argument("--synthetic-items", type=int, default=100_000)
+    parser.add_argument("--index", choices=("auto", "flat", "hnsw"), default="auto",
+                        help="RANKER_INDEX of the ranker under test")
+    parser.add_argument("--only", choices=("beauty", "synthetic", "crossover"), default=None,
+                        help="run one part only (development)")
+    args = parser.parse_args(argv)
+    wall = time.perf_counter()
+    duration_s, warmup_s = (2.0, 0.5) if args.quick else (10.0, 2.0)
+
+    from scripts import infra
+    from services.common.etcd import Etcd
+    from services.ranker import devtools
+
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    logs = WORK_DIR / "logs"
+    started_infra = not devtools.infra_running(INFRA_DIR)
+    infra_env = infra.start(INFRA_DIR)
+    progress(f"infrastructure {'started' if started_infra else 'reused'} in {INFRA_DIR}")
+    prefix = f"/bench-ranker-{uuid.uuid4().hex[:8]}/"
+    etcd = Etcd(infra_env.etcd_endpoint, prefix)
+    env = {"DATABASE_URL": infra_env.database_url, "ETCD_ENDPOINT": infra_env.etcd_endpoint, "ETCD_PREFIX": prefix,
+           "GRPC_PORT": "0", "METRICS_PORT": "0", "SHUTDOWN_GRACE_S": "1", "RANKER_INDEX": args.index}
+    summary: dict = {"benchmark": "ranker", "quick": args.quick, "duration_s_per_level": duration_s,
+                     "reference": "bare gRPC echo server (grpc.server, 16 threads, no interceptor) returning a "
+                                  "RecommendResponse of the same bytes as the ranker's, same client",
+                     "setup": "real ranker process; features stand-in process (WatchItems/GetUserFeatures from "
+                              "memory) instead of collector+Postgres+features; untrained model of production "
+                              "shape built here and published via etcd; random unit text vectors",
+                     "target_ratio": TARGET_RATIO, "target_p99_ms": TARGET_P99_MS}
+    try:
+        catalogs = {}
+        payload = None
+        if args.only in (None, "beauty"):
+            catalogs["beauty"], payload = bench_catalog("beauty", env, etcd, LEVELS, duration_s, warmup_s, logs)
+        if args.only in (None, "synthetic"):
+            spec = f"synthetic:{args.synthetic_items}"
+            catalogs[f"synthetic_{args.synthetic_items // 1000}k"], synthetic_payload = bench_catalog(
+                spec, env, etcd, LEVELS, duration_s, warmup_s, logs)
+            payload = payload or synthetic_payload
+        summary["catalogs"] = catalogs
+        if args.only == "crossover":
+            summary["crossover"] = crossover([10_000, 25_000, 50_000, 75_000, 100_000, 200_000], [64, 384], 300)
+            print(json.dumps(summary))
+            return 0
+        users = [f"echo-user-{n}" for n in range(1000)]
+        summary["echo"] = bench_echo(payload, users, LEVELS, duration_s, warmup_s, logs)
+        ratios = {}
+        for name, figures in catalogs.items():
+            ratios[name] = {level: round(figures["levels"][level]["rps"] / max(summary["echo"]["levels"][level]["rps"], 1e-9), 3)
+                            for level in figures["levels"]}
+        summary["ratio"] = ratios
+        summary["ratio_min"] = min(r for by_level in ratios.values() for r in by_level.values())
+        summary["p99_max_ms"] = max(level["p99_ms"] for figures in catalogs.values() for level in figures["levels"].values())
+        summary["errors"] = sum(sum(level["errors"].values()) for figures in catalogs.values()
+                                for level in figures["levels"].values())
+        summary["meets_target"] = summary["ratio_min"] >= TARGET_RATIO and summary["p99_max_ms"] < TARGET_P99_MS
+        if args.only:
+            pass
+        elif args.quick:
+            summary["crossover"] = crossover([10_000, 25_000, 50_000], [64], queries=100)
+        else:
+            summary["crossover"] = crossover([10_000, 25_000, 50_000, 75_000, 100_000, 200_000], [64, 384],
+                                             queries=300)
+    finally:
+        try:
+            etcd.delete("model/current")
+        except Exception:  # noqa: BLE001
+            pass
+        etcd.close()
+        if started_infra:
+            infra.stop(INFRA_DIR)
+    summary["wall_s"] = round(time.perf_counter() - wall, 1)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    if ROLE == "features":
+        from services.ranker.devtools import serve_features_stand_in
+        serve_features_stand_in(os.environ["BENCH_CATALOG"])
+    elif ROLE == "echo":
+        serve_echo()
+    else:
+        sys.exit(main())
