@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import uuid
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if started_infra:
             infra.stop(INFRA_DIR)
     summary["wall_s"] = round(time.perf_counter() - wall, 1)
+    summary["load_average_1m"] = round(os.getloadavg()[0], 2)   # other work on the machine
     print(json.dumps(summary))
     return 0
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import threading
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if started_infra:
             infra.stop(INFRA_DIR)
     summary["wall_s"] = round(time.perf_counter() - wall, 1)
+    summary["load_average_1m"] = round(os.getloadavg()[0], 2)   # other work on the machine
     print(json.dumps(summary))
     return 0
 

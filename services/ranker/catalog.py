@@ -66,6 +66,7 @@ class Catalog:
         self.text_dim = text_dim
         self.cold_start_size = cold_start_size
         self.text_index = VectorIndex(text_dim, index_options)
+        self.text_index.auto_rebuild = False     # until the initial load is in: see mark_ready()
         self.lexical = LexicalIndex()
         self._lock = threading.RLock()
         self._cond = threading.Condition(threading.Lock())
@@ -118,6 +119,13 @@ class Catalog:
             if any(category.startswith(prefix) for prefix in prefixes):
                 found |= members
         return found
+
+    def mark_ready(self) -> None:
+        """The initial load is in: from now on the text index changes kind / compacts by itself
+        (and does so now if the load took it past a threshold)."""
+        self.text_index.auto_rebuild = True
+        self.text_index.maybe_rebuild()
+        self.ready.set()
 
     # ------------------------------------------------------------------ read-your-writes
     def wait_for(self, lsn: int, timeout_s: float | None) -> bool:

@@ -24,10 +24,13 @@ class RankerConfig(CommonConfig):
                              help="embed search queries through features.EmbedText or with MiniLM in-process")
     index_kind: str = env("RANKER_INDEX", "auto", choices=("auto", "flat", "hnsw"),
                           help="faiss index: flat (exact), hnsw, or auto (flat below RANKER_HNSW_MIN_ITEMS)")
+    # Measured (bench/ranker.py, one core): at dim 64 HNSW search is faster from ~22k items, by
+    # 1.25x at 50k, 2x at 100k, 4.5x at 200k, but every model swap rebuilds it in the background
+    # (6 s at 50k, 20 s at 100k). At dim 384 flat is already 1.7 ms at 25k against 0.37 ms.
     hnsw_min_items: int = env("RANKER_HNSW_MIN_ITEMS", 50_000, minimum=1,
-                              help="catalog size from which auto uses HNSW (measured crossover, bench/ranker.py)")
-    text_hnsw_min_items: int = env("RANKER_TEXT_HNSW_MIN_ITEMS", 50_000, minimum=1,
-                                   help="the same for the 384-d text index Search uses")
+                              help="items from which auto uses HNSW for the model-space indexes")
+    text_hnsw_min_items: int = env("RANKER_TEXT_HNSW_MIN_ITEMS", 20_000, minimum=1,
+                                   help="the same for the 384-d text index Search uses (built once, not per swap)")
     hnsw_m: int = env("RANKER_HNSW_M", 32, minimum=4, maximum=256)
     hnsw_ef_search: int = env("RANKER_HNSW_EF_SEARCH", 128, minimum=8, maximum=4096)
     hnsw_ef_construction: int = env("RANKER_HNSW_EF_CONSTRUCTION", 80, minimum=8, maximum=4096)

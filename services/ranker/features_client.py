@@ -144,7 +144,7 @@ class ItemFeed:
 
     def _mark_ready_if_caught_up(self) -> None:
         if not self.catalog.ready.is_set() and self._target is not None and self.catalog.watermark >= self._target:
-            self.catalog.ready.set()
+            self.catalog.mark_ready()
             log.info("catalog caught up", extra={"items": self.catalog.active_count,
                                                  "data_lsn": self.catalog.watermark})
 
@@ -155,7 +155,7 @@ class ItemFeed:
             self._stop.wait(self.quiet_ready_s)
             if self.connected.is_set() and (self.messages, self.catalog.watermark) == last \
                     and not self.catalog.ready.is_set():
-                self.catalog.ready.set()
+                self.catalog.mark_ready()
                 log.info("catalog ready (feed quiet)", extra={"items": self.catalog.active_count,
                                                               "data_lsn": self.catalog.watermark})
 

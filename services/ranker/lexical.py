@@ -12,7 +12,6 @@ import heapq
 import math
 import re
 import threading
-from collections import Counter
 
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 # Longest brand name (in words) looked for inside a query.
@@ -54,8 +53,16 @@ class LexicalIndex:
                 return
             if previous is not None:
                 self._remove_locked(doc_id)
-            for term, count in Counter(terms).items():
-                self._postings.setdefault(term, {})[doc_id] = count
+            counts: dict[str, int] = {}
+            for term in terms:
+                counts[term] = counts.get(term, 0) + 1
+            postings = self._postings
+            for term, count in counts.items():
+                entry = postings.get(term)
+                if entry is None:
+                    postings[term] = {doc_id: count}
+                else:
+                    entry[doc_id] = count
             self._doc[doc_id] = (norm_title, norm_brand, terms)
             self._doc_len[doc_id] = len(terms)
             self._total_len += len(terms)

@@ -131,8 +131,11 @@ def retrieve(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, fi
             return [(int(ids[o]), float(scores[o])) for o in order]
     fetch = min(size, max(2 * k, k + len(excluded) + 8))
     query = np.asarray(query, np.float32).reshape(1, -1)
+    first = True
     while True:
-        scores, ids = index.search(query, fetch)
+        # The first (usual) search is batched with concurrent requests; wider retries are not.
+        scores, ids = index.search_one(query, fetch) if first else index.search(query, fetch)
+        first = False
         found = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0 and accept(int(i))]
         if len(found) >= k or fetch >= min(size, MAX_FETCH):
             return found[:k]
