@@ -1,0 +1,130 @@
+"""Full-ranking evaluation (Recall@K, NDCG@K) and a popularity baseline.
+
+Protocol: every eval case ranks its single target against ALL catalogue items
+(indexes 1..n; index 0 is padding and never ranked).
+
+History masking: by default NOTHING is masked, i.e. items the user already
+interacted with stay in the ranking. This matches how the published TIGER and
+most SASRec full-ranking numbers on Beauty are computed, and it is the
+conservative choice here: no Beauty validation/test target repeats an item
+from the user's history, so masking the history can only raise the figures.
+``mask_history=True`` is available and the benchmark reports both, but the
+headline figures are the unmasked ones.
+
+Ties are broken deterministically by item index: an item ranks
+above the target if its score is higher, or equal with a smaller index. This
+matters for the popularity baseline, whose scores tie a lot.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from services.trainer.data import EvalCase, UserHistory, collate_histories
+from services.trainer.model import DeltaRecModel
+
+DEFAULT_CUTOFFS: tuple[int, ...] = (5, 10)
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among all columns of ``scores`` ``[b, n]``."""
+    target_scores = scores.gather(1, targets.unsqueeze(1))
+    columns = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0)
+    ahead = (scores > target_scores) | ((scores == target_scores) & (columns < targets.unsqueeze(1)))
+    return ahead.sum(dim=1)
+
+
+def metrics_from_ranks(ranks: np.ndarray, cutoffs: Sequence[int] = DEFAULT_CUTOFFS) -> dict[str, float]:
+    """Recall@K (= hit rate, one target per case) and NDCG@K averaged over cases."""
+    ranks = np.asarray(ranks)
+    results: dict[str, float] = {}
+    for k in cutoffs:
+        hit = ranks < k
+        results[f"recall_at_{k}"] = float(hit.mean()) if len(ranks) else 0.0
+        gains = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+        results[f"ndcg_at_{k}"] = float(gains.mean()) if len(ranks) else 0.0
+    return results
+
+
+def _mask_seen_items(scores: torch.Tensor, histories: Sequence[UserHistory], targets: torch.Tensor) -> None:
+    """Push previously seen items (never the target itself) to the bottom, in place."""
+    for row, history in enumerate(histories):
+        seen = torch.as_tensor(history.items, dtype=torch.long)
+        seen = seen[seen != targets[row]]
+        scores[row, seen] = -math.inf
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: DeltaRecModel,
+    cases: Sequence[EvalCase],
+    item_text: np.ndarray | torch.Tensor,
+    batch_size: int = 1024,
+    mask_history: bool = False,
+    cutoffs: Sequence[int] = DEFAULT_CUTOFFS,
+) -> dict[str, float]:
+    """Rank each case's target against all items with the model's dot-product scores."""
+    was_training = model.training
+    model.eval()
+    text_table = torch.as_tensor(item_text, dtype=torch.float32)
+    item_vectors = model.all_item_vectors(text_table)
+    ranks: list[np.ndarray] = []
+    for start in range(0, len(cases), batch_size):
+        chunk = cases[start : start + batch_size]
+        batch = collate_histories(
+            [case.history for case in chunk], [case.target_time for case in chunk], model.config.max_len
+        )
+        items = torch.from_numpy(batch.items)
+        user_vectors = model.user_vector(
+            items,
+            torch.from_numpy(batch.events),
+            torch.from_numpy(batch.ages),
+            history_item_vectors=item_vectors[items],
+            query_ages=torch.from_numpy(batch.query_ages),
+        )
+        scores = model.score(user_vectors, item_vectors)
+        scores[:, 0] = -math.inf  # padding row is not an item
+        targets = torch.tensor([case.target_item for case in chunk], dtype=torch.long)
+        if mask_history:
+            _mask_seen_items(scores, [case.history for case in chunk], targets)
+        ranks.append(target_ranks(scores, targets).numpy())
+    model.train(was_training)
+    return metrics_from_ranks(np.concatenate(ranks) if ranks else np.zeros(0), cutoffs)
+
+
+def popularity_counts(histories: Iterable[UserHistory], table_size: int) -> np.ndarray:
+    """Interaction count per item index (``[table_size]``, index 0 stays 0)."""
+    counts = np.zeros(table_size, np.float64)
+    for history in histories:
+        np.add.at(counts, history.items, 1.0)
+    counts[0] = 0.0
+    return counts
+
+
+def evaluate_popularity(
+    cases: Sequence[EvalCase],
+    counts: np.ndarray,
+    mask_history: bool = False,
+    cutoffs: Sequence[int] = DEFAULT_CUTOFFS,
+    batch_size: int = 2048,
+) -> dict[str, float]:
+    """Most-popular baseline: the same ranking for everyone, by ``counts``.
+
+    Pass counts computed from the data visible at prediction time (each
+    case's history), never including the targets.
+    """
+    base_scores = torch.as_tensor(counts, dtype=torch.float64)
+    ranks: list[np.ndarray] = []
+    for start in range(0, len(cases), batch_size):
+        chunk = cases[start : start + batch_size]
+        scores = base_scores.unsqueeze(0).repeat(len(chunk), 1)
+        scores[:, 0] = -math.inf
+        targets = torch.tensor([case.target_item for case in chunk], dtype=torch.long)
+        if mask_history:
+            _mask_seen_items(scores, [case.history for case in chunk], targets)
+        ranks.append(target_ranks(scores, targets).numpy())
+    return metrics_from_ranks(np.concatenate(ranks) if ranks else np.zeros(0), cutoffs)

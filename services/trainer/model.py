@@ -1,0 +1,294 @@
+"""Two-tower sequential recommender: text-aware item tower, causal transformer user tower.
+
+Item tower
+    item_vector = text_projection(MiniLM title vector) + id_embedding[item] (+ category)
+    Row 0 of the id table is fixed at zero and means "no learned id": items
+    that appeared after the last training run are scored through their text
+    only. Training randomly replaces ids by 0 (``id_dropout``) so that this
+    text-only path is a real, trained representation and not an afterthought.
+
+User tower
+    A SASRec-style pre-LN causal transformer over the user's recent item
+    vectors + event-type embeddings. Instead of absolute position embeddings it
+    uses a learned per-head attention bias indexed by the *recency bucket* of
+    (prediction moment - event time). Because that bias is relative to the
+    moment of each prediction, training on all prefixes in one causal pass and
+    serving a single "now" query see exactly the same inputs (absolute
+    positions counted from the end of a training window would not).
+
+Score
+    Dot product of user vector and item vector.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from services.trainer.data import NUM_EVENT_TYPES
+
+# Upper edges (seconds) of the recency buckets: minutes, hours, then doubling days.
+_DAY = 86_400.0
+RECENCY_BUCKET_EDGES_SECONDS: tuple[float, ...] = (
+    60.0,
+    600.0,
+    3_600.0,
+    6 * 3_600.0,
+    1 * _DAY,
+    2 * _DAY,
+    4 * _DAY,
+    8 * _DAY,
+    16 * _DAY,
+    32 * _DAY,
+    64 * _DAY,
+    128 * _DAY,
+    256 * _DAY,
+    512 * _DAY,
+)
+NUM_RECENCY_BUCKETS = len(RECENCY_BUCKET_EDGES_SECONDS) + 1
+# Finite "minus infinity": fully padded rows then softmax to finite garbage
+# (zeroed afterwards) instead of NaNs that would leak through 0 * NaN.
+_MASKED_LOGIT = -1e9
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and training hyper-parameters.
+
+    Defaults are the values chosen on the Beauty *validation* target (see
+    bench/accuracy.py and the trainer report for what else was tried).
+    """
+
+    # architecture
+    text_dim: int = 384
+    dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    max_len: int = 50
+    dropout: float = 0.3
+    id_dropout: float = 0.1
+    num_categories: int = 0
+    # training
+    num_negatives: int = 4096  # uniform negatives per batch on top of in-batch ones; -1 = full softmax
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    lr_schedule: str = "cosine"  # "constant" or "cosine" (per step, down to 10% at the last epoch)
+    weight_decay: float = 0.0
+    epochs: int = 20
+    # incremental updates
+    incremental_learning_rate: float = 3e-4
+    incremental_epochs: int = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def recency_bucket(age_seconds: torch.Tensor) -> torch.Tensor:
+    """Map ages (seconds, any shape) to bucket indexes 0..NUM_RECENCY_BUCKETS-1."""
+    edges = torch.tensor(RECENCY_BUCKET_EDGES_SECONDS, dtype=age_seconds.dtype, device=age_seconds.device)
+    return torch.bucketize(age_seconds.clamp(min=0.0), edges)
+
+
+class CausalBlock(nn.Module):
+    """Pre-LN transformer block (as in SASRec) with an additive attention bias."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError("dim must be divisible by num_heads")
+        self.num_heads = num_heads
+        self.attention_norm = nn.LayerNorm(dim)
+        self.query_key_value = nn.Linear(dim, 3 * dim)
+        self.attention_output = nn.Linear(dim, dim)
+        self.feed_forward_norm = nn.LayerNorm(dim)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim)
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.attention_dropout = dropout
+
+    def forward(self, hidden: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = hidden.shape
+        qkv = self.query_key_value(self.attention_norm(hidden))
+        qkv = qkv.view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(
+            qkv[0],
+            qkv[1],
+            qkv[2],
+            attn_mask=attention_bias,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
+        attended = attended.transpose(1, 2).reshape(batch, length, dim)
+        hidden = hidden + self.dropout(self.attention_output(attended))
+        return hidden + self.dropout(self.feed_forward(self.feed_forward_norm(hidden)))
+
+
+class DeltaRecModel(nn.Module):
+    """See module docstring. ``num_items`` excludes the reserved index 0."""
+
+    def __init__(self, config: ModelConfig, num_items: int) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.text_projection = nn.Linear(config.text_dim, dim)
+        self.item_id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        self.category_embedding = (
+            nn.Embedding(config.num_categories + 1, dim, padding_idx=0) if config.num_categories else None
+        )
+        self.event_embedding = nn.Embedding(NUM_EVENT_TYPES, dim, padding_idx=0)
+        self.recency_bias = nn.Embedding(NUM_RECENCY_BUCKETS * config.num_layers, config.num_heads)
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            CausalBlock(dim, config.num_heads, config.dropout) for _ in range(config.num_layers)
+        )
+        self.output_norm = nn.LayerNorm(dim)
+        # Returned for users without any history (pure cold start).
+        self.empty_history_vector = nn.Parameter(torch.zeros(dim))
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        nn.init.normal_(self.item_id_embedding.weight, std=1.0 / math.sqrt(self.config.dim))
+        with torch.no_grad():
+            self.item_id_embedding.weight[0].zero_()
+        nn.init.normal_(self.event_embedding.weight, std=0.02)
+        nn.init.zeros_(self.recency_bias.weight)
+        # Text vectors are unit-norm; scale the projection so text and id parts
+        # start at comparable magnitudes.
+        nn.init.normal_(self.text_projection.weight, std=1.0 / math.sqrt(self.config.dim))
+        nn.init.zeros_(self.text_projection.bias)
+
+    @property
+    def num_items(self) -> int:
+        return self.item_id_embedding.num_embeddings - 1
+
+    # ------------------------------------------------------------------ items
+
+    def item_vectors(
+        self,
+        item_idx: torch.Tensor,
+        text_emb: torch.Tensor,
+        category_idx: torch.Tensor | None = None,
+        apply_id_dropout: bool | None = None,
+    ) -> torch.Tensor:
+        """Item vectors ``[..., dim]`` for indexes ``[...]`` and text ``[..., 384]``.
+
+        Index 0 (or any index beyond the table, e.g. an item created after this
+        model was trained) uses the text-only path. ``apply_id_dropout``
+        defaults to ``self.training``.
+        """
+        if apply_id_dropout is None:
+            apply_id_dropout = self.training
+        item_idx = torch.where(item_idx > self.num_items, torch.zeros_like(item_idx), item_idx)
+        if apply_id_dropout and self.config.id_dropout > 0:
+            keep = torch.rand(item_idx.shape, device=item_idx.device) >= self.config.id_dropout
+            item_idx = item_idx * keep
+        vectors = self.text_projection(text_emb) + self.item_id_embedding(item_idx)
+        if self.category_embedding is not None and category_idx is not None:
+            vectors = vectors + self.category_embedding(category_idx)
+        return vectors
+
+    def all_item_vectors(self, item_text: torch.Tensor) -> torch.Tensor:
+        """Vectors for item indexes 0..n-1 of a text table ``[n, 384]`` (row 0 = padding)."""
+        indexes = torch.arange(item_text.shape[0], device=item_text.device)
+        return self.item_vectors(indexes, item_text, apply_id_dropout=False)
+
+    @torch.no_grad()
+    def grow_items(self, n_new: int) -> None:
+        """Append ``n_new`` id rows, keeping existing ones.
+
+        New rows are zero, so a new item's vector equals its text-only vector
+        (the path trained by id dropout) until fine-tuning moves it.
+        """
+        if n_new <= 0:
+            return
+        old = self.item_id_embedding
+        grown = nn.Embedding(old.num_embeddings + n_new, old.embedding_dim, padding_idx=0)
+        grown = grown.to(old.weight.device, old.weight.dtype)
+        grown.weight.zero_()
+        grown.weight[: old.num_embeddings] = old.weight
+        self.item_id_embedding = grown
+
+    # ------------------------------------------------------------------ users
+
+    def _attention_bias(
+        self, ages: torch.Tensor, query_ages: torch.Tensor, padding_mask: torch.Tensor, layer: int
+    ) -> torch.Tensor:
+        """Per-head bias ``[b, heads, t, t]``: recency of key i seen from query j, causal+padding masked."""
+        length = ages.shape[1]
+        # time between event i and the moment prediction j is made for
+        elapsed = ages.unsqueeze(1) - query_ages.unsqueeze(2)  # [b, query j, key i]
+        buckets = recency_bucket(elapsed) + layer * NUM_RECENCY_BUCKETS
+        bias = self.recency_bias(buckets).permute(0, 3, 1, 2)  # [b, heads, t, t]
+        future = torch.ones(length, length, dtype=torch.bool, device=ages.device).triu(1)
+        blocked = future.view(1, 1, length, length) | padding_mask.view(-1, 1, 1, length)
+        return bias.masked_fill(blocked, _MASKED_LOGIT)
+
+    def encode_sequence(
+        self,
+        history_item_vectors: torch.Tensor,
+        events: torch.Tensor,
+        ages: torch.Tensor,
+        query_ages: torch.Tensor,
+        padding_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Causal encoder outputs ``[b, t, dim]``; position j summarises items <= j.
+
+        Inputs are left-padded ``[b, t]`` (padding_mask True on padding).
+        """
+        keep = (~padding_mask).unsqueeze(-1).to(history_item_vectors.dtype)
+        hidden = self.input_dropout(history_item_vectors + self.event_embedding(events)) * keep
+        for layer, block in enumerate(self.blocks):
+            hidden = block(hidden, self._attention_bias(ages, query_ages, padding_mask, layer)) * keep
+        return self.output_norm(hidden)
+
+    def user_vector(
+        self,
+        history_items: torch.Tensor,
+        events: torch.Tensor,
+        ages: torch.Tensor,
+        history_text: torch.Tensor | None = None,
+        history_item_vectors: torch.Tensor | None = None,
+        query_ages: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """User vectors ``[b, dim]`` for "what comes next, now".
+
+        ``history_items``/``events``/``ages`` are ``[b, t]``, left-padded with
+        item 0, most recent event in the last column; ``ages`` are seconds
+        before now. Give either ``history_text`` ``[b, t, 384]`` or precomputed
+        ``history_item_vectors`` ``[b, t, dim]`` (e.g. from a cached
+        :meth:`all_item_vectors`). ``query_ages`` defaults to "each position
+        predicts the next event's moment, the last one predicts now", which is
+        how training sees sequences.
+        """
+        padding_mask = history_items == 0
+        if history_item_vectors is None:
+            if history_text is None:
+                raise ValueError("pass history_text or history_item_vectors")
+            history_item_vectors = self.item_vectors(history_items, history_text)
+        if query_ages is None:
+            query_ages = torch.cat([ages[:, 1:], torch.zeros_like(ages[:, :1])], dim=1)
+        outputs = self.encode_sequence(history_item_vectors, events, ages, query_ages, padding_mask)
+        last = outputs[:, -1]
+        has_history = (~padding_mask[:, -1]).unsqueeze(-1)
+        return torch.where(has_history, last, self.empty_history_vector.expand_as(last))
+
+    def score(self, user_vectors: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        """Dot-product scores ``[b, n]``."""
+        return user_vectors @ item_vectors.T

@@ -1,0 +1,311 @@
+"""Full training and incremental (warm-start) updates of :class:`DeltaRecModel`.
+
+Objective: next-interaction prediction with a sampled softmax. Candidates of
+a batch are the union of the batch's own targets (in-batch negatives, drawn
+proportionally to popularity) and ``num_negatives`` uniformly drawn items.
+Each candidate's logit is corrected by the log-probability that it was
+included (logQ correction), so the sampled softmax estimates the full softmax
+instead of over-penalising popular items. ``num_negatives = -1`` switches to the
+exact full softmax over the catalogue.
+
+Plain Python on purpose: no gRPC or database here; the trainer service wires
+these functions to its storage.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from services.trainer.data import (
+    EvalCase,
+    InteractionData,
+    TrainingExample,
+    TrainingWindow,
+    UserHistory,
+    all_next_item_examples,
+    collate_windows,
+    group_into_windows,
+    iterate_minibatches,
+)
+from services.trainer.evaluation import evaluate_model
+from services.trainer.model import DeltaRecModel, ModelConfig
+
+SELECTION_METRIC = "ndcg_at_10"
+
+
+@dataclass
+class TrainingStats:
+    epochs_run: int = 0
+    train_seconds: float = 0.0  # wall time of the whole call, periodic validation included
+    validation_seconds: float = 0.0  # part of train_seconds spent evaluating for model selection
+    examples: int = 0
+    windows: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+    validation_history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_validation: dict | None = None
+    new_items: int = 0
+    replay_examples: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same threads => bit-identical training on CPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+class CandidateSampler:
+    """In-batch + uniform negatives with their log inclusion probabilities."""
+
+    def __init__(self, target_counts: np.ndarray, num_uniform: int) -> None:
+        counts = np.asarray(target_counts, np.float64).copy()
+        counts[0] = 0.0
+        self.num_items = len(counts) - 1
+        # +1 smoothing: items never seen as a target can still be a target later.
+        counts[1:] += 1.0
+        self.popularity = torch.as_tensor(counts / counts.sum())
+        self.num_uniform = num_uniform
+
+    @property
+    def is_full_softmax(self) -> bool:
+        return self.num_uniform < 0 or self.num_uniform >= self.num_items
+
+    def candidates(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted unique candidate indexes and log P(candidate in the set)."""
+        if self.is_full_softmax:
+            everything = torch.arange(1, self.num_items + 1)
+            return everything, torch.zeros(self.num_items)
+        uniform = torch.randint(1, self.num_items + 1, (self.num_uniform,))
+        candidates = torch.unique(torch.cat([targets, uniform]))
+        popularity = self.popularity[candidates]
+        # P(in set) = 1 - P(missed by every in-batch draw) * P(missed by every uniform draw)
+        log_missed = len(targets) * torch.log1p(-popularity) + self.num_uniform * math.log1p(
+            -1.0 / self.num_items
+        )
+        log_included = torch.log(-torch.expm1(log_missed)).float()
+        return candidates, log_included
+
+
+def next_item_loss(
+    model: DeltaRecModel,
+    windows: Sequence[TrainingWindow],
+    histories: dict[int, UserHistory],
+    item_text: torch.Tensor,
+    sampler: CandidateSampler,
+) -> torch.Tensor:
+    """Mean sampled-softmax cross-entropy over all target positions of a batch."""
+    batch = collate_windows(windows, histories)
+    items = torch.from_numpy(batch.items)
+    outputs = model.encode_sequence(
+        model.item_vectors(items, item_text[items]),
+        torch.from_numpy(batch.events),
+        torch.from_numpy(batch.ages),
+        torch.from_numpy(batch.query_ages),
+        items == 0,
+    )
+    targets = torch.from_numpy(batch.targets)
+    is_target = targets > 0
+    queries = outputs[is_target]
+    flat_targets = targets[is_target]
+    candidates, log_included = sampler.candidates(flat_targets)
+    candidate_vectors = model.item_vectors(candidates, item_text[candidates])
+    logits = queries @ candidate_vectors.T - log_included
+    labels = torch.searchsorted(candidates, flat_targets)
+    return F.cross_entropy(logits, labels)
+
+
+def _run_epochs(
+    model: DeltaRecModel,
+    windows: Sequence[TrainingWindow],
+    histories: dict[int, UserHistory],
+    item_text: torch.Tensor,
+    sampler: CandidateSampler,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    stats: TrainingStats,
+    progress: bool,
+    lr_schedule: str = "constant",
+    after_epoch: Callable[[int], None] | None = None,
+) -> None:
+    model.train()
+    steps_per_epoch = math.ceil(len(windows) / batch_size)
+    scheduler = _learning_rate_scheduler(optimizer, lr_schedule, total_steps=epochs * steps_per_epoch)
+    for epoch in range(1, epochs + 1):
+        batches = list(iterate_minibatches(windows, batch_size, rng))
+        total_loss = 0.0
+        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
+        for batch_windows in bar:
+            loss = next_item_loss(model, batch_windows, histories, item_text, sampler)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item()
+        stats.epoch_losses.append(total_loss / max(1, len(batches)))
+        stats.epochs_run += 1
+        if after_epoch is not None:
+            after_epoch(epoch)
+            model.train()
+
+
+def _learning_rate_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Constant, or cosine decay from the base rate to 10% of it over the run."""
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if schedule == "cosine":
+        floor = 0.1
+
+        def cosine(step: int) -> float:
+            progress = min(1.0, step / max(1, total_steps))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    raise ValueError(f"unknown lr_schedule {schedule!r}")
+
+
+def _target_counts(histories: dict[int, UserHistory], table_size: int) -> np.ndarray:
+    counts = np.zeros(table_size, np.float64)
+    for history in histories.values():
+        np.add.at(counts, history.items[1:], 1.0)
+    return counts
+
+
+def train_full(
+    data: InteractionData,
+    config: ModelConfig,
+    seed: int = 0,
+    epochs: int | None = None,
+    progress: bool = True,
+    histories: dict[int, UserHistory] | None = None,
+    validation: Sequence[EvalCase] | None = None,
+    eval_every: int = 5,
+) -> tuple[DeltaRecModel, TrainingStats]:
+    """Train from scratch on every next-item prefix of ``histories``.
+
+    ``histories`` defaults to ``data.histories``; pass the training part of a
+    split to hold targets out. If ``validation`` cases are given the model is
+    evaluated every ``eval_every`` epochs and the best state by validation
+    NDCG@10 is returned (early stopping on validation, never on test).
+    """
+    seed_everything(seed)
+    epochs = config.epochs if epochs is None else epochs
+    histories = data.histories if histories is None else histories
+    data.ensure_item_text_rows()
+    item_text = torch.as_tensor(data.item_text, dtype=torch.float32)
+    model = DeltaRecModel(config, num_items=data.num_items)
+    examples = all_next_item_examples(histories)
+    windows = group_into_windows(examples, config.max_len)
+    sampler = CandidateSampler(_target_counts(histories, data.item_ids.table_size), config.num_negatives)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    stats = TrainingStats(examples=len(examples), windows=len(windows))
+    best_state: dict | None = None
+
+    def validate(epoch: int) -> None:
+        nonlocal best_state
+        if not validation or (epoch % eval_every and epoch != epochs):
+            return
+        evaluation_started = time.perf_counter()
+        figures = evaluate_model(model, validation, item_text)
+        stats.validation_seconds += time.perf_counter() - evaluation_started
+        stats.validation_history.append({"epoch": epoch, **figures})
+        if progress:
+            tqdm.write(f"epoch {epoch}: loss {stats.epoch_losses[-1]:.4f} validation {_brief(figures)}")
+        best = stats.best_validation
+        if best is None or figures[SELECTION_METRIC] > best[SELECTION_METRIC]:
+            stats.best_validation, stats.best_epoch = figures, epoch
+            best_state = copy.deepcopy(model.state_dict())
+
+    started = time.perf_counter()
+    _run_epochs(
+        model, windows, histories, item_text, sampler, optimizer, epochs, config.batch_size,
+        np.random.default_rng(seed), stats, progress, config.lr_schedule, validate,
+    )
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    stats.train_seconds = time.perf_counter() - started
+    model.eval()
+    return model, stats
+
+
+def update_incremental(
+    model: DeltaRecModel,
+    all_data: InteractionData,
+    selected_new_examples: Sequence[TrainingExample],
+    replay_ratio: float = 1.0,
+    seed: int = 0,
+    epochs: int | None = None,
+    learning_rate: float | None = None,
+    progress: bool = False,
+) -> TrainingStats:
+    """Warm-start fine-tune ``model`` in place on new data plus a replay sample.
+
+    * The item-id table is grown first to ``all_data``'s item count; new rows
+      start at zero, i.e. at the text-only vector of the new item. (The model
+      has no per-user parameters: new users only need their history.)
+    * ``selected_new_examples`` are next-item targets in ``all_data.histories``
+      chosen by the caller (e.g. events since the last run, filtered).
+    * ``replay_ratio`` old examples per new one are sampled uniformly from all
+      other prefixes, which limits forgetting of what the model already knew.
+    """
+    config = model.config
+    seed_everything(seed)
+    rng = np.random.default_rng(seed)
+    all_data.ensure_item_text_rows()
+    new_items = all_data.num_items - model.num_items
+    model.grow_items(new_items)
+    item_text = torch.as_tensor(all_data.item_text, dtype=torch.float32)
+
+    selected = {(e.user, e.target_position) for e in selected_new_examples}
+    old_examples = [
+        e for e in all_next_item_examples(all_data.histories) if (e.user, e.target_position) not in selected
+    ]
+    replay_count = min(len(old_examples), int(round(replay_ratio * len(selected))))
+    replay = [old_examples[i] for i in rng.choice(len(old_examples), size=replay_count, replace=False)]
+    examples = [TrainingExample(user, position) for user, position in sorted(selected)] + replay
+    windows = group_into_windows(examples, config.max_len)
+    stats = TrainingStats(
+        examples=len(examples), windows=len(windows), new_items=max(0, new_items), replay_examples=replay_count
+    )
+    if not windows:
+        return stats
+    sampler = CandidateSampler(
+        _target_counts(all_data.histories, all_data.item_ids.table_size), config.num_negatives
+    )
+    optimizer = torch.optim.Adam(
+        model.parameters(),
+        lr=config.incremental_learning_rate if learning_rate is None else learning_rate,
+        weight_decay=config.weight_decay,
+    )
+    started = time.perf_counter()
+    _run_epochs(
+        model, windows, all_data.histories, item_text, sampler, optimizer,
+        config.incremental_epochs if epochs is None else epochs, config.batch_size, rng, stats, progress,
+    )
+    stats.train_seconds = time.perf_counter() - started
+    model.eval()
+    return stats
+
+
+def _brief(figures: dict[str, float]) -> str:
+    return " ".join(f"{name}={value:.4f}" for name, value in sorted(figures.items()))
