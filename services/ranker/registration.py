@@ -54,7 +54,7 @@ class Registration:
                 self.publish_once()
                 backoff = 0.5
                 self._wake.wait(self.interval_s)
-            except EtcdUnavailable as error:
+            except (EtcdUnavailable, ValueError) as error:   # ValueError: etcd3's "failed node"
                 log.warning("registration delayed: etcd unreachable", extra={"error": str(error)[:200]})
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)

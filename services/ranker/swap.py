@@ -308,7 +308,7 @@ class EtcdModelWatcher:
                     self._watch = self.etcd.watch("model/", self._on_event, prefix=True, start_revision=revision + 1)
                 backoff = 0.2
                 self._stop.wait(self.reconcile_s)
-            except EtcdUnavailable as error:
+            except (EtcdUnavailable, ValueError) as error:   # ValueError: etcd3's "failed node"
                 log.warning("etcd unreachable; serving the loaded version", extra={"error": str(error)[:200]})
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -65,6 +65,8 @@ def wal_lsn(engine) -> int:
 
 
 class Stack:
+    features_address = ""
+
     def __init__(self, collector, ranker, ranker_process, etcd, store, engine, artifacts_dir):
         self.collector, self.ranker, self.ranker_process = collector, ranker, ranker_process
         self.etcd, self.store, self.engine, self.artifacts_dir = etcd, store, engine, artifacts_dir
@@ -130,6 +132,8 @@ def stack(infra_env, database_url, tmp_path_factory):
         processes.append(features_process)
         store = ArtifactStore(artifacts_dir.as_uri())
         stack = Stack(collector, None, None, etcd, store, engine, artifacts_dir)
+        stack.features_address = features_process.address
+        stack.env = env
         stack.publish(1)
         ranker_process = ServiceProcess("services.ranker", {
             **env, "FEATURES_ADDRESS": features_process.address, "RANKER_REPLICA_ID": "ranker-it",
@@ -328,3 +332,63 @@ def test_memory_after_20_swaps_stays_within_10_percent_of_after_2(stack):
             rss[swap] = rss_bytes(pid)
     assert stack.status().swaps >= 20
     assert rss[20] <= rss[2] * 1.10, f"RSS grew from {rss[2] / 2**20:.0f} MiB to {rss[20] / 2**20:.0f} MiB"
+
+
+class PrivateEtcd:
+    """An etcd of this test only (the shared one must not go down under other tests), restartable
+    on the same port and data directory."""
+
+    def __init__(self, directory: Path) -> None:
+        from scripts import infra
+        self.infra, self.directory = infra, directory
+        self.client_port, self.peer_port = infra.free_port(), infra.free_port()
+        self.process = None
+
+    def start(self) -> "PrivateEtcd":
+        import subprocess
+        client, peer = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        self.process = subprocess.Popen(
+            [self.infra.etcd_binary(), "--name", "t", "--data-dir", str(self.directory / "data"),
+             "--listen-client-urls", client, "--advertise-client-urls", client, "--listen-peer-urls", peer,
+             "--initial-advertise-peer-urls", peer, "--initial-cluster", f"t={peer}",
+             "--initial-cluster-state", "new", "--log-level", "error"],
+            stdout=open(self.directory / "etcd.log", "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_until(lambda: self.infra._etcd_healthy(self.client_port), "the private etcd")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(15)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+
+def test_keeps_serving_while_etcd_is_down_and_resumes_the_watch(stack, start_service, tmp_path):
+    private = PrivateEtcd(tmp_path).start()
+    etcd = Etcd(private.endpoint, "/outage/")
+    try:
+        devtools.publish(etcd, stack.artifact(101))
+        process = start_service("services.ranker", {
+            **stack.env, "ETCD_ENDPOINT": private.endpoint, "ETCD_PREFIX": "/outage/",
+            "FEATURES_ADDRESS": stack.features_address, "RANKER_REPLICA_ID": "ranker-outage",
+            "RANKER_LEASE_TTL_S": "3"}, name="ranker-outage", timeout_s=240)
+        ranker = ranker_pb2_grpc.RankerServiceStub(channel_to(process))
+
+        def version() -> int:
+            return ranker.Status(ranker_pb2.RankerServiceStatusRequest(), timeout=10).freshness.model_version
+        wait_until(lambda: version() == 101, "version 101")
+        private.stop()
+        for user in range(20):       # etcd down: every request still answered by the loaded version
+            response = ranker.Recommend(ranker_pb2.RecommendRequest(user_id=f"user-{user}", k=5), timeout=10)
+            assert response.freshness.model_version == 101 and response.items
+        private.start()
+        devtools.publish(etcd, stack.artifact(102))
+        wait_until(lambda: version() == 102, "the watch to resume and version 102 to be served")
+        wait_until(lambda: (lambda kv: kv is not None and json.loads(kv.value)["model_version"] == 102)(
+            etcd.get("rankers/ranker-outage")), "the registration to come back")
+    finally:
+        etcd.close()
+        private.stop()
