@@ -12,7 +12,7 @@ from services.common.errors import InvalidArgument, grpc_errors
 from services.ranker import metrics
 from services.ranker.admission import Overloaded
 from services.ranker.replica import RankerReplica
-from services.ranker.retrieval import NO_FILTERS, Answer, DataBehind, FilterSpec
+from services.ranker.retrieval import NO_FILTERS, Answer, DataBehind, FilterSpec, wait_for_lsn
 
 WATERMARK_METADATA = "deltarec-data-lsn"
 
@@ -46,10 +46,16 @@ def _freshness(answer: Answer) -> common_pb2.Freshness:
 
 
 def admitted(method):
-    """Admission control around a handler; watermark in the trailers of FAILED_PRECONDITION."""
+    """Admission control around a handler; watermark in the trailers of FAILED_PRECONDITION.
+    A read-your-writes wait happens before admission: waiting for the data costs no CPU and
+    must not hold a slot that other requests could compute in."""
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
+            min_lsn = getattr(request, "min_data_lsn", 0)
+            if min_lsn:
+                wait_for_lsn(self.replica.catalog, min_lsn, time_remaining(context),
+                             self.replica.recommender.max_wait_s)
             with self.replica.admission.admit(time_remaining(context)):
                 return method(self, request, context)
         except Overloaded:
