@@ -30,7 +30,8 @@ class AdmissionControl:
             with self._lock:
                 if self.waiting >= self.max_waiting:
                     self.rejected += 1
-                    raise Overloaded(f"overloaded: {self.max_running} running and {self.waiting} waiting; retry")
+                    raise Overloaded(f"overloaded: {self.max_running} running and {self.waiting} waiting; "
+                                     "retry")
                 self.waiting += 1
             try:
                 wait = None if timeout_s is None else max(timeout_s * 0.9, 0.0)

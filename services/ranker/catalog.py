@@ -176,8 +176,8 @@ class Catalog:
         with self._lock:
             changed = np.flatnonzero(self._changed > since_seq)
             if changed.size:
-                live = np.array([i for i in changed if self._active[i] and self.text_index.has_vector(int(i))],
-                                np.int64)
+                live = np.array([i for i in changed
+                                 if self._active[i] and self.text_index.has_vector(int(i))], np.int64)
                 gone = np.array([i for i in changed if not self._active[i]], np.int64)
                 if gone.size:
                     listener.items_removed(gone)
@@ -270,7 +270,8 @@ class Catalog:
                 self.lexical.add(iid, meta.title, meta.brand)
             else:
                 if meta.active and not has_vector:
-                    log.warning("active item without a text vector is not indexed", extra={"item_id": update.item_id})
+                    log.warning("active item without a text vector is not indexed",
+                                extra={"item_id": update.item_id})
                 self._active[iid] = False
                 if was_active:
                     removed.append(iid)

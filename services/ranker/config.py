@@ -16,8 +16,8 @@ class RankerConfig(CommonConfig):
                           help="name of this replica under rankers/ in etcd (default: host-pid)")
     # Required; a default only because dataclass fields with defaults precede it (checked in main).
     features_address: str = env("FEATURES_ADDRESS", "", pattern=f"({HOST_PORT})?",
-                                help="host:port of the features service (user histories, item feed, EmbedText); "
-                                     "required")
+                                help="host:port of the features service (user histories, item feed, "
+                                     "EmbedText); required")
     features_timeout_s: float = env("RANKER_FEATURES_TIMEOUT_S", 0.5, minimum=0.01, maximum=60.0,
                                     help="deadline of a GetUserFeatures call (capped by the request's)")
     query_encoder: str = env("RANKER_QUERY_ENCODER", "features", choices=("features", "local"),
@@ -30,17 +30,20 @@ class RankerConfig(CommonConfig):
     hnsw_min_items: int = env("RANKER_HNSW_MIN_ITEMS", 50_000, minimum=1,
                               help="items from which auto uses HNSW for the model-space indexes")
     text_hnsw_min_items: int = env("RANKER_TEXT_HNSW_MIN_ITEMS", 20_000, minimum=1,
-                                   help="the same for the 384-d text index Search uses (built once, not per swap)")
+                                   help="the same for the 384-d text index Search uses "
+                                        "(built once, not per swap)")
     hnsw_m: int = env("RANKER_HNSW_M", 32, minimum=4, maximum=256)
     hnsw_ef_search: int = env("RANKER_HNSW_EF_SEARCH", 128, minimum=8, maximum=4096)
     hnsw_ef_construction: int = env("RANKER_HNSW_EF_CONSTRUCTION", 80, minimum=8, maximum=4096)
     rebuild_dead_fraction: float = env("RANKER_REBUILD_DEAD_FRACTION", 0.25, minimum=0.01, maximum=10.0,
-                                       help="HNSW is rebuilt in the background when dead rows exceed this share")
+                                       help="HNSW is rebuilt in the background when dead rows exceed "
+                                            "this share")
     max_running: int = env("RANKER_MAX_RUNNING", 8, minimum=1, maximum=1024,
                            help="requests handled at once (each waits on GetUserFeatures for part of its "
                                 "time: ~4x the cores measured best)")
     max_waiting: int = env("RANKER_MAX_WAITING", 48, minimum=0, maximum=100_000,
-                           help="requests allowed to wait for a slot; more are refused with RESOURCE_EXHAUSTED")
+                           help="requests allowed to wait for a slot; more are refused with "
+                                "RESOURCE_EXHAUSTED")
     user_cache_ttl_s: float = env("RANKER_USER_CACHE_TTL_S", 1.0, minimum=0.0, maximum=3600.0,
                                   help="how long a user's history (and vector) is reused; 0 = always read; "
                                        "min_data_lsn always reads through")
@@ -57,7 +60,8 @@ class RankerConfig(CommonConfig):
     torch_threads: int = env("RANKER_TORCH_THREADS", 1, minimum=1, maximum=256,
                              help="intra-op threads of torch and faiss (requests run in parallel instead)")
     artifact_retry_s: float = env("RANKER_ARTIFACT_RETRY_S", 10.0, minimum=0.1, maximum=3600.0,
-                                  help="retry interval of an artifact that could not be read (missing, store down)")
+                                  help="retry interval of an artifact that could not be read "
+                                       "(missing, store down)")
 
     def index_options(self, text: bool = False) -> IndexOptions:
         """Options of the model-space item indexes, or (text=True) of the text index."""

@@ -15,7 +15,9 @@ from services.trainer.model import DeltaRecModel, ModelConfig
 
 def text_vectors(keys: list[str], dim: int = 384) -> np.ndarray:
     """Deterministic unit vectors standing in for MiniLM embeddings."""
-    return np.stack([hashed_unit_vector(key, dim) for key in keys]) if keys else np.zeros((0, dim), np.float32)
+    if not keys:
+        return np.zeros((0, dim), np.float32)
+    return np.stack([hashed_unit_vector(key, dim) for key in keys])
 
 
 def make_artifact(version: int, item_ids: list[str], item_text: np.ndarray, *, dim: int = 32,
@@ -27,10 +29,12 @@ def make_artifact(version: int, item_ids: list[str], item_text: np.ndarray, *, d
     torch.manual_seed(version if seed is None else seed)
     config = ModelConfig(dim=dim, num_layers=num_layers, num_heads=2, max_len=max_len, dropout=0.0)
     model = DeltaRecModel(config, num_items=len(item_ids) + extra_ids).eval()
-    with torch.inference_mode():
-        indexes = torch.arange(1, len(item_ids) + 1)
-        vectors = model.item_vectors(indexes, torch.from_numpy(np.asarray(item_text, np.float32)),
-                                     apply_id_dropout=False).numpy() if item_ids else np.zeros((0, dim), np.float32)
+    vectors = np.zeros((0, dim), np.float32)
+    if item_ids:
+        with torch.inference_mode():
+            vectors = model.item_vectors(torch.arange(1, len(item_ids) + 1),
+                                         torch.from_numpy(np.asarray(item_text, np.float32)),
+                                         apply_id_dropout=False).numpy()
     return ModelArtifact(version=version, config=config,
                          state_dict={k: v.clone() for k, v in model.state_dict().items()},
                          item_ids=list(item_ids) + [f"retired-{n}" for n in range(extra_ids)],
@@ -44,7 +48,8 @@ def make_artifact(version: int, item_ids: list[str], item_text: np.ndarray, *, d
 def store_artifact(store: ArtifactStore, artifact: ModelArtifact, name: str | None = None) -> dict:
     """Writes the artifact; returns the etcd spec {version, uri, sha256, data_lsn, metrics}."""
     uri, sha = store.write(name or f"model-v{artifact.version}.pt", serialize(artifact))
-    return {"version": artifact.version, "uri": uri, "sha256": sha, "data_lsn": artifact.data_lsn, "metrics": {}}
+    return {"version": artifact.version, "uri": uri, "sha256": sha, "data_lsn": artifact.data_lsn,
+            "metrics": {}}
 
 
 def publish(etcd, spec: dict, key: str = "model/current") -> None:
@@ -120,7 +125,8 @@ class FeaturesStandIn:
                 response = pb.WatchItemsResponse()
                 for offset, item in enumerate(items[start:start + batch], start=start):
                     features = pb.ItemFeatures(item_id=item.item_id, active=True, title=item.title,
-                                               category=item.category, brand=item.brand, updated_lsn=1 + offset)
+                                               category=item.category, brand=item.brand,
+                                               updated_lsn=1 + offset)
                     features.embedding.dim = 384
                     features.embedding.values = self.vectors[offset].astype("<f4").tobytes()
                     response.changes.add(kind=pb.ITEM_CHANGE_KIND_UPSERT, item=features, lsn=1 + offset)

@@ -93,7 +93,8 @@ class FeaturesClient:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         try:
-            response = self.stub.EmbedText(features_pb2.EmbedTextRequest(texts=texts), timeout=self.timeout_s * 5)
+            response = self.stub.EmbedText(features_pb2.EmbedTextRequest(texts=texts),
+                                           timeout=self.timeout_s * 5)
         except grpc.RpcError as error:
             raise FeaturesUnavailable(f"EmbedText: {error.code().name}") from None
         return np.stack([np.frombuffer(vector.values, dtype="<f4") for vector in response.vectors])
@@ -143,7 +144,8 @@ class ItemFeed:
             call.cancel()
 
     def _mark_ready_if_caught_up(self) -> None:
-        if not self.catalog.ready.is_set() and self._target is not None and self.catalog.watermark >= self._target:
+        if (not self.catalog.ready.is_set() and self._target is not None
+                and self.catalog.watermark >= self._target):
             self.catalog.mark_ready()
             log.info("catalog caught up", extra={"items": self.catalog.active_count,
                                                  "data_lsn": self.catalog.watermark})
@@ -185,7 +187,8 @@ class ItemFeed:
                     self.catalog.apply(updates, response.watermark)
                     if seen is not None and response.watermark >= self._target:
                         removed = self.catalog.retain_only(seen, response.watermark)
-                        log.info("full resync done", extra={"removed": removed, "data_lsn": response.watermark})
+                        log.info("full resync done",
+                                 extra={"removed": removed, "data_lsn": response.watermark})
                         seen, resync = None, False
                     self.messages += 1
                     backoff = 0.2

@@ -179,7 +179,8 @@ class _Flat:
         if ids.size:
             self.index.remove_ids(ids)
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray]:
         if allowed is None:
             return self.index.search(queries, k)
         params = faiss.SearchParameters()
@@ -206,7 +207,8 @@ class _Hnsw:
     def _grow(self, rows: int) -> None:
         if rows > self.row_ids.shape[0]:
             capacity = max(rows, 2 * self.row_ids.shape[0], 1024)
-            self.row_ids = np.concatenate([self.row_ids, np.full(capacity - self.row_ids.shape[0], -1, np.int64)])
+            extra = np.full(capacity - self.row_ids.shape[0], -1, np.int64)
+            self.row_ids = np.concatenate([self.row_ids, extra])
         need = (rows + 7) // 8
         if need > self.live.shape[0]:
             capacity = max(need, 2 * self.live.shape[0], 128)
@@ -236,7 +238,8 @@ class _Hnsw:
         for item_id in ids:
             self._kill(item_id)
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray]:
         params = faiss.SearchParametersHNSW()
         params.efSearch = max(self.ef_search, k)
         rows = self.index.ntotal
@@ -388,7 +391,8 @@ class VectorIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         k = max(1, min(int(k), max(self._count, 1)))
         with self._lock.read():
-            return self._structure.search(queries, k, None if allowed is None else np.asarray(allowed, np.int64))
+            allowed = None if allowed is None else np.asarray(allowed, np.int64)
+            return self._structure.search(queries, k, allowed)
 
     def _search_locked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         with self._lock.read():
@@ -477,7 +481,7 @@ class VectorIndex:
                 previous = self._structure
                 self._structure = structure
                 self.rebuilds += 1
-            log.info("index rebuilt", extra={"kind": kind, "previous_kind": previous.kind, "items": self._count,
-                                             "dead_rows_dropped": previous.dead})
+            log.info("index rebuilt", extra={"kind": kind, "previous_kind": previous.kind,
+                                             "items": self._count, "dead_rows_dropped": previous.dead})
         finally:
             self._rebuilding = False

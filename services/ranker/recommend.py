@@ -103,7 +103,8 @@ class Recommender:
             personal = self._personal(bundle, cached, k, filters, excluded)
             if personal:
                 return Answer(personal, version, data_lsn, variant, cold_start=False)
-        return Answer(self.cold_start(bundle, k, filters, excluded), version, data_lsn, variant, cold_start=True)
+        items = self.cold_start(bundle, k, filters, excluded)
+        return Answer(items, version, data_lsn, variant, cold_start=True)
 
     def _excluded(self, history: UserHistory, filters: FilterSpec) -> set[int]:
         excluded = {iid for iid in map(self.catalog.iid, filters.exclude_item_ids) if iid is not None}
@@ -133,7 +134,8 @@ class Recommender:
             meta = self.catalog.meta(iid)
             anchor = self.catalog.meta(int(iids[position]))
             verb = _VERBS.get(int(events[position]), "because you viewed {}")
-            reason = verb.format(short(anchor.title or anchor.item_id)) if anchor is not None else "picked for you"
+            reason = (verb.format(short(anchor.title or anchor.item_id)) if anchor is not None
+                      else "picked for you")
             items.append(Scored(meta.item_id, score, reason, meta.title))
         return items
 
@@ -148,7 +150,8 @@ class Recommender:
                     yield iid
         yield from (int(i) for i in self.catalog.popular)
 
-    def cold_start(self, bundle: ModelBundle | None, k: int, filters: FilterSpec, excluded: set[int]) -> list[Scored]:
+    def cold_start(self, bundle: ModelBundle | None, k: int, filters: FilterSpec,
+                   excluded: set[int]) -> list[Scored]:
         """Popular items with a share of the newest ones; never empty while any item qualifies."""
         accept = make_acceptor(self.catalog, filters, excluded)
         fresh_slots = int(math.floor(k * self.fresh_share)) if k > 1 else 0

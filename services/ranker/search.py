@@ -75,7 +75,8 @@ class SearchWeights:
 
 class Searcher:
     def __init__(self, catalog: Catalog, state: ServingState, users: UserCache, encoder: CachedEncoder, *,
-                 history_length: int = 50, max_wait_s: float = 5.0, weights: SearchWeights | None = None) -> None:
+                 history_length: int = 50, max_wait_s: float = 5.0,
+                 weights: SearchWeights | None = None) -> None:
         self.catalog, self.state, self.users, self.encoder = catalog, state, users, encoder
         self.history_length, self.max_wait_s = history_length, max_wait_s
         self.weights = weights or SearchWeights()
@@ -112,7 +113,8 @@ class Searcher:
         items = self._rank(query, k, filters, excluded, bundle if user is not None else None, user)
         return Answer(items, version, data_lsn, variant)
 
-    def _rank(self, query: str, k: int, filters: FilterSpec, excluded: set[int], bundle, user) -> list[Scored]:
+    def _rank(self, query: str, k: int, filters: FilterSpec, excluded: set[int], bundle,
+              user) -> list[Scored]:
         catalog, weights = self.catalog, self.weights
         accept = make_acceptor(catalog, filters, excluded)
         pool = max(50, 4 * k)

@@ -85,8 +85,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     @admitted
     def Search(self, request, context):
         answer = self.replica.searcher.search(
-            request.query, request.user_id, request.k, filters_from(request, NO_FILTERS), request.min_data_lsn,
-            time_remaining(context))
+            request.query, request.user_id, request.k, filters_from(request, NO_FILTERS),
+            request.min_data_lsn, time_remaining(context))
         return ranker_pb2.SearchResponse(
             items=_items(answer), freshness=_freshness(answer),
             variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version))
@@ -94,7 +94,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     @grpc_errors
     @admitted
     def SimilarItems(self, request, context):
-        answer = self.replica.recommender.similar(request.item_id, request.k, filters_from(request, NO_FILTERS))
+        answer = self.replica.recommender.similar(request.item_id, request.k,
+                                                  filters_from(request, NO_FILTERS))
         return ranker_pb2.SimilarItemsResponse(items=_items(answer), freshness=_freshness(answer))
 
     @grpc_errors
@@ -102,7 +103,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         status = self.replica.status()
         return ranker_pb2.RankerServiceStatusResponse(
             replica_id=status["replica_id"],
-            freshness=common_pb2.Freshness(model_version=status["model_version"], data_lsn=status["data_lsn"]),
+            freshness=common_pb2.Freshness(model_version=status["model_version"],
+                                           data_lsn=status["data_lsn"]),
             index_size=status["index_size"], index_checksum=status["index_checksum"],
             canary_version=status["canary_version"], canary_share=status["canary_share"],
             refused_version=status["refused_version"], refused_reason=status["refused_reason"],

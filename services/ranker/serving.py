@@ -76,7 +76,8 @@ class ModelBundle:
                  index_options: IndexOptions | None = None) -> None:
         config = model.config
         if config.text_dim != catalog.text_dim:
-            raise ArtifactInvalid(f"model text_dim {config.text_dim} != catalog text vectors {catalog.text_dim}")
+            raise ArtifactInvalid(f"model text_dim {config.text_dim} != catalog text vectors "
+                                  f"{catalog.text_dim}")
         self.spec = spec
         self.version = artifact.version
         self.sha256 = spec.sha256
@@ -156,17 +157,20 @@ class ModelBundle:
     def artifact_agreement(self, artifact: ModelArtifact, sample: int = 256) -> float | None:
         """Share of a sample of the artifact's items whose vector we reproduce (cosine > 0.99)
         from the live catalog text; informative only (the text may have changed since)."""
-        pairs = [(row, self.catalog.iid(item_id)) for row, item_id in enumerate(artifact.item_vector_ids[:sample])]
+        pairs = [(row, self.catalog.iid(item_id))
+                 for row, item_id in enumerate(artifact.item_vector_ids[:sample])]
         pairs = [(row, iid) for row, iid in pairs if iid is not None and self.index.has_vector(iid)]
         if not pairs:
             return None
         ours = self.index.vectors_of([iid for _, iid in pairs])
         theirs = artifact.item_vectors[[row for row, _ in pairs]]
-        cosine = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1) + 1e-9)
+        norms = np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1) + 1e-9
+        cosine = (ours * theirs).sum(1) / norms
         return float((cosine > 0.99).mean())
 
     # ------------------------------------------------------------------ user side
-    def user_vector(self, history_iids: np.ndarray, event_types: np.ndarray, ages_s: np.ndarray) -> np.ndarray:
+    def user_vector(self, history_iids: np.ndarray, event_types: np.ndarray,
+                    ages_s: np.ndarray) -> np.ndarray:
         """User tower for one user: history (oldest first, at most max_len) -> [dim] float32."""
         if not history_iids.size:
             return self.model.empty_history_vector.detach().numpy().astype(np.float32)
@@ -229,7 +233,8 @@ class ServingState:
         """Replaces the routing; returns the previous one (the caller releases what is unused)."""
         with self._lock:
             previous = self.routing
-            self.routing = Routing(current, canary if share > 0 else None, share if canary is not None else 0.0)
+            self.routing = Routing(current, canary if share > 0 else None,
+                                   share if canary is not None else 0.0)
             if previous.current is not current:
                 self.swaps += 1
             return previous

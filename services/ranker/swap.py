@@ -103,7 +103,8 @@ class ModelManager:
     def _run(self) -> None:
         trim_at = None
         while not self._stop.is_set():
-            timeout = self.retry_s if trim_at is None else max(0.0, min(self.retry_s, trim_at - time.monotonic()))
+            timeout = (self.retry_s if trim_at is None
+                       else max(0.0, min(self.retry_s, trim_at - time.monotonic())))
             self._wake.wait(timeout)
             self._wake.clear()
             if self._stop.is_set():
@@ -150,8 +151,9 @@ class ModelManager:
         dropped = self._detach_dropped(previous, self.state.routing)
         if previous.current is not current:
             metrics.SWAPS.inc()
-            log.info("model swapped", extra={"model_version": current.version if current else 0,
-                                             "previous_version": previous.current.version if previous.current else 0})
+            log.info("model swapped", extra={
+                "model_version": current.version if current else 0,
+                "previous_version": previous.current.version if previous.current else 0})
         if (canary is not previous.canary) or share != previous.canary_share:
             log.info("canary set", extra={"canary_version": canary.version if canary else 0, "share": share})
         if self.on_change:
@@ -161,14 +163,16 @@ class ModelManager:
 
     def _settle(self) -> None:
         with self._lock:
-            pending = any(spec is not None and self._needs_work(role, spec) for role, spec in self._wanted.items())
+            pending = any(spec is not None and self._needs_work(role, spec)
+                          for role, spec in self._wanted.items())
             if not pending:
                 self.idle.set()
 
     def _needs_work(self, role: str, spec: ModelSpec) -> bool:
         routing = self.state.routing
         served = routing.current if role == "current" else routing.canary
-        if role == "canary" and (spec.share <= 0 or spec.same_artifact(routing.current.spec if routing.current else None)):
+        current_spec = routing.current.spec if routing.current else None
+        if role == "canary" and (spec.share <= 0 or spec.same_artifact(current_spec)):
             return routing.canary is not None
         if served is not None and spec.same_artifact(served.spec):
             return False
@@ -210,7 +214,8 @@ class ModelManager:
             self.loading = None
         self._refused.pop(key, None)
         metrics.SWAP_SECONDS.observe(time.monotonic() - started)
-        log.info("model loaded", extra={"role": role, "model_version": spec.version, "items": bundle.index.size,
+        log.info("model loaded", extra={"role": role, "model_version": spec.version,
+                                        "items": bundle.index.size,
                                         "seconds": round(time.monotonic() - started, 3)})
         return bundle
 
@@ -225,7 +230,8 @@ class ModelManager:
         except (OSError, ValueError) as error:
             raise Refused(f"artifact unreadable: {error}", transient=True) from None
         except Exception as error:  # noqa: BLE001 - e.g. the database of a postgres:// store is down
-            raise Refused(f"artifact store error: {type(error).__name__}: {str(error)[:200]}", transient=True) from None
+            raise Refused(f"artifact store error: {type(error).__name__}: {str(error)[:200]}",
+                          transient=True) from None
         bundle = None
         try:
             artifact = deserialize(data)
@@ -305,7 +311,8 @@ class EtcdModelWatcher:
                 revision = self._read()
                 self.synced.set()
                 if self._watch is None:
-                    self._watch = self.etcd.watch("model/", self._on_event, prefix=True, start_revision=revision + 1)
+                    self._watch = self.etcd.watch("model/", self._on_event, prefix=True,
+                                                  start_revision=revision + 1)
                 backoff = 0.2
                 self._stop.wait(self.reconcile_s)
             except (EtcdUnavailable, ValueError) as error:   # ValueError: etcd3's "failed node"

@@ -59,22 +59,26 @@ class NumpyUserTower:
             [table, np.full((config.num_layers, 1, self.heads), _MASKED, np.float32)], axis=1)
         self._future: dict[int, np.ndarray] = {}
         self.empty = array(model.empty_history_vector)
-        self.output_norm = (array(model.output_norm.weight), array(model.output_norm.bias), model.output_norm.eps)
+        norm = model.output_norm
+        self.output_norm = (array(norm.weight), array(norm.bias), norm.eps)
         self.blocks = []
         for block in model.blocks:
             feed_forward = block.feed_forward
             if not (isinstance(feed_forward[1], torch.nn.GELU) and feed_forward[1].approximate == "none"):
                 raise ValueError("unknown feed-forward activation")
             self.blocks.append({
-                "norm1": (array(block.attention_norm.weight), array(block.attention_norm.bias), block.attention_norm.eps),
+                "norm1": (array(block.attention_norm.weight), array(block.attention_norm.bias),
+                          block.attention_norm.eps),
                 "qkv_w": np.ascontiguousarray(array(block.query_key_value.weight).T),
                 "qkv_b": array(block.query_key_value.bias),
                 "out_w": np.ascontiguousarray(array(block.attention_output.weight).T),
                 "out_b": array(block.attention_output.bias),
                 "norm2": (array(block.feed_forward_norm.weight), array(block.feed_forward_norm.bias),
                           block.feed_forward_norm.eps),
-                "ff1_w": np.ascontiguousarray(array(feed_forward[0].weight).T), "ff1_b": array(feed_forward[0].bias),
-                "ff2_w": np.ascontiguousarray(array(feed_forward[3].weight).T), "ff2_b": array(feed_forward[3].bias),
+                "ff1_w": np.ascontiguousarray(array(feed_forward[0].weight).T),
+                "ff1_b": array(feed_forward[0].bias),
+                "ff2_w": np.ascontiguousarray(array(feed_forward[3].weight).T),
+                "ff2_b": array(feed_forward[3].bias),
             })
 
     def __call__(self, history_vectors: np.ndarray, events: np.ndarray, ages: np.ndarray) -> np.ndarray:
@@ -137,7 +141,8 @@ def serving_tower(model: DeltaRecModel, tolerance: float = 1e-4):
         tower = NumpyUserTower(model)
         difference = tower.matches(model)
     except Exception as error:  # noqa: BLE001 - an unknown model shape: the torch path serves it
-        log.warning("numpy user tower unavailable for this model; using torch", extra={"error": str(error)[:200]})
+        log.warning("numpy user tower unavailable for this model; using torch",
+                    extra={"error": str(error)[:200]})
         return None
     if difference is None or difference > tolerance:
         log.warning("numpy user tower does not reproduce this model; using torch",
