@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import sqlalchemy as sa
 
