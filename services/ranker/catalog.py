@@ -112,12 +112,16 @@ class Catalog:
     def is_active(self, iid: int) -> bool:
         return 0 <= iid < self._active.shape[0] and bool(self._active[iid])
 
-    def in_categories(self, prefixes: Sequence[str]) -> set[int]:
-        """Active items whose category starts with one of the prefixes."""
+    def in_categories(self, prefixes: Sequence[str], limit: int | None = None) -> set[int] | None:
+        """Active items whose category starts with one of the prefixes (None when there are
+        more than `limit`: the caller filters search results instead of scanning them)."""
+        matching = [members for category, members in list(self._by_category.items())
+                    if any(category.startswith(prefix) for prefix in prefixes)]
+        if limit is not None and sum(len(members) for members in matching) > limit:
+            return None
         found: set[int] = set()
-        for category, members in list(self._by_category.items()):
-            if any(category.startswith(prefix) for prefix in prefixes):
-                found |= members
+        for members in matching:
+            found |= members
         return found
 
     def mark_ready(self) -> None:

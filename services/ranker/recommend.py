@@ -170,7 +170,8 @@ class Recommender:
         take((int(i) for i in self.catalog.fresh), k, "new in the catalog")
         take(self._popular(bundle), k, "popular right now")
         if len(picked) < k and filters.categories:
-            take(sorted(self.catalog.in_categories(filters.categories)), k, "in your chosen category")
+            take(sorted(self.catalog.in_categories(filters.categories, limit=10 * k) or ()), k,
+                 "in your chosen category")
         items = []
         for rank, (iid, reason) in enumerate(picked):
             meta = self.catalog.meta(iid)

@@ -121,8 +121,8 @@ def retrieve(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, fi
     if not size:
         return []
     if filters.categories:
-        candidates = catalog.in_categories(filters.categories)
-        if len(candidates) <= CANDIDATE_SCAN_MAX:
+        candidates = catalog.in_categories(filters.categories, limit=CANDIDATE_SCAN_MAX)
+        if candidates is not None:
             ids = np.fromiter((i for i in candidates if accept(i) and index.contains(i)), np.int64)
             if not ids.size:
                 return []
