@@ -50,7 +50,9 @@ class RankerConfig(CommonConfig):
     user_cache_size: int = env("RANKER_USER_CACHE_SIZE", 10_000, minimum=0)
     history_length: int = env("RANKER_HISTORY_LENGTH", 50, minimum=1, maximum=1000,
                               help="history items asked of features (the model uses at most its max_len)")
-    max_wait_s: float = env("RANKER_MAX_LSN_WAIT_S", 5.0, minimum=0.0, maximum=600.0,
+    # features' WatchItems sends a bare watermark only every 5 s while no item changes: a write
+    # that touches no item (an event) can take that long to reach this replica's watermark.
+    max_wait_s: float = env("RANKER_MAX_LSN_WAIT_S", 10.0, minimum=0.0, maximum=600.0,
                             help="longest wait for min_data_lsn (also capped by the call's deadline)")
     lease_ttl_s: int = env("RANKER_LEASE_TTL_S", 10, minimum=2, maximum=3600,
                            help="TTL of the rankers/<replica> registration lease")
