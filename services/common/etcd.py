@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,6 +17,9 @@ import etcd3
 import etcd3.events
 
 log = logging.getLogger(__name__)
+
+
+ENDPOINT_RETRY_S = 1.0
 
 
 class EtcdUnavailable(Exception):
@@ -60,6 +62,11 @@ class Etcd:
         host, port = endpoint.rsplit(":", 1)
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self._client = etcd3.client(host=host, port=int(port), timeout=timeout_s)
+        # The client marks an endpoint failed for 300 s after one connection error and refuses every
+        # call until then ("Trying to use a failed node"), even once etcd is back: watches would
+        # resume only 5 minutes after an outage. Retry after a second instead.
+        for client_endpoint in getattr(self._client, "endpoints", {}).values():
+            client_endpoint.time_retry = ENDPOINT_RETRY_S
         self.endpoint = endpoint
 
     # ---------------------------------------------------------------- keys

@@ -42,6 +42,9 @@ class GrpcService:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-rpc"),
             interceptors=[ObservabilityInterceptor()],
+            # Past this many calls in flight gRPC answers RESOURCE_EXHAUSTED itself: overload is
+            # refused early instead of queueing without bound in front of the handler threads.
+            maximum_concurrent_rpcs=workers * 4,
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.so_reuseport", 0)])

@@ -72,15 +72,6 @@ class ArtifactReader:
             self._engine.dispose()
 
 
-def retry_etcd_quickly(etcd: Etcd, seconds: float = 1.0) -> None:
-    """The etcd3 client marks its endpoint failed for 300 s after one connection error and, until
-    then, refuses every call ("Trying to use a failed node") even when etcd is back: the watch
-    would only resume 5 minutes after an outage. Retry the endpoint after `seconds` instead.
-    (Belongs in services/common/etcd.py; harmless once it is there.)"""
-    for endpoint in getattr(etcd._client, "endpoints", {}).values():
-        endpoint.time_retry = seconds
-
-
 def main() -> int:
     try:
         config = load(RankerConfig)
@@ -101,7 +92,6 @@ def main() -> int:
     reader = ArtifactReader(config.database_url)
     manager = ModelManager(catalog, state, reader, config.index_options(), retry_s=config.artifact_retry_s)
     etcd = Etcd(config.etcd_endpoint, config.etcd_prefix)
-    retry_etcd_quickly(etcd)
     watcher = EtcdModelWatcher(etcd, manager)
     users = UserCache(features, config.user_cache_ttl_s, config.user_cache_size)
     encoder = CachedEncoder(LocalEncoder() if config.query_encoder == "local" else features)
