@@ -17,7 +17,9 @@ collector and a features service through scripts/launch.py.
   embedded and stored by the features service. Timed from the first UpsertItems call until
   Status.embeddings_computed has grown by the number of items (the service was warmed up on a few
   other items first).
-`ratio` = service items/s / bare items/s (target >= 0.9).
+`ratio` = service items/s / bare items/s (target >= 0.9). The machine may be shared, and wall time
+then depends on what else runs; `cpu_ratio` = bare CPU per item / (features + collector) CPU per
+item is the same comparison in CPU time, which other work hardly affects.
 
 Progress goes to stderr; the LAST stdout line is one JSON object with the figures.
 """
@@ -40,7 +42,8 @@ for _path in (REPO_ROOT, REPO_ROOT / "gen"):
 import grpc  # noqa: E402
 import psycopg2  # noqa: E402
 
-from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2, features_pb2, features_pb2_grpc  # noqa: E402
+from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, features_pb2,  # noqa: E402
+                         features_pb2_grpc)
 from scripts import infra  # noqa: E402
 from scripts.launch import ServiceProcess  # noqa: E402
 from services.common import datasets, db  # noqa: E402
@@ -68,8 +71,8 @@ def infra_running(state: Path) -> bool:
 
 
 def admin_connection(database_url: str, name: str = "postgres"):
-    connection = psycopg2.connect(database_url.replace("postgresql+psycopg2://", "postgresql://").rsplit("/", 1)[0]
-                                  + f"/{name}")
+    server = database_url.replace("postgresql+psycopg2://", "postgresql://").rsplit("/", 1)[0]
+    connection = psycopg2.connect(f"{server}/{name}")
     connection.autocommit = True
     return connection
 
@@ -79,8 +82,8 @@ def drop_database(admin, name: str) -> None:
         # A replication slot pins its database: drop the slots (and their walsenders) first.
         cursor.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
                        "WHERE database = %s AND active_pid IS NOT NULL", (name,))
-        cursor.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
-                       (name,))
+        cursor.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                       "WHERE database = %s", (name,))
         cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -95,10 +98,17 @@ def model_texts(items: list[common_pb2.Item]) -> list[str]:
     return [embedding_text(ItemText(i.title, i.description, i.category, i.brand)) for i in items]
 
 
-def bare_items_per_s(encoder, texts: list[str]) -> float:
-    started = time.perf_counter()
+def bare_run(encoder, texts: list[str]) -> tuple[float, float]:
+    """(items/s, CPU seconds per item) of the bare model in this process."""
+    started, cpu_started = time.perf_counter(), time.process_time()
     encoder.encode(texts, batch_size=64)
-    return len(texts) / (time.perf_counter() - started)
+    return len(texts) / (time.perf_counter() - started), (time.process_time() - cpu_started) / len(texts)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def computed(features) -> int:
@@ -113,22 +123,25 @@ def wait_computed(features, target: int, timeout_s: float) -> float:
             return time.perf_counter()
         if time.monotonic() > deadline:
             raise RuntimeError(f"the features service did not embed {target} items within {timeout_s:.0f}s")
-        time.sleep(0.1)
+        # Each Status call costs the service a little CPU; 4 a second keeps that well under 1%.
+        time.sleep(0.25)
 
 
 def load(collector, items: list[common_pb2.Item]) -> None:
     for start in range(0, len(items), LOAD_BATCH):
-        response = collector.UpsertItems(collector_pb2.UpsertItemsRequest(items=items[start:start + LOAD_BATCH]),
-                                         timeout=120)
+        request = collector_pb2.UpsertItemsRequest(items=items[start:start + LOAD_BATCH])
+        response = collector.UpsertItems(request, timeout=120)
         if response.rejected:
-            raise RuntimeError(f"collector rejected items: {[r.reason for r in response.results if not r.ok][:3]}")
+            reasons = [r.reason for r in response.results if not r.ok][:3]
+            raise RuntimeError(f"collector rejected items: {reasons}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"first {QUICK_ITEMS} titles, under 60 s")
     parser.add_argument("--items", type=int, default=None, help="number of catalog items (default: all)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads, for both the service and the bare model")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads, for both the service and the bare model")
     parser.add_argument("--infra-dir", type=Path, default=DEFAULT_INFRA_DIR)
     args = parser.parse_args(argv)
     run_started = time.perf_counter()
@@ -143,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.common.text_encoder import TextEncoder
     encoder = TextEncoder(num_threads=args.threads)
     encoder.encode(model_texts(warmup), batch_size=64)
-    bare_before = bare_items_per_s(encoder, texts)
+    bare_before, bare_cpu_before = bare_run(encoder, texts)
     progress(f"bare model: {bare_before:,.1f} items/s")
 
     state = args.infra_dir.resolve()
@@ -159,14 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         database_url = env.database_url.rsplit("/", 1)[0] + f"/{database}"
         db.migrate(database_url)
         service_env = {"DATABASE_URL": database_url, "ETCD_ENDPOINT": env.etcd_endpoint,
-                       "ETCD_PREFIX": f"/bench-{uuid.uuid4().hex[:8]}/", "GRPC_PORT": "0", "METRICS_PORT": "0",
+                       "ETCD_PREFIX": f"/bench-{uuid.uuid4().hex[:8]}/", "GRPC_PORT": "0",
+                       "METRICS_PORT": "0",
                        "LOG_LEVEL": "WARNING", "COLLECTOR_MAX_BATCH": str(LOAD_BATCH)}
         collector_process = ServiceProcess("services.collector", service_env, name="collector-bench-embed",
                                            log_dir=state / "logs").start()
         processes.append(collector_process)
         features_process = ServiceProcess("services.features", {
             **service_env, "COLLECTOR_ADDRESS": collector_process.address,
-            "FEATURES_TORCH_THREADS": str(args.threads)}, name="features-bench-embed", log_dir=state / "logs").start()
+            "FEATURES_TORCH_THREADS": str(args.threads)}, name="features-bench-embed",
+            log_dir=state / "logs").start()
         processes.append(features_process)
         collector = collector_pb2_grpc.CollectorServiceStub(grpc.insecure_channel(collector_process.address))
         features = features_pb2_grpc.FeaturesServiceStub(grpc.insecure_channel(features_process.address))
@@ -176,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         baseline = computed(features)
         progress(f"service warmed up ({baseline} items embedded)")
 
+        pids = [collector_process.process.pid, features_process.process.pid]
+        cpu_started = [cpu_seconds(pid) for pid in pids]
         started = time.perf_counter()
         loader_error: list[BaseException] = []
         loaded_at: list[float] = []
@@ -193,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         if loader_error:
             raise loader_error[0]
         service = len(items) / (finished - started)
+        # CPU per item of the two processes the load goes through (Postgres not included): unlike
+        # wall time, hardly affected by other work on a shared machine.
+        collector_cpu, features_cpu = ((cpu_seconds(pid) - before) / len(items)
+                                       for pid, before in zip(pids, cpu_started))
         load_s = loaded_at[0] - started
         progress(f"service: {service:,.1f} items/s (the collector accepted the load in {load_s:.1f}s)")
         status = features.Status(features_pb2.FeaturesServiceStatusRequest(), timeout=30)
@@ -205,16 +226,22 @@ def main(argv: list[str] | None = None) -> int:
             infra.stop(state)
             progress("infrastructure stopped")
 
-    bare_after = bare_items_per_s(encoder, texts)
+    bare_after, bare_cpu_after = bare_run(encoder, texts)
     bare = (bare_before + bare_after) / 2
+    bare_cpu = (bare_cpu_before + bare_cpu_after) / 2
     progress(f"bare model again: {bare_after:,.1f} items/s")
     ratio = service / bare
     summary = {
         "benchmark": "embed", "quick": args.quick, "source": source, "items": len(items),
-        "torch_threads": args.threads, "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+        "torch_threads": args.threads, "cpus": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "items_per_s_service": round(service, 1), "items_per_s_bare": round(bare, 1),
         "items_per_s_bare_before": round(bare_before, 1), "items_per_s_bare_after": round(bare_after, 1),
         "ratio": round(ratio, 3), "target_ratio": TARGET_RATIO, "meets_target": ratio >= TARGET_RATIO,
+        "cpu_ms_per_item_bare": round(bare_cpu * 1000, 2),
+        "cpu_ms_per_item_features": round(features_cpu * 1000, 2),
+        "cpu_ms_per_item_collector": round(collector_cpu * 1000, 2),
+        "cpu_ratio": round(bare_cpu / (features_cpu + collector_cpu), 3),
         "collector_load_s": round(load_s, 2), "embeddings_skipped": status.embeddings_skipped,
         "fallback_embeddings": status.fallback_embeddings, "model": status.model_name,
         "wall_s": round(time.perf_counter() - run_started, 1),

@@ -49,7 +49,8 @@ for _path in (REPO_ROOT, REPO_ROOT / "gen"):
 import grpc  # noqa: E402
 import psycopg2  # noqa: E402
 
-from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2, features_pb2, features_pb2_grpc  # noqa: E402
+from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, features_pb2,  # noqa: E402
+                         features_pb2_grpc)
 from scripts import infra  # noqa: E402
 from scripts.launch import ServiceProcess  # noqa: E402
 from services.common import datasets, db  # noqa: E402
@@ -75,8 +76,8 @@ def infra_running(state: Path) -> bool:
 
 
 def admin_connection(database_url: str, name: str = "postgres"):
-    connection = psycopg2.connect(database_url.replace("postgresql+psycopg2://", "postgresql://").rsplit("/", 1)[0]
-                                  + f"/{name}")
+    server = database_url.replace("postgresql+psycopg2://", "postgresql://").rsplit("/", 1)[0]
+    connection = psycopg2.connect(f"{server}/{name}")
     connection.autocommit = True
     return connection
 
@@ -86,8 +87,8 @@ def drop_database(admin, name: str) -> None:
         # A replication slot pins its database: drop the slots (and their walsenders) first.
         cursor.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
                        "WHERE database = %s AND active_pid IS NOT NULL", (name,))
-        cursor.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
-                       (name,))
+        cursor.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                       "WHERE database = %s", (name,))
         cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -101,6 +102,10 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(ordered) * 1000, 2)}
 
 
+def ratio(value: float, reference: float) -> float | None:
+    return round(value / reference, 3) if reference > 0 else None
+
+
 class Sent:
     """Events accepted by the collector: (event_id, user, count of that user's events) by order."""
 
@@ -111,7 +116,8 @@ class Sent:
         self.done = False
 
 
-def send_events(collector, items: list[str], rate: float, duration_s: float, sent: Sent, errors: list) -> None:
+def send_events(collector, items: list[str], rate: float, duration_s: float, sent: Sent,
+                errors: list) -> None:
     rng = random.Random(11)
     per_user: dict[str, int] = {}
     total = int(rate * duration_s)
@@ -154,8 +160,8 @@ def check_features(features, sent: Sent, latencies: list[float], errors: list) -
                     return
                 event_id, user, count = sent.pending[0]
             while True:
-                response = features.GetUserFeatures(features_pb2.GetUserFeaturesRequest(user_id=user, max_history=1),
-                                                    timeout=30)
+                request = features_pb2.GetUserFeaturesRequest(user_id=user, max_history=1)
+                response = features.GetUserFeatures(request, timeout=30)
                 if sum(response.features.counters.values()) >= count:
                     seen = time.perf_counter()
                     break
@@ -171,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="50 events/s for 15 s, under 60 s")
     parser.add_argument("--rate", type=float, default=None, help="events per second (default 100, 50 quick)")
-    parser.add_argument("--duration", type=float, default=None, help="seconds of traffic (default 60, 15 quick)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds of traffic (default 60, 15 quick)")
     parser.add_argument("--infra-dir", type=Path, default=DEFAULT_INFRA_DIR)
     args = parser.parse_args(argv)
     rate = args.rate or (50.0 if args.quick else 100.0)
@@ -192,14 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         database_url = env.database_url.rsplit("/", 1)[0] + f"/{database}"
         db.migrate(database_url)
         service_env = {"DATABASE_URL": database_url, "ETCD_ENDPOINT": env.etcd_endpoint,
-                       "ETCD_PREFIX": f"/bench-{uuid.uuid4().hex[:8]}/", "GRPC_PORT": "0", "METRICS_PORT": "0",
+                       "ETCD_PREFIX": f"/bench-{uuid.uuid4().hex[:8]}/", "GRPC_PORT": "0",
+                       "METRICS_PORT": "0",
                        "LOG_LEVEL": "WARNING"}
         collector_process = ServiceProcess("services.collector", service_env, name="collector-bench-fresh",
                                            log_dir=state / "logs").start()
         processes.append(collector_process)
-        features_process = ServiceProcess("services.features", {**service_env,
-                                                                "COLLECTOR_ADDRESS": collector_process.address},
-                                          name="features-bench-fresh", log_dir=state / "logs").start()
+        features_process = ServiceProcess(
+            "services.features", {**service_env, "COLLECTOR_ADDRESS": collector_process.address},
+            name="features-bench-fresh", log_dir=state / "logs").start()
         processes.append(features_process)
         collector = collector_pb2_grpc.CollectorServiceStub(grpc.insecure_channel(collector_process.address))
         features = features_pb2_grpc.FeaturesServiceStub(grpc.insecure_channel(features_process.address))
@@ -209,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                                    brand=i.brand, active=True) for i in data.items[:CATALOG_ITEMS]]
         collector.UpsertItems(collector_pb2.UpsertItemsRequest(items=catalog), timeout=120)
         deadline = time.monotonic() + 300
-        while features.Status(features_pb2.FeaturesServiceStatusRequest(), timeout=30).embeddings_computed < len(catalog):
+        status_request = features_pb2.FeaturesServiceStatusRequest()
+        while features.Status(status_request, timeout=30).embeddings_computed < len(catalog):
             if time.monotonic() > deadline:
                 raise RuntimeError("catalog not embedded in time")
             time.sleep(0.2)
@@ -223,12 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         mark_connection = admin_connection(env.database_url, database)
         mark_connection.autocommit = False
         with mark_connection.cursor() as cursor:
-            cursor.execute("INSERT INTO consumer_offsets (consumer) VALUES ('bench_bare') ON CONFLICT DO NOTHING")
+            cursor.execute("INSERT INTO consumer_offsets (consumer) VALUES ('bench_bare') "
+                           "ON CONFLICT DO NOTHING")
         mark_connection.commit()
 
         def record(batch) -> None:
             arrived = time.perf_counter()
-            event_ids = [row_of(delta.new_row)["event_id"] for delta in batch.deltas if delta.table == "events"]
+            event_ids = [row_of(delta.new_row)["event_id"] for delta in batch.deltas
+                         if delta.table == "events"]
             with mark_connection.cursor() as cursor:
                 cursor.execute("UPDATE consumer_offsets SET applied_lsn = %s WHERE consumer = 'bench_bare'",
                                (batch.commit_lsn,))
@@ -293,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         **{f"features_{key}": value for key, value in features_figures.items()},
         **{f"bare_consumer_{key}": value for key, value in bare_figures.items()},
         **{f"stream_{key}": value for key, value in stream_figures.items()},
-        "ratio_p50": round(features_figures["p50_ms"] / bare_figures["p50_ms"], 3) if bare_figures["p50_ms"] > 0 else None,
-        "ratio_p99": round(features_figures["p99_ms"] / bare_figures["p99_ms"], 3) if bare_figures["p99_ms"] > 0 else None,
+        "ratio_p50": ratio(features_figures["p50_ms"], bare_figures["p50_ms"]),
+        "ratio_p99": ratio(features_figures["p99_ms"], bare_figures["p99_ms"]),
         "added_p50_ms": round(features_figures["p50_ms"] - bare_figures["p50_ms"], 2),
         "added_p99_ms": round(features_figures["p99_ms"] - bare_figures["p99_ms"], 2),
         "features_users": status.users, "measured_at": datetime.now(timezone.utc).isoformat(),

@@ -162,7 +162,7 @@ class FeatureApplier:
         was sent and acked (so applied): the store is then current as of that LSN although no
         batch ended there. Moving the mark there lets `data_lsn`, `data/watermark` and WatchItems
         advance while our tables are idle, so that a reader waiting for "at least LSN L" (e.g.
-        pg_current_wal_lsn() after its write) is not kept waiting for unrelated traffic. Batches
+        pg_current_wal_insert_lsn() after its write) is not kept waiting for unrelated traffic. Batches
         that follow end after it, so the skip rule is unaffected. Call between batches."""
         if caught_up_lsn <= self.progress.applied_lsn:
             return False
@@ -199,8 +199,9 @@ class FeatureApplier:
                 if entry is None:
                     texts[row] = None
                     continue
-                texts[row] = ItemText(**{name: getattr(entry.text if name in row.missing_text else row.text, name)
-                                         for name in ("title", "description", "category", "brand")})
+                texts[row] = ItemText(**{
+                    name: getattr(entry.text if name in row.missing_text else row.text, name)
+                    for name in ("title", "description", "category", "brand")})
         return texts
 
     def _due_tasks(self, changes: Sequence, texts: dict[ItemRow, ItemText | None]) -> list[EmbeddingTask]:
@@ -321,7 +322,8 @@ class FeatureApplier:
                     if entry is None:
                         fold_removal(record, stamp)
                         continue
-                    fold_catalog_change(record, _row_of_entry(entry), entry.text, stamp, self.settings.model_name)
+                    fold_catalog_change(record, _row_of_entry(entry), entry.text, stamp,
+                                        self.settings.model_name)
                     task = embedding_task(item_id, entry.text)
                     vector = vectors.get(task) or self._compute_vectors([task])[task]
                     set_embedding(record, task, vector[0], self.settings.model_name, fallback=vector[1])

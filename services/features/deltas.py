@@ -245,8 +245,9 @@ def select_new(batch: DecodedBatch, progress: Progress) -> Selection:
                 return Selection([], progress, skipped_transactions=len(batch.transactions))
             restart = progress.applied_lsn > 0 or progress.snapshot_lsn > 0
             return Selection(every_change,
-                             Progress(applied_lsn=batch.commit_lsn, last_xid=0, snapshot_lsn=batch.snapshot_lsn,
-                                      snapshot_done=batch.snapshot_end, stream_lsn=batch.commit_lsn),
+                             Progress(applied_lsn=batch.commit_lsn, last_xid=0,
+                                      snapshot_lsn=batch.snapshot_lsn, snapshot_done=batch.snapshot_end,
+                                      stream_lsn=batch.commit_lsn),
                              restart_from_snapshot=restart)
         if batch.commit_lsn <= progress.applied_lsn:
             return Selection([], progress, skipped_transactions=len(batch.transactions))

@@ -109,7 +109,8 @@ class ItemChangeFeed:
                         changes = [change for change in changes if change.kind == UPSERT]
                     last_page = not full
                     heartbeat_due = time.monotonic() - last_sent >= self.heartbeat_s
-                    if changes or (last_page and (first_round or (page_watermark > watermark and heartbeat_due))):
+                    bare_watermark_due = page_watermark > watermark and heartbeat_due
+                    if changes or (last_page and (first_round or bare_watermark_due)):
                         yield Page(changes, page_watermark)
                         last_sent = time.monotonic()
                         watermark = page_watermark

@@ -119,7 +119,8 @@ class FeatureStore:
              "done": progress.snapshot_done, "stream": progress.stream_lsn, "c": self.consumer})
 
     # ------------------------------------------------------------------ items
-    def load_items(self, connection: Connection, item_ids: Iterable[str], *, lock: bool) -> dict[str, ItemRecord]:
+    def load_items(self, connection: Connection, item_ids: Iterable[str], *,
+                   lock: bool) -> dict[str, ItemRecord]:
         ids = sorted(set(item_ids))   # sorted: rows are locked in one order by every writer
         if not ids:
             return {}
@@ -164,7 +165,8 @@ class FeatureStore:
             "SELECT item_id FROM item_features WHERE in_catalog ORDER BY item_id")).scalars())
 
     # ------------------------------------------------------------------ users
-    def load_users(self, connection: Connection, user_ids: Iterable[str], *, lock: bool) -> dict[str, UserState]:
+    def load_users(self, connection: Connection, user_ids: Iterable[str], *,
+                   lock: bool) -> dict[str, UserState]:
         ids = sorted(set(user_ids))
         if not ids:
             return {}
@@ -206,7 +208,8 @@ class FeatureStore:
             {"lsn": lsn}).rowcount
 
     # ------------------------------------------------------------------ the catalog (source)
-    def catalog_entries(self, connection: Connection, item_ids: Iterable[str] | None) -> dict[str, CatalogEntry]:
+    def catalog_entries(self, connection: Connection,
+                        item_ids: Iterable[str] | None) -> dict[str, CatalogEntry]:
         """Current catalog rows (the `items` table) for Resync and for text columns the stream
         left out (unchanged TOASTed values). None = every item."""
         sql = "SELECT item_id, title, description, category, brand, price, currency, active FROM items"
@@ -255,12 +258,14 @@ class FeatureStore:
 
     def current_wal_lsn(self) -> int:
         with self.engine.connect() as connection:
-            return int(connection.execute(sa.text("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")).scalar())
+            return int(connection.execute(sa.text(
+                "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")).scalar())
 
     def applied_lsn(self) -> int:
         with self.engine.connect() as connection:
             value = connection.execute(sa.text(
-                "SELECT applied_lsn FROM consumer_offsets WHERE consumer = :c"), {"c": self.consumer}).scalar()
+                "SELECT applied_lsn FROM consumer_offsets WHERE consumer = :c"),
+                {"c": self.consumer}).scalar()
         return int(value or 0)
 
     def counts(self) -> dict[str, int]:

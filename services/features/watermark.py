@@ -58,7 +58,8 @@ class WatermarkPublisher:
                 self.etcd.put(WATERMARK_KEY, watermark_value(lsn, self.consumer, commit_time))
             except Exception as error:  # noqa: BLE001 - etcd down: keep applying, retry later
                 PUBLISH_FAILURES.inc()
-                log.warning("watermark not published; retrying", extra={"lsn": lsn, "error": str(error)[:200]})
+                log.warning("watermark not published; retrying",
+                            extra={"lsn": lsn, "error": str(error)[:200]})
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue

@@ -103,9 +103,9 @@ def caught_up(features, engine) -> int:
 
 def item(item_id: str, title: str, *, price: tuple[int, int] = (4, 500_000_000), description: str = "",
          category: str = "Beauty > Lips", brand: str = "Belle Rose", active: bool = True) -> common_pb2.Item:
-    return common_pb2.Item(item_id=item_id, title=title, description=description, category=category, brand=brand,
-                           price=common_pb2.Money(currency_code="EUR", units=price[0], nanos=price[1]),
-                           active=active)
+    return common_pb2.Item(item_id=item_id, title=title, description=description, category=category,
+                           brand=brand, active=active,
+                           price=common_pb2.Money(currency_code="EUR", units=price[0], nanos=price[1]))
 
 
 def upsert(collector, *items):
@@ -130,8 +130,8 @@ def status(features):
 
 
 def get_item(features, item_id: str) -> features_pb2.ItemFeatures:
-    response = features.GetItemFeatures(features_pb2.GetItemFeaturesRequest(item_ids=[item_id],
-                                                                            include_embedding=True), timeout=10)
+    request = features_pb2.GetItemFeaturesRequest(item_ids=[item_id], include_embedding=True)
+    response = features.GetItemFeatures(request, timeout=10)
     assert list(response.not_found) == [], response
     return response.items[0]
 
@@ -224,8 +224,8 @@ def test_delete_and_deactivation_leave_the_active_set(collector, features, engin
     upsert(collector, item(f"{ids}-y", "Nail Polish Blue", active=False))
     collector.DeleteItems(collector_pb2.DeleteItemsRequest(item_ids=[f"{ids}-x"]), timeout=10)
     caught_up(features, engine)
-    response = features.GetItemFeatures(features_pb2.GetItemFeaturesRequest(item_ids=[f"{ids}-x", f"{ids}-y"]),
-                                        timeout=10)
+    request = features_pb2.GetItemFeaturesRequest(item_ids=[f"{ids}-x", f"{ids}-y"])
+    response = features.GetItemFeatures(request, timeout=10)
     assert list(response.not_found) == [f"{ids}-x"]
     assert [(i.item_id, i.active) for i in response.items] == [(f"{ids}-y", False)]
 
@@ -247,7 +247,8 @@ def test_a_purchase_shows_in_user_features(collector, features, engine, ids):
     assert list(response.features.recent_queries) == ["vitamin c serum"]
     assert response.data_lsn >= response.features.updated_lsn > 0
 
-    trimmed = features.GetUserFeatures(features_pb2.GetUserFeaturesRequest(user_id=user, max_history=1), timeout=10)
+    request = features_pb2.GetUserFeaturesRequest(user_id=user, max_history=1)
+    trimmed = features.GetUserFeatures(request, timeout=10)
     assert [h.type for h in trimmed.features.history] == [common_pb2.EVENT_TYPE_PURCHASE]
 
     # Item statistics moved with the events.
@@ -259,7 +260,8 @@ def test_a_purchase_shows_in_user_features(collector, features, engine, ids):
 
 
 def test_unknown_user_gets_an_empty_history(features):
-    response = features.GetUserFeatures(features_pb2.GetUserFeaturesRequest(user_id="nobody-ever"), timeout=10)
+    request = features_pb2.GetUserFeaturesRequest(user_id="nobody-ever")
+    response = features.GetUserFeatures(request, timeout=10)
     assert response.features.user_id == "nobody-ever"
     assert list(response.features.history) == [] and dict(response.features.counters) == {}
 
@@ -272,9 +274,11 @@ def test_invalid_requests_name_the_field(features):
         return info.value.details()
     assert invalid(features.GetUserFeatures, features_pb2.GetUserFeaturesRequest()) == "user_id: required"
     assert invalid(features.EmbedText, features_pb2.EmbedTextRequest()) == "texts: must not be empty"
-    assert invalid(features.EmbedText, features_pb2.EmbedTextRequest(texts=["ok", "x" * 3000])).startswith("texts[1]:")
+    too_long = features_pb2.EmbedTextRequest(texts=["ok", "x" * 3000])
+    assert invalid(features.EmbedText, too_long).startswith("texts[1]:")
     assert invalid(features.EmbedText, features_pb2.EmbedTextRequest(texts=["q"] * 300)).startswith("texts:")
-    assert invalid(features.GetItemFeatures, features_pb2.GetItemFeaturesRequest()) == "item_ids: must not be empty"
+    assert invalid(features.GetItemFeatures,
+                   features_pb2.GetItemFeaturesRequest()) == "item_ids: must not be empty"
     assert invalid(features.Resync, features_pb2.ResyncRequest()).startswith("item_ids:")
 
 
@@ -282,8 +286,8 @@ def test_invalid_requests_name_the_field(features):
 
 def watch_until(features, after_lsn: int, target_lsn: int, *, max_batch_size: int = 0):
     """Every change WatchItems(after_lsn) sends until its watermark reaches target_lsn."""
-    call = features.WatchItems(features_pb2.WatchItemsRequest(after_lsn=after_lsn, max_batch_size=max_batch_size),
-                               timeout=60)
+    request = features_pb2.WatchItemsRequest(after_lsn=after_lsn, max_batch_size=max_batch_size)
+    call = features.WatchItems(request, timeout=60)
     changes, watermarks = [], []
     for response in call:
         changes.extend(response.changes)
@@ -301,8 +305,8 @@ def test_watch_items_delivers_exactly_the_changes_after_a_watermark(collector, f
     watermark = caught_up(features, engine)
     # After the watermark: a title change, a price-only change, a new item, a deletion; an event
     # (statistics only) is not an item change.
-    upsert(collector, item(f"{ids}-1", "Argan Hair Oil 100 ml"), item(f"{ids}-2", "Dry Shampoo", price=(7, 0)),
-           item(f"{ids}-4", "Heat Protect Spray"))
+    upsert(collector, item(f"{ids}-1", "Argan Hair Oil 100 ml"),
+           item(f"{ids}-2", "Dry Shampoo", price=(7, 0)), item(f"{ids}-4", "Heat Protect Spray"))
     collector.DeleteItems(collector_pb2.DeleteItemsRequest(item_ids=[f"{ids}-3"]), timeout=10)
     ingest(collector, event(f"{ids}-e", "view", f"{ids}-u", f"{ids}-1"))
     target = caught_up(features, engine)
@@ -311,8 +315,9 @@ def test_watch_items_delivers_exactly_the_changes_after_a_watermark(collector, f
     mine = [c for c in changes if c.item.item_id.startswith(ids)]
     assert len(changes) == len(mine), "changes of items not changed after the watermark were sent"
     kinds = {c.item.item_id: c.kind for c in mine}
-    assert kinds == {f"{ids}-1": features_pb2.ITEM_CHANGE_KIND_UPSERT, f"{ids}-2": features_pb2.ITEM_CHANGE_KIND_UPSERT,
-                     f"{ids}-4": features_pb2.ITEM_CHANGE_KIND_UPSERT, f"{ids}-3": features_pb2.ITEM_CHANGE_KIND_REMOVE}
+    upsert_kind, remove_kind = features_pb2.ITEM_CHANGE_KIND_UPSERT, features_pb2.ITEM_CHANGE_KIND_REMOVE
+    assert kinds == {f"{ids}-1": upsert_kind, f"{ids}-2": upsert_kind, f"{ids}-4": upsert_kind,
+                     f"{ids}-3": remove_kind}
     assert len(mine) == 4
     upserts = {c.item.item_id: c for c in mine if c.kind == features_pb2.ITEM_CHANGE_KIND_UPSERT}
     assert upserts[f"{ids}-1"].item.title == "Argan Hair Oil 100 ml"

@@ -50,8 +50,8 @@ def events_batch(rng: random.Random, start: int, count: int) -> list[common_pb2.
     batch = []
     for n in range(start, start + count):
         kind = rng.choice(KINDS)
-        message = common_pb2.Event(event_id=f"rec-{n}", type=getattr(common_pb2, f"EVENT_TYPE_{kind.upper()}"),
-                                   user_id=rng.choice(USERS))
+        message = common_pb2.Event(event_id=f"rec-{n}", user_id=rng.choice(USERS),
+                                   type=getattr(common_pb2, f"EVENT_TYPE_{kind.upper()}"))
         if kind == "search":
             message.query = rng.choice(QUERIES)
         else:
@@ -72,7 +72,8 @@ def items_batch(rng: random.Random, round_: int, count: int) -> list[common_pb2.
 def expected_users(engine) -> dict[str, dict]:
     with engine.connect() as connection:
         rows = connection.execute(sa.text(
-            "SELECT user_id, event_type, item_id, query, occurred_at FROM events ORDER BY occurred_at, id")).all()
+            "SELECT user_id, event_type, item_id, query, occurred_at FROM events "
+            "ORDER BY occurred_at, id")).all()
     users: dict[str, dict] = defaultdict(lambda: {"counters": Counter(), "history": [], "queries": []})
     for user_id, event_type, item_id, query, occurred_at in rows:
         user = users[user_id]
@@ -116,7 +117,8 @@ def test_kill_9_mid_batch_and_restart_loses_and_duplicates_nothing(infra_env, da
         """Catalog changes, then events in several transactions. Rounds may run concurrently:
         each has its own random generator and event id range."""
         rng = random.Random(round_)
-        collector.UpsertItems(collector_pb2.UpsertItemsRequest(items=items_batch(rng, round_, items)), timeout=60)
+        request = collector_pb2.UpsertItemsRequest(items=items_batch(rng, round_, items))
+        collector.UpsertItems(request, timeout=60)
         for start in range(0, events, 250):
             response = collector.IngestEvents(collector_pb2.IngestEventsRequest(
                 events=events_batch(rng, round_ * 10_000 + start, 250)), timeout=60)
@@ -148,7 +150,8 @@ def test_kill_9_mid_batch_and_restart_loses_and_duplicates_nothing(infra_env, da
     # Kill it while it is applying (after the snapshot and some streamed batches, before the
     # end), write while it is dead, restart; twice, at different points of the stream.
     process = first
-    applied = wait_until(lambda: status().snapshot_done and status().applied_lsn, "the snapshot to be applied")
+    applied = wait_until(lambda: status().snapshot_done and status().applied_lsn,
+                         "the snapshot to be applied")
     for attempt in (1, 2):
         wait_until(lambda: status().applied_lsn > applied, "streamed batches to be applied")
         process.kill()
@@ -169,10 +172,12 @@ def test_kill_9_mid_batch_and_restart_loses_and_duplicates_nothing(infra_env, da
     assert len(expected) == len(USERS)
     total = 0
     for user_id, want in expected.items():
-        got = features.GetUserFeatures(features_pb2.GetUserFeaturesRequest(user_id=user_id), timeout=10).features
+        request = features_pb2.GetUserFeaturesRequest(user_id=user_id)
+        got = features.GetUserFeatures(request, timeout=10).features
         assert dict(got.counters) == dict(want["counters"]), user_id
-        assert [(h.item_id, TYPE_NAMES[h.type], h.timestamp.ToDatetime(tzinfo=timezone.utc)) for h in got.history] \
-            == want["history"], user_id
+        history = [(h.item_id, TYPE_NAMES[h.type], h.timestamp.ToDatetime(tzinfo=timezone.utc))
+                   for h in got.history]
+        assert history == want["history"], user_id
         assert list(got.recent_queries) == want["queries"], user_id
         total += sum(got.counters.values())
     with engine.connect() as connection:
@@ -180,8 +185,8 @@ def test_kill_9_mid_batch_and_restart_loses_and_duplicates_nothing(infra_env, da
 
     # Every item's statistics and vector as the tables say.
     counts = expected_item_counts(engine)
-    response = features.GetItemFeatures(features_pb2.GetItemFeaturesRequest(item_ids=ITEMS, include_embedding=True),
-                                        timeout=30)
+    request = features_pb2.GetItemFeaturesRequest(item_ids=ITEMS, include_embedding=True)
+    response = features.GetItemFeatures(request, timeout=30)
     assert list(response.not_found) == []
     with engine.connect() as connection:
         titles = dict(connection.execute(sa.text("SELECT item_id, title FROM items")).all())

@@ -92,8 +92,8 @@ def test_deleted_then_reinserted_in_one_batch():
 
 def test_catalog_cleared_then_new_item():
     records = {"i1": embedded()}
-    folded = fold_changes([ItemUpsert(row(title="x")), CatalogCleared(), ItemUpsert(row("i3"))], 80, records, {},
-                          {}, SETTINGS)
+    changes = [ItemUpsert(row(title="x")), CatalogCleared(), ItemUpsert(row("i3"))]
+    folded = fold_changes(changes, 80, records, {}, {}, SETTINGS)
     assert folded.catalog_cleared and not records["i1"].in_catalog and list(folded.due) == ["i3"]
 
 

@@ -7,7 +7,8 @@ from services.features.content import (ItemText, clean, content_hash, embedding_
 
 def test_hash_is_stable_hex_sha256():
     text = ItemText("Rose Lip Balm", "Soft lips", "Beauty > Lips", "Belle Rose")
-    assert content_hash(text) == content_hash(ItemText("Rose Lip Balm", "Soft lips", "Beauty > Lips", "Belle Rose"))
+    same = ItemText("Rose Lip Balm", "Soft lips", "Beauty > Lips", "Belle Rose")
+    assert content_hash(text) == content_hash(same)
     assert len(content_hash(text)) == 64
     int(content_hash(text), 16)
 

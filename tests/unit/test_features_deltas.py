@@ -7,8 +7,8 @@ from google.protobuf import json_format
 from deltarec.v1 import collector_pb2
 
 from services.features.content import ItemText
-from services.features.deltas import (CatalogCleared, DecodedBatch, ItemRemoval, ItemUpsert, Progress, Transaction,
-                                      decode_batch, decode_change, select_new)
+from services.features.deltas import (CatalogCleared, DecodedBatch, ItemRemoval, ItemUpsert, Progress,
+                                      Transaction, decode_batch, decode_change, select_new)
 from services.features.user_state import Event
 
 INSERT, UPDATE, DELETE, TRUNCATE = (collector_pb2.OPERATION_INSERT, collector_pb2.OPERATION_UPDATE,
@@ -16,8 +16,9 @@ INSERT, UPDATE, DELETE, TRUNCATE = (collector_pb2.OPERATION_INSERT, collector_pb
 ITEM = {"item_id": "42", "title": "Rose Lip Balm", "description": "", "category": "Lips", "brand": "Belle",
         "price": "4.500000000", "currency": "EUR", "attributes": {}, "active": True,
         "updated_at": "2026-01-01T00:00:00Z"}
-EVENT = {"id": "7", "event_id": "e-7", "event_type": "purchase", "user_id": "u1", "item_id": "42", "query": None,
-         "occurred_at": "2026-01-02T03:04:05.5+00:00", "attributes": {}, "received_at": "2026-01-02T03:04:06Z"}
+EVENT = {"id": "7", "event_id": "e-7", "event_type": "purchase", "user_id": "u1", "item_id": "42",
+         "query": None, "occurred_at": "2026-01-02T03:04:05.5+00:00", "attributes": {},
+         "received_at": "2026-01-02T03:04:06Z"}
 
 
 def row_of(struct):
@@ -92,8 +93,9 @@ def stream_batch(commit_lsn, *xids):
 
 
 def snapshot_batch(commit_lsn, point, *, begin=False, end=False, rows=1):
-    return DecodedBatch(commit_lsn, True, [Transaction(0, [ItemRemoval(f"s{commit_lsn}-{i}") for i in range(rows)])],
-                        snapshot_begin=begin, snapshot_end=end, snapshot_lsn=point)
+    changes = [ItemRemoval(f"s{commit_lsn}-{i}") for i in range(rows)]
+    return DecodedBatch(commit_lsn, True, [Transaction(0, changes)], snapshot_begin=begin, snapshot_end=end,
+                        snapshot_lsn=point)
 
 
 def test_new_batch_is_applied_whole_and_moves_the_mark():

@@ -21,9 +21,9 @@ class RowsInMemory:
 
     def read_changes(self, after, upper, limit):
         lsn, item = after
-        rows = sorted((r for r in self.rows.values()
-                       if r.updated_lsn <= upper and (r.updated_lsn > lsn or
-                                                      (item is not None and r.updated_lsn == lsn and r.item_id > item))),
+        def after_cursor(r):
+            return r.updated_lsn > lsn or (item is not None and r.updated_lsn == lsn and r.item_id > item)
+        rows = sorted((r for r in self.rows.values() if r.updated_lsn <= upper and after_cursor(r)),
                       key=lambda r: (r.updated_lsn, r.item_id))
         return rows[:limit]
 

@@ -46,7 +46,8 @@ def test_popularity_decays_between_events():
 def test_popularity_does_not_depend_on_arrival_order():
     events = [("view", T0), ("purchase", T0 + timedelta(hours=30)), ("click", T0 + timedelta(hours=5)),
               ("add_to_cart", T0 + timedelta(days=3))]
-    expected = sum(EVENT_WEIGHTS[k] * 2 ** (-((T0 + timedelta(days=3)) - t).total_seconds() / DAY) for k, t in events)
+    end = T0 + timedelta(days=3)
+    expected = sum(EVENT_WEIGHTS[k] * 2 ** (-(end - t).total_seconds() / DAY) for k, t in events)
     for order in itertools.permutations(events):
         stats = ItemStats()
         for lsn, (kind, at) in enumerate(order):

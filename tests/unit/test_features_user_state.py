@@ -13,7 +13,8 @@ def event(row_id, kind="view", item="i1", query=None, at=None, user="u1"):
 
 def fold(state, events, history_length=50, recent_queries=20):
     for e in events:
-        apply_event(state, e, lsn=100 + e.row_id, history_length=history_length, recent_queries=recent_queries)
+        apply_event(state, e, lsn=100 + e.row_id, history_length=history_length,
+                    recent_queries=recent_queries)
     return state
 
 

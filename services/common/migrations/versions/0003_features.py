@@ -44,8 +44,8 @@ ALTER TABLE consumer_offsets
 
 DOWNGRADE = """
 DROP INDEX IF EXISTS item_features_lsn_item_idx;
-ALTER TABLE consumer_offsets DROP COLUMN IF EXISTS stream_lsn, DROP COLUMN IF EXISTS snapshot_done, DROP COLUMN IF EXISTS snapshot_lsn,
-    DROP COLUMN IF EXISTS last_xid;
+ALTER TABLE consumer_offsets DROP COLUMN IF EXISTS stream_lsn, DROP COLUMN IF EXISTS snapshot_done,
+    DROP COLUMN IF EXISTS snapshot_lsn, DROP COLUMN IF EXISTS last_xid;
 ALTER TABLE item_features DROP COLUMN IF EXISTS stats_lsn, DROP COLUMN IF EXISTS embedding_model,
     DROP COLUMN IF EXISTS in_catalog;
 """
