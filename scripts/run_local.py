@@ -12,19 +12,18 @@ stops everything after the job. DELTAREC_RUN_USERS limits the replay to N users.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from tqdm import tqdm
 
-from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2
+from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, features_pb2, features_pb2_grpc,
+                         ranker_pb2, ranker_pb2_grpc, trainer_pb2, trainer_pb2_grpc)
 
 from scripts import infra
 from scripts.launch import REPO_ROOT, ServiceProcess
@@ -36,13 +35,6 @@ BATCH = 500
 
 def say(message: str) -> None:
     print(f"\033[1m==> {message}\033[0m", flush=True)
-
-
-def module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 class LocalSuite:
@@ -75,27 +67,29 @@ def load_catalog(stub, dataset: datasets.Dataset) -> None:
     with tqdm(total=len(dataset.items), unit="item", file=sys.stdout) as bar:
         for start in range(0, len(dataset.items), BATCH):
             chunk = dataset.items[start:start + BATCH]
-            stub.UpsertItems(collector_pb2.UpsertItemsRequest(items=[
+            response = stub.UpsertItems(collector_pb2.UpsertItemsRequest(items=[
                 common_pb2.Item(item_id=item.item_id, title=item.title, category=item.category,
                                 brand=item.brand, active=True) for item in chunk]), timeout=60)
+            for result in response.results:
+                if not result.ok:
+                    bar.write(f"    item {result.item_id} rejected: {result.reason}")
             bar.update(len(chunk))
 
 
-def replay(stub, dataset: datasets.Dataset, on_progress=None) -> int:
-    """Replays the interactions as purchases with synthetic increasing timestamps ending now."""
-    order = dataset.replay_order()
-    say(f"replaying {len(order)} interactions of {len(dataset.sequences)} users through the collector")
-    start = datetime.now(timezone.utc) - timedelta(seconds=len(order) + 60)
+def replay(stub, name: str, order: list[tuple[str, str]], begin: int, end: int, start_time: datetime,
+           on_progress=None) -> int:
+    """Sends order[begin:end] as purchases; timestamps increase by one second per interaction
+    and end about now (the data carries order, not time)."""
     accepted = 0
-    with tqdm(total=len(order), unit="event", file=sys.stdout) as bar:
-        for offset in range(0, len(order), BATCH):
+    with tqdm(total=end - begin, unit="event", file=sys.stdout) as bar:
+        for offset in range(begin, end, BATCH):
             events = []
-            for position, (user, item) in enumerate(order[offset:offset + BATCH], start=offset):
+            for position in range(offset, min(offset + BATCH, end)):
+                user, item = order[position]
                 stamp = Timestamp()
-                stamp.FromDatetime(start + timedelta(seconds=position))
-                events.append(common_pb2.Event(event_id=f"{dataset.name}-{position}", user_id=user,
-                                               item_id=item, type=common_pb2.EVENT_TYPE_PURCHASE,
-                                               timestamp=stamp))
+                stamp.FromDatetime(start_time + timedelta(seconds=position))
+                events.append(common_pb2.Event(event_id=f"{name}-{position}", user_id=user, item_id=item,
+                                               type=common_pb2.EVENT_TYPE_PURCHASE, timestamp=stamp))
             response = stub.IngestEvents(collector_pb2.IngestEventsRequest(events=events), timeout=60)
             accepted += response.accepted
             bar.update(len(events))
@@ -109,7 +103,76 @@ def group_lag_line(stub) -> str:
         groups = stub.ListConsumerGroups(collector_pb2.ListConsumerGroupsRequest(), timeout=5).groups
     except grpc.RpcError:
         return ""
-    return "  ".join(f"{g.name}: lag {g.retained_wal_bytes / 1024:.0f} KiB" for g in groups)
+    return "  ".join(f"{g.name}: {g.retained_wal_bytes / 1024:.0f} KiB behind" for g in groups)
+
+
+def wait_for_embeddings(features_stub, expected: int) -> None:
+    """Shows the features service embedding the catalog (only changed text is embedded)."""
+    say("features: embedding the catalog with all-MiniLM-L6-v2")
+    with tqdm(total=expected, unit="item", file=sys.stdout) as bar:
+        while True:
+            status = features_stub.Status(features_pb2.FeaturesServiceStatusRequest(), timeout=10)
+            done = min(status.active_items, expected)
+            bar.update(done - bar.n)
+            if done >= expected and status.lag_bytes == 0:
+                return
+            time.sleep(1)
+
+
+def version_line(version) -> str:
+    status = trainer_pb2.VersionStatus.Name(version.status).replace("VERSION_STATUS_", "").lower()
+    m = version.metrics
+    return (f"v{version.version:<3} {version.strategy:<18} parent v{version.parent_version:<3} "
+            f"Recall@10 {m.recall_at_10:.4f}  NDCG@10 {m.ndcg_at_10:.4f}  "
+            f"{version.train_seconds:6.1f}s  {version.interactions} interactions  -> {status}"
+            + (f" ({version.decision})" if version.decision else ""))
+
+
+class VersionPrinter:
+    """Prints each model version once, as the trainer records it."""
+
+    def __init__(self, trainer_stub) -> None:
+        self.stub, self.seen = trainer_stub, set()
+
+    def poll(self, write=print) -> int:
+        response = self.stub.ListVersions(trainer_pb2.ListVersionsRequest(limit=50), timeout=10)
+        for version in sorted(response.versions, key=lambda v: v.version):
+            if version.version not in self.seen and version.status != trainer_pb2.VERSION_STATUS_CANDIDATE:
+                self.seen.add(version.version)
+                write("    " + version_line(version))
+        return response.current_version
+
+
+def wait_for_first_model(trainer_stub, printer: VersionPrinter) -> None:
+    say("trainer: first full training on what was loaded")
+    last = ""
+    while True:
+        if printer.poll():
+            return
+        status = trainer_stub.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=10)
+        progress = status.progress
+        line = (f"    {progress.kind} v{progress.version}: {progress.phase} epoch {progress.epoch}/{progress.epochs}"
+                if status.busy else f"    waiting: {status.pending_interactions} interactions recorded")
+        if line != last:
+            print(line, flush=True)
+            last = line
+        time.sleep(2)
+
+
+def demo(ranker_address: str, dataset: datasets.Dataset) -> None:
+    stub = ranker_pb2_grpc.RankerServiceStub(grpc.insecure_channel(ranker_address))
+    user = next(iter(dataset.sequences))
+    titles = {item.item_id: item.title for item in dataset.items}
+    say(f"Recommend for user {user} (last bought: {titles.get(dataset.sequences[user][-1], '?')[:60]})")
+    response = stub.Recommend(ranker_pb2.RecommendRequest(user_id=user, k=5), timeout=10)
+    for item in response.items:
+        print(f"    {item.score:7.3f}  {item.title[:70]:<70}  {item.reason}")
+    print(f"    model v{response.freshness.model_version}, data LSN {response.freshness.data_lsn}, "
+          f"variant {response.variant.name}")
+    query = dataset.items[len(dataset.items) // 2].title
+    say(f"Search {query[:60]!r}")
+    for item in stub.Search(ranker_pb2.SearchRequest(query=query, k=5), timeout=10).items:
+        print(f"    {item.score:7.3f}  {item.title[:70]}")
 
 
 def main() -> int:
@@ -120,22 +183,20 @@ def main() -> int:
         say("starting services")
         collector = suite.start("services.collector", "collector")
         stub = collector_pb2_grpc.CollectorServiceStub(grpc.insecure_channel(collector.address))
-        extras = [module for module in ("services.features", "services.trainer", "services.ranker")
-                  if module_exists(module + ".__main__")]
-        collector_env = {"COLLECTOR_ADDRESS": collector.address}
-        for module in extras:
-            if module == "services.ranker":
-                for replica in ("a", "b"):
-                    suite.start(module, f"ranker-{replica}", {**collector_env, "RANKER_REPLICA_ID": f"ranker-{replica}"})
-            else:
-                suite.start(module, module.rsplit(".", 1)[-1], collector_env)
+        features = suite.start("services.features", "features", {"COLLECTOR_ADDRESS": collector.address})
+        features_stub = features_pb2_grpc.FeaturesServiceStub(grpc.insecure_channel(features.address))
 
         users = os.environ.get("DELTAREC_RUN_USERS")
         dataset = datasets.load_default(max_users=int(users) if users else None)
         if dataset.name == "synthetic":
             print("    ../shared/data/amazon-beauty not found: using a synthetic data set")
         load_catalog(stub, dataset)
+        wait_for_embeddings(features_stub, len(dataset.items))
 
+        # 90% of the interactions as history, the rest later as live traffic.
+        order = dataset.replay_order()
+        split = int(len(order) * 0.9)
+        start_time = datetime.now(timezone.utc) - timedelta(seconds=len(order) + 60)
         last_lag = [0.0]
 
         def show_lag(bar) -> None:
@@ -144,16 +205,54 @@ def main() -> int:
                 line = group_lag_line(stub)
                 if line:
                     bar.write(f"    consumer groups  {line}")
-        accepted = replay(stub, dataset, on_progress=show_lag)
-        say(f"replay done: {accepted} events accepted")
-        line = group_lag_line(stub)
-        if line:
-            print(f"    consumer groups  {line}")
 
-        print("\nTry the collector (no proto files needed, the server speaks reflection):")
-        print(f"  .venv/bin/grpcurl -plaintext {collector.address} list")
-        print(f"  .venv/bin/grpcurl -plaintext -d '{{\"events\":[{{\"event_id\":\"demo-1\",\"type\":\"EVENT_TYPE_VIEW\","
-              f"\"user_id\":\"1\",\"item_id\":\"42\"}}]}}' {collector.address} deltarec.v1.CollectorService/IngestEvents")
+        say(f"replaying {split} of {len(order)} interactions ({len(dataset.sequences)} users) as history")
+        accepted = replay(stub, dataset.name, order, 0, split, start_time, on_progress=show_lag)
+        print(f"    {accepted} accepted (already stored ones are reported duplicate)")
+
+        trainer = suite.start("services.trainer", "trainer", {"COLLECTOR_ADDRESS": collector.address})
+        trainer_stub = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(trainer.address))
+        printer = VersionPrinter(trainer_stub)
+        wait_for_first_model(trainer_stub, printer)
+
+        say("starting two ranker replicas")
+        rankers = [suite.start("services.ranker", f"ranker-{name}",
+                               {"FEATURES_ADDRESS": features.address, "RANKER_REPLICA_ID": f"ranker-{name}"})
+                   for name in ("a", "b")]
+
+        say(f"replaying the last {len(order) - split} interactions as live traffic; the trainer keeps "
+            "the model current by itself")
+        steps = 5
+        step_size = max((len(order) - split) // steps, 1)
+        for step_start in range(split, len(order), step_size):
+            replay(stub, dataset.name, order, step_start, min(step_start + step_size, len(order)), start_time,
+                   on_progress=show_lag)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                status = trainer_stub.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=10)
+                printer.poll()
+                if not status.busy and status.pending_interactions < status.strategy.threshold_events:
+                    break
+                time.sleep(2)
+        printer.poll()
+
+        say("replicas")
+        for ranker in rankers:
+            ranker_stub = ranker_pb2_grpc.RankerServiceStub(grpc.insecure_channel(ranker.address))
+            status = ranker_stub.Status(ranker_pb2.RankerServiceStatusRequest(), timeout=10)
+            print(f"    {status.replica_id}: model v{status.freshness.model_version}, data LSN "
+                  f"{status.freshness.data_lsn}, {status.index_size} items, index {status.index_checksum[:12]}")
+        print(f"    consumer groups  {group_lag_line(stub)}")
+        demo(rankers[0].address, dataset)
+
+        a, user = rankers[0].address, next(iter(dataset.sequences))
+        print("\nTry it (no proto files needed: every server speaks reflection):")
+        print(f"  .venv/bin/grpcurl -plaintext {a} list")
+        print(f"  .venv/bin/grpcurl -plaintext -d '{{\"user_id\":\"{user}\",\"k\":5}}' {a} deltarec.v1.RankerService/Recommend")
+        print(f"  .venv/bin/grpcurl -plaintext -d '{{\"query\":\"nail polish\",\"k\":5}}' {a} deltarec.v1.RankerService/Search")
+        print(f"  .venv/bin/grpcurl -plaintext -d '{{}}' {trainer.address} deltarec.v1.TrainerService/ListVersions")
+        print(f"  .venv/bin/grpcurl -plaintext -d '{{\"events\":[{{\"event_id\":\"demo-1\",\"type\":\"EVENT_TYPE_PURCHASE\","
+              f"\"user_id\":\"{user}\",\"item_id\":\"42\"}}]}}' {collector.address} deltarec.v1.CollectorService/IngestEvents")
         if interactive:
             say("running; Ctrl-C stops everything")
             threading.Event().wait()

@@ -141,7 +141,9 @@ def money_to_decimal(money: common_pb2.Money) -> tuple[Decimal, str]:
 
 def validate_item(item: common_pb2.Item) -> ItemRow:
     _text("item_id", item.item_id, MAX_ID_BYTES, required=True)
-    _text("title", item.title, MAX_TITLE_BYTES, required=True)
+    # A title is not required: real catalogs have items without one (7 of Amazon Beauty's 12,101),
+    # and they still sell. Features gives them a deterministic fallback vector.
+    _text("title", item.title, MAX_TITLE_BYTES, required=False)
     _text("description", item.description, MAX_DESCRIPTION_BYTES, required=False)
     _text("category", item.category, MAX_SHORT_TEXT_BYTES, required=False)
     _text("brand", item.brand, MAX_SHORT_TEXT_BYTES, required=False)

@@ -357,7 +357,7 @@ def test_upsert_items_validates_each_item(stub, engine, prefix):
     response = upsert(stub, [
         item(p + "a"),
         item(p + "b", price=common_pb2.Money(currency_code="eur", units=5)),
-        item(p + "c", title=""),
+        item(p + "c", title="t" * 1025),
         item(p + "d", brand="x" * 257),
         item(p + "e", price=common_pb2.Money(currency_code="EUR", units=-1)),
         item(p + "f", title="Charcoal Detox Face Mask"),
@@ -366,7 +366,7 @@ def test_upsert_items_validates_each_item(stub, engine, prefix):
         (0, p + "a", True), (1, p + "b", False), (2, p + "c", False), (3, p + "d", False),
         (4, p + "e", False), (5, p + "f", True)]
     assert response.results[1].reason.startswith("price.currency_code:")
-    assert response.results[2].reason == "title: required"
+    assert response.results[2].reason == "title: 1025 bytes, more than 1024"
     assert response.results[3].reason == "brand: 257 bytes, more than 256"
     assert response.results[4].reason == "price: must not be negative"
     assert (response.upserted, response.rejected) == (2, 4)
@@ -395,7 +395,7 @@ def test_the_last_version_of_an_item_in_a_batch_wins(stub, engine, prefix):
     item_id = prefix + "mask"
     response = upsert(stub, [item(item_id, title="Clay Mask v1", brand="A"), item(prefix + "other"),
                              item(item_id, title="Clay Mask v2", brand="B"),
-                             item(item_id, title="", brand="C")])          # invalid: ignored
+                             item(item_id, title="t" * 1025, brand="C")])  # invalid: ignored
     assert [r.ok for r in response.results] == [True, True, True, False]
     assert response.upserted == 2
     row = stored_items(engine, prefix)[item_id]
