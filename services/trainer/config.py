@@ -73,7 +73,7 @@ class TrainerConfig(CommonConfig):
                                  help="how often the loop checks whether to train")
     window_seconds: int = env("TRAINER_STRATEGY_WINDOW_S", 0, minimum=0,
                               help="time window: only interactions of the last W seconds (0 = all new)")
-    threshold_events: int = env("TRAINER_STRATEGY_THRESHOLD", 1000, minimum=0,
+    threshold_events: int = env("TRAINER_STRATEGY_THRESHOLD", 5000, minimum=0,
                                 help="update once this many new interactions arrived")
     priority: str = env("TRAINER_STRATEGY_PRIORITY", "", choices=PRIORITIES,
                         help="rank new interactions by recency, item_novelty or user_activity")

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +32,6 @@ from services.trainer.model import DeltaRecModel, ModelConfig
 from services.trainer.strategies import NewInteraction
 from services.trainer.training import TrainingStats, train_full, update_incremental
 
-log = logging.getLogger(__name__)
 
 TEXT_DIM = 384
 METRIC_NAMES = ("recall_at_5", "recall_at_10", "ndcg_at_5", "ndcg_at_10")
@@ -220,7 +218,3 @@ def popular_items(interactions: Sequence[Interaction], k: int = 100,
 
 def copy_model(model: DeltaRecModel) -> DeltaRecModel:
     return copy.deepcopy(model)
-
-
-def config_from_dict(values: Mapping[str, Hashable]) -> ModelConfig:
-    return ModelConfig.from_dict(dict(values))

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,7 +29,7 @@ from services.trainer import synthetic
 from services.trainer.artifact import deserialize
 from services.trainer.interaction_log import InteractionLog
 from services.trainer.publisher import CURRENT_KEY, Publisher, current_value
-from tests.conftest import channel_to, create_database, drop_database
+from tests.conftest import REPO_ROOT, channel_to, create_database, drop_database
 
 pytestmark = pytest.mark.integration
 
@@ -150,6 +153,14 @@ def publishes_of(etcd: Etcd, start_revision: int) -> list[int]:
     return seen
 
 
+def cli(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "services.trainer.cli", *args], capture_output=True, text=True,
+                            timeout=120, cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'gen'}"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def get_version(stub, version: int):
     return stub.GetVersion(trainer_pb2.GetVersionRequest(version=version), timeout=10).version
 
@@ -179,7 +190,8 @@ def in_background(call) -> None:
 def test_train_update_lineage_and_artifacts(own_database, trainer_env, start_service, etcd):
     engine = engine_of(own_database)
     first_data(engine)
-    stub = leader_stub(start_service("services.trainer", trainer_env))
+    process = start_service("services.trainer", trainer_env)
+    stub = leader_stub(process)
 
     trained = stub.Train(trainer_pb2.TrainRequest(seed=5, publish=True), timeout=120)
     v1 = trained.version
@@ -232,6 +244,12 @@ def test_train_update_lineage_and_artifacts(own_database, trainer_env, start_ser
     listed = stub.ListVersions(trainer_pb2.ListVersionsRequest(), timeout=10)
     assert [v.version for v in listed.versions] == [v3.version, again.version.version, v1.version]
     assert listed.current_version == v3.version
+
+    # The CLI: a full training through the Train RPC, then the lineage.
+    trained_cli = cli("--address", process.address, "train", "--seed", "5")
+    assert f"version {v3.version + 1}  full" in trained_cli and "status candidate" in trained_cli
+    listing = cli("--address", process.address, "versions")
+    assert f"current version: {v3.version}" in listing and "rejected" not in listing
     with pytest.raises(grpc.RpcError) as error:
         get_version(stub, 999)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
