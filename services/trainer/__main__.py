@@ -61,10 +61,10 @@ def main() -> int:
     trainer_id = config.trainer_id or f"{socket.gethostname()}-{os.getpid()}"
     core = TrainerCore(config, engine, Publisher(etcd, store), trainer_id)
     core.on_version = lambda row, published: print(describe_version(row, published), flush=True)
+    recorder = StreamRecorder(config.collector_address, core)
     loop = TrainingLoop(core, enabled=config.loop_enabled, interval_s=config.loop_interval_s,
                         min_interactions=config.min_interactions, full_retrain_growth=config.full_retrain_growth,
-                        min_text_coverage=config.min_text_coverage)
-    recorder = StreamRecorder(config.collector_address, core)
+                        min_text_coverage=config.min_text_coverage, recorder=recorder)
 
     def on_elected() -> None:
         recorder.start()

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -246,26 +247,9 @@ class TrainerCore:
         prepared = inputs.prepared
         started = time.perf_counter()
         seed = int(request.get("seed", self.config.seed))
-        extra: dict = {}
         self._phase("training", epochs=int(request.get("epochs") or 0))
-        if run.kind == "full":
-            model, stats = pipeline.run_full(prepared, self.config.model_config(), seed=seed,
-                                             epochs=int(request.get("epochs") or self.config.epochs),
-                                             progress=self.show_progress)
-        else:
-            parent = inputs.parent
-            model = pipeline.remap_items(parent.build_model(), parent.item_ids, prepared.data.item_ids)
-            model.config = dataclasses.replace(
-                model.config, incremental_epochs=self.config.incremental_epochs,
-                incremental_learning_rate=self.config.incremental_learning_rate,
-                batch_size=self.config.batch_size, num_negatives=self.config.num_negatives)
-            strategy = Strategy.from_dict(request["strategy"])
-            stats = pipeline.run_incremental(model, prepared, inputs.examples, strategy.replay_ratio, seed=seed,
-                                             epochs=int(request.get("epochs") or self.config.incremental_epochs),
-                                             progress=self.show_progress)
-            extra = {**inputs.selection.summary(), "examples": len(inputs.examples),
-                     "replay_examples": stats.replay_examples,
-                     "new_items": len(prepared.data.item_ids) - len(parent.item_ids)}
+        with self._epoch_progress():
+            model, stats, extra = self._train(run, inputs, seed)
         train_seconds = time.perf_counter() - started
         if self.config.fault_damage_candidate:
             log.warning("failure drill: damaging the candidate", extra={"version": run.version})
@@ -303,6 +287,74 @@ class TrainerCore:
             self.versions.finish(run, CANDIDATE, decision.reason + "; not published (publish=false)")
             return self._done(run, False, "not published (publish=false)")
         return self._publish(run, uri, sha, decision.candidate, decision.reason)
+
+    def _train(self, run: Run, inputs: "_Inputs", seed: int):
+        """The run's model (full: from scratch; update: warm start from the parent, in place)."""
+        prepared, request = inputs.prepared, run.request
+        extra: dict = {}
+        if run.kind == "full":
+            model, stats = pipeline.run_full(prepared, self.config.model_config(), seed=seed,
+                                             epochs=int(request.get("epochs") or self.config.epochs),
+                                             progress=self.show_progress)
+        else:
+            parent = inputs.parent
+            model = pipeline.remap_items(parent.build_model(), parent.item_ids, prepared.data.item_ids)
+            model.config = dataclasses.replace(
+                model.config, incremental_epochs=self.config.incremental_epochs,
+                incremental_learning_rate=self.config.incremental_learning_rate,
+                batch_size=self.config.batch_size, num_negatives=self.config.num_negatives)
+            strategy = Strategy.from_dict(request["strategy"])
+            stats = pipeline.run_incremental(model, prepared, inputs.examples, strategy.replay_ratio, seed=seed,
+                                             epochs=int(request.get("epochs") or self.config.incremental_epochs),
+                                             progress=self.show_progress)
+            extra = {**inputs.selection.summary(), "examples": len(inputs.examples),
+                     "replay_examples": stats.replay_examples,
+                     "new_items": len(prepared.data.item_ids) - len(parent.item_ids)}
+        return model, stats, extra
+
+    @contextlib.contextmanager
+    def _epoch_progress(self):
+        """Epoch-level progress for Status while training.py runs its epochs.
+
+        training.py reports epochs only through a tqdm bar (`desc="epoch N/M"`), so for the
+        duration of a run its module-level `tqdm` is swapped for a silent stand-in that copies N
+        and M into `self.progress`. Nothing else changes; if training.py stops using tqdm this
+        way, Status just shows no epoch counts. The CLI (`show_progress`) keeps the real bars."""
+        from services.trainer import training
+        original = getattr(training, "tqdm", None)
+        if original is None or self.show_progress:
+            yield
+            return
+        core = self
+
+        class EpochReporter:
+            def __init__(self, iterable=(), desc: str = "", **_ignored) -> None:
+                self.iterable = iterable
+                match = re.match(r"epoch (\d+)/(\d+)", desc or "")
+                self.epoch = int(match.group(1)) if match else None
+                if match and core.progress is not None:
+                    core.progress.epoch, core.progress.epochs = self.epoch - 1, int(match.group(2))
+
+            def __iter__(self):
+                yield from self.iterable
+                if self.epoch is not None and core.progress is not None:
+                    core.progress.epoch = self.epoch
+
+            def __len__(self) -> int:
+                return len(self.iterable)
+
+            def __getattr__(self, name):      # set_postfix, update, close, ...: no-ops
+                return lambda *args, **kwargs: None
+
+            @staticmethod
+            def write(*args, **kwargs) -> None:
+                pass
+
+        training.tqdm = EpochReporter
+        try:
+            yield
+        finally:
+            training.tqdm = original
 
     def _publish(self, run: Run, uri: str, sha: str, metrics: dict, gate_reason: str) -> Outcome:
         self._phase("publishing")

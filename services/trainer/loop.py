@@ -8,7 +8,9 @@ only durably recorded data is ever acked.
 Training, every TRAINER_LOOP_INTERVAL_S:
 * first, once after each election, `recover()` finishes or abandons runs a crash left open;
 * no current version yet: a full training (published through the gate) as soon as the log holds
-  TRAINER_MIN_INTERACTIONS interactions and the feature store has text vectors for
+  TRAINER_MIN_INTERACTIONS interactions, the delta stream has caught up (the first model learns
+  from everything already loaded, not from the first rows of the snapshot), and the feature
+  store has text vectors for
   TRAINER_MIN_TEXT_COVERAGE of the active catalog (so that the trainer does not embed a whole
   catalog the features service is still embedding);
 * with TRAINER_FULL_RETRAIN_GROWTH = g > 0: a full retraining once the log holds g times the
@@ -33,9 +35,11 @@ log = logging.getLogger(__name__)
 
 class TrainingLoop:
     def __init__(self, core: TrainerCore, *, enabled: bool, interval_s: float, min_interactions: int,
-                 full_retrain_growth: float = 0.0, min_text_coverage: float = 0.0) -> None:
+                 full_retrain_growth: float = 0.0, min_text_coverage: float = 0.0,
+                 recorder: "StreamRecorder | None" = None) -> None:
         self.core, self.enabled, self.interval_s, self.min_interactions = core, enabled, interval_s, min_interactions
         self.full_retrain_growth, self.min_text_coverage = full_retrain_growth, min_text_coverage
+        self.recorder = recorder
         self._said_waiting = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -84,12 +88,12 @@ class TrainingLoop:
             total = core.log.count(0, recorded)
             if total < self.min_interactions:
                 return
+            if self.recorder is not None and self.recorder.active and not self.recorder.caught_up():
+                self._waiting("the delta stream to catch up", recorded=total)
+                return
             covered, active = core.catalog.text_coverage()
             if active and covered < self.min_text_coverage * active:
-                if time.monotonic() - self._said_waiting > 60:
-                    self._said_waiting = time.monotonic()
-                    log.info("loop: waiting for the feature store's text vectors",
-                             extra={"covered": covered, "active_items": active})
+                self._waiting("the feature store's text vectors", covered=covered, active_items=active)
                 return
             log.info("loop: first full training", extra={"interactions": total})
             core.train(publish=True)
@@ -110,6 +114,11 @@ class TrainingLoop:
         else:
             self._attempted_at_pending, self._attempted_for_version = pending, current.version
 
+
+    def _waiting(self, what: str, **extra) -> None:
+        if time.monotonic() - self._said_waiting > 30:
+            self._said_waiting = time.monotonic()
+            log.info(f"loop: first training waits for {what}", extra=extra)
 
     def _full_retrain_due(self, recorded: int) -> bool:
         """Runs a full retraining when the log grew enough since the newest full version (whatever
@@ -152,6 +161,16 @@ class StreamRecorder:
             self.consumer.start()
             log.info("recording the delta stream", extra={"collector": self.collector_address, "group": self.group})
             return True
+
+    @property
+    def active(self) -> bool:
+        return self.consumer is not None
+
+    def caught_up(self) -> bool:
+        """True once the collector said this stream is fully caught up (every change committed
+        so far was delivered and acked)."""
+        consumer = self.consumer
+        return consumer is not None and bool(getattr(consumer, "caught_up_lsn", 1))
 
     def stop(self) -> None:
         with self._lock:

@@ -140,3 +140,17 @@ def test_update_grows_the_id_table_and_new_items_get_vectors(trained):
     ids, vectors = pipeline.item_vector_table(candidate, grown, grown.data.item_ids.external_ids())
     assert set(new_ids) <= set(ids) and vectors.shape == (len(ids), TINY.dim)
     assert np.isfinite(vectors).all() and (np.abs(vectors[[ids.index(i) for i in new_ids]]).sum(axis=1) > 0).all()
+
+
+def test_status_progress_follows_the_epochs_of_a_run(trained):
+    from services.trainer import training
+    from services.trainer.core import Progress, TrainerCore
+    _, prepared, _ = trained
+    core = TrainerCore.__new__(TrainerCore)         # only the progress plumbing is exercised
+    core.show_progress, core.progress = False, Progress(1, "full")
+    original = training.tqdm
+    seen = []
+    with core._epoch_progress():
+        model, _ = pipeline.run_full(prepared, dataclasses.replace(TINY, epochs=3), seed=1)
+        seen.append((core.progress.epoch, core.progress.epochs))
+    assert seen == [(3, 3)] and training.tqdm is original
