@@ -65,7 +65,10 @@ class TrainerConfig(CommonConfig):
     # --- gate ---------------------------------------------------------------------------------
     gate_metric: str = env("TRAINER_GATE_METRIC", "ndcg_at_10", choices=GATE_METRICS)
     gate_tolerance: float = env("TRAINER_GATE_TOLERANCE", 0.05, minimum=0.0, maximum=1.0,
-                                help="publish if candidate >= current * (1 - tolerance) on the gate metric")
+                                help="relative shortfall on the gate metric accepted by design")
+    gate_z: float = env("TRAINER_GATE_Z", 1.64, minimum=0.0, maximum=10.0,
+                        help="refuse only a shortfall beyond tolerance + z standard errors of the paired "
+                             "per-user differences (0 = plain mean comparison)")
 
     # --- strategy of the background loop (and the default of Update) --------------------------
     loop_enabled: bool = env("TRAINER_LOOP", True, help="run the strategy by itself in the background")

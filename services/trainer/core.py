@@ -258,7 +258,7 @@ class TrainerCore:
         self._phase("evaluating", epoch=stats.epochs_run)
         baseline_model = self._baseline_model(run, prepared)
         decision = gate.evaluate_pair(model, baseline_model, prepared, self.config.gate_metric,
-                                      self.config.gate_tolerance)
+                                      self.config.gate_tolerance, self.config.gate_z)
 
         self._phase("storing")
         catalog_items, active = self.catalog.items()

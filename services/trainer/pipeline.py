@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from services.trainer.data import (EvalCase, EventType, IdMap, InteractionData, TrainingExample, UserHistory)
-from services.trainer.evaluation import evaluate_model
+from services.trainer.data import (EvalCase, EventType, IdMap, InteractionData, TrainingExample, UserHistory,
+                                   collate_histories)
+from services.trainer.evaluation import evaluate_model, metrics_from_ranks, target_ranks
 from services.trainer.interaction_log import Interaction
 from services.trainer.model import DeltaRecModel, ModelConfig
 from services.trainer.strategies import NewInteraction
@@ -164,6 +166,45 @@ def evaluate(model: DeltaRecModel, prepared: Prepared) -> dict:
         return {**{name: 0.0 for name in METRIC_NAMES}, "users": 0}
     figures = evaluate_model(model, prepared.holdout, prepared.data.item_text)
     return {**{name: float(figures[name]) for name in METRIC_NAMES}, "users": len(prepared.holdout)}
+
+
+@torch.no_grad()
+def holdout_ranks(model: DeltaRecModel, prepared: Prepared, batch_size: int = 1024) -> np.ndarray:
+    """0-based rank of each held-out target among all items (the protocol of
+    `evaluation.evaluate_model`, unmasked), per case: what a paired comparison needs."""
+    was_training = model.training
+    model.eval()
+    item_vectors = model.all_item_vectors(torch.as_tensor(prepared.data.item_text, dtype=torch.float32))
+    cases = prepared.holdout
+    ranks: list[np.ndarray] = []
+    for start in range(0, len(cases), batch_size):
+        chunk = cases[start:start + batch_size]
+        batch = collate_histories([c.history for c in chunk], [c.target_time for c in chunk], model.config.max_len)
+        items = torch.from_numpy(batch.items)
+        users = model.user_vector(items, torch.from_numpy(batch.events), torch.from_numpy(batch.ages),
+                                  history_item_vectors=item_vectors[items],
+                                  query_ages=torch.from_numpy(batch.query_ages))
+        scores = model.score(users, item_vectors)
+        scores[:, 0] = -math.inf
+        ranks.append(target_ranks(scores, torch.tensor([c.target_item for c in chunk], dtype=torch.long)).numpy())
+    model.train(was_training)
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+
+
+def metrics_of_ranks(ranks: np.ndarray) -> dict:
+    figures = metrics_from_ranks(ranks)
+    return {**{name: float(figures[name]) for name in METRIC_NAMES}, "users": int(len(ranks))}
+
+
+def per_case_gains(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """Each case's contribution to `metric` (recall_at_K or ndcg_at_K): their mean is the metric."""
+    kind, _, k = metric.rpartition("_at_")
+    hit = ranks < int(k)
+    if kind == "recall":
+        return hit.astype(np.float64)
+    if kind == "ndcg":
+        return np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+    raise ValueError(f"unknown metric {metric!r}")
 
 
 # ------------------------------------------------------------------------------------ models

@@ -102,16 +102,31 @@ def test_gate_rejects_a_damaged_candidate_and_passes_an_equal_one(trained):
     assert gate.evaluate_pair(same, model, prepared).passed
     damaged = pipeline.copy_model(model)
     pipeline.damage(damaged)
-    decision = gate.evaluate_pair(damaged, model, prepared)
-    assert not decision.passed
-    assert decision.candidate["ndcg_at_10"] < decision.baseline["ndcg_at_10"] * 0.5
-    assert "rejected by the gate" in decision.reason
+    for z in (0.0, 1.64):                      # refused with or without the noise allowance
+        decision = gate.evaluate_pair(damaged, model, prepared, z=z)
+        assert not decision.passed
+        assert decision.candidate["ndcg_at_10"] < decision.baseline["ndcg_at_10"] * 0.5
+        assert "rejected by the gate" in decision.reason
+
+
+def test_paired_ranks_give_the_same_metrics_as_the_evaluation(trained):
+    _, prepared, model = trained
+    ranks = pipeline.holdout_ranks(model, prepared)
+    assert pipeline.metrics_of_ranks(ranks) == pytest.approx(pipeline.evaluate(model, prepared))
+    for metric in ("recall_at_10", "ndcg_at_10", "ndcg_at_5"):
+        assert pipeline.per_case_gains(ranks, metric).mean() == pytest.approx(pipeline.evaluate(model, prepared)[metric])
 
 
 def test_gate_rule():
     base = {"ndcg_at_10": 0.10, "users": 100}
     assert gate.decide({"ndcg_at_10": 0.096, "users": 100}, base, tolerance=0.05).passed
     assert not gate.decide({"ndcg_at_10": 0.094, "users": 100}, base, tolerance=0.05).passed
+    # paired differences: a shortfall within the noise of the slice passes, a clear one does not
+    noisy = np.array([0.5, -0.5] * 50)[:100] - 0.006       # mean -0.006, stderr ~0.05
+    assert gate.decide({"ndcg_at_10": 0.094, "users": 100}, base, differences=noisy, z=1.64).passed
+    steady = np.full(100, -0.006) + np.array([0.001, -0.001] * 50)
+    assert not gate.decide({"ndcg_at_10": 0.094, "users": 100}, base, differences=steady, z=1.64).passed
+    assert not gate.decide({"ndcg_at_10": 0.094, "users": 100}, base, differences=noisy, z=0.0).passed
     assert gate.decide({"ndcg_at_10": 0.0, "users": 100}, None).passed          # first version
     assert gate.decide({"ndcg_at_10": 0.0, "users": 0}, base).passed             # nothing to compare on
     assert gate.decide({"recall_at_10": 0.2, "users": 5}, {"recall_at_10": 0.2, "users": 5},
