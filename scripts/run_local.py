@@ -9,10 +9,12 @@ or a small synthetic data set when that folder is absent.
 
 Interactive (a terminal): services stay up until Ctrl-C. Otherwise (CI, pipes) it
 stops everything after the job. DELTAREC_RUN_USERS limits the replay to N users.
+Each run starts from an empty store under .run/infra; DELTAREC_RUN_KEEP=1 keeps it.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import threading
 import time
@@ -43,8 +45,13 @@ class LocalSuite:
         self.env: dict[str, str] = {}
 
     def start_infra(self) -> None:
+        state = RUN_DIR / "infra"
+        if os.environ.get("DELTAREC_RUN_KEEP") != "1":
+            # Each run shows the whole job from an empty store (DELTAREC_RUN_KEEP=1 keeps the data).
+            infra.stop(state)
+            shutil.rmtree(state, ignore_errors=True)
         say("starting Postgres (wal_level=logical) and etcd")
-        env = infra.start(RUN_DIR / "infra")
+        env = infra.start(state)
         db.migrate(env.database_url)
         self.env = {**env.as_environment(), "GRPC_PORT": "0", "METRICS_PORT": "0", "LOG_LEVEL": "INFO"}
         print(f"    postgres 127.0.0.1:{env.pg_port}  etcd {env.etcd_endpoint}  logs {RUN_DIR / 'logs'}")
@@ -210,7 +217,12 @@ def main() -> int:
         accepted = replay(stub, dataset.name, order, 0, split, start_time, on_progress=show_lag)
         print(f"    {accepted} accepted (already stored ones are reported duplicate)")
 
-        trainer = suite.start("services.trainer", "trainer", {"COLLECTOR_ADDRESS": collector.address})
+        # The live part comes in 5 steps; the threshold strategy makes one incremental update per step.
+        steps = 5
+        step_size = max((len(order) - split) // steps, 1)
+        trainer = suite.start("services.trainer", "trainer", {
+            "COLLECTOR_ADDRESS": collector.address,
+            "TRAINER_STRATEGY_THRESHOLD": os.environ.get("TRAINER_STRATEGY_THRESHOLD", str(step_size))})
         trainer_stub = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(trainer.address))
         printer = VersionPrinter(trainer_stub)
         wait_for_first_model(trainer_stub, printer)
@@ -222,8 +234,6 @@ def main() -> int:
 
         say(f"replaying the last {len(order) - split} interactions as live traffic; the trainer keeps "
             "the model current by itself")
-        steps = 5
-        step_size = max((len(order) - split) // steps, 1)
         for step_start in range(split, len(order), step_size):
             replay(stub, dataset.name, order, step_start, min(step_start + step_size, len(order)), start_time,
                    on_progress=show_lag)
