@@ -111,8 +111,9 @@ def next_item_loss(
     """Mean sampled-softmax cross-entropy over all target positions of a batch."""
     batch = collate_windows(windows, histories)
     items = torch.from_numpy(batch.items)
+    input_vectors = model.item_vectors(items, item_text[items])
     outputs = model.encode_sequence(
-        model.item_vectors(items, item_text[items]),
+        input_vectors,
         torch.from_numpy(batch.events),
         torch.from_numpy(batch.ages),
         torch.from_numpy(batch.query_ages),
@@ -126,7 +127,25 @@ def next_item_loss(
     candidate_vectors = model.item_vectors(candidates, item_text[candidates])
     logits = queries @ candidate_vectors.T - log_included
     labels = torch.searchsorted(candidates, flat_targets)
+    if model.config.history_negatives:
+        logits = torch.cat([logits, _own_history_logits(outputs, input_vectors, items, targets)[is_target]], 1)
     return F.cross_entropy(logits, labels)
+
+
+def _own_history_logits(
+    outputs: torch.Tensor, input_vectors: torch.Tensor, items: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """``[b, t, t]`` scores of each position's query against the items seen up to it.
+
+    Extra softmax columns (not sampled, so no logQ term) that teach the model
+    not to re-recommend what the user already has; padding, later positions
+    and copies of the target itself are masked out.
+    """
+    scores = torch.einsum("bjd,bsd->bjs", outputs, input_vectors)
+    length = items.shape[1]
+    not_yet_seen = torch.ones(length, length, dtype=torch.bool).triu(1).unsqueeze(0)
+    excluded = not_yet_seen | (items == 0).unsqueeze(1) | (items.unsqueeze(1) == targets.unsqueeze(2))
+    return scores.masked_fill(excluded, float("-inf"))
 
 
 def _run_epochs(

@@ -1,0 +1,186 @@
+"""Accuracy benchmark on Amazon Beauty (leave-one-out, full ranking).
+
+    .venv/bin/python bench/accuracy.py            # full: all users, default epochs
+    .venv/bin/python bench/accuracy.py --quick    # < ~60 s: 3000 users, few epochs
+    .venv/bin/python bench/accuracy.py --set dim=128 --set dropout=0.3   # tuning
+
+Trains on the train part, picks the epoch by validation NDCG@10, and reports
+validation and test figures. Human-readable progress goes to stdout; the LAST
+stdout line is one JSON object with all figures (see ``_summary``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from services.trainer.data import (  # noqa: E402
+    InteractionData,
+    cached_text_embeddings,
+    leave_one_out_split,
+    load_beauty,
+)
+from services.trainer.evaluation import evaluate_model, evaluate_popularity, popularity_counts  # noqa: E402
+from services.trainer.model import ModelConfig  # noqa: E402
+from services.trainer.training import train_full  # noqa: E402
+
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "amazon-beauty"
+CACHE_DIR = REPO_ROOT / ".cache"
+QUICK_USERS = 3000
+QUICK_EPOCHS = 8
+PUBLISHED = {
+    "sasrec_recall_at_10": 0.0605,
+    "sasrec_ndcg_at_10": 0.0318,
+    "tiger_recall_at_5": 0.0454,
+    "tiger_recall_at_10": 0.0648,
+    "tiger_ndcg_at_5": 0.0321,
+    "tiger_ndcg_at_10": 0.0384,
+}
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="subset of users and fewer epochs (< ~60 s)")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None, help="override ModelConfig.epochs")
+    parser.add_argument("--users", type=int, default=None, help="only the first N users")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine has 2 cores)")
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a ModelConfig field"
+    )
+    parser.add_argument("--no-test", action="store_true", help="tuning: report validation only")
+    return parser.parse_args()
+
+
+def _config_with_overrides(overrides: list[str]) -> ModelConfig:
+    values = ModelConfig().to_dict()
+    for override in overrides:
+        key, _, raw = override.partition("=")
+        if key not in values:
+            raise SystemExit(f"unknown ModelConfig field {key!r}")
+        current = values[key]
+        if isinstance(current, bool):
+            values[key] = raw.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            values[key] = type(current)(raw) if current is not None else json.loads(raw)
+    return ModelConfig.from_dict(values)
+
+
+def _embed_titles(data: InteractionData, titles: list[str]) -> None:
+    """Fill ``data.item_text`` from the on-disk cache, encoding on a miss."""
+    from services.common.text_encoder import MINILM_MODEL_NAME, TextEncoder
+
+    def encode(texts: list[str]) -> np.ndarray:
+        print(f"encoding {len(texts)} titles with MiniLM (cached afterwards)...", flush=True)
+        encoder = TextEncoder()
+        keys = [f"item:{external}" for external in data.item_ids.external_ids()]
+        return encoder.encode(texts, batch_size=128, fallback_keys=keys)
+
+    started = time.perf_counter()
+    vectors = cached_text_embeddings(titles, CACHE_DIR, MINILM_MODEL_NAME, encode)
+    data.item_text = np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors])
+    print(f"title vectors ready: {vectors.shape} in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+def _ratio(value: float, reference: float) -> float:
+    return round(value / reference, 4)
+
+
+def _rounded(figures: dict[str, float], prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}{name}": round(value, 5) for name, value in figures.items()}
+
+
+def main() -> int:
+    args = _parse_args()
+    torch.set_num_threads(max(1, min(2, args.threads)))
+    if not (args.data_dir / "sequences.txt").is_file():
+        print(f"Beauty data not found under {args.data_dir}; skipping the accuracy benchmark.")
+        print(json.dumps({"skipped": True, "reason": f"missing {args.data_dir}"}))
+        return 0
+
+    config = _config_with_overrides(args.set)
+    users = args.users if args.users is not None else (QUICK_USERS if args.quick else None)
+    epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else config.epochs)
+    mode = "quick" if args.quick else "full"
+    print(f"mode={mode} users={users or 'all'} epochs={epochs} seed={args.seed}", flush=True)
+    print(f"config: {config.to_json()}", flush=True)
+
+    data, titles = load_beauty(args.data_dir, max_users=users)
+    _embed_titles(data, titles)
+    split = leave_one_out_split(data.histories)
+    print(
+        f"users={len(data.histories)} items={data.num_items} interactions={data.interaction_count()} "
+        f"eval cases={len(split.test)}",
+        flush=True,
+    )
+
+    model, stats = train_full(
+        data, config, seed=args.seed, epochs=epochs, histories=split.train,
+        validation=split.validation, eval_every=args.eval_every,
+    )
+    print(
+        f"trained {stats.epochs_run} epochs in {stats.train_seconds:.1f}s "
+        f"(best validation epoch {stats.best_epoch})",
+        flush=True,
+    )
+    item_text = data.item_text
+    validation = evaluate_model(model, split.validation, item_text)
+    summary: dict = {"mode": mode, "users": len(data.histories), "items": data.num_items}
+    summary.update(_rounded(validation, "validation_"))
+    validation_popularity = evaluate_popularity(
+        split.validation, popularity_counts((c.history for c in split.validation), data.item_ids.table_size)
+    )
+    summary.update(_rounded(validation_popularity, "popularity_validation_"))
+    print(f"validation: {validation}  popularity: {validation_popularity}", flush=True)
+
+    if not args.no_test:
+        test = evaluate_model(model, split.test, item_text)
+        test_masked = evaluate_model(model, split.test, item_text, mask_history=True)
+        test_popularity = evaluate_popularity(
+            split.test, popularity_counts((c.history for c in split.test), data.item_ids.table_size)
+        )
+        print(f"test: {test}  popularity: {test_popularity}", flush=True)
+        print(f"test with history items masked (not the headline figure): {test_masked}", flush=True)
+        summary.update(_rounded(test))
+        summary.update(_rounded(test_masked, "history_masked_"))
+        summary.update(_rounded(test_popularity, "popularity_"))
+        summary["ratio_recall_at_10_vs_tiger"] = _ratio(test["recall_at_10"], PUBLISHED["tiger_recall_at_10"])
+        summary["ratio_ndcg_at_10_vs_tiger"] = _ratio(test["ndcg_at_10"], PUBLISHED["tiger_ndcg_at_10"])
+        summary["ratio_recall_at_10_vs_sasrec"] = _ratio(
+            test["recall_at_10"], PUBLISHED["sasrec_recall_at_10"]
+        )
+        summary["ratio_ndcg_at_10_vs_sasrec"] = _ratio(test["ndcg_at_10"], PUBLISHED["sasrec_ndcg_at_10"])
+    summary.update(PUBLISHED)
+    summary.update(
+        {
+            "train_seconds": round(stats.train_seconds, 1),
+            "epochs_run": stats.epochs_run,
+            "best_epoch": stats.best_epoch,
+            "seed": args.seed,
+            "torch_threads": torch.get_num_threads(),
+            "history_masked_in_headline": False,
+            "config": config.to_dict(),
+        }
+    )
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
