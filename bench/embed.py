@@ -60,16 +60,6 @@ def progress(message: str) -> None:
     print(f"[bench/embed] {message}", file=sys.stderr, flush=True)
 
 
-def infra_running(state: Path) -> bool:
-    try:
-        pg_port = int((state / "pg.port").read_text())
-        etcd_pid, etcd_port = int((state / "etcd.pid").read_text()), int((state / "etcd.port").read_text())
-    except (OSError, ValueError):
-        return False
-    return (infra._pg_ready(infra.postgres_bin_dir(), state / "pgsock", pg_port)
-            and infra._pid_alive(etcd_pid) and infra._etcd_healthy(etcd_port))
-
-
 def admin_connection(database_url: str, name: str = "postgres"):
     server = database_url.replace("postgresql+psycopg2://", "postgresql://").rsplit("/", 1)[0]
     connection = psycopg2.connect(f"{server}/{name}")
@@ -160,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"bare model: {bare_before:,.1f} items/s")
 
     state = args.infra_dir.resolve()
-    started_infra = not infra_running(state)
+    started_infra = not infra.running(state)
     env = infra.start(state)
     progress(f"infrastructure {'started' if started_infra else 'reused'} in {state}")
     database = "bench_embed_" + uuid.uuid4().hex[:8]

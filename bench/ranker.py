@@ -300,11 +300,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from scripts import infra
     from services.common.etcd import Etcd
-    from services.ranker import devtools
 
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     logs = WORK_DIR / "logs"
-    started_infra = not devtools.infra_running(INFRA_DIR)
+    started_infra = not infra.running(INFRA_DIR)
     infra_env = infra.start(INFRA_DIR)
     progress(f"infrastructure {'started' if started_infra else 'reused'} in {INFRA_DIR}")
     prefix = f"/bench-ranker-{uuid.uuid4().hex[:8]}/"

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter()
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     logs = WORK_DIR / "logs"
-    started_infra = not devtools.infra_running(INFRA_DIR)
+    started_infra = not infra.running(INFRA_DIR)
     infra_env = infra.start(INFRA_DIR)
     progress(f"infrastructure {'started' if started_infra else 'reused'} in {INFRA_DIR}")
     prefix = f"/bench-swap-{uuid.uuid4().hex[:8]}/"

@@ -252,6 +252,19 @@ def stop_etcd(state: Path) -> None:
 
 # ---------------------------------------------------------------------------- both
 
+def running(state_dir: str | Path) -> bool:
+    """True when a healthy Postgres and etcd started by this script run in `state_dir` (a
+    benchmark that finds them running reuses them and must not stop them)."""
+    state = Path(state_dir).resolve()
+    try:
+        pg_port = int((state / "pg.port").read_text())
+        etcd_pid, etcd_port = int((state / "etcd.pid").read_text()), int((state / "etcd.port").read_text())
+    except (OSError, ValueError):
+        return False
+    return (_pg_ready(postgres_bin_dir(), state / "pgsock", pg_port)
+            and _pid_alive(etcd_pid) and _etcd_healthy(etcd_port))
+
+
 def start(state_dir: str | Path = DEFAULT_STATE_DIR) -> InfraEnv:
     state = Path(state_dir).resolve()
     pg_port, sockdir = start_postgres(state)

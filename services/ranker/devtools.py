@@ -175,19 +175,3 @@ def serve_features_stand_in(spec: str) -> None:
     server.start()
     print(f"DELTAREC_READY features-stand-in grpc_port={port} metrics_port=None", flush=True)
     server.wait_for_termination()
-
-
-def infra_running(state) -> bool:
-    """True when scripts/infra.py already runs a healthy Postgres + etcd in `state` (so a
-    benchmark that reuses them must not stop them)."""
-    from pathlib import Path
-
-    from scripts import infra
-    state = Path(state)
-    try:
-        pg_port = int((state / "pg.port").read_text())
-        etcd_pid, etcd_port = int((state / "etcd.pid").read_text()), int((state / "etcd.port").read_text())
-    except (OSError, ValueError):
-        return False
-    return (infra._pg_ready(infra.postgres_bin_dir(), state / "pgsock", pg_port)
-            and infra._pid_alive(etcd_pid) and infra._etcd_healthy(etcd_port))

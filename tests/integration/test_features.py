@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import grpc
 import numpy as np
 import pytest
-import sqlalchemy as sa
 
 from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2, features_pb2, features_pb2_grpc
 from scripts.launch import ServiceProcess
 from services.common.etcd import Etcd
 from services.features.content import ItemText, embedding_text
 from tests.conftest import channel_to
+from tests.support import wait_until, wal_lsn
 
 pytestmark = pytest.mark.integration
 
@@ -74,23 +73,6 @@ def encoder():
 @pytest.fixture
 def ids() -> str:
     return uuid.uuid4().hex[:8]
-
-
-def wait_until(predicate, what: str, timeout_s: float = 60.0):
-    """Polls until predicate() is truthy; a deadline, not an assertion on timing."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what} after {timeout_s:.0f}s")
-        time.sleep(0.05)
-
-
-def wal_lsn(engine) -> int:
-    with engine.connect() as connection:
-        return int(connection.execute(sa.text("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")).scalar())
 
 
 def caught_up(features, engine) -> int:

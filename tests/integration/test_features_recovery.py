@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 
@@ -18,6 +17,7 @@ import sqlalchemy as sa
 
 from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2, features_pb2, features_pb2_grpc
 from tests.conftest import channel_to
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,17 +28,6 @@ KINDS = ["view", "view", "view", "click", "add_to_cart", "purchase", "search"]
 QUERIES = ["rose", "serum", "lip balm", "shampoo", "mascara", "spf 50", "night cream"]
 HISTORY_LENGTH = 50
 RECENT_QUERIES = 20
-
-
-def wait_until(predicate, what: str, timeout_s: float = 180.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what} after {timeout_s:.0f}s")
-        time.sleep(0.05)
 
 
 def insert_lsn(engine) -> int:

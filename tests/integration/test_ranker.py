@@ -26,6 +26,7 @@ from services.common.artifacts import ArtifactStore
 from services.common.etcd import Etcd
 from services.ranker import devtools
 from tests.conftest import channel_to
+from tests.support import wait_until, wal_lsn
 
 pytestmark = pytest.mark.integration
 
@@ -44,23 +45,6 @@ def title_of(n: int) -> str:
 
 
 ITEM_IDS = [f"item-{n}" for n in range(N_ITEMS)]
-
-
-def wait_until(predicate, what: str, timeout_s: float = 90.0):
-    """Polls until predicate() is truthy: a deadline, not an assertion on timing."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what} after {timeout_s:.0f}s")
-        time.sleep(0.1)
-
-
-def wal_lsn(engine) -> int:
-    with engine.connect() as connection:
-        return int(connection.execute(sa.text("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")).scalar())
 
 
 class Stack:
