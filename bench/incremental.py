@@ -1,7 +1,7 @@
 """Incremental update vs full retrain, measured on Amazon Beauty.
 
     .venv/bin/python bench/incremental.py            # all users, 3 steps of 1%
-    .venv/bin/python bench/incremental.py --quick    # < ~60 s: 600 users, 3 epochs, 2 steps (a smoke run)
+    .venv/bin/python bench/incremental.py --quick    # < ~60 s: 2000 users, 8 epochs, 2 steps
     .venv/bin/python bench/incremental.py --epochs 10 --steps 5 --step-share 0.01
 
 This benchmark calls the trainer's pure pipeline (services/trainer/pipeline.py: the same
@@ -58,7 +58,7 @@ from services.trainer.model import ModelConfig  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "amazon-beauty"
 CACHE_DIR = REPO_ROOT / ".cache"
-QUICK_USERS, QUICK_EPOCHS, QUICK_STEPS = 600, 3, 2
+QUICK_USERS, QUICK_EPOCHS, QUICK_STEPS = 2000, 8, 2
 TARGET_TIME_RATIO, TARGET_ACCURACY_RATIO = 0.05, 0.99
 
 
