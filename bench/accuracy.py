@@ -1,7 +1,7 @@
 """Accuracy benchmark on Amazon Beauty (leave-one-out, full ranking).
 
     .venv/bin/python bench/accuracy.py            # full: all users, default epochs
-    .venv/bin/python bench/accuracy.py --quick    # < ~60 s: 3000 users, few epochs
+    .venv/bin/python bench/accuracy.py --quick    # < ~60 s on an idle machine: 2000 users, 6 epochs
     .venv/bin/python bench/accuracy.py --set dim=128 --set dropout=0.3   # tuning
 
 Trains on the train part, picks the epoch by validation NDCG@10, and reports
@@ -40,8 +40,8 @@ from services.trainer.training import train_full  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "amazon-beauty"
 CACHE_DIR = REPO_ROOT / ".cache"
-QUICK_USERS = 3000
-QUICK_EPOCHS = 8
+QUICK_USERS = 2000
+QUICK_EPOCHS = 6
 PUBLISHED = {
     "sasrec_recall_at_10": 0.0605,
     "sasrec_ndcg_at_10": 0.0318,
@@ -60,7 +60,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="override ModelConfig.epochs")
     parser.add_argument("--users", type=int, default=None, help="only the first N users")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine has 2 cores)")
-    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--eval-every", type=int, default=4, help="validation (model selection) period")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a ModelConfig field"
     )

@@ -216,7 +216,7 @@ def train_full(
     progress: bool = True,
     histories: dict[int, UserHistory] | None = None,
     validation: Sequence[EvalCase] | None = None,
-    eval_every: int = 5,
+    eval_every: int = 4,
 ) -> tuple[DeltaRecModel, TrainingStats]:
     """Train from scratch on every next-item prefix of ``histories``.
 
