@@ -37,12 +37,10 @@ for path in (str(REPO_ROOT), str(REPO_ROOT / "gen")):
 
 import psycopg2  # noqa: E402
 import psycopg2.extras  # noqa: E402
-import sqlalchemy as sa  # noqa: E402
 
 from scripts import infra  # noqa: E402
 from scripts.launch import ServiceProcess  # noqa: E402
 from services.collector.cdc.slots import libpq_dsn  # noqa: E402
-from services.common import db  # noqa: E402
 from services.common.delta_consumer import DeltaConsumer  # noqa: E402
 
 STATE_DIR = REPO_ROOT / ".run" / "bench-infra"
@@ -96,32 +94,6 @@ class Infra:
             infra.stop_etcd(self.state_dir)
         if self.started_postgres:
             infra.stop_postgres(self.state_dir)
-
-
-def create_database(env: infra.InfraEnv, name: str) -> str:
-    admin = sa.create_engine(env.database_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = env.database_url.rsplit("/", 1)[0] + f"/{name}"
-    db.migrate(url)
-    return url
-
-
-def drop_database(env: infra.InfraEnv, name: str) -> None:
-    admin = sa.create_engine(env.database_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        for _ in range(50):
-            connection.execute(sa.text("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                                       "WHERE database = :n AND active_pid IS NOT NULL"), {"n": name})
-            try:
-                connection.execute(sa.text("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                                           "WHERE database = :n"), {"n": name})
-                break
-            except sa.exc.OperationalError:
-                time.sleep(0.1)
-        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 # ---------------------------------------------------------------------------- readers
@@ -292,7 +264,7 @@ def main() -> int:
     collector = None
     readers = []
     try:
-        url = create_database(env, name)
+        url = infra.create_database(env, name)
         dsn = libpq_dsn(url, application_name="bench-cdc")
         collector = ServiceProcess("services.collector", {
             "DATABASE_URL": url, "ETCD_ENDPOINT": env.etcd_endpoint, "ETCD_PREFIX": f"/bench-{name}/",
@@ -345,7 +317,7 @@ def main() -> int:
         if collector is not None:
             collector.stop()
         try:
-            drop_database(env, name)
+            infra.drop_database(env, name)
         except Exception as error:  # noqa: BLE001
             log(f"could not drop {name}: {error}")
         infrastructure.stop()

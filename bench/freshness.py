@@ -72,16 +72,6 @@ def admin_connection(database_url: str, name: str = "postgres"):
     return connection
 
 
-def drop_database(admin, name: str) -> None:
-    with admin.cursor() as cursor:
-        # A replication slot pins its database: drop the slots (and their walsenders) first.
-        cursor.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                       "WHERE database = %s AND active_pid IS NOT NULL", (name,))
-        cursor.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                       "WHERE database = %s", (name,))
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
 
@@ -275,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             mark_connection.close()
         for process in reversed(processes):
             process.stop(timeout_s=30)
-        drop_database(admin, database)
+        infra.drop_database(env, database)
         admin.close()
         if started_infra:
             infra.stop(state)

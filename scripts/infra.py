@@ -279,6 +279,41 @@ def start(state_dir: str | Path = DEFAULT_STATE_DIR) -> InfraEnv:
     return env
 
 
+def create_database(env: InfraEnv, name: str) -> str:
+    """A new database on the cluster, migrated to the current schema; returns its URL."""
+    import sqlalchemy as sa
+
+    from services.common import db
+    admin = sa.create_engine(env.database_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = env.database_url.rsplit("/", 1)[0] + f"/{name}"
+    db.migrate(url)
+    return url
+
+
+def drop_database(env: InfraEnv, name: str) -> None:
+    """Drops a database and the replication slots that pin it."""
+    import sqlalchemy as sa
+    admin = sa.create_engine(env.database_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        # A terminated walsender takes a moment to release its slot: retry until it has.
+        for _attempt in range(50):
+            connection.execute(sa.text(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                "WHERE database = :name AND active_pid IS NOT NULL"), {"name": name})
+            try:
+                connection.execute(sa.text(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    "WHERE database = :name"), {"name": name})
+                break
+            except sa.exc.OperationalError:
+                time.sleep(0.1)
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
 def stop(state_dir: str | Path = DEFAULT_STATE_DIR) -> None:
     state = Path(state_dir).resolve()
     stop_etcd(state)

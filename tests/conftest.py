@@ -9,7 +9,6 @@ each test an etcd prefix of its own, so tests do not see each other's data.
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from pathlib import Path
 
@@ -30,49 +29,13 @@ def infra_env() -> infra.InfraEnv:
     return infra.start(os.environ.get("DELTAREC_INFRA_DIR", REPO_ROOT / ".run" / "test-infra"))
 
 
-def _admin_url(env: infra.InfraEnv) -> str:
-    return env.database_url.rsplit("/", 1)[0] + "/postgres"
-
-
-def create_database(env: infra.InfraEnv, name: str) -> str:
-    """A new, migrated database; returns its URL."""
-    from services.common import db
-    engine = sa.create_engine(_admin_url(env), isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    url = env.database_url.rsplit("/", 1)[0] + f"/{name}"
-    db.migrate(url)
-    return url
-
-
-def drop_database(env: infra.InfraEnv, name: str) -> None:
-    engine = sa.create_engine(_admin_url(env), isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        # Replication slots pin a database: drop them (and their walsenders) first.
-        # A terminated walsender takes a moment to release its slot: retry until it has.
-        for _attempt in range(50):
-            connection.execute(sa.text(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                "WHERE database = :name AND active_pid IS NOT NULL"), {"name": name})
-            try:
-                connection.execute(sa.text(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                    "WHERE database = :name"), {"name": name})
-                break
-            except sa.exc.OperationalError:
-                time.sleep(0.1)
-        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    engine.dispose()
-
-
 @pytest.fixture(scope="module")
 def database_url(infra_env, request) -> str:
     """A fresh, migrated database for the test module."""
     name = "t_" + uuid.uuid4().hex[:12]
-    url = create_database(infra_env, name)
+    url = infra.create_database(infra_env, name)
     yield url
-    drop_database(infra_env, name)
+    infra.drop_database(infra_env, name)
 
 
 @pytest.fixture(scope="module")

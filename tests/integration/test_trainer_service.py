@@ -29,7 +29,8 @@ from services.trainer import synthetic
 from services.trainer.artifact import deserialize
 from services.trainer.interaction_log import InteractionLog
 from services.trainer.publisher import CURRENT_KEY, Publisher, current_value
-from tests.conftest import REPO_ROOT, channel_to, create_database, drop_database
+from scripts import infra
+from tests.conftest import REPO_ROOT, channel_to
 
 pytestmark = pytest.mark.integration
 
@@ -55,11 +56,11 @@ TINY_MODEL = {
 @pytest.fixture
 def own_database(infra_env):
     name = "t_" + uuid.uuid4().hex[:12]
-    url = create_database(infra_env, name)
+    url = infra.create_database(infra_env, name)
     engine = sa.create_engine(url)
     yield url, engine
     engine.dispose()
-    drop_database(infra_env, name)
+    infra.drop_database(infra_env, name)
 
 
 @pytest.fixture
