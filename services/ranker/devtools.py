@@ -9,8 +9,8 @@ import torch
 
 from services.common.artifacts import ArtifactStore
 from services.common.text_encoder import hashed_unit_vector
-from services.trainer.artifact import ModelArtifact, serialize
-from services.trainer.model import DeltaRecModel, ModelConfig
+from services.model.artifact import ModelArtifact, serialize
+from services.model.network import DeltaRecModel, ModelConfig
 
 
 def text_vectors(keys: list[str], dim: int = 384) -> np.ndarray:

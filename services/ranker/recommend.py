@@ -22,7 +22,7 @@ from services.ranker.catalog import Catalog
 from services.ranker.retrieval import (Answer, CachedUser, FeaturesUnavailable, FilterSpec, Scored, UserCache,
                                        UserHistory, check_id, check_k, make_acceptor, retrieve, wait_for_lsn)
 from services.ranker.serving import ModelBundle, ServingState
-from services.trainer.data import EventType
+from services.contracts.event_types import EventType
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import torch
 from services.ranker.catalog import Catalog
 from services.ranker.index import IndexOptions, VectorIndex
 from services.ranker.tower import serving_tower
-from services.trainer.artifact import ArtifactInvalid, ModelArtifact
-from services.trainer.model import DeltaRecModel
+from services.model.artifact import ArtifactInvalid, ModelArtifact
+from services.model.network import DeltaRecModel
 
 log = logging.getLogger(__name__)
 

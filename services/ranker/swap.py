@@ -32,7 +32,7 @@ from services.ranker import metrics
 from services.ranker.catalog import Catalog
 from services.ranker.index import IndexOptions
 from services.ranker.serving import ModelBundle, ModelSpec, Routing, ServingState
-from services.trainer.artifact import ArtifactInvalid, deserialize
+from services.model.artifact import ArtifactInvalid, deserialize
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy.special import erf
 
-from services.trainer.model import NUM_RECENCY_BUCKETS, RECENCY_BUCKET_EDGES_SECONDS, DeltaRecModel
+from services.model.network import NUM_RECENCY_BUCKETS, RECENCY_BUCKET_EDGES_SECONDS, DeltaRecModel
 
 log = logging.getLogger(__name__)
 

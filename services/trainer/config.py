@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 
 from services.common.config import CommonConfig, env
-from services.trainer.model import ModelConfig
+from services.model.network import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ARTIFACT_URI = (REPO_ROOT / ".run" / "artifacts").as_uri()

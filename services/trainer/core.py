@@ -39,7 +39,7 @@ import torch
 from services.common.artifacts import read_verified
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.trainer import gate, pipeline, strategies
-from services.trainer.artifact import ModelArtifact, deserialize
+from services.model.artifact import ModelArtifact, deserialize
 from services.trainer.catalog import Catalog
 from services.trainer.config import TrainerConfig
 from services.trainer.interaction_log import InteractionLog

@@ -1,6 +1,6 @@
 """Interaction containers, id maps, the Amazon-Beauty loader and batching.
 
-Conventions shared with :mod:`services.trainer.model`:
+Conventions shared with :mod:`services.model.network`:
 
 * Item and user indexes are contiguous ints starting at 1; index 0 is reserved
   (padding in sequences, "no learned id" in the item-id embedding table).
@@ -10,7 +10,6 @@ Conventions shared with :mod:`services.trainer.model`:
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -19,31 +18,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from services.contracts.event_types import EventType
+
 SECONDS_PER_DAY = 86_400.0
 # Beauty has no timestamps in our copy; one synthetic day between consecutive
 # events of a user keeps ages meaningful (age in days == distance in events).
 BEAUTY_SYNTHETIC_STEP_SECONDS = SECONDS_PER_DAY
 BEAUTY_SYNTHETIC_START = 1_300_000_000.0
-
-
-class EventType(enum.IntEnum):
-    """Interaction kinds; the value is the index into the event-type embedding."""
-
-    PAD = 0
-    VIEW = 1
-    CLICK = 2
-    ADD_TO_CART = 3
-    PURCHASE = 4
-    SEARCH = 5
-
-    @classmethod
-    def parse(cls, name: str | int | "EventType") -> "EventType":
-        if isinstance(name, (int, EventType)):
-            return cls(int(name))
-        return cls[name.strip().upper()]
-
-
-NUM_EVENT_TYPES = len(EventType)
 
 
 class IdMap:

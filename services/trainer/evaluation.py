@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from services.trainer.data import EvalCase, UserHistory, collate_histories
-from services.trainer.model import DeltaRecModel
+from services.model.network import DeltaRecModel
 
 DEFAULT_CUTOFFS: tuple[int, ...] = (5, 10)
 

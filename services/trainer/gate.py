@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.trainer import pipeline
-from services.trainer.model import DeltaRecModel
+from services.model.network import DeltaRecModel
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,12 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from services.trainer.data import (EvalCase, EventType, IdMap, InteractionData, TrainingExample, UserHistory,
+from services.contracts.event_types import EventType
+from services.trainer.data import (EvalCase, IdMap, InteractionData, TrainingExample, UserHistory,
                                    collate_histories)
 from services.trainer.evaluation import evaluate_model, metrics_from_ranks, target_ranks
 from services.trainer.interaction_log import Interaction
-from services.trainer.model import DeltaRecModel, ModelConfig
+from services.model.network import DeltaRecModel, ModelConfig
 from services.trainer.strategies import NewInteraction
 from services.trainer.training import TrainingStats, train_full, update_incremental
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from services.common.artifacts import ArtifactStore, sha256_hex
 from services.common.etcd import Etcd
-from services.trainer.artifact import ModelArtifact, serialize
+from services.model.artifact import ModelArtifact, serialize
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from services.trainer.data import (
     iterate_minibatches,
 )
 from services.trainer.evaluation import evaluate_model
-from services.trainer.model import DeltaRecModel, ModelConfig
+from services.model.network import DeltaRecModel, ModelConfig
 
 SELECTION_METRIC = "ndcg_at_10"
 

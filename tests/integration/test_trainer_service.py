@@ -26,7 +26,7 @@ from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2, trainer_p
 from services.common.artifacts import ArtifactStore, read_verified
 from services.common.etcd import Etcd
 from services.trainer import synthetic
-from services.trainer.artifact import deserialize
+from services.model.artifact import deserialize
 from services.trainer.interaction_log import InteractionLog
 from services.trainer.publisher import CURRENT_KEY, Publisher, current_value
 from scripts import infra

@@ -14,7 +14,7 @@ from services.ranker.catalog import Catalog, ItemUpdate
 from services.ranker.index import IndexOptions
 from services.ranker.serving import ModelBundle, ModelSpec, ServingState, canary_bucket
 from services.ranker.swap import ModelManager
-from services.trainer.artifact import serialize
+from services.model.artifact import serialize
 
 torch.set_num_threads(1)
 

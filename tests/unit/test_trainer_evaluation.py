@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from services.trainer.data import EvalCase, EventType, UserHistory
+from services.contracts.event_types import EventType
+from services.trainer.data import EvalCase, UserHistory
 from services.trainer.evaluation import (
     evaluate_popularity,
     metrics_from_ranks,

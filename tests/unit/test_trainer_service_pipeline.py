@@ -10,7 +10,7 @@ import torch
 from services.trainer import gate, pipeline, synthetic
 from services.trainer.catalog import fallback_vector
 from services.trainer.interaction_log import Interaction
-from services.trainer.model import ModelConfig
+from services.model.network import ModelConfig
 
 TINY = dataclasses.replace(ModelConfig(), dim=16, num_layers=1, num_heads=1, max_len=20, num_negatives=-1,
                            batch_size=32, epochs=15, incremental_epochs=3, dropout=0.1)

@@ -22,7 +22,7 @@ from services.trainer.data import (
     load_beauty,
 )
 from services.trainer.evaluation import evaluate_model, evaluate_popularity, popularity_counts
-from services.trainer.model import DeltaRecModel, ModelConfig
+from services.model.network import DeltaRecModel, ModelConfig
 from services.trainer.training import CandidateSampler, train_full, update_incremental
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

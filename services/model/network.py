@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from services.trainer.data import NUM_EVENT_TYPES
+from services.contracts.event_types import NUM_EVENT_TYPES
 
 # Upper edges (seconds) of the recency buckets: minutes, hours, then doubling days.
 _DAY = 86_400.0

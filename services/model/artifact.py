@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from services.trainer.model import DeltaRecModel, ModelConfig
+from services.model.network import DeltaRecModel, ModelConfig
 
 FORMAT = "deltarec-model/1"
 

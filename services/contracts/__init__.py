@@ -1,0 +1,1 @@
+"""Contracts that are not protos (etcd keys, JSON values, enums, row shapes), each defined once."""
