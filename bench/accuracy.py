@@ -35,7 +35,7 @@ from services.trainer.data import (  # noqa: E402
     load_beauty,
 )
 from services.trainer.evaluation import evaluate_model, evaluate_popularity, popularity_counts  # noqa: E402
-from services.trainer.model import ModelConfig  # noqa: E402
+from services.model.network import ModelConfig  # noqa: E402
 from services.trainer.training import train_full  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "amazon-beauty"

@@ -54,7 +54,7 @@ from services.trainer.data import (BEAUTY_SYNTHETIC_START, BEAUTY_SYNTHETIC_STEP
                                    cached_text_embeddings, load_beauty)
 from services.trainer.evaluation import evaluate_model, evaluate_popularity, popularity_counts  # noqa: E402
 from services.trainer.interaction_log import Interaction  # noqa: E402
-from services.trainer.model import ModelConfig  # noqa: E402
+from services.model.network import ModelConfig  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "amazon-beauty"
 CACHE_DIR = REPO_ROOT / ".cache"
