@@ -13,7 +13,7 @@ import grpc
 from deltarec.v1 import collector_pb2
 
 from services.collector.cdc.slots import SlotStore, default_slot_prefix, ensure_publication, libpq_dsn
-from services.collector.cdc.stream import CdcHub, StreamSettings
+from services.collector.cdc.subscription import CdcHub, StreamSettings
 from services.common.errors import InvalidArgument, status_for
 from services.common.etcd import Etcd
 
