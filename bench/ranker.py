@@ -146,7 +146,8 @@ def clustered(n: int, dim: int, queries: int, seed: int) -> tuple[np.ndarray, np
 def crossover(sizes: list[int], dims: list[int], queries: int) -> dict:
     import faiss
 
-    from services.ranker.index import IndexOptions, VectorIndex
+    from services.ranker.index_structures import IndexOptions
+    from services.ranker.vector_index import VectorIndex
     faiss.omp_set_num_threads(1)
     result: dict = {}
     for dim in dims:

@@ -19,7 +19,8 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
-from services.ranker.index import IndexOptions, VectorIndex
+from services.ranker.index_structures import IndexOptions
+from services.ranker.vector_index import VectorIndex
 from services.ranker.lexical import LexicalIndex
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from services.common.config import HOST_PORT, CommonConfig, env
-from services.ranker.index import IndexOptions
+from services.ranker.index_structures import IndexOptions
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from services.ranker.admission import AdmissionControl
 from services.ranker.catalog import Catalog
-from services.ranker.index import VectorIndex
+from services.ranker.vector_index import VectorIndex
 from services.ranker.recommend import Recommender
 from services.ranker.search import Searcher
 from services.ranker.serving import ServingState

@@ -15,7 +15,7 @@ import numpy as np
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.ranker import metrics
 from services.ranker.catalog import Catalog, ItemMeta
-from services.ranker.index import VectorIndex
+from services.ranker.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from services.ranker.catalog import Catalog
-from services.ranker.index import IndexOptions, VectorIndex
+from services.ranker.index_structures import IndexOptions
+from services.ranker.vector_index import VectorIndex
 from services.ranker.tower import serving_tower
 from services.model.artifact import ArtifactInvalid, ModelArtifact
 from services.model.network import DeltaRecModel

@@ -30,7 +30,7 @@ from services.common.artifacts import ArtifactCorrupt, ArtifactMissing
 from services.common.etcd import EtcdUnavailable, WatchEvent
 from services.ranker import metrics
 from services.ranker.catalog import Catalog
-from services.ranker.index import IndexOptions
+from services.ranker.index_structures import IndexOptions
 from services.ranker.serving import ModelBundle, ModelSpec, Routing, ServingState
 from services.model.artifact import ArtifactInvalid, deserialize
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from services.ranker import devtools
 from services.ranker.catalog import Catalog, ItemUpdate
-from services.ranker.index import IndexOptions
+from services.ranker.index_structures import IndexOptions
 from services.ranker.lexical import LexicalIndex, normalize
 
 

@@ -5,7 +5,8 @@ import faiss
 import numpy as np
 import pytest
 
-from services.ranker.index import IndexOptions, VectorIndex
+from services.ranker.index_structures import IndexOptions
+from services.ranker.vector_index import VectorIndex
 
 faiss.omp_set_num_threads(1)
 

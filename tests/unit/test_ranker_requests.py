@@ -11,7 +11,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.ranker import devtools
 from services.ranker.admission import AdmissionControl
 from services.ranker.catalog import Catalog, ItemUpdate
-from services.ranker.index import IndexOptions
+from services.ranker.index_structures import IndexOptions
 from services.ranker.recommend import Recommender
 from services.ranker.retrieval import FeaturesUnavailable, FilterSpec, UserCache, UserHistory
 from services.ranker.search import CachedEncoder, Searcher

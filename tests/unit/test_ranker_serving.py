@@ -11,7 +11,7 @@ import torch
 from services.common.artifacts import ArtifactStore, read_verified
 from services.ranker import devtools
 from services.ranker.catalog import Catalog, ItemUpdate
-from services.ranker.index import IndexOptions
+from services.ranker.index_structures import IndexOptions
 from services.ranker.serving import ModelBundle, ModelSpec, ServingState, canary_bucket
 from services.ranker.swap import ModelManager
 from services.model.artifact import serialize
