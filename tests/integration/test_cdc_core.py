@@ -1,4 +1,4 @@
-"""The delta-stream core without gRPC (services.collector.cdc.stream.CdcHub / Subscription), on
+"""The delta-stream core without gRPC (services.collector.cdc.hub.CdcHub / subscription.Subscription), on
 the real Postgres and etcd: batching rules on resume, in-process standby, table rules, flow
 control."""
 from __future__ import annotations

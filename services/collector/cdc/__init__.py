@@ -6,7 +6,9 @@ Modules, from the wire up:
 - buffer.py    the bounded buffer between a reader and its gRPC stream (flow control)
 - snapshot.py  the initial snapshot, read in the snapshot exported by the slot's creation
 - slots.py     publication, slots and consumer-group rows in Postgres
-- stream.py    the core: consumer groups, etcd slot leases, subscriptions (no gRPC)
+- hub.py       the core (no gRPC): a process's consumer groups; opens, lists and drops them
+- subscription.py  one group's stream: etcd slot lease, snapshot, batches, acks
+- group_stats.py   the figures a group's metrics are computed from (lag, buffered, unacked)
 - service.py   the gRPC edge and `build_delta_stream` (wired in services/collector/__main__.py)
 
 Design decisions

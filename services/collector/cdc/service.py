@@ -1,7 +1,7 @@
 """gRPC edge of the delta stream, and its construction from the collector's config.
 
 `DeltaStreamService` is what CollectorServicer routes Subscribe / ListConsumerGroups /
-DropConsumerGroup to; it only moves messages between gRPC and the core (stream.py).
+DropConsumerGroup to; it only moves messages between gRPC and the core (hub.py, subscription.py).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import grpc
 from deltarec.v1 import collector_pb2
 
 from services.collector.cdc.slots import SlotStore, default_slot_prefix, ensure_publication, libpq_dsn
-from services.collector.cdc.subscription import CdcHub, StreamSettings
+from services.collector.cdc.hub import CdcHub, StreamSettings
 from services.common.errors import InvalidArgument, status_for
 from services.common.etcd import Etcd
 
