@@ -39,7 +39,7 @@ from services.ranker.features_client import FeaturesClient, ItemFeed, LocalEncod
 from services.ranker.recommend import Recommender  # noqa: E402
 from services.ranker.registration import Registration  # noqa: E402
 from services.ranker.replica import RankerReplica  # noqa: E402
-from services.ranker.retrieval import UserCache  # noqa: E402
+from services.ranker.user_cache import UserCache  # noqa: E402
 from services.ranker.search import CachedEncoder, Searcher  # noqa: E402
 from services.ranker.server import RankerServicer  # noqa: E402
 from services.ranker.serving import ServingState  # noqa: E402

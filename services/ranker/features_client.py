@@ -19,7 +19,7 @@ from deltarec.v1 import features_pb2, features_pb2_grpc
 from services.common.server import MAX_MESSAGE_BYTES
 from services.ranker import metrics
 from services.ranker.catalog import Catalog, ItemUpdate
-from services.ranker.retrieval import FeaturesUnavailable, UserHistory
+from services.ranker.user_cache import FeaturesUnavailable, UserHistory
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,16 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from services.common.errors import NotFound, Unavailable
-from services.ranker import metrics
-from services.ranker.catalog import Catalog
-from services.ranker.retrieval import (Answer, CachedUser, FeaturesUnavailable, FilterSpec, Scored, UserCache,
-                                       UserHistory, check_id, check_k, make_acceptor, retrieve, wait_for_lsn)
-from services.ranker.serving import ModelBundle, ServingState
 from services.contracts.event_types import EventType
+from services.ranker import metrics
+from services.ranker.answer import Answer, Scored
+from services.ranker.arguments import check_id, check_k
+from services.ranker.catalog import Catalog
+from services.ranker.filters import FilterSpec, make_acceptor
+from services.ranker.read_your_writes import wait_for_lsn
+from services.ranker.retrieval import retrieve
+from services.ranker.serving import ModelBundle, ServingState
+from services.ranker.user_cache import CachedUser, FeaturesUnavailable, UserCache, UserHistory
 
 log = logging.getLogger(__name__)
 

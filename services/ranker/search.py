@@ -24,12 +24,15 @@ import numpy as np
 
 from services.common.errors import InvalidArgument, Unavailable
 from services.ranker import metrics
+from services.ranker.answer import Answer, Scored
+from services.ranker.arguments import check_id, check_k
 from services.ranker.catalog import Catalog
+from services.ranker.filters import NO_FILTERS, FilterSpec, make_acceptor
 from services.ranker.lexical import normalize
+from services.ranker.read_your_writes import wait_for_lsn
 from services.ranker.recommend import user_state
-from services.ranker.retrieval import (NO_FILTERS, Answer, FeaturesUnavailable, FilterSpec, Scored, UserCache,
-                                       check_id, check_k, make_acceptor, wait_for_lsn)
 from services.ranker.serving import ServingState
+from services.ranker.user_cache import FeaturesUnavailable, UserCache
 
 log = logging.getLogger(__name__)
 

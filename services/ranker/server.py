@@ -11,8 +11,10 @@ from deltarec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
 from services.common.errors import InvalidArgument, grpc_errors
 from services.ranker import metrics
 from services.ranker.admission import Overloaded
+from services.ranker.answer import Answer
+from services.ranker.filters import NO_FILTERS, FilterSpec
+from services.ranker.read_your_writes import DataBehind, wait_for_lsn
 from services.ranker.replica import RankerReplica
-from services.ranker.retrieval import NO_FILTERS, Answer, DataBehind, FilterSpec, wait_for_lsn
 
 WATERMARK_METADATA = "deltarec-data-lsn"
 

@@ -11,11 +11,12 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.ranker import devtools
 from services.ranker.admission import AdmissionControl
 from services.ranker.catalog import Catalog, ItemUpdate
+from services.ranker.filters import FilterSpec
 from services.ranker.index_structures import IndexOptions
 from services.ranker.recommend import Recommender
-from services.ranker.retrieval import FeaturesUnavailable, FilterSpec, UserCache, UserHistory
 from services.ranker.search import CachedEncoder, Searcher
 from services.ranker.serving import ModelBundle, ModelSpec, ServingState
+from services.ranker.user_cache import FeaturesUnavailable, UserCache, UserHistory
 
 torch.set_num_threads(1)
 

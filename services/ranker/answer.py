@@ -1,0 +1,21 @@
+"""What Recommend, Search and SimilarItems answer, before the edge turns it into a message."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Scored:
+    item_id: str
+    score: float
+    reason: str = ""
+    title: str = ""
+
+
+@dataclass
+class Answer:
+    items: list[Scored]
+    model_version: int
+    data_lsn: int
+    variant: str = "current"
+    cold_start: bool = False

@@ -1,0 +1,53 @@
+"""Request filters (category prefixes, price range, exclusions) and the per-item test built from them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from services.common.errors import InvalidArgument
+from services.ranker.catalog import Catalog, ItemMeta
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    exclude_purchased: bool = True
+    exclude_seen: bool = False
+    categories: tuple[str, ...] = ()
+    min_price: float | None = None
+    max_price: float | None = None
+    exclude_item_ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.min_price is not None and self.max_price is not None and self.min_price > self.max_price:
+            raise InvalidArgument("filters.min_price: greater than max_price")
+        if len(self.exclude_item_ids) > 10_000:
+            raise InvalidArgument("filters.exclude_item_ids: at most 10000")
+
+    @property
+    def restricts_items(self) -> bool:
+        return bool(self.categories) or self.min_price is not None or self.max_price is not None
+
+
+NO_FILTERS = FilterSpec(exclude_purchased=False)
+
+
+def make_acceptor(catalog: Catalog, filters: FilterSpec, excluded: set[int]) -> Callable[[int], bool]:
+    categories, low, high = filters.categories, filters.min_price, filters.max_price
+
+    def accept(iid: int) -> bool:
+        if iid < 0 or iid in excluded or not catalog.is_active(iid):
+            return False
+        if not (categories or low is not None or high is not None):
+            return True
+        meta: ItemMeta | None = catalog.meta(iid)
+        if meta is None:
+            return False
+        if categories and not any(meta.category.startswith(prefix) for prefix in categories):
+            return False
+        if low is not None or high is not None:
+            if meta.price is None:
+                return False
+            if (low is not None and meta.price < low) or (high is not None and meta.price > high):
+                return False
+        return True
+    return accept
