@@ -44,7 +44,7 @@ import psycopg2  # noqa: E402
 from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2  # noqa: E402
 from scripts import infra  # noqa: E402
 from scripts.launch import ServiceProcess  # noqa: E402
-from services.collector.validation import EVENT_TYPES_BY_NAME  # noqa: E402
+from services.contracts.event_types import PROTO_BY_NAME  # noqa: E402
 from services.common import db  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(os.environ.get("DELTAREC_DATA_DIR", REPO_ROOT.parent / "shared" / "data")) / "amazon-beauty"
@@ -138,7 +138,7 @@ def _row(event_id, kind, user, item, query, index, attributes) -> tuple:
 def to_request(rows: list[tuple]) -> collector_pb2.IngestEventsRequest:
     request = collector_pb2.IngestEventsRequest()
     for event_id, kind, user, item, query, occurred_at, attributes in rows:
-        event = request.events.add(event_id=event_id, type=EVENT_TYPES_BY_NAME[kind], user_id=user,
+        event = request.events.add(event_id=event_id, type=PROTO_BY_NAME[kind], user_id=user,
                                    item_id=item or "", query=query or "", attributes=attributes)
         event.timestamp.FromDatetime(occurred_at)
     return request

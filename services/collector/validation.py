@@ -15,6 +15,7 @@ from decimal import Decimal
 from deltarec.v1 import common_pb2
 
 from services.common.errors import InvalidArgument
+from services.contracts.event_types import BY_PROTO
 
 MAX_ID_BYTES = 128
 MAX_QUERY_BYTES = 1024
@@ -28,14 +29,6 @@ MAX_ATTRIBUTE_VALUE_BYTES = 1024
 EARLIEST_EVENT = datetime(2000, 1, 1, tzinfo=timezone.utc)
 CURRENCY = re.compile(r"[A-Z]{3}")
 
-EVENT_TYPE_NAMES = {
-    common_pb2.EVENT_TYPE_VIEW: "view",
-    common_pb2.EVENT_TYPE_CLICK: "click",
-    common_pb2.EVENT_TYPE_ADD_TO_CART: "add_to_cart",
-    common_pb2.EVENT_TYPE_PURCHASE: "purchase",
-    common_pb2.EVENT_TYPE_SEARCH: "search",
-}
-EVENT_TYPES_BY_NAME = {name: number for number, name in EVENT_TYPE_NAMES.items()}
 
 
 class Rejected(Exception):
@@ -95,18 +88,19 @@ def _attributes(attributes, limit: int) -> dict[str, str]:
 
 def validate_event(event: common_pb2.Event, now: datetime, max_clock_skew_s: float) -> EventRow:
     _text("event_id", event.event_id, MAX_ID_BYTES, required=True)
-    type_name = EVENT_TYPE_NAMES.get(event.type)
-    if type_name is None:
+    kind = BY_PROTO.get(event.type)
+    if kind is None:
         raise Rejected(f"type: unknown event type {event.type}")
+    type_name = kind.name
     _text("user_id", event.user_id, MAX_ID_BYTES, required=True)
-    if type_name == "search":
+    if not kind.has_item:
         if event.item_id:
-            raise Rejected("item_id: not allowed for EVENT_TYPE_SEARCH")
+            raise Rejected(f"item_id: not allowed for {kind.proto_name}")
         _text("query", event.query, MAX_QUERY_BYTES, required=True)
     else:
         _text("item_id", event.item_id, MAX_ID_BYTES, required=True)
         if event.query:
-            raise Rejected(f"query: only allowed for EVENT_TYPE_SEARCH, not {common_pb2.EventType.Name(event.type)}")
+            raise Rejected(f"query: only allowed for EVENT_TYPE_SEARCH, not {kind.proto_name}")
     if event.HasField("timestamp"):
         try:
             occurred_at = event.timestamp.ToDatetime(tzinfo=timezone.utc)

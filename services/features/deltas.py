@@ -30,13 +30,17 @@ from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Iterable, Union
 
+from deltarec.v1 import collector_pb2
+
+from services.contracts.event_types import EVENT_NAMES
 from services.features.content import ItemText
-from services.features.user_state import EVENT_TYPES, Event
+from services.features.user_state import Event
 
 log = logging.getLogger(__name__)
 
-# deltarec.v1.Operation numbers (kept here so the core does not need the generated code).
-OP_INSERT, OP_UPDATE, OP_DELETE, OP_TRUNCATE, OP_SNAPSHOT = 1, 2, 3, 4, 5
+OP_INSERT, OP_UPDATE, OP_DELETE, OP_TRUNCATE, OP_SNAPSHOT = (
+    collector_pb2.OPERATION_INSERT, collector_pb2.OPERATION_UPDATE, collector_pb2.OPERATION_DELETE,
+    collector_pb2.OPERATION_TRUNCATE, collector_pb2.OPERATION_SNAPSHOT)
 TEXT_COLUMNS = ("title", "description", "category", "brand")
 
 
@@ -166,7 +170,7 @@ def item_row(row: dict, missing: Iterable[str] = ()) -> ItemRow:
 
 def event_row(row: dict) -> Event:
     event_type = str(row["event_type"])
-    if event_type not in EVENT_TYPES:
+    if event_type not in EVENT_NAMES:
         raise BadDelta(f"unknown event_type {event_type!r}")
     return Event(row_id=int(float(row.get("id") or 0)), event_id=str(row["event_id"]),
                  event_type=event_type, user_id=str(row["user_id"]),

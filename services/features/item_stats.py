@@ -14,7 +14,6 @@ from datetime import datetime
 
 # How much one event says about an item's popularity. A purchase is a stronger signal than a view.
 EVENT_WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 3.0, "purchase": 5.0}
-COUNTED_TYPES = ("view", "click", "add_to_cart", "purchase")
 
 
 @dataclass

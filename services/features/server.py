@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from deltarec.v1 import common_pb2, features_pb2, features_pb2_grpc
 
 from services.common.errors import InvalidArgument, grpc_errors
+from services.contracts.event_types import PROTO_BY_NAME
 from services.features import validation
 from services.features.applier import FeatureApplier
 from services.features.content import pack_vector
@@ -25,9 +26,6 @@ from services.features.store import FeatureStore
 from services.features.stream_monitor import StreamMonitor
 from services.features.user_state import trim_history
 
-EVENT_TYPE_OF = {"view": common_pb2.EVENT_TYPE_VIEW, "click": common_pb2.EVENT_TYPE_CLICK,
-                 "add_to_cart": common_pb2.EVENT_TYPE_ADD_TO_CART,
-                 "purchase": common_pb2.EVENT_TYPE_PURCHASE, "search": common_pb2.EVENT_TYPE_SEARCH}
 
 
 def timestamp(moment: datetime | None) -> Timestamp | None:
@@ -80,7 +78,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         features = features_pb2.UserFeatures(user_id=user_id)
         if state is not None:
             for entry in trim_history(state.history, request.max_history):
-                features.history.add(item_id=entry.item_id, type=EVENT_TYPE_OF[entry.event_type],
+                features.history.add(item_id=entry.item_id, type=PROTO_BY_NAME[entry.event_type],
                                      timestamp=timestamp(entry.occurred_at))
             for name, count in state.counters.items():
                 features.counters[name] = count

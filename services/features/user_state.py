@@ -11,8 +11,6 @@ import bisect
 from dataclasses import dataclass, field
 from datetime import datetime
 
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
-
 
 @dataclass(frozen=True)
 class Event:

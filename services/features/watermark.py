@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 from prometheus_client import Counter
 
 from services.common.lsn import format_lsn
+from services.contracts.etcd_keys import DATA_WATERMARK
 
 log = logging.getLogger(__name__)
 
-WATERMARK_KEY = "data/watermark"
 PUBLISH_FAILURES = Counter("deltarec_features_watermark_publish_failures_total",
                            "Failed writes of data/watermark to etcd")
 
@@ -55,7 +55,7 @@ class WatermarkPublisher:
                     return
                 lsn, commit_time = self._pending
             try:
-                self.etcd.put(WATERMARK_KEY, watermark_value(lsn, self.consumer, commit_time))
+                self.etcd.put(DATA_WATERMARK, watermark_value(lsn, self.consumer, commit_time))
             except Exception as error:  # noqa: BLE001 - etcd down: keep applying, retry later
                 PUBLISH_FAILURES.inc()
                 log.warning("watermark not published; retrying",

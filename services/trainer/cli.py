@@ -92,7 +92,8 @@ def _train_local(args) -> int:
     from services.common.etcd import Etcd, Leadership
     from services.trainer.config import TrainerConfig
     from services.trainer.core import TrainerCore, set_torch_threads
-    from services.trainer.publisher import LEADER_KEY, Publisher
+    from services.contracts.etcd_keys import TRAINER_LEADER
+    from services.trainer.publisher import Publisher
     from services.trainer.server import version_message
 
     config = load(TrainerConfig)
@@ -102,7 +103,7 @@ def _train_local(args) -> int:
     engine = db.make_engine(config.database_url, pool_size=2, application_name="deltarec-trainer-cli")
     etcd = Etcd(config.etcd_endpoint, config.etcd_prefix)
     holder = f"cli-{os.getpid()}"
-    leadership = Leadership(etcd, LEADER_KEY, holder, config.leader_ttl_s)
+    leadership = Leadership(etcd, TRAINER_LEADER, holder, config.leader_ttl_s)
     if not leadership.try_acquire():
         print(f"a trainer server holds the leader lease ({leadership.holder()}): use `train` without --local",
               file=sys.stderr)

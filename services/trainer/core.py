@@ -127,7 +127,7 @@ class TrainerCore:
             raise InvalidArgument(f"strategy.{error}") from None
         with self._job("update"):
             current = self.publisher.current()
-            if current.value is None:
+            if current.pointer is None:
                 raise FailedPrecondition("no current model version to update: run Train first")
             lsn_to = self.log.high_water()
             pending = self.log.count(current.data_lsn, lsn_to)
@@ -167,7 +167,7 @@ class TrainerCore:
         current = self.publisher.current()
         recorded = self.log.high_water()
         return {"leader": self.is_leader(), "leader_id": self.leader_id() or "", "current_version": current.version,
-                "recorded_lsn": recorded, "pending": self.log.count(current.data_lsn, recorded) if current.value else
+                "recorded_lsn": recorded, "pending": self.log.count(current.data_lsn, recorded) if current.pointer else
                 self.log.count(0, recorded), "busy": self.progress is not None, "progress": self.progress,
                 "last_update": self.last_update, "latest_version": self.versions.latest_version()}
 
@@ -365,9 +365,9 @@ class TrainerCore:
                                         metrics=metrics, expected=run.baseline_value)
         self._hang("published_etcd", run.version)
         if result.published:
-            value = result.current.value or {}
+            pointer = result.current.pointer
             self.versions.finish(run, PUBLISHED, f"{gate_reason}; {result.reason}",
-                                 sha256=value.get("sha256", sha), artifact_uri=value.get("uri", uri))
+                                 sha256=pointer.sha256 if pointer else sha, artifact_uri=pointer.uri if pointer else uri)
             return self._done(run, True, result.reason)
         self.versions.finish(run, REJECTED, result.reason)
         return self._done(run, False, result.reason)
@@ -386,9 +386,9 @@ class TrainerCore:
         current = self.publisher.current()
         if current.version == run.version:
             run = self.versions.take_over(run, self.trainer_id)
-            value = current.value or {}
+            pointer = current.pointer
             self.versions.finish(run, PUBLISHED, "published before a restart; recorded by recovery",
-                                 sha256=value.get("sha256"), artifact_uri=value.get("uri"))
+                                 sha256=pointer.sha256, artifact_uri=pointer.uri)
             log.info("recovery: run was already published", extra={"version": run.version})
             return self._done(run, True, "already published")
         row = self.versions.get(run.version)
@@ -432,9 +432,10 @@ class TrainerCore:
             self._artifacts.pop(next(iter(self._artifacts)))
 
     def _load_current(self, current: Current) -> ModelArtifact:
-        value = current.value or {}
         try:
-            return self._load_artifact(value["uri"], value["sha256"])
+            if current.pointer is None:
+                raise KeyError("model/current holds no usable pointer")
+            return self._load_artifact(current.pointer.uri, current.pointer.sha256)
         except Exception as error:  # noqa: BLE001 - any failure: the current version is unusable
             raise FailedPrecondition(f"cannot load the current version {current.version} "
                                      f"({type(error).__name__}: {str(error)[:200]}); run Train") from None

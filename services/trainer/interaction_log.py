@@ -18,11 +18,14 @@ from typing import Any, Callable, Iterable, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from deltarec.v1 import collector_pb2
+
+from services.contracts.event_types import ITEM_EVENT_NAMES
+
 log = logging.getLogger(__name__)
 
 CONSUMER = "trainer"
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
-OP_INSERT, OP_SNAPSHOT = 1, 5
+OP_INSERT, OP_SNAPSHOT = collector_pb2.OPERATION_INSERT, collector_pb2.OPERATION_SNAPSHOT
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ def interaction_from_row(row: dict, commit_lsn: int = 0) -> Interaction | None:
     for it (a search, an event without item)."""
     event_type = str(row.get("event_type") or "")
     item_id = row.get("item_id")
-    if event_type not in EVENT_TYPES or not item_id:
+    if event_type not in ITEM_EVENT_NAMES or not item_id:
         return None
     raw_id = row.get("id")
     return Interaction(event_id=str(row["event_id"]), user_id=str(row["user_id"]), item_id=str(item_id),

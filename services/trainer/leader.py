@@ -14,7 +14,7 @@ import threading
 from typing import Callable
 
 from services.common.etcd import Etcd, EtcdUnavailable, Leadership
-from services.trainer.publisher import LEADER_KEY
+from services.contracts.etcd_keys import TRAINER_LEADER
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class LeaderElector:
     def __init__(self, etcd: Etcd, holder_id: str, ttl_s: int, *, on_elected: Callable[[], None],
                  on_lost: Callable[[], None]) -> None:
-        self.leadership = Leadership(etcd, LEADER_KEY, holder_id, ttl_s)
+        self.leadership = Leadership(etcd, TRAINER_LEADER, holder_id, ttl_s)
         self.holder_id = holder_id
         self.on_elected, self.on_lost = on_elected, on_lost
         self._stop = threading.Event()

@@ -84,7 +84,7 @@ class TrainingLoop:
         core = self.core
         current = core.publisher.current()
         recorded = core.log.high_water()
-        if current.value is None:
+        if current.pointer is None:
             total = core.log.count(0, recorded)
             if total < self.min_interactions:
                 return

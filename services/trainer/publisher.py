@@ -12,32 +12,32 @@ compares the key with the exact value the run started from. Outcomes:
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
 from services.common.artifacts import ArtifactStore, sha256_hex
 from services.common.etcd import Etcd
+from services.contracts.etcd_keys import MODEL_CURRENT
+from services.contracts.model_pointer import InvalidPointer, ModelPointer
 from services.model.artifact import ModelArtifact, serialize
 
 log = logging.getLogger(__name__)
 
-CURRENT_KEY = "model/current"
-LEADER_KEY = "trainer/leader"
-
 
 @dataclass(frozen=True)
 class Current:
+    """`model/current` as read: the exact bytes (the compare of the next CAS) and their meaning
+    (None when the key is absent or holds something that is not a model pointer)."""
     raw: bytes | None
-    value: dict | None
+    pointer: ModelPointer | None
 
     @property
     def version(self) -> int:
-        return int((self.value or {}).get("version") or 0)
+        return self.pointer.version if self.pointer else 0
 
     @property
     def data_lsn(self) -> int:
-        return int((self.value or {}).get("data_lsn") or 0)
+        return self.pointer.data_lsn if self.pointer else 0
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,6 @@ class PublishResult:
     reason: str
     current: Current
     already: bool = False     # this version was already current: nothing was written
-
-
-def current_value(version: int, uri: str, sha256: str, data_lsn: int, metrics: dict) -> bytes:
-    return json.dumps({"version": int(version), "uri": uri, "sha256": sha256, "data_lsn": int(data_lsn),
-                       "metrics": metrics}, sort_keys=True).encode()
 
 
 def artifact_name(version: int, sha256: str) -> str:
@@ -63,14 +58,15 @@ class Publisher:
         self.etcd, self.store = etcd, store
 
     def current(self) -> Current:
-        kv = self.etcd.get(CURRENT_KEY)
+        kv = self.etcd.get(MODEL_CURRENT)
         if kv is None:
             return Current(None, None)
         try:
-            value = json.loads(kv.value)
-        except ValueError:
-            value = None
-        return Current(kv.value, value if isinstance(value, dict) else None)
+            pointer = ModelPointer.from_json(kv.value)
+        except InvalidPointer as error:
+            log.warning("model/current holds no usable pointer", extra={"error": str(error)})
+            pointer = None
+        return Current(kv.value, pointer)
 
     def store_artifact(self, artifact: ModelArtifact) -> tuple[str, str]:
         data = serialize(artifact)
@@ -80,16 +76,25 @@ class Publisher:
     def publish(self, *, version: int, uri: str, sha256: str, data_lsn: int, metrics: dict,
                 expected: bytes | None) -> PublishResult:
         """CAS `model/current` from `expected` (None: the key must not exist)."""
-        value = current_value(version, uri, sha256, data_lsn, metrics)
-        if self.etcd.compare_and_swap(CURRENT_KEY, expected, value):
+        pointer = ModelPointer(version=int(version), uri=uri, sha256=sha256, data_lsn=int(data_lsn),
+                               metrics=metrics)
+        value = pointer.to_json()
+        if self.etcd.compare_and_swap(MODEL_CURRENT, expected, value):
             log.info("published", extra={"version": version, "uri": uri, "sha256": sha256, "data_lsn": data_lsn})
-            return PublishResult(True, f"published as model/current (data_lsn {data_lsn})",
-                                 Current(value, json.loads(value)))
+            return PublishResult(True, f"published as model/current (data_lsn {data_lsn})", Current(value, pointer))
         now = self.current()
         if now.version == version:
             return PublishResult(True, "already model/current (an earlier attempt published it)", now, already=True)
         reason = (f"lost the publish race: model/current changed to version {now.version} "
-                  f"since this run started (expected version "
-                  f"{(json.loads(expected) or {}).get('version', 0) if expected else 0})")
+                  f"since this run started (expected version {_version_of(expected)})")
         log.warning("publish refused: stale", extra={"version": version, "current_version": now.version})
         return PublishResult(False, reason, now)
+
+
+def _version_of(raw: bytes | None) -> int:
+    if raw is None:
+        return 0
+    try:
+        return ModelPointer.from_json(raw).version
+    except InvalidPointer:
+        return 0

@@ -28,7 +28,9 @@ from services.common.etcd import Etcd
 from services.trainer import synthetic
 from services.model.artifact import deserialize
 from services.trainer.interaction_log import InteractionLog
-from services.trainer.publisher import CURRENT_KEY, Publisher, current_value
+from services.contracts.etcd_keys import MODEL_CURRENT
+from services.contracts.model_pointer import ModelPointer
+from services.trainer.publisher import Publisher
 from scripts import infra
 from tests.conftest import REPO_ROOT, channel_to
 
@@ -142,7 +144,7 @@ def publishes_of(etcd: Etcd, start_revision: int) -> list[int]:
     def on_event(event):
         if event.key == sentinel:
             done.set()
-        elif event.key == CURRENT_KEY and event.value is not None:
+        elif event.key == MODEL_CURRENT and event.value is not None:
             seen.append(json.loads(event.value)["version"])
 
     etcd.put(sentinel, "end")
@@ -199,7 +201,7 @@ def test_train_update_lineage_and_artifacts(own_database, trainer_env, start_ser
     assert trained.published and v1.status == PUBLISHED and v1.strategy == "full" and v1.parent_version == 0
     assert (v1.lsn_from, v1.lsn_to) == (0, 100) and v1.interactions == 960 and v1.metrics.users == 40
     assert v1.metrics.recall_at_10 > 0.2           # a real model on learnable data, not noise
-    current = etcd.get_json(CURRENT_KEY)
+    current = etcd.get_json(MODEL_CURRENT)
     assert current == {"version": v1.version, "uri": v1.artifact_uri, "sha256": v1.sha256, "data_lsn": 100,
                        "metrics": current["metrics"]}
     assert current["metrics"]["ndcg_at_10"] == pytest.approx(v1.metrics.ndcg_at_10)
@@ -212,7 +214,7 @@ def test_train_update_lineage_and_artifacts(own_database, trainer_env, start_ser
     again = stub.Train(trainer_pb2.TrainRequest(seed=5, publish=False), timeout=120)
     assert not again.published and again.version.status == CANDIDATE
     assert again.version.metrics == v1.metrics and again.version.version == v1.version + 1
-    assert etcd.get_json(CURRENT_KEY)["version"] == v1.version
+    assert etcd.get_json(MODEL_CURRENT)["version"] == v1.version
 
     # Incremental update: new users and new items arrive.
     more_data(engine)
@@ -276,7 +278,7 @@ def test_gate_rejects_a_damaged_candidate(own_database, trainer_env, start_servi
     assert rejected.metrics.users == rejected.baseline_metrics.users == 40
     assert rejected.metrics.ndcg_at_10 < 0.5 * rejected.baseline_metrics.ndcg_at_10
     assert rejected.sha256 and rejected.artifact_uri       # recorded with its artifact, not published
-    assert etcd.get_json(CURRENT_KEY)["version"] == v1.version
+    assert etcd.get_json(MODEL_CURRENT)["version"] == v1.version
 
 
 def test_cas_refuses_a_stale_publish(own_database, etcd, tmp_path):
@@ -284,8 +286,8 @@ def test_cas_refuses_a_stale_publish(own_database, etcd, tmp_path):
     publisher = Publisher(etcd, ArtifactStore((tmp_path / "a").as_uri()))
     first = publisher.publish(version=1, uri="file:///a1", sha256="a" * 64, data_lsn=10, metrics={}, expected=None)
     assert first.published and not first.already
-    raw_v1 = etcd.get(CURRENT_KEY).value
-    assert raw_v1 == current_value(1, "file:///a1", "a" * 64, 10, {})
+    raw_v1 = etcd.get(MODEL_CURRENT).value
+    assert raw_v1 == ModelPointer(1, "file:///a1", "a" * 64, 10).to_json()
 
     # Two trainers both saw "no version" / "version 1": the second to arrive loses.
     stale_create = publisher.publish(version=2, uri="file:///a2", sha256="b" * 64, data_lsn=20, metrics={},
@@ -294,13 +296,13 @@ def test_cas_refuses_a_stale_publish(own_database, etcd, tmp_path):
     winner = publisher.publish(version=3, uri="file:///a3", sha256="c" * 64, data_lsn=30, metrics={},
                                expected=raw_v1)
     assert winner.published
-    revision = etcd.get(CURRENT_KEY).mod_revision
+    revision = etcd.get(MODEL_CURRENT).mod_revision
     loser = publisher.publish(version=4, uri="file:///a4", sha256="d" * 64, data_lsn=40, metrics={}, expected=raw_v1)
     assert not loser.published and "lost the publish race" in loser.reason and "version 3" in loser.reason
-    assert etcd.get_json(CURRENT_KEY)["version"] == 3 and etcd.get(CURRENT_KEY).mod_revision == revision
+    assert etcd.get_json(MODEL_CURRENT)["version"] == 3 and etcd.get(MODEL_CURRENT).mod_revision == revision
     # Publishing the version that is already current is idempotent: nothing written again.
     repeat = publisher.publish(version=3, uri="file:///a3", sha256="c" * 64, data_lsn=30, metrics={}, expected=raw_v1)
-    assert repeat.published and repeat.already and etcd.get(CURRENT_KEY).mod_revision == revision
+    assert repeat.published and repeat.already and etcd.get(MODEL_CURRENT).mod_revision == revision
 
 
 def test_stale_publish_after_a_crash_is_refused_not_overwritten(own_database, trainer_env, start_service, etcd):
@@ -319,8 +321,8 @@ def test_stale_publish_after_a_crash_is_refused_not_overwritten(own_database, tr
     in_background(lambda: stub.Update(trainer_pb2.UpdateRequest(publish=True), timeout=120))
     v2 = wait_for(lambda: (lambda v: v if v is not None and v.sha256 else None)(find_version(stub, v1.version + 1)),
                   "the candidate's artifact")
-    other = json.dumps({**etcd.get_json(CURRENT_KEY), "metrics": {"rolled_back": True}}, sort_keys=True)
-    etcd.put(CURRENT_KEY, other)               # someone else writes model/current meanwhile
+    other = json.dumps({**etcd.get_json(MODEL_CURRENT), "metrics": {"rolled_back": True}}, sort_keys=True)
+    etcd.put(MODEL_CURRENT, other)               # someone else writes model/current meanwhile
     hanging.kill()
     assert v2.status == CANDIDATE
 
@@ -329,7 +331,7 @@ def test_stale_publish_after_a_crash_is_refused_not_overwritten(own_database, tr
     final = wait_for(lambda: (lambda v: v if v.status != CANDIDATE else None)(get_version(stub, v2.version)),
                      "recovery to decide the interrupted run")
     assert final.status == REJECTED and "lost the publish race" in final.decision
-    assert etcd.get(CURRENT_KEY).value == other.encode()
+    assert etcd.get(MODEL_CURRENT).value == other.encode()
 
 
 def test_update_interrupted_by_kill_9_resumes_without_publishing_twice(own_database, trainer_env, start_service,
@@ -339,7 +341,7 @@ def test_update_interrupted_by_kill_9_resumes_without_publishing_twice(own_datab
     process = start_service("services.trainer", trainer_env)
     v1 = leader_stub(process).Train(trainer_pb2.TrainRequest(publish=True), timeout=120).version
     process.stop()
-    start_revision = etcd.get(CURRENT_KEY).mod_revision + 1
+    start_revision = etcd.get(MODEL_CURRENT).mod_revision + 1
 
     # 1. killed right after the CAS, before the version row said "published"
     more_data(engine, lsn=200, seed_value=3)
@@ -347,8 +349,8 @@ def test_update_interrupted_by_kill_9_resumes_without_publishing_twice(own_datab
                             name="trainer-hang-1")
     stub = leader_stub(hanging)
     in_background(lambda: stub.Update(trainer_pb2.UpdateRequest(publish=True), timeout=120))
-    wait_for(lambda: etcd.get_json(CURRENT_KEY)["version"] == v1.version + 1, "the publish")
-    published_revision = etcd.get(CURRENT_KEY).mod_revision
+    wait_for(lambda: etcd.get_json(MODEL_CURRENT)["version"] == v1.version + 1, "the publish")
+    published_revision = etcd.get(MODEL_CURRENT).mod_revision
     hanging.kill()
     v2 = v1.version + 1
     with engine.connect() as connection:    # etcd says v2, the row still says candidate
@@ -362,7 +364,7 @@ def test_update_interrupted_by_kill_9_resumes_without_publishing_twice(own_datab
     stub = leader_stub(hanging)
     # the new leader first recovers version 2 (already in etcd: recorded, not re-published)
     wait_for(lambda: get_version(stub, v2).status == PUBLISHED, "recovery of version 2")
-    assert etcd.get(CURRENT_KEY).mod_revision == published_revision
+    assert etcd.get(MODEL_CURRENT).mod_revision == published_revision
     assert "recorded by recovery" in get_version(stub, v2).decision
     in_background(lambda: stub.Update(trainer_pb2.UpdateRequest(publish=True), timeout=120))
     latest = lambda: stub.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=5).latest_version  # noqa: E731
@@ -377,7 +379,7 @@ def test_update_interrupted_by_kill_9_resumes_without_publishing_twice(own_datab
                        "the interrupted update to be redone")
     assert resumed.status == PUBLISHED and resumed.parent_version == v2
     assert (resumed.lsn_from, resumed.lsn_to) == (interrupted.lsn_from, interrupted.lsn_to) == (200, 300)
-    assert etcd.get_json(CURRENT_KEY)["version"] == v3
+    assert etcd.get_json(MODEL_CURRENT)["version"] == v3
     assert stub.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=5).latest_version == v3  # no extra version
     # every version reached model/current exactly once
     assert publishes_of(etcd, start_revision) == [v2, v3]
@@ -400,7 +402,7 @@ def test_only_the_leader_trains_and_a_standby_takes_over(own_database, trainer_e
     wait_for(lambda: stub_b.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=5).leader,
              "the standby to take over")
     trained = stub_b.Train(trainer_pb2.TrainRequest(publish=True), timeout=120)
-    assert trained.published and etcd.get_json(CURRENT_KEY)["version"] == trained.version.version
+    assert trained.published and etcd.get_json(MODEL_CURRENT)["version"] == trained.version.version
 
 
 def test_loop_records_the_delta_stream_and_keeps_the_model_current(own_database, trainer_env, start_service,

@@ -18,6 +18,7 @@ from services.collector import validation as v
 from services.collector.validation import (EventRow, Rejected, check_batch_size, event_payload,
                                            money_to_decimal, validate_event, validate_item)
 from services.common.errors import InvalidArgument
+from services.contracts.event_types import NAME_BY_PROTO, PROTO_BY_NAME
 
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 SKEW_S = 300.0
@@ -344,7 +345,7 @@ _attributes = st.dictionaries(_text(64), _text(1024, min_size=0), max_size=v.MAX
 
 @st.composite
 def valid_events(draw):
-    event_type = draw(st.sampled_from(sorted(v.EVENT_TYPE_NAMES)))
+    event_type = draw(st.sampled_from(sorted(NAME_BY_PROTO)))
     event = common_pb2.Event(event_id=draw(_text(128)), type=event_type, user_id=draw(_text(128)),
                               attributes=draw(_attributes))
     if event_type == common_pb2.EVENT_TYPE_SEARCH:
@@ -363,11 +364,11 @@ def test_any_valid_event_round_trips_to_a_row_with_the_same_fields(case):
     event, when = case
     row = validate_event(event, NOW, SKEW_S)
     assert row.event_id == event.event_id and row.user_id == event.user_id
-    assert row.event_type == v.EVENT_TYPE_NAMES[event.type]
+    assert row.event_type == NAME_BY_PROTO[event.type]
     assert row.item_id == (event.item_id or None) and row.query == (event.query or None)
     assert row.occurred_at == (NOW if when is None else when)
     assert row.attributes == dict(event.attributes)
-    assert v.EVENT_TYPES_BY_NAME[row.event_type] == event.type
+    assert PROTO_BY_NAME[row.event_type] == event.type
 
 
 @settings(max_examples=200, deadline=None)

@@ -9,7 +9,8 @@ import pytest
 from deltarec.v1 import trainer_pb2
 from services.common.errors import InvalidArgument
 from services.trainer.interaction_log import interaction_from_row
-from services.trainer.publisher import Current, artifact_name, current_value
+from services.contracts.model_pointer import ModelPointer
+from services.trainer.publisher import Current, artifact_name
 from services.trainer.server import strategy_from_request, version_message
 from services.trainer.strategies import Strategy
 from services.trainer.versions import VersionRow
@@ -61,8 +62,8 @@ def test_events_delta_rows_become_interactions():
 
 
 def test_current_value_is_the_documented_json_and_names_are_content_addressed():
-    raw = current_value(3, "file:///a", "f" * 64, 1234, {"ndcg_at_10": 0.1})
+    raw = ModelPointer(3, "file:///a", "f" * 64, 1234, metrics={"ndcg_at_10": 0.1}).to_json()
     assert json.loads(raw) == {"version": 3, "uri": "file:///a", "sha256": "f" * 64, "data_lsn": 1234,
                                "metrics": {"ndcg_at_10": 0.1}}
-    assert Current(raw, json.loads(raw)).version == 3 and Current(None, None).version == 0
+    assert Current(raw, ModelPointer.from_json(raw)).version == 3 and Current(None, None).version == 0
     assert artifact_name(3, "0123456789abcdef" * 4) == "model-v000003-0123456789abcdef.pt"
