@@ -1,11 +1,9 @@
-"""What a replica serves: per-model bundles and the routing between current and canary.
+"""One model version ready to answer (`ModelBundle`), and the etcd spec that names it (`ModelSpec`).
 
-A `ModelBundle` is one model version ready to answer: the torch model (user tower), its item
-vectors for every active catalog item in a live `VectorIndex`, and the artifact's popular list.
-It is built in the background from a catalog snapshot, then attached to the catalog (which
-replays what changed meanwhile and from then on hands it every item change), and only then made
-visible by replacing one reference (`ServingState.routing`). A request takes that reference once
-and finishes on it, whatever is swapped meanwhile.
+A bundle holds the torch model (user tower), its item vectors for every active catalog item in a
+live `VectorIndex`, and the artifact's popular list. It is built in the background from a catalog
+snapshot, then attached to the catalog (which replays what changed meanwhile and from then on
+hands it every item change), and only then made visible by the routing (`routing.py`).
 
 Item vectors are computed in float64 and rounded to multiples of 2^-16 (exact in float32), so an
 item's vector has the same bits whether it was computed in the bulk build or alone when it arrived
@@ -16,20 +14,18 @@ change rankings in any measurable way.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from services.ranker.catalog import Catalog
-from services.ranker.index_structures import IndexOptions
-from services.ranker.vector_index import VectorIndex
-from services.ranker.tower import serving_tower
 from services.model.artifact import ArtifactInvalid, ModelArtifact
 from services.model.network import DeltaRecModel
+from services.ranker.catalog import Catalog
+from services.ranker.index_structures import IndexOptions
+from services.ranker.tower import serving_tower
+from services.ranker.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +60,6 @@ class ModelSpec:
 
     def same_artifact(self, other: "ModelSpec | None") -> bool:
         return other is not None and other.version == self.version and other.sha256 == self.sha256
-
-
-def canary_bucket(user_id: str) -> float:
-    """A user's fixed position in [0, 1): the same on every replica and for every canary."""
-    digest = hashlib.blake2b(user_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0 ** 64
 
 
 class ModelBundle:
@@ -199,48 +189,3 @@ class ModelBundle:
                 if not np.isfinite(probe).all():
                     raise ArtifactInvalid("user tower produced non-finite output")
         self.index.search(np.asarray(probe, np.float32).reshape(1, -1), 10)
-
-
-@dataclass(frozen=True)
-class Routing:
-    current: ModelBundle | None = None
-    canary: ModelBundle | None = None
-    canary_share: float = 0.0
-
-
-class ServingState:
-    """The one reference requests read (`routing`), plus what Status reports."""
-
-    def __init__(self) -> None:
-        self.routing = Routing()
-        self.swaps = 0
-        self.refused_version = 0
-        self.refused_reason = ""
-        self.refused_count = 0
-        self._lock = threading.Lock()
-
-    def route(self, user_id: str) -> tuple[ModelBundle | None, str]:
-        routing = self.routing
-        if (routing.canary is not None and routing.canary_share > 0.0 and user_id
-                and canary_bucket(user_id) < routing.canary_share):
-            return routing.canary, "canary"
-        return routing.current, "current"
-
-    @property
-    def current(self) -> ModelBundle | None:
-        return self.routing.current
-
-    def install(self, current: ModelBundle | None, canary: ModelBundle | None, share: float) -> Routing:
-        """Replaces the routing; returns the previous one (the caller releases what is unused)."""
-        with self._lock:
-            previous = self.routing
-            self.routing = Routing(current, canary if share > 0 else None,
-                                   share if canary is not None else 0.0)
-            if previous.current is not current:
-                self.swaps += 1
-            return previous
-
-    def refuse(self, version: int, reason: str) -> None:
-        with self._lock:
-            self.refused_version, self.refused_reason = version, reason
-            self.refused_count += 1

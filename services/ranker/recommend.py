@@ -23,9 +23,10 @@ from services.ranker.answer import Answer, Scored
 from services.ranker.arguments import check_id, check_k
 from services.ranker.catalog import Catalog
 from services.ranker.filters import FilterSpec, make_acceptor
+from services.ranker.model_bundle import ModelBundle
 from services.ranker.read_your_writes import wait_for_lsn
 from services.ranker.retrieval import retrieve
-from services.ranker.serving import ModelBundle, ServingState
+from services.ranker.routing import ServingState
 from services.ranker.user_cache import CachedUser, FeaturesUnavailable, UserCache, UserHistory
 
 log = logging.getLogger(__name__)

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 
 from services.ranker.admission import AdmissionControl
 from services.ranker.catalog import Catalog
-from services.ranker.vector_index import VectorIndex
 from services.ranker.recommend import Recommender
+from services.ranker.routing import ServingState
 from services.ranker.search import Searcher
-from services.ranker.serving import ServingState
+from services.ranker.vector_index import VectorIndex
 
 
 @dataclass

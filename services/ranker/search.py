@@ -31,7 +31,7 @@ from services.ranker.filters import NO_FILTERS, FilterSpec, make_acceptor
 from services.ranker.lexical import normalize
 from services.ranker.read_your_writes import wait_for_lsn
 from services.ranker.recommend import user_state
-from services.ranker.serving import ServingState
+from services.ranker.routing import ServingState
 from services.ranker.user_cache import FeaturesUnavailable, UserCache
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,10 @@ from services.ranker.admission import AdmissionControl
 from services.ranker.catalog import Catalog, ItemUpdate
 from services.ranker.filters import FilterSpec
 from services.ranker.index_structures import IndexOptions
+from services.ranker.model_bundle import ModelBundle, ModelSpec
 from services.ranker.recommend import Recommender
+from services.ranker.routing import ServingState
 from services.ranker.search import CachedEncoder, Searcher
-from services.ranker.serving import ModelBundle, ModelSpec, ServingState
 from services.ranker.user_cache import FeaturesUnavailable, UserCache, UserHistory
 
 torch.set_num_threads(1)

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from services.common.artifacts import ArtifactStore, read_verified
+from services.model.artifact import serialize
 from services.ranker import devtools
 from services.ranker.catalog import Catalog, ItemUpdate
+from services.ranker.hot_swap import ModelManager
 from services.ranker.index_structures import IndexOptions
-from services.ranker.serving import ModelBundle, ModelSpec, ServingState, canary_bucket
-from services.ranker.swap import ModelManager
-from services.model.artifact import serialize
+from services.ranker.model_bundle import ModelBundle, ModelSpec
+from services.ranker.routing import ServingState, canary_bucket
 
 torch.set_num_threads(1)
 

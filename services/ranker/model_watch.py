@@ -1,0 +1,88 @@
+"""`EtcdModelWatcher`: tells the hot swap (`ModelManager`) which versions etcd names.
+
+It reads `model/current` and `model/canary`, then watches both from the next revision (the
+common Watch resumes from the last revision after an outage), and re-reads them every
+`reconcile_s` (covers a compacted history). If etcd is down nothing changes: the replica keeps
+serving what it has. A value that is not a usable spec is refused (Status, metric, log).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+from services.common.etcd import EtcdUnavailable, WatchEvent
+from services.ranker import metrics
+from services.ranker.hot_swap import ModelManager
+from services.ranker.model_bundle import ModelSpec
+
+log = logging.getLogger(__name__)
+
+CURRENT_KEY = "model/current"
+CANARY_KEY = "model/canary"
+
+
+class EtcdModelWatcher:
+    """Feeds `ModelManager` from etcd; survives etcd outages."""
+
+    def __init__(self, etcd, manager: ModelManager, *, reconcile_s: float = 30.0) -> None:
+        self.etcd, self.manager, self.reconcile_s = etcd, manager, reconcile_s
+        self._stop = threading.Event()
+        self._watch = None
+        self.synced = threading.Event()   # the first read of both keys succeeded
+        self._thread = threading.Thread(target=self._run, name="model-watch", daemon=True)
+
+    def start(self) -> "EtcdModelWatcher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.cancel()
+
+    def _apply(self, key: str, value: bytes | None) -> None:
+        role = "current" if key == CURRENT_KEY else "canary" if key == CANARY_KEY else None
+        if role is None:
+            return
+        if value is None:
+            if role == "canary":
+                self.manager.want("canary", None)
+            return   # model/current deleted: keep serving what we have
+        try:
+            spec = ModelSpec.from_json(json.loads(value), canary=role == "canary")
+        except ValueError as error:
+            log.error("unusable model spec in etcd", extra={"key": key, "error": str(error)})
+            self.manager.state.refuse(0, f"{key}: {error}")
+            metrics.REFUSED.labels("bad_spec").inc()
+            return
+        self.manager.want(role, spec)
+
+    def _on_event(self, event: WatchEvent) -> None:
+        self._apply(event.key, event.value)
+
+    def _read(self) -> int:
+        revision = self.etcd.current_revision()
+        for key in (CURRENT_KEY, CANARY_KEY):
+            kv = self.etcd.get(key)
+            self._apply(key, None if kv is None else kv.value)
+        return revision
+
+    def _run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                revision = self._read()
+                self.synced.set()
+                if self._watch is None:
+                    self._watch = self.etcd.watch("model/", self._on_event, prefix=True,
+                                                  start_revision=revision + 1)
+                backoff = 0.2
+                self._stop.wait(self.reconcile_s)
+            except (EtcdUnavailable, ValueError) as error:   # ValueError: etcd3's "failed node"
+                log.warning("etcd unreachable; serving the loaded version", extra={"error": str(error)[:200]})
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:  # noqa: BLE001
+                log.exception("model watcher step failed")
+                self._stop.wait(1.0)
