@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from pathlib import Path
 
-import grpc
 import pytest
 import sqlalchemy as sa
 
 from scripts import infra
 from scripts.launch import ServiceProcess
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("DELTAREC_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+from tests.support import REPO_ROOT, channel_to  # noqa: F401 - channel_to: until test_trainer_service imports it from support
 
 
 @pytest.fixture(scope="session")
@@ -72,17 +68,3 @@ def start_service(tmp_path):
     yield start
     for process in reversed(started):
         process.stop(timeout_s=15)
-
-
-def channel_to(process: ServiceProcess) -> grpc.Channel:
-    channel = grpc.insecure_channel(process.address)
-    grpc.channel_ready_future(channel).result(timeout=10)
-    return channel
-
-
-def shared_data_dir(name: str) -> Path:
-    """A data set under ../shared/data, or skip the test when the folder is absent."""
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    return path

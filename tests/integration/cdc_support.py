@@ -1,19 +1,17 @@
-"""Helpers shared by the CDC integration tests (test_cdc*.py); no tests here."""
+"""Helpers of the CDC integration tests (test_cdc*.py): an in-memory consumer, a raw Subscribe
+stream, the collector's consumer groups and metrics. Helpers every test uses are in tests/support.py."""
 from __future__ import annotations
 
 import queue
-import socket
 import threading
 import time
 import urllib.request
-from typing import Callable
 
 import grpc
 import psycopg2
 
 from deltarec.v1 import collector_pb2, collector_pb2_grpc
 from services.common.delta_consumer import row_of
-from services.common.lsn import parse_lsn
 
 
 def collector_env(service_env: dict, **extra: str) -> dict:
@@ -23,32 +21,10 @@ def collector_env(service_env: dict, **extra: str) -> dict:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0, what: str = "condition",
-               interval_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-
 def sql_connection(database_url: str):
     connection = psycopg2.connect(database_url.replace("postgresql+psycopg2://", "postgresql://"))
     connection.autocommit = True
     return connection
-
-
-def current_wal_lsn(connection) -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_current_wal_insert_lsn()::text")
-        return parse_lsn(cursor.fetchone()[0])
 
 
 def table_state(connection) -> tuple[dict, set]:

@@ -11,9 +11,9 @@ from google.protobuf import timestamp_pb2
 
 from deltarec.v1 import collector_pb2, common_pb2
 from services.common.delta_consumer import DeltaConsumer, row_of
-from tests.integration.test_cdc_support import (RawStream, StateConsumer, collector_env, current_wal_lsn,
-                                                group_info, metric, metrics_text, sql_connection, stub,
-                                                table_state, wait_until)
+from tests.integration.cdc_support import (RawStream, StateConsumer, collector_env, group_info, metric,
+                                           metrics_text, sql_connection, stub, table_state)
+from tests.support import wait_until, wal_lsn
 
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z")
 INSERT, UPDATE, DELETE, SNAPSHOT = (collector_pb2.OPERATION_INSERT, collector_pb2.OPERATION_UPDATE,
@@ -25,7 +25,7 @@ def collector(start_service, service_env):
     return start_service("services.collector", collector_env(service_env, COLLECTOR_ID="collector-main"))
 
 
-def test_api_and_sql_changes_arrive_with_values_and_types(collector, database_url):
+def test_api_and_sql_changes_arrive_with_values_and_types(collector, database_url, engine):
     sql = sql_connection(database_url)
     with sql.cursor() as cursor:
         cursor.execute("INSERT INTO items (item_id, title, price, currency) VALUES ('pre', 'Before', 3, 'EUR')")
@@ -61,7 +61,7 @@ def test_api_and_sql_changes_arrive_with_values_and_types(collector, database_ur
             cursor.execute("BEGIN; DELETE FROM items WHERE item_id = 'pre'; "
                            "INSERT INTO events (event_id, event_type, user_id, item_id, occurred_at, attributes) "
                            "VALUES ('e3', 'purchase', 'u2', 's2', '2024-05-01 14:30:00+02', '{\"qty\": \"2\"}'); COMMIT")
-        end = current_wal_lsn(sql)
+        end = wal_lsn(engine)
         wait_until(lambda: state.state() == table_state(sql), what="the consumer to match the tables")
         wait_until(lambda: consumer.caught_up_lsn >= end, what="a caught-up heartbeat")
     finally:
@@ -161,7 +161,7 @@ def test_bad_subscriptions_are_refused(collector):
     assert consumer.error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_admin_lists_and_drops_groups_and_metrics_show_lag(collector, database_url):
+def test_admin_lists_and_drops_groups_and_metrics_show_lag(collector, database_url, engine):
     sql = sql_connection(database_url)
     state = StateConsumer()
     consumer = DeltaConsumer(collector.address, "admin_demo", state.apply, tables=["events"]).start()
@@ -177,7 +177,7 @@ def test_admin_lists_and_drops_groups_and_metrics_show_lag(collector, database_u
         assert list(live.tables) == ["events"] and live.slot_name.endswith("_admin_demo")
         assert live.confirmed_flush_lsn >= live.consistent_lsn > 0
         # The items insert is not the group's business; the slot still moves past it.
-        end = current_wal_lsn(sql)
+        end = wal_lsn(engine)
         wait_until(lambda: group_info(collector, "admin_demo").confirmed_flush_lsn >= end,
                    what="the slot to advance while the group's tables are idle")
         assert all(b.deltas[0].table == "events" for b in state.batches if b.deltas)

@@ -15,7 +15,8 @@ from services.common.config import load
 from services.common.db import make_engine
 from services.common.delta_consumer import row_of
 from services.common.errors import FailedPrecondition, InvalidArgument
-from tests.integration.test_cdc_support import sql_connection, wait_until
+from tests.integration.cdc_support import sql_connection
+from tests.support import wait_until
 
 
 @pytest.fixture

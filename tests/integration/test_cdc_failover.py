@@ -6,9 +6,10 @@ import threading
 import time
 import uuid
 
+from scripts.infra import free_port
 from services.common.delta_consumer import DeltaConsumer
-from tests.integration.test_cdc_support import (StateConsumer, collector_env, free_port, group_info,
-                                                sql_connection, table_state, wait_until)
+from tests.integration.cdc_support import StateConsumer, collector_env, group_info, sql_connection, table_state
+from tests.support import wait_until
 
 
 class EventWriter:

@@ -7,9 +7,11 @@ import random
 import threading
 import time
 
+from scripts.infra import free_port
 from services.common.delta_consumer import DeltaConsumer, row_of
-from tests.integration.test_cdc_support import (RawStream, StateConsumer, collector_env, free_port, group_info,
-                                                sql_connection, table_state, wait_until)
+from tests.integration.cdc_support import (RawStream, StateConsumer, collector_env, group_info, sql_connection,
+                                           table_state)
+from tests.support import wait_until
 
 POPULATE = """
 INSERT INTO items (item_id, title, price, currency)

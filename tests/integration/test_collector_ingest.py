@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2
 from scripts.launch import ServiceProcess
-from tests.conftest import channel_to
+from tests.support import channel_to, count_events
 
 pytestmark = pytest.mark.integration
 
@@ -71,12 +71,6 @@ def stored_events(engine, prefix: str) -> dict[str, dict]:
             "SELECT event_id, event_type, user_id, item_id, query, occurred_at, attributes "
             "FROM events WHERE event_id LIKE :p"), {"p": prefix + "%"}).mappings().all()
     return {row["event_id"]: dict(row) for row in rows}
-
-
-def count_events(engine, prefix: str) -> int:
-    with engine.connect() as connection:
-        return connection.execute(sa.text("SELECT count(*) FROM events WHERE event_id LIKE :p"),
-                                  {"p": prefix + "%"}).scalar_one()
 
 
 def statuses(response) -> list[int]:

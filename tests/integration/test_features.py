@@ -23,8 +23,7 @@ from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2, features_
 from scripts.launch import ServiceProcess
 from services.common.etcd import Etcd
 from services.features.content import ItemText, embedding_text
-from tests.conftest import channel_to
-from tests.support import wait_until, wal_lsn
+from tests.support import channel_to, wait_until, wal_lsn
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2, features_pb2, features_pb2_grpc
-from tests.conftest import channel_to
-from tests.support import wait_until
+from tests.support import channel_to, wait_until
 
 pytestmark = pytest.mark.integration
 

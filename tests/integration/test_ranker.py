@@ -25,8 +25,7 @@ from scripts.launch import ServiceProcess
 from services.common.artifacts import ArtifactStore
 from services.common.etcd import Etcd
 from services.ranker import devtools
-from tests.conftest import channel_to
-from tests.support import wait_until, wal_lsn
+from tests.support import channel_to, wait_until, wal_lsn
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -25,7 +24,7 @@ from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2
 from scripts import infra
 from services.common import db
 from services.common.server import GrpcService
-from tests.conftest import REPO_ROOT, channel_to
+from tests.support import REPO_ROOT, channel_to, count_events, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -33,17 +32,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 COLLECTOR_SERVICE = "deltarec.v1.CollectorService"
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
-
-
-def wait_until(predicate, what: str, timeout_s: float = 30.0):
-    """Polls for a state change; the deadline only guards against a hang, it is not asserted on."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def event(event_id: str, kind: str = "view", item: str = "B00ROSE") -> common_pb2.Event:
@@ -55,12 +43,6 @@ def event(event_id: str, kind: str = "view", item: str = "B00ROSE") -> common_pb
 
 def request_of(*event_ids: str) -> collector_pb2.IngestEventsRequest:
     return collector_pb2.IngestEventsRequest(events=[event(event_id) for event_id in event_ids])
-
-
-def count_events(engine, prefix: str) -> int:
-    with engine.connect() as connection:
-        return connection.execute(sa.text("SELECT count(*) FROM events WHERE event_id LIKE :p"),
-                                  {"p": prefix + "%"}).scalar_one()
 
 
 def blocked_collector_backend(engine) -> bool:
