@@ -41,6 +41,7 @@ from services.ranker.model_watch import EtcdModelWatcher  # noqa: E402
 from services.ranker.recommend import Recommender  # noqa: E402
 from services.ranker.registration import Registration  # noqa: E402
 from services.ranker.replica import RankerReplica  # noqa: E402
+from services.ranker.request_path import RequestPath  # noqa: E402
 from services.ranker.routing import ServingState  # noqa: E402
 from services.ranker.search import CachedEncoder, Searcher  # noqa: E402
 from services.ranker.server import RankerServicer  # noqa: E402
@@ -96,12 +97,12 @@ def main() -> int:
     watcher = EtcdModelWatcher(etcd, manager)
     users = UserCache(features, config.user_cache_ttl_s, config.user_cache_size)
     encoder = CachedEncoder(LocalEncoder() if config.query_encoder == "local" else features)
-    recommender = Recommender(catalog, state, users, history_length=config.history_length,
-                              max_wait_s=config.max_wait_s)
-    searcher = Searcher(catalog, state, users, encoder, history_length=config.history_length,
-                        max_wait_s=config.max_wait_s)
     admission = AdmissionControl(config.max_running, config.max_waiting)
-    replica = RankerReplica(replica_id, catalog, state, recommender, searcher, admission)
+    path = RequestPath(catalog, users, admission, history_length=config.history_length,
+                       max_wait_s=config.max_wait_s)
+    recommender = Recommender(catalog, state, path)
+    searcher = Searcher(catalog, state, path, encoder)
+    replica = RankerReplica(replica_id, catalog, state, recommender, searcher)
 
     service = GrpcService.from_config(
         "ranker", [ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name], config)

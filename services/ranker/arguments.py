@@ -5,6 +5,7 @@ from services.common.errors import InvalidArgument
 
 MAX_K = 200
 DEFAULT_K = 10
+MAX_QUERY_BYTES = 1024
 
 
 def check_k(k: int) -> int:
@@ -21,3 +22,9 @@ def check_id(name: str, value: str, required: bool = True) -> str:
     if len(value.encode()) > 128:
         raise InvalidArgument(f"{name}: at most 128 bytes")
     return value
+
+
+def check_query(query: str) -> str:
+    if not 1 <= len(query.encode()) <= MAX_QUERY_BYTES or not query.strip():
+        raise InvalidArgument(f"query: must be 1..{MAX_QUERY_BYTES} bytes of text")
+    return query

@@ -99,6 +99,10 @@ class Catalog:
     def iid(self, item_id: str) -> int | None:
         return self._iid_of.get(item_id)
 
+    def known_iids(self, item_ids: Iterable[str]) -> set[int]:
+        """The slots of those of `item_ids` the catalog has (unknown ids are skipped)."""
+        return {iid for iid in map(self._iid_of.get, item_ids) if iid is not None}
+
     def meta(self, iid: int) -> ItemMeta | None:
         return self._metas[iid] if 0 <= iid < len(self._metas) else None
 

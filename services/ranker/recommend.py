@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from services.common.errors import NotFound, Unavailable
+from services.common.errors import NotFound
 from services.contracts.event_types import EventType
-from services.ranker import metrics
 from services.ranker.answer import Answer, Scored
 from services.ranker.arguments import check_id, check_k
 from services.ranker.catalog import Catalog
 from services.ranker.filters import FilterSpec, make_acceptor
 from services.ranker.model_bundle import ModelBundle
-from services.ranker.read_your_writes import wait_for_lsn
+from services.ranker.request_path import RequestPath
 from services.ranker.retrieval import retrieve
 from services.ranker.routing import ServingState
-from services.ranker.user_cache import CachedUser, FeaturesUnavailable, UserCache, UserHistory
+from services.ranker.user_cache import CachedUser, UserHistory
+from services.ranker.user_vector import user_vector
 
 log = logging.getLogger(__name__)
 
@@ -44,44 +43,10 @@ def short(title: str) -> str:
     return title if len(title) <= _TITLE_CHARS else title[: _TITLE_CHARS - 1].rstrip() + "…"
 
 
-def tower_input(catalog: Catalog, bundle: ModelBundle, history: UserHistory
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The last max_len history items the replica knows, as (iids, event types, ages in s)."""
-    now = time.time()
-    iids, events, ages = [], [], []
-    text_index = catalog.text_index
-    for item_id, event, stamp in zip(history.item_ids, history.event_types, history.timestamps):
-        iid = catalog.iid(item_id)
-        if iid is None or not (bundle.index.has_vector(iid) or text_index.has_vector(iid)):
-            continue
-        iids.append(iid)
-        events.append(event if 0 < event < 5 else int(EventType.VIEW))
-        ages.append(max(now - stamp, 0.0))
-    limit = bundle.max_len
-    return (np.asarray(iids[-limit:], np.int64), np.asarray(events[-limit:], np.int64),
-            np.asarray(ages[-limit:], np.float32))
-
-
-def user_state(catalog: Catalog, bundle: ModelBundle, cached: CachedUser
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(user vector, history iids, event types) for this bundle, memoised in the cache entry;
-    None when no history item is usable."""
-    state = cached.vectors.get(bundle.spec)
-    if state is None:
-        iids, events, ages = tower_input(catalog, bundle, cached.history)
-        if not iids.size:
-            return None
-        state = (bundle.user_vector(iids, events, ages), iids, events)
-        cached.vectors[bundle.spec] = state
-    return state
-
-
 class Recommender:
-    def __init__(self, catalog: Catalog, state: ServingState, users: UserCache, *, history_length: int = 50,
-                 max_wait_s: float = 5.0, fresh_share: float = 0.3) -> None:
-        self.catalog, self.state, self.users = catalog, state, users
-        self.history_length = history_length
-        self.max_wait_s = max_wait_s
+    def __init__(self, catalog: Catalog, state: ServingState, path: RequestPath, *,
+                 fresh_share: float = 0.3) -> None:
+        self.catalog, self.state, self.path = catalog, state, path
         self.fresh_share = fresh_share
 
     # ------------------------------------------------------------------ Recommend
@@ -90,26 +55,20 @@ class Recommender:
         check_id("user_id", user_id)
         k = check_k(k)
         filters = filters if filters is not None else FilterSpec()
-        wait_for_lsn(self.catalog, min_data_lsn, timeout_s, self.max_wait_s)
-        watermark = self.catalog.watermark
-        bundle, variant = self.state.route(user_id)
-        version = bundle.version if bundle is not None else 0
-        try:
-            cached = self.users.get(user_id, self.history_length, min_data_lsn, timeout_s)
-        except FeaturesUnavailable as error:
-            if min_data_lsn:
-                raise Unavailable(f"user features unavailable: {error}") from None
-            metrics.DEGRADED.inc()
-            cached = None
-        history = cached.history if cached is not None else UserHistory()
-        data_lsn = min(watermark, history.data_lsn) if history.data_lsn else watermark
-        excluded = self._excluded(history, filters)
-        if bundle is not None and cached is not None:
-            personal = self._personal(bundle, cached, k, filters, excluded)
-            if personal:
-                return Answer(personal, version, data_lsn, variant, cold_start=False)
-        items = self.cold_start(bundle, k, filters, excluded)
-        return Answer(items, version, data_lsn, variant, cold_start=True)
+        with self.path.admitted(min_data_lsn, timeout_s) as time_left:
+            watermark = self.catalog.watermark
+            bundle, variant = self.state.route(user_id)
+            version = bundle.version if bundle is not None else 0
+            cached = self.path.user(user_id, min_data_lsn, time_left)
+            history = cached.history if cached is not None else UserHistory()
+            data_lsn = min(watermark, history.data_lsn) if history.data_lsn else watermark
+            excluded = self._excluded(history, filters)
+            if bundle is not None and cached is not None:
+                personal = self._personal(bundle, cached, k, filters, excluded)
+                if personal:
+                    return Answer(personal, version, data_lsn, variant, cold_start=False)
+            items = self.cold_start(bundle, k, filters, excluded)
+            return Answer(items, version, data_lsn, variant, cold_start=True)
 
     def _excluded(self, history: UserHistory, filters: FilterSpec) -> set[int]:
         excluded = {iid for iid in map(self.catalog.iid, filters.exclude_item_ids) if iid is not None}
@@ -124,11 +83,11 @@ class Recommender:
 
     def _personal(self, bundle: ModelBundle, cached: CachedUser, k: int, filters: FilterSpec,
                   excluded: set[int]) -> list[Scored]:
-        state = user_state(self.catalog, bundle, cached)
-        if state is None:
+        user = user_vector(self.catalog, bundle, cached)
+        if user is None:
             return []
-        user, iids, events = state
-        found = retrieve(self.catalog, bundle.index, user, k, filters, excluded)
+        iids, events = user.iids, user.event_types
+        found = retrieve(self.catalog, bundle.index, user.vector, k, filters, excluded)
         if not found:
             return []
         history_vectors = bundle.history_vectors(iids)
@@ -184,27 +143,29 @@ class Recommender:
         return items
 
     # ------------------------------------------------------------------ SimilarItems
-    def similar(self, item_id: str, k: int = 10, filters: FilterSpec | None = None) -> Answer:
+    def similar(self, item_id: str, k: int = 10, filters: FilterSpec | None = None,
+                timeout_s: float | None = None) -> Answer:
         check_id("item_id", item_id)
         k = check_k(k)
         filters = filters if filters is not None else FilterSpec(exclude_purchased=False)
         iid = self.catalog.iid(item_id)
         if iid is None:
             raise NotFound(f"item {item_id!r} is not in the catalog")
-        watermark = self.catalog.watermark
-        bundle = self.state.current
-        if bundle is not None and bundle.index.has_vector(iid):
-            index, version = bundle.index, bundle.version
-        elif self.catalog.text_index.has_vector(iid):
-            index, version = self.catalog.text_index, 0
-        else:
-            raise NotFound(f"item {item_id!r} has no vector yet")
-        query = index.vectors_of([iid])[0]
-        excluded = {iid} | {i for i in map(self.catalog.iid, filters.exclude_item_ids) if i is not None}
-        anchor = self.catalog.meta(iid)
-        reason = f"similar to {short(anchor.title or anchor.item_id)}"
-        items = []
-        for found, score in retrieve(self.catalog, index, query, k, filters, excluded):
-            meta = self.catalog.meta(found)
-            items.append(Scored(meta.item_id, score, reason, meta.title))
-        return Answer(items, version, watermark)
+        with self.path.admitted(0, timeout_s):
+            watermark = self.catalog.watermark
+            bundle = self.state.current
+            if bundle is not None and bundle.index.has_vector(iid):
+                index, version = bundle.index, bundle.version
+            elif self.catalog.text_index.has_vector(iid):
+                index, version = self.catalog.text_index, 0
+            else:
+                raise NotFound(f"item {item_id!r} has no vector yet")
+            query = index.vectors_of([iid])[0]
+            excluded = {iid} | {i for i in map(self.catalog.iid, filters.exclude_item_ids) if i is not None}
+            anchor = self.catalog.meta(iid)
+            reason = f"similar to {short(anchor.title or anchor.item_id)}"
+            items = []
+            for found, score in retrieve(self.catalog, index, query, k, filters, excluded):
+                meta = self.catalog.meta(found)
+                items.append(Scored(meta.item_id, score, reason, meta.title))
+            return Answer(items, version, watermark)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.ranker.admission import AdmissionControl
 from services.ranker.catalog import Catalog
 from services.ranker.recommend import Recommender
 from services.ranker.routing import ServingState
@@ -18,7 +17,6 @@ class RankerReplica:
     state: ServingState
     recommender: Recommender
     searcher: Searcher
-    admission: AdmissionControl
     address: str = ""
 
     def live_index(self) -> VectorIndex:

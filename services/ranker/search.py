@@ -22,21 +22,18 @@ from typing import Protocol
 
 import numpy as np
 
-from services.common.errors import InvalidArgument, Unavailable
 from services.ranker import metrics
 from services.ranker.answer import Answer, Scored
-from services.ranker.arguments import check_id, check_k
+from services.ranker.arguments import check_id, check_k, check_query
 from services.ranker.catalog import Catalog
 from services.ranker.filters import NO_FILTERS, FilterSpec, make_acceptor
 from services.ranker.lexical import normalize
-from services.ranker.read_your_writes import wait_for_lsn
-from services.ranker.recommend import user_state
+from services.ranker.request_path import RequestPath
 from services.ranker.routing import ServingState
-from services.ranker.user_cache import FeaturesUnavailable, UserCache
+from services.ranker.user_cache import FeaturesUnavailable
+from services.ranker.user_vector import user_vector
 
 log = logging.getLogger(__name__)
-
-MAX_QUERY_BYTES = 1024
 
 
 class QueryEncoder(Protocol):
@@ -77,44 +74,33 @@ class SearchWeights:
 
 
 class Searcher:
-    def __init__(self, catalog: Catalog, state: ServingState, users: UserCache, encoder: CachedEncoder, *,
-                 history_length: int = 50, max_wait_s: float = 5.0,
+    def __init__(self, catalog: Catalog, state: ServingState, path: RequestPath, encoder: CachedEncoder, *,
                  weights: SearchWeights | None = None) -> None:
-        self.catalog, self.state, self.users, self.encoder = catalog, state, users, encoder
-        self.history_length, self.max_wait_s = history_length, max_wait_s
+        self.catalog, self.state, self.path, self.encoder = catalog, state, path, encoder
         self.weights = weights or SearchWeights()
 
     def search(self, query: str, user_id: str = "", k: int = 10, filters: FilterSpec | None = None,
                min_data_lsn: int = 0, timeout_s: float | None = None) -> Answer:
-        size = len(query.encode())
-        if not 1 <= size <= MAX_QUERY_BYTES or not query.strip():
-            raise InvalidArgument(f"query: must be 1..{MAX_QUERY_BYTES} bytes of text")
+        check_query(query)
         check_id("user_id", user_id, required=False)
         k = check_k(k)
         filters = filters if filters is not None else NO_FILTERS
-        wait_for_lsn(self.catalog, min_data_lsn, timeout_s, self.max_wait_s)
-        watermark = self.catalog.watermark
-        bundle, variant = self.state.route(user_id)
-        version = bundle.version if bundle is not None else 0
-        data_lsn = watermark
-        excluded = {i for i in map(self.catalog.iid, filters.exclude_item_ids) if i is not None}
-        user = None
-        if user_id and bundle is not None:
-            try:
-                cached = self.users.get(user_id, self.history_length, min_data_lsn, timeout_s)
-            except FeaturesUnavailable as error:
-                if min_data_lsn:
-                    raise Unavailable(f"user features unavailable: {error}") from None
-                metrics.DEGRADED.inc()
-                cached = None
-            if cached is not None:
-                if cached.history.data_lsn:
-                    data_lsn = min(data_lsn, cached.history.data_lsn)
-                state = user_state(self.catalog, bundle, cached)
-                if state is not None:
-                    user = state[0]
-        items = self._rank(query, k, filters, excluded, bundle if user is not None else None, user)
-        return Answer(items, version, data_lsn, variant)
+        with self.path.admitted(min_data_lsn, timeout_s) as time_left:
+            bundle, variant = self.state.route(user_id)
+            version = bundle.version if bundle is not None else 0
+            data_lsn = self.catalog.watermark
+            excluded = self.catalog.known_iids(filters.exclude_item_ids)
+            user = None
+            if user_id and bundle is not None:
+                cached = self.path.user(user_id, min_data_lsn, time_left)
+                if cached is not None:
+                    if cached.history.data_lsn:
+                        data_lsn = min(data_lsn, cached.history.data_lsn)
+                    state = user_vector(self.catalog, bundle, cached)
+                    if state is not None:
+                        user = state.vector
+            items = self._rank(query, k, filters, excluded, bundle if user is not None else None, user)
+            return Answer(items, version, data_lsn, variant)
 
     def _rank(self, query: str, k: int, filters: FilterSpec, excluded: set[int], bundle,
               user) -> list[Scored]:

@@ -1,6 +1,6 @@
-"""gRPC edge of the ranker: messages to the plain core and back, admission control, errors to
-statuses. FAILED_PRECONDITION for an unmet min_data_lsn carries this replica's watermark in the
-message and in the trailing metadata key `deltarec-data-lsn`."""
+"""gRPC edge of the ranker: messages to the plain core and back, errors to statuses.
+FAILED_PRECONDITION for an unmet min_data_lsn carries this replica's watermark in the message and
+in the trailing metadata key `deltarec-data-lsn`."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +13,7 @@ from services.ranker import metrics
 from services.ranker.admission import Overloaded
 from services.ranker.answer import Answer
 from services.ranker.filters import NO_FILTERS, FilterSpec
-from services.ranker.read_your_writes import DataBehind, wait_for_lsn
+from services.ranker.read_your_writes import DataBehind
 from services.ranker.replica import RankerReplica
 
 WATERMARK_METADATA = "deltarec-data-lsn"
@@ -47,19 +47,14 @@ def _freshness(answer: Answer) -> common_pb2.Freshness:
     return common_pb2.Freshness(model_version=answer.model_version, data_lsn=answer.data_lsn)
 
 
-def admitted(method):
-    """Admission control around a handler; watermark in the trailers of FAILED_PRECONDITION.
-    A read-your-writes wait happens before admission: waiting for the data costs no CPU and
-    must not hold a slot that other requests could compute in."""
+def refusals_reported(method):
+    """What the core's request path (request_path.py: read-your-writes wait, then admission)
+    refused, made visible: this replica's watermark in the trailers of FAILED_PRECONDITION, and
+    the admission refusals counted per method."""
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
-            min_lsn = getattr(request, "min_data_lsn", 0)
-            if min_lsn:
-                wait_for_lsn(self.replica.catalog, min_lsn, time_remaining(context),
-                             self.replica.recommender.max_wait_s)
-            with self.replica.admission.admit(time_remaining(context)):
-                return method(self, request, context)
+            return method(self, request, context)
         except Overloaded:
             metrics.REJECTED.labels(method.__name__).inc()
             raise
@@ -74,7 +69,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         self.replica = replica
 
     @grpc_errors
-    @admitted
+    @refusals_reported
     def Recommend(self, request, context):
         answer = self.replica.recommender.recommend(
             request.user_id, request.k, filters_from(request, FilterSpec()), request.min_data_lsn,
@@ -84,7 +79,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version))
 
     @grpc_errors
-    @admitted
+    @refusals_reported
     def Search(self, request, context):
         answer = self.replica.searcher.search(
             request.query, request.user_id, request.k, filters_from(request, NO_FILTERS),
@@ -94,10 +89,10 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version))
 
     @grpc_errors
-    @admitted
+    @refusals_reported
     def SimilarItems(self, request, context):
-        answer = self.replica.recommender.similar(request.item_id, request.k,
-                                                  filters_from(request, NO_FILTERS))
+        answer = self.replica.recommender.similar(
+            request.item_id, request.k, filters_from(request, NO_FILTERS), time_remaining(context))
         return ranker_pb2.SimilarItemsResponse(items=_items(answer), freshness=_freshness(answer))
 
     @grpc_errors

@@ -15,6 +15,7 @@ from services.ranker.filters import FilterSpec
 from services.ranker.index_structures import IndexOptions
 from services.ranker.model_bundle import ModelBundle, ModelSpec
 from services.ranker.recommend import Recommender
+from services.ranker.request_path import RequestPath
 from services.ranker.routing import ServingState
 from services.ranker.search import CachedEncoder, Searcher
 from services.ranker.user_cache import FeaturesUnavailable, UserCache, UserHistory
@@ -73,9 +74,11 @@ def world():
     histories = Histories()
     users = UserCache(histories, ttl_s=60.0)
     encoder = HashEncoder()
+    admission = AdmissionControl(max_running=1, max_waiting=0)
+    path = RequestPath(catalog, users, admission, max_wait_s=5.0)
     return {"catalog": catalog, "state": state, "histories": histories, "users": users, "encoder": encoder,
-            "recommender": Recommender(catalog, state, users, max_wait_s=5.0),
-            "searcher": Searcher(catalog, state, users, CachedEncoder(encoder), max_wait_s=5.0)}
+            "admission": admission, "recommender": Recommender(catalog, state, path),
+            "searcher": Searcher(catalog, state, path, CachedEncoder(encoder))}
 
 
 def test_recommend_personal_with_reasons_and_purchases_excluded(world):
@@ -204,6 +207,22 @@ def test_validation(world):
         with pytest.raises(InvalidArgument):
             call()
     assert len(recommender.recommend("u", 0).items) == 10       # k unset = 10
+
+
+def test_every_request_passes_admission_after_its_read_your_writes_wait(world):
+    recommender, searcher, admission = world["recommender"], world["searcher"], world["admission"]
+    with admission.admit(None):                  # the only slot is taken and nobody may wait
+        for call in (lambda: recommender.recommend("u1", 5), lambda: searcher.search("Rose", k=5),
+                     lambda: recommender.similar("i1", 5)):
+            with pytest.raises(ResourceExhausted):
+                call()
+        # Waiting for data comes first (it holds no slot): an unmet min_data_lsn is reported as
+        # such, not as overload.
+        with pytest.raises(FailedPrecondition):
+            recommender.recommend("u1", 5, min_data_lsn=5000, timeout_s=0.05)
+        with pytest.raises(FailedPrecondition):
+            searcher.search("Rose", k=5, min_data_lsn=5000, timeout_s=0.05)
+    assert admission.running == 0 and recommender.recommend("u1", 5).items
 
 
 def test_admission_refuses_beyond_the_queue_at_once():
