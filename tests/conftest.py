@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from scripts import infra
 from scripts.launch import ServiceProcess
-from tests.support import REPO_ROOT, channel_to  # noqa: F401 - channel_to: until test_trainer_service imports it from support
+from tests.support import REPO_ROOT
 
 
 @pytest.fixture(scope="session")

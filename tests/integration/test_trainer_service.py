@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
 
 import grpc
@@ -32,14 +31,13 @@ from services.contracts.etcd_keys import MODEL_CURRENT
 from services.contracts.model_pointer import ModelPointer
 from services.trainer.publisher import Publisher
 from scripts import infra
-from tests.conftest import REPO_ROOT, channel_to
+from tests.support import REPO_ROOT, channel_to, wait_until
 
 pytestmark = pytest.mark.integration
 
 PUBLISHED = trainer_pb2.VERSION_STATUS_PUBLISHED
 REJECTED = trainer_pb2.VERSION_STATUS_REJECTED
 CANDIDATE = trainer_pb2.VERSION_STATUS_CANDIDATE
-WAIT_S = 90.0
 
 TINY_MODEL = {
     "TRAINER_MODEL_EPOCHS": "15", "TRAINER_MODEL_INCREMENTAL_EPOCHS": "3", "TRAINER_MODEL_DIM": "16",
@@ -117,20 +115,9 @@ def stub_of(process) -> trainer_pb2_grpc.TrainerServiceStub:
     return trainer_pb2_grpc.TrainerServiceStub(channel_to(process))
 
 
-def wait_for(condition, what: str, timeout_s: float = WAIT_S):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.2)
-
-
 def leader_stub(process):
     stub = stub_of(process)
-    wait_for(lambda: stub.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=5).leader, "leadership")
+    wait_until(lambda: stub.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=5).leader, "leadership")
     return stub
 
 
@@ -319,8 +306,8 @@ def test_stale_publish_after_a_crash_is_refused_not_overwritten(own_database, tr
                             name="trainer-hang")
     stub = leader_stub(hanging)
     in_background(lambda: stub.Update(trainer_pb2.UpdateRequest(publish=True), timeout=120))
-    v2 = wait_for(lambda: (lambda v: v if v is not None and v.sha256 else None)(find_version(stub, v1.version + 1)),
-                  "the candidate's artifact")
+    v2 = wait_until(lambda: (lambda v: v if v is not None and v.sha256 else None)(find_version(stub, v1.version + 1)),
+                    "the candidate's artifact")
     other = json.dumps({**etcd.get_json(MODEL_CURRENT), "metrics": {"rolled_back": True}}, sort_keys=True)
     etcd.put(MODEL_CURRENT, other)               # someone else writes model/current meanwhile
     hanging.kill()
@@ -328,8 +315,8 @@ def test_stale_publish_after_a_crash_is_refused_not_overwritten(own_database, tr
 
     recovering = start_service("services.trainer", trainer_env, name="trainer-recover")
     stub = stub_of(recovering)
-    final = wait_for(lambda: (lambda v: v if v.status != CANDIDATE else None)(get_version(stub, v2.version)),
-                     "recovery to decide the interrupted run")
+    final = wait_until(lambda: (lambda v: v if v.status != CANDIDATE else None)(get_version(stub, v2.version)),
+                       "recovery to decide the interrupted run")
     assert final.status == REJECTED and "lost the publish race" in final.decision
     assert etcd.get(MODEL_CURRENT).value == other.encode()
 
@@ -349,7 +336,7 @@ def test_update_interrupted_by_kill_9_resumes_without_publishing_twice(own_datab
                             name="trainer-hang-1")
     stub = leader_stub(hanging)
     in_background(lambda: stub.Update(trainer_pb2.UpdateRequest(publish=True), timeout=120))
-    wait_for(lambda: etcd.get_json(MODEL_CURRENT)["version"] == v1.version + 1, "the publish")
+    wait_until(lambda: etcd.get_json(MODEL_CURRENT)["version"] == v1.version + 1, "the publish")
     published_revision = etcd.get(MODEL_CURRENT).mod_revision
     hanging.kill()
     v2 = v1.version + 1
@@ -363,20 +350,20 @@ def test_update_interrupted_by_kill_9_resumes_without_publishing_twice(own_datab
                             name="trainer-hang-2")
     stub = leader_stub(hanging)
     # the new leader first recovers version 2 (already in etcd: recorded, not re-published)
-    wait_for(lambda: get_version(stub, v2).status == PUBLISHED, "recovery of version 2")
+    wait_until(lambda: get_version(stub, v2).status == PUBLISHED, "recovery of version 2")
     assert etcd.get(MODEL_CURRENT).mod_revision == published_revision
     assert "recorded by recovery" in get_version(stub, v2).decision
     in_background(lambda: stub.Update(trainer_pb2.UpdateRequest(publish=True), timeout=120))
     latest = lambda: stub.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=5).latest_version  # noqa: E731
-    v3 = wait_for(lambda: (lambda n: n if n > v2 else None)(latest()), "version 3 to be allocated")
+    v3 = wait_until(lambda: (lambda n: n if n > v2 else None)(latest()), "version 3 to be allocated")
     interrupted = get_version(stub, v3)
     assert interrupted.status == CANDIDATE and not interrupted.sha256
     hanging.kill()
 
     recovering = start_service("services.trainer", trainer_env, name="trainer-recover")
     stub = stub_of(recovering)
-    resumed = wait_for(lambda: (lambda v: v if v.status != CANDIDATE else None)(get_version(stub, v3)),
-                       "the interrupted update to be redone")
+    resumed = wait_until(lambda: (lambda v: v if v.status != CANDIDATE else None)(get_version(stub, v3)),
+                         "the interrupted update to be redone")
     assert resumed.status == PUBLISHED and resumed.parent_version == v2
     assert (resumed.lsn_from, resumed.lsn_to) == (interrupted.lsn_from, interrupted.lsn_to) == (200, 300)
     assert etcd.get_json(MODEL_CURRENT)["version"] == v3
@@ -399,8 +386,8 @@ def test_only_the_leader_trains_and_a_standby_takes_over(own_database, trainer_e
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "trainer-a" in error.value.details()
 
     a.kill()                                   # the leader dies; its lease expires
-    wait_for(lambda: stub_b.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=5).leader,
-             "the standby to take over")
+    wait_until(lambda: stub_b.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=5).leader,
+               "the standby to take over")
     trained = stub_b.Train(trainer_pb2.TrainRequest(publish=True), timeout=120)
     assert trained.published and etcd.get_json(MODEL_CURRENT)["version"] == trained.version.version
 
@@ -437,14 +424,14 @@ def test_loop_records_the_delta_stream_and_keeps_the_model_current(own_database,
         "TRAINER_STRATEGY_TOP_SHARE": "0.9"})
     stub = stub_of(trainer)
     status = lambda: stub.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=5)  # noqa: E731
-    wait_for(lambda: status().current_version >= 1, "the loop's first full training")
+    wait_until(lambda: status().current_version >= 1, "the loop's first full training")
     first_version = status().current_version
     assert get_version(stub, first_version).strategy == "full"
 
     more = synthetic.structured_interactions(n_users=30, start=synthetic.T0 + 50_000, user_prefix="N",
                                              item_prefix="J", seed=3)
     send(more)
-    wait_for(lambda: status().current_version > first_version, "the loop's incremental update")
+    wait_until(lambda: status().current_version > first_version, "the loop's incremental update")
     update = get_version(stub, status().current_version)
     assert update.parent_version == first_version and update.strategy == "threshold+priority"
     assert update.parameters.priority == "recency" and update.status == PUBLISHED
@@ -452,7 +439,7 @@ def test_loop_records_the_delta_stream_and_keeps_the_model_current(own_database,
     def recorded() -> int:
         with engine.connect() as connection:
             return connection.execute(sa.text("SELECT count(*) FROM trainer_interactions")).scalar_one()
-    wait_for(lambda: recorded() == len(first) + len(more), "every event to be recorded")
+    wait_until(lambda: recorded() == len(first) + len(more), "every event to be recorded")
     with engine.connect() as connection:
         applied = connection.execute(sa.text(
             "SELECT applied_lsn FROM consumer_offsets WHERE consumer = 'trainer'")).scalar_one()
