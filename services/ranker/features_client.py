@@ -17,6 +17,7 @@ import numpy as np
 from deltarec.v1 import features_pb2, features_pb2_grpc
 
 from services.common.server import MAX_MESSAGE_BYTES
+from services.contracts.event_types import MODEL_INDEX_BY_PROTO, EventType
 from services.ranker import metrics
 from services.ranker.catalog import Catalog, ItemUpdate
 from services.ranker.user_cache import FeaturesUnavailable, UserHistory
@@ -87,7 +88,7 @@ class FeaturesClient:
         entries = [entry for entry in history if entry.item_id]
         return UserHistory(
             item_ids=tuple(entry.item_id for entry in entries),
-            event_types=tuple(int(entry.type) for entry in entries),
+            event_types=tuple(int(MODEL_INDEX_BY_PROTO.get(entry.type, EventType.PAD)) for entry in entries),
             timestamps=tuple(entry.timestamp.seconds + entry.timestamp.nanos / 1e9 for entry in entries),
             data_lsn=response.data_lsn, updated_lsn=response.features.updated_lsn)
 

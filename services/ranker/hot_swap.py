@@ -1,11 +1,12 @@
 """Hot swap: load a wanted version in the background and swap one reference.
 
-`ModelManager` is told which specs are wanted for `current` and `canary` (by `EtcdModelWatcher`,
-model_watch.py; no etcd in here) and, in its loader thread, reads the artifact (sha256 verified by
-the artifact store), deserialises it (weights-only, shape checks), builds the model, checks it
-(finite weights, text_dim), builds the item index from the catalog, warms it up and installs it.
-A failure refuses the version (Status, metric, log) and changes nothing that is served. Wanted
-specs are coalesced: if v2 and v3 are published while v1 loads, only v3 is loaded next.
+`ModelManager` is told which versions (`ModelPointer`s) are wanted for `current` and `canary`
+(by `EtcdModelWatcher`, model_watch.py; no etcd in here) and, in its loader thread, reads the
+artifact (sha256 verified by the artifact store), deserialises it (weights-only, shape checks),
+builds the model, checks it (finite weights, text_dim), builds the item index from the catalog,
+warms it up and installs it. A failure refuses the version (Status, metric, log) and changes
+nothing that is served. Wanted versions are coalesced: if v2 and v3 are published while v1
+loads, only v3 is loaded next.
 
 Promotion (the canary's version becomes `model/current`) reuses the canary bundle; abort
 (`model/canary` deleted or share 0) drops it. Old bundles are detached from the catalog and
@@ -21,11 +22,12 @@ import time
 from typing import Callable
 
 from services.common.artifacts import ArtifactCorrupt, ArtifactMissing
+from services.contracts.model_pointer import ModelPointer
 from services.model.artifact import ArtifactInvalid, deserialize
 from services.ranker import metrics
 from services.ranker.catalog import Catalog
 from services.ranker.index_structures import IndexOptions
-from services.ranker.model_bundle import ModelBundle, ModelSpec
+from services.ranker.model_bundle import ModelBundle
 from services.ranker.routing import Routing, ServingState
 
 log = logging.getLogger(__name__)
@@ -60,17 +62,17 @@ class ModelManager:
         self.retry_s = retry_s
         self.on_change = on_change
         self._lock = threading.Lock()
-        self._wanted: dict[str, ModelSpec | None] = {"current": None, "canary": None}
+        self._wanted: dict[str, ModelPointer | None] = {"current": None, "canary": None}
         self._refused: dict[tuple[int, str], tuple[float, bool]] = {}   # (version, sha) -> (when, transient)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.idle = threading.Event()
         self.idle.set()
-        self.loading: ModelSpec | None = None
+        self.loading: ModelPointer | None = None
 
     # ------------------------------------------------------------------ inputs (any thread)
-    def want(self, role: str, spec: ModelSpec | None) -> None:
+    def want(self, role: str, spec: ModelPointer | None) -> None:
         with self._lock:
             if self._wanted.get(role) == spec:
                 return
@@ -78,7 +80,7 @@ class ModelManager:
             self.idle.clear()
         self._wake.set()
 
-    def wanted(self, role: str) -> ModelSpec | None:
+    def wanted(self, role: str) -> ModelPointer | None:
         return self._wanted.get(role)
 
     # ------------------------------------------------------------------ loop
@@ -120,7 +122,7 @@ class ModelManager:
         routing = self.state.routing
         loaded: list[ModelBundle] = [b for b in (routing.current, routing.canary) if b is not None]
 
-        def find(spec: ModelSpec) -> ModelBundle | None:
+        def find(spec: ModelPointer) -> ModelBundle | None:
             return next((b for b in loaded if spec.same_artifact(b.spec)), None)
 
         current = routing.current
@@ -159,7 +161,7 @@ class ModelManager:
             if not pending:
                 self.idle.set()
 
-    def _needs_work(self, role: str, spec: ModelSpec) -> bool:
+    def _needs_work(self, role: str, spec: ModelPointer) -> bool:
         routing = self.state.routing
         served = routing.current if role == "current" else routing.canary
         current_spec = routing.current.spec if routing.current else None
@@ -184,7 +186,7 @@ class ModelManager:
         metrics.MODEL_VERSION.labels("canary").set(routing.canary.version if routing.canary else 0)
 
     # ------------------------------------------------------------------ loading
-    def _try_load(self, spec: ModelSpec, role: str) -> ModelBundle | None:
+    def _try_load(self, spec: ModelPointer, role: str) -> ModelBundle | None:
         key = (spec.version, spec.sha256)
         refused = self._refused.get(key)
         if refused is not None and (not refused[1] or time.monotonic() - refused[0] < self.retry_s):
@@ -210,7 +212,7 @@ class ModelManager:
                                         "seconds": round(time.monotonic() - started, 3)})
         return bundle
 
-    def load(self, spec: ModelSpec) -> ModelBundle:
+    def load(self, spec: ModelPointer) -> ModelBundle:
         """Read, verify, build, check and warm up one version (raises Refused)."""
         try:
             data = self.read_artifact(spec.uri, spec.sha256)

@@ -1,7 +1,8 @@
-"""One model version ready to answer (`ModelBundle`), and the etcd spec that names it (`ModelSpec`).
+"""One model version ready to answer.
 
-A bundle holds the torch model (user tower), its item vectors for every active catalog item in a
-live `VectorIndex`, and the artifact's popular list. It is built in the background from a catalog
+A `ModelBundle` is named by a `ModelPointer` (the etcd value, services/contracts/model_pointer.py)
+and holds the torch model (user tower), its item vectors for every active catalog item in a live
+`VectorIndex`, and the artifact's popular list. It is built in the background from a catalog
 snapshot, then attached to the catalog (which replays what changed meanwhile and from then on
 hands it every item change), and only then made visible by the routing (`routing.py`).
 
@@ -15,11 +16,11 @@ change rankings in any measurable way.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from services.contracts.model_pointer import ModelPointer
 from services.model.artifact import ArtifactInvalid, ModelArtifact
 from services.model.network import DeltaRecModel
 from services.ranker.catalog import Catalog
@@ -33,37 +34,8 @@ VECTOR_BLOCK = 4096
 VECTOR_GRID = 2.0 ** 16
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A version named by etcd (`model/current` or `model/canary`)."""
-    version: int
-    uri: str
-    sha256: str
-    data_lsn: int = 0
-    share: float = 0.0   # canary only
-
-    @classmethod
-    def from_json(cls, value: object, *, canary: bool = False) -> "ModelSpec":
-        if not isinstance(value, dict):
-            raise ValueError("not a JSON object")
-        try:
-            spec = cls(version=int(value["version"]), uri=str(value["uri"]), sha256=str(value["sha256"]),
-                       data_lsn=int(value.get("data_lsn", 0) or 0),
-                       share=float(value.get("share", 0.0) or 0.0) if canary else 0.0)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"bad model spec: {error}") from None
-        if spec.version <= 0 or not spec.uri or len(spec.sha256) != 64:
-            raise ValueError("bad model spec: version, uri and sha256 are required")
-        if not 0.0 <= spec.share <= 1.0:
-            raise ValueError(f"bad canary share {spec.share}")
-        return spec
-
-    def same_artifact(self, other: "ModelSpec | None") -> bool:
-        return other is not None and other.version == self.version and other.sha256 == self.sha256
-
-
 class ModelBundle:
-    def __init__(self, artifact: ModelArtifact, spec: ModelSpec, model: DeltaRecModel, catalog: Catalog,
+    def __init__(self, artifact: ModelArtifact, spec: ModelPointer, model: DeltaRecModel, catalog: Catalog,
                  index_options: IndexOptions | None = None) -> None:
         config = model.config
         if config.text_dim != catalog.text_dim:

@@ -3,23 +3,21 @@
 It reads `model/current` and `model/canary`, then watches both from the next revision (the
 common Watch resumes from the last revision after an outage), and re-reads them every
 `reconcile_s` (covers a compacted history). If etcd is down nothing changes: the replica keeps
-serving what it has. A value that is not a usable spec is refused (Status, metric, log).
+serving what it has. A value that is not a usable `ModelPointer` is refused (Status, metric,
+log).
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 
 from services.common.etcd import EtcdUnavailable, WatchEvent
+from services.contracts.etcd_keys import MODEL_CANARY, MODEL_CURRENT, MODEL_PREFIX
+from services.contracts.model_pointer import ModelPointer
 from services.ranker import metrics
 from services.ranker.hot_swap import ModelManager
-from services.ranker.model_bundle import ModelSpec
 
 log = logging.getLogger(__name__)
-
-CURRENT_KEY = "model/current"
-CANARY_KEY = "model/canary"
 
 
 class EtcdModelWatcher:
@@ -42,7 +40,7 @@ class EtcdModelWatcher:
             self._watch.cancel()
 
     def _apply(self, key: str, value: bytes | None) -> None:
-        role = "current" if key == CURRENT_KEY else "canary" if key == CANARY_KEY else None
+        role = "current" if key == MODEL_CURRENT else "canary" if key == MODEL_CANARY else None
         if role is None:
             return
         if value is None:
@@ -50,9 +48,9 @@ class EtcdModelWatcher:
                 self.manager.want("canary", None)
             return   # model/current deleted: keep serving what we have
         try:
-            spec = ModelSpec.from_json(json.loads(value), canary=role == "canary")
+            spec = ModelPointer.from_json(value, canary=role == "canary")
         except ValueError as error:
-            log.error("unusable model spec in etcd", extra={"key": key, "error": str(error)})
+            log.error("unusable model pointer in etcd", extra={"key": key, "error": str(error)})
             self.manager.state.refuse(0, f"{key}: {error}")
             metrics.REFUSED.labels("bad_spec").inc()
             return
@@ -63,7 +61,7 @@ class EtcdModelWatcher:
 
     def _read(self) -> int:
         revision = self.etcd.current_revision()
-        for key in (CURRENT_KEY, CANARY_KEY):
+        for key in (MODEL_CURRENT, MODEL_CANARY):
             kv = self.etcd.get(key)
             self._apply(key, None if kv is None else kv.value)
         return revision
@@ -75,7 +73,7 @@ class EtcdModelWatcher:
                 revision = self._read()
                 self.synced.set()
                 if self._watch is None:
-                    self._watch = self.etcd.watch("model/", self._on_event, prefix=True,
+                    self._watch = self.etcd.watch(MODEL_PREFIX, self._on_event, prefix=True,
                                                   start_revision=revision + 1)
                 backoff = 0.2
                 self._stop.wait(self.reconcile_s)

@@ -71,7 +71,7 @@ class Recommender:
             return Answer(items, version, data_lsn, variant, cold_start=True)
 
     def _excluded(self, history: UserHistory, filters: FilterSpec) -> set[int]:
-        excluded = {iid for iid in map(self.catalog.iid, filters.exclude_item_ids) if iid is not None}
+        excluded = self.catalog.known_iids(filters.exclude_item_ids)
         if filters.exclude_seen or filters.exclude_purchased:
             purchase = int(EventType.PURCHASE)
             for item_id, event in zip(history.item_ids, history.event_types):
@@ -161,7 +161,7 @@ class Recommender:
             else:
                 raise NotFound(f"item {item_id!r} has no vector yet")
             query = index.vectors_of([iid])[0]
-            excluded = {iid} | {i for i in map(self.catalog.iid, filters.exclude_item_ids) if i is not None}
+            excluded = {iid} | self.catalog.known_iids(filters.exclude_item_ids)
             anchor = self.catalog.meta(iid)
             reason = f"similar to {short(anchor.title or anchor.item_id)}"
             items = []

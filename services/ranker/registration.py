@@ -13,6 +13,7 @@ import threading
 from typing import Callable
 
 from services.common.etcd import EtcdUnavailable
+from services.contracts.etcd_keys import ranker_key
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ class Registration:
                  interval_s: float = 2.0) -> None:
         self.etcd, self.replica_id, self.describe = etcd, replica_id, describe
         self.ttl_s, self.interval_s = ttl_s, interval_s
-        self.key = f"rankers/{replica_id}"
+        self.key = ranker_key(replica_id)
         self._lease = None
         self._last: bytes | None = None
         self._stop = threading.Event()

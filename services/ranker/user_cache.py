@@ -14,7 +14,7 @@ from services.ranker import metrics
 class UserHistory:
     """A user's recent interactions (oldest first) as read from features."""
     item_ids: tuple[str, ...] = ()
-    event_types: tuple[int, ...] = ()
+    event_types: tuple[int, ...] = ()     # model indexes (EventType); PAD for a kind unknown here
     timestamps: tuple[float, ...] = ()     # seconds since the epoch
     data_lsn: int = 0
     updated_lsn: int = 0

@@ -11,10 +11,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from services.contracts.event_types import EventType
+from services.contracts.event_types import EVENT_KINDS, EventType
 from services.ranker.catalog import Catalog
 from services.ranker.model_bundle import ModelBundle
 from services.ranker.user_cache import CachedUser, UserHistory
+
+# The tower reads a history entry's kind as one of the item interactions; anything else as a view.
+_ITEM_EVENTS = frozenset(int(kind.model_index) for kind in EVENT_KINDS if kind.has_item)
 
 
 class UserVector(NamedTuple):
@@ -34,7 +37,7 @@ def tower_input(catalog: Catalog, bundle: ModelBundle, history: UserHistory
         if iid is None or not (bundle.index.has_vector(iid) or text_index.has_vector(iid)):
             continue
         iids.append(iid)
-        events.append(event if 0 < event < 5 else int(EventType.VIEW))
+        events.append(event if event in _ITEM_EVENTS else int(EventType.VIEW))
         ages.append(max(now - stamp, 0.0))
     limit = bundle.max_len
     return (np.asarray(iids[-limit:], np.int64), np.asarray(events[-limit:], np.int64),

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.contracts.model_pointer import ModelPointer
 from services.ranker import devtools
 from services.ranker.admission import AdmissionControl
 from services.ranker.catalog import Catalog, ItemUpdate
 from services.ranker.filters import FilterSpec
 from services.ranker.index_structures import IndexOptions
-from services.ranker.model_bundle import ModelBundle, ModelSpec
+from services.ranker.model_bundle import ModelBundle
 from services.ranker.recommend import Recommender
 from services.ranker.request_path import RequestPath
 from services.ranker.routing import ServingState
@@ -68,7 +69,7 @@ def world():
                    for n in range(N)], watermark=1000)
     state = ServingState()
     artifact = devtools.make_artifact(1, ITEMS[:350], text[:350], popular=ITEMS[100:120])
-    bundle = ModelBundle(artifact, ModelSpec(1, "file:///m", "a" * 64), artifact.build_model(), catalog)
+    bundle = ModelBundle(artifact, ModelPointer(1, "file:///m", "a" * 64), artifact.build_model(), catalog)
     bundle.build_index()
     state.install(bundle, None, 0.0)
     histories = Histories()

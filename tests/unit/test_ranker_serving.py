@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from services.common.artifacts import ArtifactStore, read_verified
+from services.contracts.etcd_keys import MODEL_CANARY, MODEL_CURRENT
+from services.contracts.model_pointer import ModelPointer
 from services.model.artifact import serialize
 from services.ranker import devtools
 from services.ranker.catalog import Catalog, ItemUpdate
 from services.ranker.hot_swap import ModelManager
 from services.ranker.index_structures import IndexOptions
-from services.ranker.model_bundle import ModelBundle, ModelSpec
+from services.ranker.model_bundle import ModelBundle
+from services.ranker.model_watch import EtcdModelWatcher
 from services.ranker.routing import ServingState, canary_bucket
 
 torch.set_num_threads(1)
@@ -36,9 +39,9 @@ def store(tmp_path) -> ArtifactStore:
     return ArtifactStore((tmp_path / "artifacts").as_uri())
 
 
-def publish(store: ArtifactStore, version: int, items=ITEMS[:250], **kwargs) -> ModelSpec:
+def publish(store: ArtifactStore, version: int, items=ITEMS[:250], **kwargs) -> ModelPointer:
     artifact = devtools.make_artifact(version, list(items), devtools.text_vectors(list(items)), **kwargs)
-    return ModelSpec.from_json(devtools.store_artifact(store, artifact))
+    return ModelPointer.from_json(devtools.store_artifact(store, artifact))
 
 
 def manager_for(catalog: Catalog) -> tuple[ModelManager, ServingState]:
@@ -108,7 +111,7 @@ def test_corrupt_and_invalid_artifacts_are_refused_and_the_version_stays(catalog
 
     # right checksum, but not an artifact
     uri, sha = store.write("garbage.pt", b"not a model")
-    manager.want("current", ModelSpec(3, uri, sha))
+    manager.want("current", ModelPointer(3, uri, sha))
     manager.process_once()
     assert state.current.version == 1 and state.refused_version == 3 and "invalid" in state.refused_reason
 
@@ -116,18 +119,18 @@ def test_corrupt_and_invalid_artifacts_are_refused_and_the_version_stays(catalog
     artifact = devtools.make_artifact(4, ITEMS[:250], devtools.text_vectors(ITEMS[:250]))
     artifact.state_dict["text_projection.weight"][0, 0] = float("nan")
     uri, sha = store.write("nan.pt", serialize(artifact))
-    manager.want("current", ModelSpec(4, uri, sha))
+    manager.want("current", ModelPointer(4, uri, sha))
     manager.process_once()
     assert state.current.version == 1 and state.refused_version == 4 and "non-finite" in state.refused_reason
 
     # version in etcd and in the artifact disagree
     spec = publish(store, 5)
-    manager.want("current", ModelSpec(6, spec.uri, spec.sha256))
+    manager.want("current", ModelPointer(6, spec.uri, spec.sha256))
     manager.process_once()
     assert state.current.version == 1 and state.refused_version == 6
 
     # a missing file is refused too, and a later good version still loads
-    manager.want("current", ModelSpec(7, (tmp_path / "nope.pt").as_uri(), "0" * 64))
+    manager.want("current", ModelPointer(7, (tmp_path / "nope.pt").as_uri(), "0" * 64))
     manager.process_once()
     assert state.current.version == 1 and state.refused_version == 7
     manager.want("current", publish(store, 8))
@@ -139,7 +142,7 @@ def test_canary_share_is_deterministic_and_about_right(catalog, store):
     manager, state = manager_for(catalog)
     manager.want("current", publish(store, 1))
     canary = publish(store, 2)
-    manager.want("canary", ModelSpec(canary.version, canary.uri, canary.sha256, share=0.2))
+    manager.want("canary", ModelPointer(canary.version, canary.uri, canary.sha256, share=0.2))
     manager.process_once()
     users = [f"user-{n}" for n in range(3000)]
     first = {u for u in users if state.route(u)[1] == "canary"}
@@ -157,7 +160,7 @@ def test_canary_share_is_deterministic_and_about_right(catalog, store):
 
     # a new canary, then abort
     third = publish(store, 3)
-    manager.want("canary", ModelSpec(3, third.uri, third.sha256, share=0.5))
+    manager.want("canary", ModelPointer(3, third.uri, third.sha256, share=0.5))
     manager.process_once()
     assert state.routing.canary.version == 3
     manager.want("canary", None)
@@ -169,15 +172,30 @@ def test_bundle_refuses_a_model_for_other_text_vectors(catalog, store):
     artifact = devtools.make_artifact(1, ITEMS[:10], devtools.text_vectors(ITEMS[:10]))
     artifact.config.text_dim = 128
     with pytest.raises(Exception):
-        ModelBundle(artifact, ModelSpec(1, "file:///x", "0" * 64), artifact.build_model(), catalog)
+        ModelBundle(artifact, ModelPointer(1, "file:///x", "0" * 64), artifact.build_model(), catalog)
 
 
-def test_model_spec_parsing():
+def test_model_pointer_parsing():
     good = {"version": 3, "uri": "file:///a", "sha256": "a" * 64, "data_lsn": 7, "metrics": {}}
-    assert ModelSpec.from_json(good).data_lsn == 7
-    assert ModelSpec.from_json({**good, "share": 0.3}, canary=True).share == 0.3
+    assert ModelPointer.from_json(good).data_lsn == 7
+    assert ModelPointer.from_json({**good, "share": 0.3}, canary=True).share == 0.3
     for bad in ({}, {**good, "sha256": "x"}, {**good, "version": 0}, []):
         with pytest.raises(ValueError):
-            ModelSpec.from_json(bad)
+            ModelPointer.from_json(bad)
     with pytest.raises(ValueError):
-        ModelSpec.from_json({**good, "share": 2}, canary=True)
+        ModelPointer.from_json({**good, "share": 2}, canary=True)
+
+
+def test_watcher_refuses_an_unusable_pointer_and_follows_a_good_one(catalog, store):
+    manager, state = manager_for(catalog)
+    watcher = EtcdModelWatcher(etcd=None, manager=manager)
+    good = publish(store, 1)
+    watcher._apply(MODEL_CURRENT, b"{not json")
+    assert manager.wanted("current") is None and state.refused_version == 0
+    assert state.refused_reason.startswith(MODEL_CURRENT)
+    watcher._apply(MODEL_CURRENT, good.to_json())
+    watcher._apply(MODEL_CANARY, ModelPointer(2, good.uri, good.sha256, share=0.25).to_json(canary=True))
+    assert manager.wanted("current") == good and manager.wanted("canary").share == 0.25
+    watcher._apply(MODEL_CANARY, None)           # canary deleted: aborted
+    watcher._apply(MODEL_CURRENT, None)          # current deleted: keep what is wanted
+    assert manager.wanted("canary") is None and manager.wanted("current") == good
