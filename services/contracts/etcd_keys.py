@@ -30,6 +30,10 @@ COLLECTOR_SLOTS_PREFIX = "collector/slots/"
 """`collector/slots/<group>`: held under a lease by the collector that streams that consumer
 group's replication slot (one stream per group, cluster-wide); the value is the holder's id."""
 
+CONSISTENCY_REPAIRER = "consistency/repairer"
+"""Held under a lease by the one consistency instance allowed to repair and roll back (any
+instance may check); the value is the holder's id."""
+
 
 def ranker_key(replica_id: str) -> str:
     return RANKERS_PREFIX + replica_id
