@@ -1,0 +1,49 @@
+"""Consistency service settings (environment variables, CONSISTENCY_*)."""
+from __future__ import annotations
+
+import dataclasses
+
+from services.common.config import HOST_PORT, CommonConfig, env
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsistencyConfig(CommonConfig):
+    instance_id: str = env("CONSISTENCY_INSTANCE_ID", "", pattern=r"[A-Za-z0-9._\-]{0,128}",
+                           help="name of this instance (default: host name and pid)")
+    features_address: str = env("FEATURES_ADDRESS", "", pattern=f"({HOST_PORT})?",
+                                help="host:port of the features service (re-embedding and user rebuilds)")
+    collector_address: str = env("COLLECTOR_ADDRESS", "", pattern=f"({HOST_PORT})?",
+                                 help="host:port of the collector (dropping a named slot); "
+                                      "empty: dropped directly in Postgres")
+    features_consumer: str = env("CONSISTENCY_FEATURES_CONSUMER", "features", pattern=r"[a-z][a-z0-9_]{0,40}",
+                                 help="consumer group of the features service")
+    trainer_consumer: str = env("CONSISTENCY_TRAINER_CONSUMER", "trainer", pattern=r"[a-z][a-z0-9_]{0,40}",
+                                help="consumer group of the trainer (its interaction log)")
+    check_interval_s: float = env("CONSISTENCY_CHECK_INTERVAL_S", 60.0, minimum=0.0, maximum=86400.0,
+                                  help="period of the background check; 0 = only on request")
+    version_grace_s: float = env("CONSISTENCY_VERSION_GRACE_S", 30.0, minimum=0.0, maximum=86400.0,
+                                 help="how long a replica may serve another version than model/current "
+                                      "(a swap in progress) before it is an error")
+    settle_s: float = env("CONSISTENCY_SETTLE_S", 15.0, minimum=0.0, maximum=600.0,
+                          help="how long a check waits for a consumer to pass the WAL position of a "
+                               "difference before calling it lag instead of drift")
+    slot_abandoned_s: float = env("CONSISTENCY_SLOT_ABANDONED_S", 300.0, minimum=0.0, maximum=30 * 86400.0,
+                                  help="a replication slot with no consumer for this long is abandoned")
+    lag_warning_bytes: int = env("CONSISTENCY_LAG_WARNING_BYTES", 256 * 1024 * 1024, minimum=0,
+                                 help="consumer lag (bytes of WAL) above which a lasting lag is a warning")
+    lag_warning_s: float = env("CONSISTENCY_LAG_WARNING_S", 120.0, minimum=0.0,
+                               help="how long a consumer may stay behind before it is a warning")
+    retained_wal_error_bytes: int = env("CONSISTENCY_RETAINED_WAL_ERROR_BYTES", 8 * 1024 ** 3, minimum=0,
+                                        help="WAL retained by one slot above which it is an error")
+    history_length: int = env("CONSISTENCY_HISTORY_LENGTH", 50, minimum=1, maximum=10_000,
+                              help="the features service's FEATURES_HISTORY_LENGTH (expected history size)")
+    replica_timeout_s: float = env("CONSISTENCY_REPLICA_TIMEOUT_S", 5.0, minimum=0.1, maximum=120.0,
+                                   help="deadline of a call to a ranker replica")
+    repair_timeout_s: float = env("CONSISTENCY_REPAIR_TIMEOUT_S", 120.0, minimum=1.0, maximum=3600.0,
+                                  help="deadline of one repair call (resync, rebuild, reload)")
+    max_repair_keys: int = env("CONSISTENCY_MAX_REPAIR_KEYS", 10_000, minimum=1, maximum=10_000,
+                               help="most items or users one repair call re-embeds or rebuilds")
+    leader_ttl_s: int = env("CONSISTENCY_LEADER_TTL_S", 10, minimum=2, maximum=3600,
+                            help="TTL of the repairer lease (consistency/repairer)")
+    history_keep: int = env("CONSISTENCY_HISTORY_KEEP", 10_000, minimum=10,
+                            help="history rows kept (older ones are pruned)")
