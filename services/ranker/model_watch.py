@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from services.common.etcd import EtcdUnavailable, WatchEvent
+from services.common.etcd import WatchEvent
 from services.contracts.etcd_keys import MODEL_CANARY, MODEL_CURRENT, MODEL_PREFIX
 from services.contracts.model_pointer import ModelPointer
 from services.ranker import metrics
+from services.ranker.etcd_retry import retry_against_etcd
 from services.ranker.hot_swap import ModelManager
 
 log = logging.getLogger(__name__)
@@ -66,21 +67,14 @@ class EtcdModelWatcher:
             self._apply(key, None if kv is None else kv.value)
         return revision
 
+    def _step(self) -> None:
+        revision = self._read()
+        self.synced.set()
+        if self._watch is None:
+            self._watch = self.etcd.watch(MODEL_PREFIX, self._on_event, prefix=True,
+                                          start_revision=revision + 1)
+
     def _run(self) -> None:
-        backoff = 0.2
-        while not self._stop.is_set():
-            try:
-                revision = self._read()
-                self.synced.set()
-                if self._watch is None:
-                    self._watch = self.etcd.watch(MODEL_PREFIX, self._on_event, prefix=True,
-                                                  start_revision=revision + 1)
-                backoff = 0.2
-                self._stop.wait(self.reconcile_s)
-            except (EtcdUnavailable, ValueError) as error:   # ValueError: etcd3's "failed node"
-                log.warning("etcd unreachable; serving the loaded version", extra={"error": str(error)[:200]})
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:  # noqa: BLE001
-                log.exception("model watcher step failed")
-                self._stop.wait(1.0)
+        retry_against_etcd(self._step, lambda: self._stop.wait(self.reconcile_s), self._stop,
+                           first_backoff_s=0.2, log=log, failed="model watcher step failed",
+                           unreachable="etcd unreachable; serving the loaded version")

@@ -12,8 +12,8 @@ import logging
 import threading
 from typing import Callable
 
-from services.common.etcd import EtcdUnavailable
 from services.contracts.etcd_keys import ranker_key
+from services.ranker.etcd_retry import retry_against_etcd
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +49,12 @@ class Registration:
             self.registered.set()
 
     def _run(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            try:
-                self.publish_once()
-                backoff = 0.5
-                self._wake.wait(self.interval_s)
-            except (EtcdUnavailable, ValueError) as error:   # ValueError: etcd3's "failed node"
-                log.warning("registration delayed: etcd unreachable", extra={"error": str(error)[:200]})
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:  # noqa: BLE001
-                log.exception("registration failed")
-                self._stop.wait(backoff)
-            self._wake.clear()
+        retry_against_etcd(self.publish_once, self._idle, self._stop, first_backoff_s=0.5, log=log,
+                           unreachable="registration delayed: etcd unreachable", failed="registration failed")
+
+    def _idle(self) -> None:
+        self._wake.wait(self.interval_s)
+        self._wake.clear()
 
     def stop(self) -> None:
         self._stop.set()
