@@ -19,20 +19,19 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import logging  # noqa: E402
 import socket  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
-from urllib.parse import urlparse  # noqa: E402
 
 import faiss  # noqa: E402
 import torch  # noqa: E402
 
 from deltarec.v1 import ranker_pb2, ranker_pb2_grpc  # noqa: E402
 
-from services.common import artifacts, logs  # noqa: E402
+from services.common import logs  # noqa: E402
 from services.common.config import ConfigError, load  # noqa: E402
 from services.common.etcd import Etcd  # noqa: E402
 from services.common.server import GrpcService, run_service  # noqa: E402
 from services.ranker.admission import AdmissionControl  # noqa: E402
+from services.ranker.artifact_reader import ArtifactReader  # noqa: E402
 from services.ranker.catalog import Catalog  # noqa: E402
 from services.ranker.config import RankerConfig  # noqa: E402
 from services.ranker.features_client import FeaturesClient, ItemFeed, LocalEncoder  # noqa: E402
@@ -48,30 +47,6 @@ from services.ranker.server import RankerServicer  # noqa: E402
 from services.ranker.user_cache import UserCache  # noqa: E402
 
 log = logging.getLogger("deltarec.ranker")
-
-
-class ArtifactReader:
-    """read_verified with a database engine made only if a postgres:// artifact shows up."""
-
-    def __init__(self, database_url: str) -> None:
-        self.database_url = database_url
-        self._engine = None
-        self._lock = threading.Lock()
-
-    def __call__(self, uri: str, sha256: str) -> bytes:
-        engine = None
-        if urlparse(uri).scheme.startswith("postgres"):
-            with self._lock:
-                if self._engine is None:
-                    from services.common import db
-                    self._engine = db.make_engine(self.database_url, pool_size=1,
-                                                  application_name="deltarec-ranker")
-                engine = self._engine
-        return artifacts.read_verified(uri, sha256, engine)
-
-    def close(self) -> None:
-        if self._engine is not None:
-            self._engine.dispose()
 
 
 def main() -> int:
