@@ -47,7 +47,7 @@ from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, features
 from scripts import infra  # noqa: E402
 from scripts.launch import ServiceProcess  # noqa: E402
 from services.common import datasets, db  # noqa: E402
-from services.features.content import ItemText, embedding_text  # noqa: E402
+from services.contracts.item_text import ItemText, embedding_text  # noqa: E402
 
 DEFAULT_INFRA_DIR = REPO_ROOT / ".run" / "bench-infra"
 QUICK_ITEMS = 400

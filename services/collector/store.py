@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from services.collector.validation import EventRow, ItemRow
+from services.collector.validation import ItemRow
+from services.contracts.event_row import EventRow
 
 INGEST_SQL = """
 WITH input AS (

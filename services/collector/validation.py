@@ -15,6 +15,7 @@ from decimal import Decimal
 from deltarec.v1 import common_pb2
 
 from services.common.errors import InvalidArgument
+from services.contracts.event_row import EventRow
 from services.contracts.event_types import BY_PROTO
 
 MAX_ID_BYTES = 128
@@ -33,17 +34,6 @@ CURRENCY = re.compile(r"[A-Z]{3}")
 
 class Rejected(Exception):
     """One event or item is invalid; the message is the reason given to the client."""
-
-
-@dataclass(frozen=True)
-class EventRow:
-    event_id: str
-    event_type: str
-    user_id: str
-    item_id: str | None
-    query: str | None
-    occurred_at: datetime
-    attributes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ import grpc
 import psycopg2
 import sqlalchemy.exc
 
+from services.common.etcd import EtcdUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -56,6 +58,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, "database unavailable; nothing was committed, retry"
     if isinstance(exc, sqlalchemy.exc.TimeoutError):
         return grpc.StatusCode.UNAVAILABLE, "database connection pool exhausted; retry"
+    # etcd unreachable (every service that reads or writes a key on a request's path)
+    if isinstance(exc, EtcdUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, f"etcd unavailable: {str(exc)[:200]}"
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
 
 

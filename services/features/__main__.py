@@ -28,9 +28,9 @@ from services.common.config import ConfigError, load
 from services.common.delta_consumer import DeltaConsumer, row_of
 from services.common.etcd import Etcd
 from services.common.server import GrpcService, run_service
+from services.contracts.item_text import is_usable
 from services.features.applier import ApplierSettings, FeatureApplier
 from services.features.config import FeaturesConfig
-from services.features.content import is_usable
 from services.features.embedder import LruCache, MicroBatcher, QueryEmbedder
 from services.features.item_feed import ItemChangeFeed, LsnNotifier
 from services.features.server import FeaturesServicer

@@ -26,14 +26,16 @@ import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.errors import FailedPrecondition
+from services.contracts.event_row import EventRow
+from services.contracts.item_text import ItemText
 from services.features import item_stats, user_state
-from services.features.content import ItemText, pack_vector
+from services.features.content import pack_vector
 from services.features.deltas import (CatalogCleared, DecodedBatch, ItemRemoval, ItemRow, ItemUpsert,
                                       Progress, decode_batch, select_new)
 from services.features.items import (EmbeddingTask, ItemRecord, embedding_task, fold_catalog_change,
                                      fold_removal, needs_embedding, set_embedding)
 from services.features.store import CatalogEntry, FeatureStore
-from services.features.user_state import Event, UserState
+from services.features.user_state import UserState
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +378,7 @@ def affected_ids(changes: Iterable) -> tuple[set[str], set[str]]:
             item_ids.add(change.row.item_id)
         elif isinstance(change, ItemRemoval):
             item_ids.add(change.item_id)
-        elif isinstance(change, Event):
+        elif isinstance(change, EventRow):
             user_ids.add(change.user_id)
             if change.item_id:
                 item_ids.add(change.item_id)
@@ -391,7 +393,7 @@ def fold_changes(changes: Sequence, lsn: int, records: dict[str, ItemRecord], us
     folded = Folded(ApplyReport(applied=len(changes)), {})
     due = folded.due
     for change in changes:
-        if isinstance(change, Event):
+        if isinstance(change, EventRow):
             state = users.setdefault(change.user_id, UserState(change.user_id))
             user_state.apply_event(state, change, lsn, history_length=settings.history_length,
                                    recent_queries=settings.recent_queries)

@@ -1,36 +1,18 @@
-"""What an item's embedding is computed from, and its fingerprint.
+"""An item's content fingerprint and the stored form of its vector.
 
 The content hash covers exactly the fields that feed the embedding (title, description,
-category, brand) and nothing else, so a price, stock or attribute change never triggers a
-re-embedding, while any change of the text does. Each field is length-prefixed before hashing
-so that moving text between fields ("ab" + "c" vs "a" + "bc") changes the hash.
+category, brand; `services/contracts/item_text.py`) and nothing else, so a price, stock or
+attribute change never triggers a re-embedding, while any change of the text does. Each field
+is length-prefixed before hashing so that moving text between fields ("ab" + "c" vs "a" + "bc")
+changes the hash.
 """
 from __future__ import annotations
 
 import hashlib
-import re
-import unicodedata
-from dataclasses import dataclass
 
 import numpy as np
 
-# Bumped whenever `embedding_text` changes shape, so that stored vectors computed from the old
-# text layout count as stale (their hash no longer matches) and are recomputed by a Resync.
-TEXT_LAYOUT_VERSION = "v1"
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-@dataclass(frozen=True)
-class ItemText:
-    title: str = ""
-    description: str = ""
-    category: str = ""
-    brand: str = ""
-
-    @classmethod
-    def from_row(cls, row: dict) -> "ItemText":
-        return cls(*(str(row.get(name) or "") for name in ("title", "description", "category", "brand")))
+from services.contracts.item_text import TEXT_LAYOUT_VERSION, ItemText
 
 
 def content_hash(text: ItemText) -> str:
@@ -41,24 +23,6 @@ def content_hash(text: ItemText) -> str:
         digest.update(len(encoded).to_bytes(8, "little"))
         digest.update(encoded)
     return digest.hexdigest()
-
-
-def clean(value: str) -> str:
-    """Control characters out, whitespace collapsed: they only cost tokens."""
-    return " ".join(_CONTROL.sub(" ", value).split())
-
-
-def embedding_text(text: ItemText) -> str:
-    """The string given to the model. Title first: the model reads at most 256 tokens, and a long
-    description must not push the title out. Empty fields are left out."""
-    parts = [clean(text.title), clean(text.brand), clean(text.category), clean(text.description)]
-    return ". ".join(part for part in parts if part)
-
-
-def is_usable(model_text: str) -> bool:
-    """False for text the model can only turn into noise: empty, or without a single letter or
-    digit (punctuation, symbols, invisible characters)."""
-    return any(unicodedata.category(ch)[0] in "LN" for ch in model_text)
 
 
 def pack_vector(vector: np.ndarray) -> bytes:

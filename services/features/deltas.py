@@ -1,7 +1,7 @@
 """From the collector's delta batches to plain changes, and which of them are new.
 
 Decoding turns each `Delta` (table, operation, JSON-typed row) into an `ItemUpsert`,
-`ItemRemoval`, `CatalogCleared` or `Event`. Selection decides, against the stored `Progress`,
+`ItemRemoval`, `CatalogCleared` or `EventRow`. Selection decides, against the stored `Progress`,
 which transactions of a batch have not been applied yet — the heart of exactly-once effects on
 top of an at-least-once stream:
 
@@ -32,9 +32,8 @@ from typing import Any, Callable, Iterable, Union
 
 from deltarec.v1 import collector_pb2
 
-from services.contracts.event_types import EVENT_NAMES
-from services.features.content import ItemText
-from services.features.user_state import Event
+from services.contracts.event_row import EventRow, InvalidEventRow
+from services.contracts.item_text import ItemText
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ class CatalogCleared:
     """TRUNCATE of the items table: every item leaves the active set."""
 
 
-Change = Union[ItemUpsert, ItemRemoval, CatalogCleared, Event]
+Change = Union[ItemUpsert, ItemRemoval, CatalogCleared, EventRow]
 
 
 @dataclass
@@ -126,15 +125,6 @@ class BadDelta(ValueError):
 
 # ----------------------------------------------------------------------------- decoding
 
-def parse_timestamp(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        moment = value
-    else:
-        text = str(value).strip().replace(" ", "T", 1)
-        moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
 def parse_decimal(value: Any) -> Decimal | None:
     if value is None or value == "":
         return None
@@ -168,15 +158,11 @@ def item_row(row: dict, missing: Iterable[str] = ()) -> ItemRow:
         missing_text=tuple(column for column in TEXT_COLUMNS if column in set(missing)))
 
 
-def event_row(row: dict) -> Event:
-    event_type = str(row["event_type"])
-    if event_type not in EVENT_NAMES:
-        raise BadDelta(f"unknown event_type {event_type!r}")
-    return Event(row_id=int(float(row.get("id") or 0)), event_id=str(row["event_id"]),
-                 event_type=event_type, user_id=str(row["user_id"]),
-                 item_id=str(row["item_id"]) if row.get("item_id") else None,
-                 query=str(row["query"]) if row.get("query") else None,
-                 occurred_at=parse_timestamp(row["occurred_at"]))
+def event_row(row: dict) -> EventRow:
+    try:
+        return EventRow.from_delta_row(row)
+    except InvalidEventRow as error:
+        raise BadDelta(str(error)) from None
 
 
 def decode_change(table: str, op: int, key: dict | None, new_row: dict | None, old_key: dict | None,

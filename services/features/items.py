@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from services.features.content import ItemText, content_hash, embedding_text, is_usable
+from services.contracts.item_text import ItemText, embedding_text, is_usable
+from services.features.content import content_hash
 from services.features.deltas import ItemRow
 from services.features.item_stats import ItemStats
 

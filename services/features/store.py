@@ -15,7 +15,7 @@ from typing import Iterable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from services.features.content import ItemText
+from services.contracts.item_text import ItemText
 from services.features.deltas import Progress
 from services.features.item_stats import ItemStats
 from services.features.items import ItemRecord

@@ -11,17 +11,7 @@ import bisect
 from dataclasses import dataclass, field
 from datetime import datetime
 
-
-@dataclass(frozen=True)
-class Event:
-    """One row of the `events` table, as the delta stream carries it."""
-    row_id: int
-    event_id: str
-    event_type: str
-    user_id: str
-    item_id: str | None
-    query: str | None
-    occurred_at: datetime
+from services.contracts.event_row import EventRow
 
 
 @dataclass(frozen=True)
@@ -72,7 +62,7 @@ def insert_by_time(entries: list, entry, limit: int) -> None:
         del entries[: len(entries) - limit]
 
 
-def apply_event(state: UserState, event: Event, lsn: int, *, history_length: int,
+def apply_event(state: UserState, event: EventRow, lsn: int, *, history_length: int,
                 recent_queries: int) -> None:
     """Folds one event into the user's state. Not idempotent by itself: the applier guarantees
     each event is folded once (LSN high-water mark)."""

@@ -1,11 +1,11 @@
 """Item side inputs of a run: which items exist and are active, and their text vectors.
 
-Text vectors come from the feature store (`item_features.embedding`, packed little-endian
-float32, computed by the features service with MiniLM). An item the features service has not
-embedded yet gets one computed here from the same text the features service embeds (title,
-brand, category, description), with the same model; an item with no usable text (or not in the
-catalog) gets the deterministic hashed vector of "item:<id>". Vectors computed here are memoised
-per (item, text) for the life of the process.
+Text vectors come from the feature store (computed by the features service with MiniLM, read
+through its reader services/features/vector_reader.py). An item the features service has not
+embedded yet gets one computed here from the same text the features service embeds
+(`services.contracts.item_text.embedding_text`), with the same model; an item with no usable
+text (or not in the catalog) gets the deterministic hashed vector of "item:<id>". Vectors
+computed here are memoised per (item, text) for the life of the process.
 """
 from __future__ import annotations
 
@@ -19,21 +19,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from services.common.text_encoder import MINILM_DIM, hashed_unit_vector
+from services.contracts.item_text import ItemText, embedding_text, is_usable
+from services.features.vector_reader import read_text_vectors, text_vector_coverage
 
 log = logging.getLogger(__name__)
-
-try:  # the exact text layout the features service embeds, when that service is in the tree
-    from services.features.content import ItemText as _ItemText, embedding_text as _embedding_text
-except ImportError:  # pragma: no cover - same layout, kept in step by hand
-    _ItemText = None
-    _embedding_text = None
-
-
-def embedding_text(title: str, description: str, category: str, brand: str) -> str:
-    if _embedding_text is not None:
-        return _embedding_text(_ItemText(title or "", description or "", category or "", brand or ""))
-    parts = [" ".join(str(value or "").split()) for value in (title, brand, category, description)]
-    return ". ".join(part for part in parts if part)
 
 
 def fallback_vector(item_id: str) -> np.ndarray:
@@ -57,28 +46,20 @@ class Catalog:
     def text_coverage(self) -> tuple[int, int]:
         """(active catalog items with a feature-store vector, active catalog items)."""
         with self.engine.connect() as connection:
-            row = connection.execute(sa.text(
-                "SELECT count(f.item_id), count(*) FROM items i LEFT JOIN item_features f "
-                "ON f.item_id = i.item_id AND f.embedding IS NOT NULL WHERE i.active")).one()
-        return int(row[0]), int(row[1])
+            return text_vector_coverage(connection)
 
     def vectors(self, item_ids: Iterable[str]) -> dict[str, np.ndarray]:
         wanted = list(dict.fromkeys(item_ids))
-        result: dict[str, np.ndarray] = {}
         with self.engine.connect() as connection:
-            for item_id, blob in connection.execute(sa.text(
-                    "SELECT item_id, embedding FROM item_features "
-                    "WHERE embedding IS NOT NULL AND item_id = ANY(:ids)"), {"ids": wanted}):
-                vector = np.frombuffer(bytes(blob), dtype="<f4")
-                if vector.shape == (MINILM_DIM,) and np.isfinite(vector).all():
-                    result[item_id] = vector.astype(np.float32)
+            result = read_text_vectors(connection, wanted)
             missing = [item_id for item_id in wanted if item_id not in result]
             texts: dict[str, str] = {}
             if missing:
                 for item_id, title, description, category, brand in connection.execute(sa.text(
                         "SELECT item_id, title, description, category, brand FROM items "
                         "WHERE item_id = ANY(:ids)"), {"ids": missing}):
-                    texts[item_id] = embedding_text(title, description, category, brand)
+                    texts[item_id] = embedding_text(ItemText(title or "", description or "", category or "",
+                                                             brand or ""))
         self.stats["from_features"] = len(result)
         self._fill_missing(missing, texts, result)
         return result
@@ -88,7 +69,7 @@ class Catalog:
         hashed = 0
         for item_id in missing:
             text = texts.get(item_id, "")
-            if not any(ch.isalnum() for ch in text):
+            if not is_usable(text):
                 result[item_id] = fallback_vector(item_id)
                 hashed += 1
                 continue

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 
 from deltarec.v1 import collector_pb2
 
+from services.contracts.event_row import EventRow
 from services.contracts.event_types import ITEM_EVENT_NAMES
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ OP_INSERT, OP_SNAPSHOT = collector_pb2.OPERATION_INSERT, collector_pb2.OPERATION
 
 @dataclass(frozen=True)
 class Interaction:
+    """A row of `trainer_interactions`: an item interaction of an `events` row (EventRow) as the
+    model uses it (time in epoch seconds) with the commit LSN it arrived in (the update windows)."""
     event_id: str
     user_id: str
     item_id: str
@@ -39,16 +42,6 @@ class Interaction:
     row_id: int = 0
 
 
-def _timestamp(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, (int, float)):
-        moment = datetime.fromtimestamp(float(value), timezone.utc)
-    else:
-        moment = datetime.fromisoformat(str(value).strip().replace(" ", "T", 1).replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
 def interaction_from_row(row: dict, commit_lsn: int = 0) -> Interaction | None:
     """An `events` row (as a delta's new_row) as an Interaction; None when the model has no use
     for it (a search, an event without item)."""
@@ -56,10 +49,10 @@ def interaction_from_row(row: dict, commit_lsn: int = 0) -> Interaction | None:
     item_id = row.get("item_id")
     if event_type not in ITEM_EVENT_NAMES or not item_id:
         return None
-    raw_id = row.get("id")
-    return Interaction(event_id=str(row["event_id"]), user_id=str(row["user_id"]), item_id=str(item_id),
-                       event_type=event_type, occurred_at=_timestamp(row["occurred_at"]).timestamp(),
-                       commit_lsn=commit_lsn, row_id=int(float(raw_id)) if raw_id not in (None, "") else 0)
+    event = EventRow.from_delta_row(row)
+    return Interaction(event_id=event.event_id, user_id=event.user_id, item_id=str(event.item_id),
+                       event_type=event.event_type, occurred_at=event.occurred_at.timestamp(),
+                       commit_lsn=commit_lsn, row_id=event.row_id)
 
 
 class InteractionLog:

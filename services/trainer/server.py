@@ -1,7 +1,6 @@
 """gRPC edge of the trainer: translates requests to the core and back."""
 from __future__ import annotations
 
-import functools
 import math
 import time
 
@@ -9,8 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from deltarec.v1 import trainer_pb2, trainer_pb2_grpc
 
-from services.common.errors import InvalidArgument, Unavailable, grpc_errors
-from services.common.etcd import EtcdUnavailable
+from services.common.errors import InvalidArgument, grpc_errors
 from services.trainer.core import TrainerCore
 from services.trainer.strategies import Strategy
 from services.trainer.versions import VersionRow
@@ -64,28 +62,16 @@ def strategy_from_request(message: trainer_pb2.UpdateStrategy) -> Strategy:
         raise InvalidArgument(f"strategy.{error}") from None
 
 
-def etcd_errors(method):
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        try:
-            return method(*args, **kwargs)
-        except EtcdUnavailable as error:
-            raise Unavailable(f"etcd unavailable: {str(error)[:200]}") from None
-    return wrapper
-
-
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(self, core: TrainerCore) -> None:
         self.core = core
 
     @grpc_errors
-    @etcd_errors
     def Train(self, request, context):
         outcome = self.core.train(seed=request.seed, epochs=request.epochs, publish=request.publish)
         return trainer_pb2.TrainResponse(version=version_message(outcome.version), published=outcome.published)
 
     @grpc_errors
-    @etcd_errors
     def Update(self, request, context):
         strategy = strategy_from_request(request.strategy) if request.HasField("strategy") else None
         outcome = self.core.update(strategy, publish=request.publish, seed=request.seed)
@@ -96,7 +82,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return response
 
     @grpc_errors
-    @etcd_errors
     def ListVersions(self, request, context):
         limit = min(request.limit or 50, MAX_LIST)
         rows = self.core.versions.list(limit)
@@ -110,7 +95,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.GetVersionResponse(version=version_message(self.core.get_version(request.version)))
 
     @grpc_errors
-    @etcd_errors
     def Status(self, request, context):
         status = self.core.status()
         response = trainer_pb2.TrainerServiceStatusResponse(

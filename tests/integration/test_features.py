@@ -22,7 +22,7 @@ import pytest
 from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2, features_pb2, features_pb2_grpc
 from scripts.launch import ServiceProcess
 from services.common.etcd import Etcd
-from services.features.content import ItemText, embedding_text
+from services.contracts.item_text import ItemText, embedding_text
 from tests.support import channel_to, wait_until, wal_lsn
 
 pytestmark = pytest.mark.integration

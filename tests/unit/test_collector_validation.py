@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from deltarec.v1 import common_pb2
 
 from services.collector import validation as v
-from services.collector.validation import (EventRow, Rejected, check_batch_size, event_payload,
+from services.collector.validation import (Rejected, check_batch_size, event_payload,
                                            money_to_decimal, validate_event, validate_item)
 from services.common.errors import InvalidArgument
+from services.contracts.event_row import EventRow
 from services.contracts.event_types import NAME_BY_PROTO, PROTO_BY_NAME
 
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=timezone.utc)

@@ -3,10 +3,11 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 from services.features.applier import ApplierSettings, affected_ids, fold_changes
-from services.features.content import ItemText, content_hash
+from services.contracts.item_text import ItemText
+from services.features.content import content_hash
 from services.features.deltas import CatalogCleared, ItemRemoval, ItemRow, ItemUpsert
 from services.features.items import ItemRecord, embedding_task, fold_catalog_change, set_embedding
-from services.features.user_state import Event
+from services.contracts.event_row import EventRow
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 SETTINGS = ApplierSettings(model_name="m", history_length=3, recent_queries=2, popularity_half_life_s=86400.0)
@@ -26,7 +27,7 @@ def embedded(item_id="i1", **kwargs) -> ItemRecord:
 
 
 def event(n, kind="view", user="u1", item="i1", query=None):
-    return Event(n, f"e{n}", kind, user, item, query, T0 + timedelta(minutes=n))
+    return EventRow(f"e{n}", kind, user, item, query, T0 + timedelta(minutes=n), row_id=n)
 
 
 def test_new_item_needs_a_vector():

@@ -1,8 +1,8 @@
 """Content hashing and the embedding text of items (pure)."""
 import numpy as np
 
-from services.features.content import (ItemText, clean, content_hash, embedding_text, is_usable, pack_vector,
-                                       unpack_vector)
+from services.contracts.item_text import ItemText, clean, embedding_text, is_usable
+from services.features.content import content_hash, pack_vector, unpack_vector
 
 
 def test_hash_is_stable_hex_sha256():

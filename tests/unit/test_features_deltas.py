@@ -6,10 +6,10 @@ from google.protobuf import json_format
 
 from deltarec.v1 import collector_pb2
 
-from services.features.content import ItemText
+from services.contracts.item_text import ItemText
 from services.features.deltas import (CatalogCleared, DecodedBatch, ItemRemoval, ItemUpsert, Progress,
                                       Transaction, decode_batch, decode_change, select_new)
-from services.features.user_state import Event
+from services.contracts.event_row import EventRow
 
 INSERT, UPDATE, DELETE, TRUNCATE = (collector_pb2.OPERATION_INSERT, collector_pb2.OPERATION_UPDATE,
                                     collector_pb2.OPERATION_DELETE, collector_pb2.OPERATION_TRUNCATE)
@@ -54,8 +54,8 @@ def test_unchanged_toast_text_columns_are_marked_missing():
 
 def test_event_insert_becomes_an_event():
     [change] = decode_change("events", INSERT, {"id": "7"}, EVENT, None)
-    assert change == Event(7, "e-7", "purchase", "u1", "42", None,
-                           datetime(2026, 1, 2, 3, 4, 5, 500000, tzinfo=timezone.utc))
+    assert change == EventRow("e-7", "purchase", "u1", "42", None,
+                              datetime(2026, 1, 2, 3, 4, 5, 500000, tzinfo=timezone.utc), row_id=7)
 
 
 def test_event_updates_and_deletes_are_ignored():

@@ -1,14 +1,15 @@
 """Per-user state: history trimming and ordering, counters, recent queries (pure)."""
 from datetime import datetime, timedelta, timezone
 
-from services.features.user_state import Event, HistoryEntry, QueryEntry, UserState, apply_event, trim_history
+from services.contracts.event_row import EventRow
+from services.features.user_state import HistoryEntry, QueryEntry, UserState, apply_event, trim_history
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
 def event(row_id, kind="view", item="i1", query=None, at=None, user="u1"):
-    return Event(row_id, f"e{row_id}", kind, user, None if kind == "search" else item, query,
-                 at or T0 + timedelta(seconds=row_id))
+    return EventRow(f"e{row_id}", kind, user, None if kind == "search" else item, query,
+                    at or T0 + timedelta(seconds=row_id), row_id=row_id)
 
 
 def fold(state, events, history_length=50, recent_queries=20):

@@ -8,6 +8,7 @@ from google.protobuf import struct_pb2
 from deltarec.v1 import collector_pb2
 
 from services.collector.cdc.buffer import Transaction
+from services.collector.cdc.pgoutput import PG_EPOCH_UNIX_S
 
 OPERATIONS = {
     "insert": collector_pb2.OPERATION_INSERT,
@@ -15,7 +16,6 @@ OPERATIONS = {
     "delete": collector_pb2.OPERATION_DELETE,
     "truncate": collector_pb2.OPERATION_TRUNCATE,
 }
-PG_EPOCH_UNIX_S = 946_684_800
 
 
 def to_struct(target: struct_pb2.Struct, mapping: Mapping[str, Any]) -> None:

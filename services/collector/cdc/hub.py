@@ -18,6 +18,7 @@ from services.collector.cdc.slots import GROUP_NAME, SlotStore
 from services.collector.cdc.subscription import Subscription
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.common.etcd import Etcd, EtcdUnavailable, Leadership
+from services.contracts.etcd_keys import collector_slot_key
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class CdcHub:
             return self._stats[group]
 
     def slot_key(self, group: str) -> str:
-        return f"collector/slots/{group}"
+        return collector_slot_key(group)
 
     def wal_lsn(self, max_age_s: float = 0.5) -> int:
         """The server's WAL (insert) position, cached for `max_age_s` (heartbeats of many

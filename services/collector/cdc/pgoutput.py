@@ -32,7 +32,9 @@ from typing import Any, Union
 
 from services.collector.cdc import values
 
+# Postgres counts protocol timestamps in microseconds since 2000-01-01 UTC.
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+PG_EPOCH_UNIX_S = int(PG_EPOCH.timestamp())   # 946_684_800
 UNCHANGED_TOAST = object()   # marker for a 'u' column in TupleData
 
 
