@@ -34,15 +34,17 @@ from services.ranker.admission import AdmissionControl  # noqa: E402
 from services.ranker.artifact_reader import ArtifactReader  # noqa: E402
 from services.ranker.catalog import Catalog  # noqa: E402
 from services.ranker.config import RankerConfig  # noqa: E402
-from services.ranker.features_client import FeaturesClient, ItemFeed, LocalEncoder  # noqa: E402
+from services.ranker.features_client import FeaturesClient  # noqa: E402
 from services.ranker.hot_swap import ModelManager  # noqa: E402
+from services.ranker.item_feed import ItemFeed  # noqa: E402
 from services.ranker.model_watch import EtcdModelWatcher  # noqa: E402
+from services.ranker.query_encoder import CachedEncoder, LocalEncoder  # noqa: E402
 from services.ranker.recommend import Recommender  # noqa: E402
 from services.ranker.registration import Registration  # noqa: E402
 from services.ranker.replica import RankerReplica  # noqa: E402
 from services.ranker.request_path import RequestPath  # noqa: E402
 from services.ranker.routing import ServingState  # noqa: E402
-from services.ranker.search import CachedEncoder, Searcher  # noqa: E402
+from services.ranker.search import Searcher  # noqa: E402
 from services.ranker.server import RankerServicer  # noqa: E402
 from services.ranker.user_cache import UserCache  # noqa: E402
 

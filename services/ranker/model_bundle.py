@@ -25,7 +25,7 @@ from services.model.artifact import ArtifactInvalid, ModelArtifact
 from services.model.network import DeltaRecModel
 from services.ranker.catalog import Catalog
 from services.ranker.index_structures import IndexOptions
-from services.ranker.tower import serving_tower
+from services.ranker.numpy_tower import serving_tower
 from services.ranker.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)

@@ -15,10 +15,7 @@ the item change, no model update needed).
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -28,40 +25,13 @@ from services.ranker.arguments import check_id, check_k, check_query
 from services.ranker.catalog import Catalog
 from services.ranker.filters import NO_FILTERS, FilterSpec, make_acceptor
 from services.ranker.lexical import normalize
+from services.ranker.query_encoder import CachedEncoder
 from services.ranker.request_path import RequestPath
 from services.ranker.routing import ServingState
 from services.ranker.user_cache import FeaturesUnavailable
 from services.ranker.user_vector import user_vector
 
 log = logging.getLogger(__name__)
-
-
-class QueryEncoder(Protocol):
-    def encode(self, texts: list[str]) -> np.ndarray: ...
-
-
-class CachedEncoder:
-    """LRU of query embeddings (shoppers repeat queries a lot)."""
-
-    def __init__(self, encoder: QueryEncoder, capacity: int = 10_000) -> None:
-        self.encoder, self.capacity = encoder, capacity
-        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def encode_one(self, text: str) -> np.ndarray:
-        key = " ".join(text.split())
-        with self._lock:
-            vector = self._entries.get(key)
-            if vector is not None:
-                self._entries.move_to_end(key)
-                return vector
-        vector = np.asarray(self.encoder.encode([key]), np.float32).reshape(-1)
-        if self.capacity:
-            with self._lock:
-                self._entries[key] = vector
-                while len(self._entries) > self.capacity:
-                    self._entries.popitem(last=False)
-        return vector
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,11 @@ from services.ranker.catalog import Catalog, ItemUpdate
 from services.ranker.filters import FilterSpec
 from services.ranker.index_structures import IndexOptions
 from services.ranker.model_bundle import ModelBundle
+from services.ranker.query_encoder import CachedEncoder
 from services.ranker.recommend import Recommender
 from services.ranker.request_path import RequestPath
 from services.ranker.routing import ServingState
-from services.ranker.search import CachedEncoder, Searcher
+from services.ranker.search import Searcher
 from services.ranker.user_cache import FeaturesUnavailable, UserCache, UserHistory
 
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.ranker import devtools
-from services.ranker.tower import NumpyUserTower, serving_tower
+from services.ranker.numpy_tower import NumpyUserTower, serving_tower
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,148 @@
+"""The item feed: `features.WatchItems` applied to the replica's catalog.
+
+`ItemFeed` consumes `WatchItems` (from after_lsn = 0: every active item, then live changes) and
+applies each message to the catalog, whose watermark then becomes the message's watermark. After
+a broken stream it reconnects with after_lsn = the watermark it applied, so nothing is missed or
+applied twice. The catalog is `ready` once the watermark reaches the features service's applied
+LSN read at the first connection (or the stream goes quiet: nothing more to send).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+import numpy as np
+
+from deltarec.v1 import features_pb2
+
+from services.ranker import metrics
+from services.ranker.catalog import Catalog, ItemUpdate
+from services.ranker.features_client import FeaturesClient
+from services.ranker.user_cache import FeaturesUnavailable
+
+log = logging.getLogger(__name__)
+
+UPSERT = features_pb2.ITEM_CHANGE_KIND_UPSERT
+REMOVE = features_pb2.ITEM_CHANGE_KIND_REMOVE
+
+
+def money_value(money) -> float | None:
+    if not money.currency_code and not money.units and not money.nanos:
+        return None
+    return money.units + money.nanos / 1e9
+
+
+def item_update(change) -> ItemUpdate | None:
+    item = change.item
+    if not item.item_id:
+        return None
+    lsn = change.lsn or item.updated_lsn
+    if change.kind == REMOVE:
+        return ItemUpdate(item.item_id, lsn, remove=True)
+    if change.kind != UPSERT:
+        return None
+    vector = None
+    if item.embedding.dim and item.embedding.values:
+        vector = np.frombuffer(item.embedding.values, dtype="<f4")
+        if vector.shape[0] != item.embedding.dim:
+            vector = None
+    return ItemUpdate(item.item_id, lsn, title=item.title, brand=item.brand, category=item.category,
+                      price=money_value(item.price) if item.HasField("price") else None,
+                      active=item.active, vector=vector, popularity=item.stats.popularity)
+
+
+class ItemFeed:
+    def __init__(self, client: FeaturesClient, catalog: Catalog, *, batch_size: int = 512,
+                 quiet_ready_s: float = 3.0) -> None:
+        self.client, self.catalog = client, catalog
+        self.batch_size = batch_size
+        self.quiet_ready_s = quiet_ready_s
+        self._stop = threading.Event()
+        self._call = None
+        self._target: int | None = None
+        self.connected = threading.Event()
+        self.messages = 0
+        self._thread = threading.Thread(target=self._run, name="item-feed", daemon=True)
+
+    def start(self) -> "ItemFeed":
+        self._thread.start()
+        threading.Thread(target=self._quiet_watch, name="item-feed-ready", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    def _mark_ready_if_caught_up(self) -> None:
+        if (not self.catalog.ready.is_set() and self._target is not None
+                and self.catalog.watermark >= self._target):
+            self.catalog.mark_ready()
+            log.info("catalog caught up", extra={"items": self.catalog.active_count,
+                                                 "data_lsn": self.catalog.watermark})
+
+    def _quiet_watch(self) -> None:
+        """Ready also when the stream is open and has had nothing to say for a while."""
+        while not self._stop.is_set() and not self.catalog.ready.is_set():
+            last = (self.messages, self.catalog.watermark)
+            self._stop.wait(self.quiet_ready_s)
+            if self.connected.is_set() and (self.messages, self.catalog.watermark) == last \
+                    and not self.catalog.ready.is_set():
+                self.catalog.mark_ready()
+                log.info("catalog ready (feed quiet)", extra={"items": self.catalog.active_count,
+                                                              "data_lsn": self.catalog.watermark})
+
+    def _run(self) -> None:
+        backoff = 0.2
+        resync = False
+        while not self._stop.is_set():
+            try:
+                if self._target is None or resync:
+                    self._target = self.client.applied_lsn()
+                    self._mark_ready_if_caught_up()
+                if resync:
+                    # The feature store was rebuilt from a new snapshot: read everything again,
+                    # then drop what it no longer has.
+                    log.warning("features store rebuilt: full resync of the catalog")
+                    self.catalog.reset_watermark(0)
+                after = self.catalog.watermark
+                seen: set[str] | None = set() if resync else None
+                self._call = self.client.stub.WatchItems(
+                    features_pb2.WatchItemsRequest(after_lsn=after, max_batch_size=self.batch_size))
+                self.connected.set()
+                log.info("watching item changes", extra={"after_lsn": after, "features": self.client.address})
+                for response in self._call:
+                    updates = [u for u in map(item_update, response.changes) if u is not None]
+                    if seen is not None:
+                        seen.update(u.item_id for u in updates if not u.remove)
+                    self.catalog.apply(updates, response.watermark)
+                    if seen is not None and response.watermark >= self._target:
+                        removed = self.catalog.retain_only(seen, response.watermark)
+                        log.info("full resync done",
+                                 extra={"removed": removed, "data_lsn": response.watermark})
+                        seen, resync = None, False
+                    self.messages += 1
+                    backoff = 0.2
+                    metrics.ITEM_CHANGES.inc(len(updates))
+                    metrics.DATA_LSN.set(self.catalog.watermark)
+                    self._mark_ready_if_caught_up()
+                    if self._stop.is_set():
+                        return
+                raise FeaturesUnavailable("WatchItems stream ended")
+            except (grpc.RpcError, FeaturesUnavailable) as error:
+                self.connected.clear()
+                if self._stop.is_set():
+                    return
+                if isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    resync = True
+                metrics.FEED_RECONNECTS.inc()
+                detail = error.code().name if isinstance(error, grpc.RpcError) else str(error)
+                log.warning("item feed interrupted; resuming", extra={"error": detail,
+                                                                      "after_lsn": self.catalog.watermark})
+            except Exception:  # noqa: BLE001 - keep the feed alive whatever a message holds
+                self.connected.clear()
+                log.exception("item feed failed; resuming")
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
