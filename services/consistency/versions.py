@@ -21,10 +21,11 @@ class ModelVersions:
         return None if row is None else dict(row)
 
     def published_before(self, version: int) -> list[dict]:
-        """Versions below `version` that were published (current once), newest first."""
+        """Versions below `version` that are published and were never rolled back, newest first
+        (a version someone rolled back is not a candidate for an automatic rollback)."""
         with self.engine.connect() as connection:
             rows = connection.execute(sa.text(
-                "SELECT version FROM model_versions WHERE version < :v AND status IN ('published', 'rolled_back') "
+                "SELECT version FROM model_versions WHERE version < :v AND status = 'published' "
                 "AND artifact_uri IS NOT NULL ORDER BY version DESC"), {"v": version}).scalars().all()
         return [self.get(int(v)) for v in rows]
 
