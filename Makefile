@@ -70,7 +70,7 @@ test-unit: venv protos
 	$(PY) -m pytest -q tests/unit
 
 bench: venv protos
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
 
 lock:
 	$(VENV)/bin/pip freeze | grep -v -E '^torch==' > requirements.txt
