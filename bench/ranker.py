@@ -6,14 +6,13 @@ plus the flat-vs-HNSW crossover of the faiss index.
     .venv/bin/python bench/ranker.py            # full
     .venv/bin/python bench/ranker.py --quick    # < 60 s
 
-What runs (each a process started through scripts/launch.py, etcd through scripts/infra.py with
-state in .run/bench-infra, stopped at the end only if this run started it):
+What runs (each a process started by bench/_harness.py, etcd through scripts/infra.py):
 - the real ranker (python -m services.ranker, LOG_LEVEL=WARNING so no access line per call),
   with a model artifact built here (untrained weights of the production shape: dim 64, 2 layers,
   max_len 50; the latency does not depend on trained values) published to etcd exactly as the
   trainer does;
 - instead of the collector -> Postgres -> features pipeline, a features stand-in
-  (services/ranker/devtools.py: WatchItems with the whole catalog, GetUserFeatures with each
+  (tests/fakes.py: WatchItems with the whole catalog, GetUserFeatures with each
   user's real Beauty history / synthetic history) — a separate process on the same cores, so the
   GetUserFeatures hop of every Recommend is paid as in production. Item text vectors are random
   unit vectors (not MiniLM; nothing measured here depends on their values);
@@ -38,12 +37,6 @@ import random
 import sys
 import time
 import uuid
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-for _path in (REPO_ROOT, REPO_ROOT / "gen"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
 ROLE = os.environ.get("BENCH_RANKER_ROLE", "")
 if not ROLE:
@@ -51,15 +44,12 @@ if not ROLE:
 
 import numpy as np  # noqa: E402
 
-INFRA_DIR = REPO_ROOT / ".run" / "bench-infra"
-WORK_DIR = REPO_ROOT / ".run" / "bench-ranker"
+import _harness  # noqa: E402
+from _harness import progress  # noqa: E402
+
 TARGET_RATIO = 0.5
 TARGET_P99_MS = 25.0
 LEVELS = (1, 8, 32)
-
-
-def progress(message: str) -> None:
-    print(f"[bench/ranker] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- child: echo server
@@ -121,10 +111,8 @@ def run_load(address: str, users: list[str], concurrency: int, duration_s: float
 
         await asyncio.gather(*(worker(seed) for seed in range(concurrency)))
         await channel.close()
-        values = np.array(latencies) * 1000.0
-        return {"rps": round(len(latencies) / duration_s, 1),
-                "p50_ms": round(float(np.percentile(values, 50)), 2) if values.size else None,
-                "p99_ms": round(float(np.percentile(values, 99)), 2) if values.size else None,
+        figures = _harness.percentiles(latencies, scale=1000, digits=2)
+        return {"rps": round(len(latencies) / duration_s, 1), "p50_ms": figures["p50"], "p99_ms": figures["p99"],
                 "requests": len(latencies), "errors": errors}
     return asyncio.run(main())
 
@@ -173,8 +161,8 @@ def crossover(sizes: list[int], dims: list[int], queries: int) -> dict:
                     index.remove([n - 1 - i])
                 change = (time.perf_counter() - began) / 40
                 found[kind] = tops
-                row[kind] = {"p50_us": round(float(np.percentile(latencies, 50)) * 1e6),
-                             "p99_us": round(float(np.percentile(latencies, 99)) * 1e6),
+                figures = _harness.percentiles(latencies, scale=1e6, digits=0)
+                row[kind] = {"p50_us": int(figures["p50"]), "p99_us": int(figures["p99"]),
                              "build_s": round(build, 2), "change_us": round(change * 1e6)}
                 del index
             row["hnsw"]["recall_at_10"] = round(float(np.mean([len(a & b) / 10 for a, b in
@@ -200,36 +188,30 @@ def crossover(sizes: list[int], dims: list[int], queries: int) -> dict:
 
 # ---------------------------------------------------------------------------- one catalog
 
-def bench_catalog(spec: str, env: dict, etcd, levels, duration_s: float, warmup_s: float,
-                  logs: Path, extra_env: dict | None = None) -> tuple[dict, bytes]:
+def bench_one_catalog(suite, spec: str, etcd, levels, duration_s: float, warmup_s: float,
+                      extra_env: dict | None = None) -> tuple[dict, bytes]:
     import grpc
 
     from deltarec.v1 import ranker_pb2, ranker_pb2_grpc
-    from scripts.launch import ServiceProcess
-    from services.common.artifacts import ArtifactStore
-    from services.ranker import devtools
+    from tests import fakes
 
     began = time.perf_counter()
-    dataset, vectors = devtools.bench_catalog(spec)
+    dataset, vectors = _harness.bench_catalog(spec)
     item_ids = [item.item_id for item in dataset.items]
     users = list(dataset.sequences)
     progress(f"{spec}: {len(item_ids)} items, {len(users)} users; building the model artifact")
-    artifact = devtools.make_artifact(1, item_ids, vectors, dim=64, max_len=50, num_layers=2,
-                                      popular=item_ids[:200])
-    store = ArtifactStore((WORK_DIR / "artifacts").as_uri())
-    spec_json = devtools.store_artifact(store, artifact, name=f"bench-{spec.replace(':', '-')}.pt")
+    artifact = fakes.make_artifact(1, item_ids, vectors, dim=64, max_len=50, num_layers=2,
+                                   popular=item_ids[:200])
+    spec_json = fakes.store_artifact(suite.artifact_store(), artifact)
     del artifact
-    devtools.publish(etcd, spec_json)
+    fakes.publish(etcd, spec_json)
     processes = []
     try:
-        stand_in = ServiceProcess("bench.ranker", {"BENCH_RANKER_ROLE": "features", "BENCH_CATALOG": spec},
-                                  name=f"features-stand-in-{spec.replace(':', '-')}", log_dir=logs).start(300)
+        stand_in = suite.start_features_stand_in(spec)
         processes.append(stand_in)
         replica_id = f"bench-{uuid.uuid4().hex[:6]}"
-        ranker = ServiceProcess("services.ranker", {
-            **env, "FEATURES_ADDRESS": stand_in.address, "RANKER_REPLICA_ID": replica_id,
-            "LOG_LEVEL": "WARNING", **(extra_env or {})}, name=f"ranker-{spec.replace(':', '-')}",
-            log_dir=logs).start(600)
+        ranker = suite.start_ranker(stand_in.address, replica_id, name=f"ranker-{spec.replace(':', '-')}",
+                                    database=False, **(extra_env or {}))
         processes.append(ranker)
         channel = grpc.insecure_channel(ranker.address)
         stub = ranker_pb2_grpc.RankerServiceStub(channel)
@@ -248,18 +230,19 @@ def bench_catalog(spec: str, env: dict, etcd, levels, duration_s: float, warmup_
             progress(f"{spec}: concurrency {concurrency}: {figures['rps']} req/s, p50 {figures['p50_ms']} ms, "
                      f"p99 {figures['p99_ms']} ms, errors {figures['errors']}")
         return result, sample.SerializeToString()
-    finally:
+    finally:   # the next catalog gets the memory
         for process in reversed(processes):
-            process.stop(timeout_s=20)
+            suite.stop(process, timeout_s=20)
 
 
 def wait_settled(etcd, replica_id: str, spec: str, timeout_s: float = 900.0) -> dict:
     """Waits until the replica's indexes are not being rebuilt (an HNSW index is first served
     flat while it builds in the background); returns its registration."""
+    from services.contracts.etcd_keys import ranker_key
     began = time.perf_counter()
     last_log = 0.0
     while True:
-        kv = etcd.get(f"rankers/{replica_id}")
+        kv = etcd.get(ranker_key(replica_id))
         value = json.loads(kv.value) if kv is not None else {}
         if value and not value.get("rebuilding") and value.get("model_version") == 1:
             return value
@@ -271,10 +254,9 @@ def wait_settled(etcd, replica_id: str, spec: str, timeout_s: float = 900.0) -> 
         time.sleep(0.5)
 
 
-def bench_echo(payload: bytes, users: list[str], levels, duration_s: float, warmup_s: float, logs: Path) -> dict:
-    from scripts.launch import ServiceProcess
-    echo = ServiceProcess("bench.ranker", {"BENCH_RANKER_ROLE": "echo", "BENCH_ECHO_RESPONSE": payload.hex()},
-                          name="echo", log_dir=logs).start(60)
+def bench_echo(suite, payload: bytes, users: list[str], levels, duration_s: float, warmup_s: float) -> dict:
+    echo = suite.start_script("ranker", {"BENCH_RANKER_ROLE": "echo", "BENCH_ECHO_RESPONSE": payload.hex()},
+                              name="echo", timeout_s=60)
     try:
         result = {"response_bytes": len(payload), "levels": {}}
         for concurrency in levels:
@@ -284,7 +266,7 @@ def bench_echo(payload: bytes, users: list[str], levels, duration_s: float, warm
                      f"p99 {figures['p99_ms']} ms")
         return result
     finally:
-        echo.stop(timeout_s=10)
+        suite.stop(echo, timeout_s=10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,21 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("beauty", "synthetic", "crossover"), default=None,
                         help="run one part only (development)")
     args = parser.parse_args(argv)
-    wall = time.perf_counter()
     duration_s, warmup_s = (1.5, 0.3) if args.quick else (10.0, 2.0)
-
-    from scripts import infra
-    from services.common.etcd import Etcd
-
-    WORK_DIR.mkdir(parents=True, exist_ok=True)
-    logs = WORK_DIR / "logs"
-    started_infra = not infra.running(INFRA_DIR)
-    infra_env = infra.start(INFRA_DIR)
-    progress(f"infrastructure {'started' if started_infra else 'reused'} in {INFRA_DIR}")
-    prefix = f"/bench-ranker-{uuid.uuid4().hex[:8]}/"
-    etcd = Etcd(infra_env.etcd_endpoint, prefix)
-    env = {"DATABASE_URL": infra_env.database_url, "ETCD_ENDPOINT": infra_env.etcd_endpoint, "ETCD_PREFIX": prefix,
-           "GRPC_PORT": "0", "METRICS_PORT": "0", "SHUTDOWN_GRACE_S": "1", "RANKER_INDEX": args.index}
     summary: dict = {"benchmark": "ranker", "quick": args.quick, "duration_s_per_level": duration_s,
                      "reference": "bare gRPC echo server (grpc.server, 16 threads, no interceptor) returning a "
                                   "RecommendResponse of the same bytes as the ranker's, same client",
@@ -318,11 +286,13 @@ def main(argv: list[str] | None = None) -> int:
                               "memory) instead of collector+Postgres+features; untrained model of production "
                               "shape built here and published via etcd; random unit text vectors",
                      "target_ratio": TARGET_RATIO, "target_p99_ms": TARGET_P99_MS}
-    try:
+    with _harness.Suite("ranker") as suite:
+        etcd = suite.etcd()
         catalogs = {}
         payload = None
         if args.only in (None, "beauty"):
-            catalogs["beauty"], payload = bench_catalog("beauty", env, etcd, LEVELS, duration_s, warmup_s, logs)
+            catalogs["beauty"], payload = bench_one_catalog(suite, "beauty", etcd, LEVELS, duration_s, warmup_s,
+                                                            extra_env={"RANKER_INDEX": args.index})
         if args.only in (None, "synthetic"):
             spec = f"synthetic:{args.synthetic_items}"
             name = f"synthetic_{args.synthetic_items // 1000}k"
@@ -332,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                 [(args.index, {"RANKER_INDEX": args.index}), ("flat", {"RANKER_INDEX": "flat"})]
             for label, extra in variants:
                 key = name if label == variants[0][0] else f"{name}_{label}"
-                catalogs[key], synthetic_payload = bench_catalog(
-                    spec, env, etcd, LEVELS, duration_s, warmup_s, logs, extra_env=extra)
+                catalogs[key], synthetic_payload = bench_one_catalog(
+                    suite, spec, etcd, LEVELS, duration_s, warmup_s, extra_env=extra)
                 catalogs[key]["ranker_index_setting"] = label
                 payload = payload or synthetic_payload
                 if label == "flat" and args.index == "flat":
@@ -341,10 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         summary["catalogs"] = catalogs
         if args.only == "crossover":
             summary["crossover"] = crossover([10_000, 25_000, 50_000, 75_000, 100_000, 200_000], [64, 384], 300)
-            print(json.dumps(summary))
+            _harness.print_summary(summary)
             return 0
         users = [f"echo-user-{n}" for n in range(1000)]
-        summary["echo"] = bench_echo(payload, users, LEVELS, duration_s, warmup_s, logs)
+        summary["echo"] = bench_echo(suite, payload, users, LEVELS, duration_s, warmup_s)
         ratios = {}
         for name, figures in catalogs.items():
             ratios[name] = {level: round(figures["levels"][level]["rps"] / max(summary["echo"]["levels"][level]["rps"], 1e-9), 3)
@@ -363,25 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             summary["crossover"] = crossover([10_000, 25_000, 50_000, 75_000, 100_000, 150_000, 200_000], [64],
                                              queries=300)
             summary["crossover"].update(crossover([10_000, 25_000, 50_000, 100_000], [384], queries=300))
-    finally:
-        try:
-            etcd.delete("model/current")
-        except Exception:  # noqa: BLE001
-            pass
-        etcd.close()
-        if started_infra:
-            infra.stop(INFRA_DIR)
-    summary["wall_s"] = round(time.perf_counter() - wall, 1)
-    summary["load_average_1m"] = round(os.getloadavg()[0], 2)   # other work on the machine
-    print(json.dumps(summary))
+    _harness.print_summary(summary)
     return 0
 
 
 if __name__ == "__main__":
-    if ROLE == "features":
-        from services.ranker.devtools import serve_features_stand_in
-        serve_features_stand_in(os.environ["BENCH_CATALOG"])
-    elif ROLE == "echo":
+    if ROLE == "echo":
         serve_echo()
     else:
         sys.exit(main())

@@ -24,7 +24,7 @@ from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2, ranker_pb
 from scripts.launch import ServiceProcess
 from services.common.artifacts import ArtifactStore
 from services.common.etcd import Etcd
-from services.ranker import devtools
+from tests import fakes
 from tests.support import channel_to, wait_until, wal_lsn
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ class Stack:
     def __init__(self, collector, ranker, ranker_process, etcd, store, engine, artifacts_dir):
         self.collector, self.ranker, self.ranker_process = collector, ranker, ranker_process
         self.etcd, self.store, self.engine, self.artifacts_dir = etcd, store, engine, artifacts_dir
-        self.text = devtools.text_vectors([title_of(n) for n in range(N_ITEMS)])
+        self.text = fakes.text_vectors([title_of(n) for n in range(N_ITEMS)])
 
     def status(self):
         return self.ranker.Status(ranker_pb2.RankerServiceStatusRequest(), timeout=10)
@@ -61,13 +61,13 @@ class Stack:
         return self.status().freshness.model_version
 
     def artifact(self, version: int, extra_ids: int = 0) -> dict:
-        artifact = devtools.make_artifact(version, ITEM_IDS, self.text, dim=32, popular=ITEM_IDS[:30],
+        artifact = fakes.make_artifact(version, ITEM_IDS, self.text, dim=32, popular=ITEM_IDS[:30],
                                           extra_ids=extra_ids)
-        return devtools.store_artifact(self.store, artifact)
+        return fakes.store_artifact(self.store, artifact)
 
     def publish(self, version: int, extra_ids: int = 0) -> dict:
         spec = self.artifact(version, extra_ids)
-        devtools.publish(self.etcd, spec)
+        fakes.publish(self.etcd, spec)
         return spec
 
     def wait_version(self, version: int) -> None:
@@ -252,7 +252,7 @@ def test_corrupt_artifact_is_refused_and_the_version_stays(stack):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    devtools.publish(stack.etcd, spec)
+    fakes.publish(stack.etcd, spec)
     status = wait_until(lambda: (lambda s: s if s.refused_version == bad else None)(stack.status()),
                         "the corrupt artifact to be refused")
     assert "checksum" in status.refused_reason
@@ -352,7 +352,7 @@ def test_keeps_serving_while_etcd_is_down_and_resumes_the_watch(stack, start_ser
     private = PrivateEtcd(tmp_path).start()
     etcd = Etcd(private.endpoint, "/outage/")
     try:
-        devtools.publish(etcd, stack.artifact(101))
+        fakes.publish(etcd, stack.artifact(101))
         process = start_service("services.ranker", {
             **stack.env, "ETCD_ENDPOINT": private.endpoint, "ETCD_PREFIX": "/outage/",
             "FEATURES_ADDRESS": stack.features_address, "RANKER_REPLICA_ID": "ranker-outage",
@@ -367,7 +367,7 @@ def test_keeps_serving_while_etcd_is_down_and_resumes_the_watch(stack, start_ser
             response = ranker.Recommend(ranker_pb2.RecommendRequest(user_id=f"user-{user}", k=5), timeout=10)
             assert response.freshness.model_version == 101 and response.items
         private.start()
-        devtools.publish(etcd, stack.artifact(102))
+        fakes.publish(etcd, stack.artifact(102))
         wait_until(lambda: version() == 102, "the watch to resume and version 102 to be served")
         wait_until(lambda: (lambda kv: kv is not None and json.loads(kv.value)["model_version"] == 102)(
             etcd.get("rankers/ranker-outage")), "the registration to come back")

@@ -5,14 +5,14 @@ import threading
 
 import numpy as np
 
-from services.ranker import devtools
 from services.ranker.catalog import Catalog, ItemUpdate
 from services.ranker.index_structures import IndexOptions
 from services.ranker.lexical import LexicalIndex, normalize
+from tests import fakes
 
 
 def upsert(item_id: str, lsn: int, title: str = "", **fields) -> ItemUpdate:
-    vector = fields.pop("vector", devtools.text_vectors([title or item_id])[0])
+    vector = fields.pop("vector", fakes.text_vectors([title or item_id])[0])
     return ItemUpdate(item_id, lsn, title=title or item_id, vector=vector, **fields)
 
 

@@ -9,7 +9,6 @@ import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.contracts.model_pointer import ModelPointer
-from services.ranker import devtools
 from services.ranker.admission import AdmissionControl
 from services.ranker.catalog import Catalog, ItemUpdate
 from services.ranker.filters import FilterSpec
@@ -21,6 +20,7 @@ from services.ranker.request_path import RequestPath
 from services.ranker.routing import ServingState
 from services.ranker.search import Searcher
 from services.ranker.user_cache import FeaturesUnavailable, UserCache, UserHistory
+from tests import fakes
 
 torch.set_num_threads(1)
 
@@ -57,19 +57,19 @@ class HashEncoder:
 
     def encode(self, texts):
         self.calls += 1
-        return devtools.text_vectors(texts)
+        return fakes.text_vectors(texts)
 
 
 @pytest.fixture
 def world():
     catalog = Catalog(IndexOptions(kind="flat"))
-    text = devtools.text_vectors(TITLES)
+    text = fakes.text_vectors(TITLES)
     catalog.apply([ItemUpdate(ITEMS[n], 10 + n, title=TITLES[n], brand=["Belle Rose", "Nordic Glow"][n % 2],
                               category=["Beauty > Lips", "Beauty > Skin", "Beauty > Hair"][n % 3],
                               price=float(n % 50), vector=text[n], popularity=float(n % 7))
                    for n in range(N)], watermark=1000)
     state = ServingState()
-    artifact = devtools.make_artifact(1, ITEMS[:350], text[:350], popular=ITEMS[100:120])
+    artifact = fakes.make_artifact(1, ITEMS[:350], text[:350], popular=ITEMS[100:120])
     bundle = ModelBundle(artifact, ModelPointer(1, "file:///m", "a" * 64), artifact.build_model(), catalog)
     bundle.build_index()
     state.install(bundle, None, 0.0)
@@ -187,7 +187,7 @@ def test_search_exact_title_brand_and_personalisation(world):
 def test_new_item_found_by_exact_title_without_a_model_update(world):
     searcher, catalog = world["searcher"], world["catalog"]
     title = "Zanzibar Vetiver Beard Balm Limited"
-    catalog.apply([ItemUpdate("fresh-1", 3000, title=title, vector=devtools.text_vectors([title])[0])], 3000)
+    catalog.apply([ItemUpdate("fresh-1", 3000, title=title, vector=fakes.text_vectors([title])[0])], 3000)
     answer = searcher.search(title, k=3)
     assert answer.items[0].item_id == "fresh-1" and answer.model_version == 1
     assert world["state"].current.index.contains(catalog.iid("fresh-1"))   # and recommendable at once

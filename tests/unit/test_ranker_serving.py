@@ -12,13 +12,13 @@ from services.common.artifacts import ArtifactStore, read_verified
 from services.contracts.etcd_keys import MODEL_CANARY, MODEL_CURRENT
 from services.contracts.model_pointer import ModelPointer
 from services.model.artifact import serialize
-from services.ranker import devtools
 from services.ranker.catalog import Catalog, ItemUpdate
 from services.ranker.hot_swap import ModelManager
 from services.ranker.index_structures import IndexOptions
 from services.ranker.model_bundle import ModelBundle
 from services.ranker.model_watch import EtcdModelWatcher
 from services.ranker.routing import ServingState, canary_bucket
+from tests import fakes
 
 torch.set_num_threads(1)
 
@@ -28,7 +28,7 @@ ITEMS = [f"item-{n}" for n in range(300)]
 @pytest.fixture
 def catalog() -> Catalog:
     catalog = Catalog(IndexOptions(kind="flat"))
-    text = devtools.text_vectors(ITEMS)
+    text = fakes.text_vectors(ITEMS)
     catalog.apply([ItemUpdate(item_id, 10 + n, title=f"Title {n}", vector=text[n]) for n, item_id in enumerate(ITEMS)],
                   watermark=400)
     return catalog
@@ -40,8 +40,8 @@ def store(tmp_path) -> ArtifactStore:
 
 
 def publish(store: ArtifactStore, version: int, items=ITEMS[:250], **kwargs) -> ModelPointer:
-    artifact = devtools.make_artifact(version, list(items), devtools.text_vectors(list(items)), **kwargs)
-    return ModelPointer.from_json(devtools.store_artifact(store, artifact))
+    artifact = fakes.make_artifact(version, list(items), fakes.text_vectors(list(items)), **kwargs)
+    return ModelPointer.from_json(fakes.store_artifact(store, artifact))
 
 
 def manager_for(catalog: Catalog) -> tuple[ModelManager, ServingState]:
@@ -67,7 +67,7 @@ def test_bundle_vectors_are_the_item_tower_and_bitwise_stable(catalog, store):
     iids, names, text, _ = catalog.snapshot()
     alone = np.stack([bundle.compute_vectors([name], text[i:i + 1])[0] for i, name in enumerate(names[:40])])
     assert np.array_equal(alone, bundle.index.vectors_of(iids[:40]))
-    assert bundle.artifact_agreement(devtools.make_artifact(1, ITEMS[:250], devtools.text_vectors(ITEMS[:250]))) == 1.0
+    assert bundle.artifact_agreement(fakes.make_artifact(1, ITEMS[:250], fakes.text_vectors(ITEMS[:250]))) == 1.0
 
 
 def test_swap_keeps_in_flight_references_and_releases_the_old_bundle(catalog, store):
@@ -88,7 +88,7 @@ def test_swap_keeps_in_flight_references_and_releases_the_old_bundle(catalog, st
     assert old() is None, "the replaced bundle must be freed once no request holds it"
     assert catalog.listener_count == 1
     # the new bundle follows live item changes
-    catalog.apply([ItemUpdate("brand-new", 500, title="Brand New", vector=devtools.text_vectors(["bn"])[0])], 500)
+    catalog.apply([ItemUpdate("brand-new", 500, title="Brand New", vector=fakes.text_vectors(["bn"])[0])], 500)
     assert state.current.index.contains(catalog.iid("brand-new"))
 
 
@@ -100,7 +100,7 @@ def test_corrupt_and_invalid_artifacts_are_refused_and_the_version_stays(catalog
 
     # bytes that do not match the sha256 in etcd
     bad = publish(store, 2)
-    path = tmp_path / "artifacts" / "model-v2.pt"
+    path = tmp_path / "artifacts" / bad.uri.rsplit("/", 1)[1]
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -116,7 +116,7 @@ def test_corrupt_and_invalid_artifacts_are_refused_and_the_version_stays(catalog
     assert state.current.version == 1 and state.refused_version == 3 and "invalid" in state.refused_reason
 
     # a readable artifact whose weights are broken
-    artifact = devtools.make_artifact(4, ITEMS[:250], devtools.text_vectors(ITEMS[:250]))
+    artifact = fakes.make_artifact(4, ITEMS[:250], fakes.text_vectors(ITEMS[:250]))
     artifact.state_dict["text_projection.weight"][0, 0] = float("nan")
     uri, sha = store.write("nan.pt", serialize(artifact))
     manager.want("current", ModelPointer(4, uri, sha))
@@ -169,7 +169,7 @@ def test_canary_share_is_deterministic_and_about_right(catalog, store):
 
 
 def test_bundle_refuses_a_model_for_other_text_vectors(catalog, store):
-    artifact = devtools.make_artifact(1, ITEMS[:10], devtools.text_vectors(ITEMS[:10]))
+    artifact = fakes.make_artifact(1, ITEMS[:10], fakes.text_vectors(ITEMS[:10]))
     artifact.config.text_dim = 128
     with pytest.raises(Exception):
         ModelBundle(artifact, ModelPointer(1, "file:///x", "0" * 64), artifact.build_model(), catalog)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from services.ranker import devtools
 from services.ranker.numpy_tower import NumpyUserTower, serving_tower
+from tests import fakes
 
 torch.set_num_threads(1)
 
@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 @pytest.mark.parametrize("layers,dim,max_len", [(1, 32, 20), (2, 64, 50)])
 def test_matches_the_torch_model(layers, dim, max_len):
     ids = [f"i{n}" for n in range(50)]
-    artifact = devtools.make_artifact(3, ids, devtools.text_vectors(ids), dim=dim, max_len=max_len, num_layers=layers)
+    artifact = fakes.make_artifact(3, ids, fakes.text_vectors(ids), dim=dim, max_len=max_len, num_layers=layers)
     model = artifact.build_model()
     with torch.no_grad():      # trained models have non-zero recency biases and event embeddings
         model.recency_bias.weight.normal_()
@@ -38,6 +38,6 @@ def test_matches_the_torch_model(layers, dim, max_len):
 
 def test_an_unknown_architecture_falls_back_to_torch():
     ids = [f"i{n}" for n in range(10)]
-    model = devtools.make_artifact(1, ids, devtools.text_vectors(ids)).build_model()
+    model = fakes.make_artifact(1, ids, fakes.text_vectors(ids)).build_model()
     model.blocks[0].feed_forward[1] = torch.nn.ReLU()
     assert serving_tower(model) is None

@@ -1,5 +1,7 @@
-"""Helpers for tests and benchmarks: build a model artifact the way the trainer does and publish
-it the way the trainer does (artifact store + `model/current` in etcd). Not used when serving."""
+"""Stand-ins for what a test or a benchmark does not want to run for real, shared by both (the
+benchmarks import this module too): model artifacts of the production shape with untrained
+weights, published through the trainer's own publisher, and a features service answering from
+memory. Nothing here is used when serving."""
 from __future__ import annotations
 
 import time
@@ -8,9 +10,14 @@ import numpy as np
 import torch
 
 from services.common.artifacts import ArtifactStore
+from services.common.etcd import Etcd
 from services.common.text_encoder import hashed_unit_vector
-from services.model.artifact import ModelArtifact, serialize
+from services.contracts.model_pointer import ModelPointer
+from services.model.artifact import ModelArtifact
 from services.model.network import DeltaRecModel, ModelConfig
+from services.trainer.publisher import Publisher
+
+# ---------------------------------------------------------------------------- model artifacts
 
 
 def text_vectors(keys: list[str], dim: int = 384) -> np.ndarray:
@@ -18,6 +25,15 @@ def text_vectors(keys: list[str], dim: int = 384) -> np.ndarray:
     if not keys:
         return np.zeros((0, dim), np.float32)
     return np.stack([hashed_unit_vector(key, dim) for key in keys])
+
+
+def random_text_vectors(n: int, seed: int = 1, dim: int = 384) -> np.ndarray:
+    """Unit vectors standing in for MiniLM embeddings of a large catalog (serving latency does
+    not depend on their values)."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors
 
 
 def make_artifact(version: int, item_ids: list[str], item_text: np.ndarray, *, dim: int = 32,
@@ -45,49 +61,38 @@ def make_artifact(version: int, item_ids: list[str], item_text: np.ndarray, *, d
                          created_at=time.time())
 
 
-def store_artifact(store: ArtifactStore, artifact: ModelArtifact, name: str | None = None) -> dict:
-    """Writes the artifact; returns the etcd spec {version, uri, sha256, data_lsn, metrics}."""
-    uri, sha = store.write(name or f"model-v{artifact.version}.pt", serialize(artifact))
-    return {"version": artifact.version, "uri": uri, "sha256": sha, "data_lsn": artifact.data_lsn,
-            "metrics": {}}
+def store_artifact(store: ArtifactStore, artifact: ModelArtifact) -> dict:
+    """Writes the artifact as the trainer does (its publisher: serialized, content-addressed
+    name, sha256 from the store); returns the `model/current` value naming it, as a dict
+    (ModelPointer.to_dict: {version, uri, sha256, data_lsn, metrics})."""
+    # Writing an artifact only uses the store; the publisher's etcd side is not needed here.
+    uri, sha256 = Publisher(etcd=None, store=store).store_artifact(artifact)
+    return ModelPointer(version=artifact.version, uri=uri, sha256=sha256, data_lsn=artifact.data_lsn).to_dict()
 
 
-def publish(etcd, spec: dict, key: str = "model/current") -> None:
-    """Publishes like the trainer: compare-and-swap against the value read just before."""
+def publish(etcd: Etcd, spec: dict) -> None:
+    """Makes `spec` (a `store_artifact` result) `model/current` through the trainer's publisher:
+    its compare-and-swap from the value read just before. Unlike a trainer, which reports a lost
+    race, this tries again: a test or benchmark wants its version served whatever was there."""
+    pointer = ModelPointer.from_json(spec)
+    publisher = Publisher(etcd=etcd, store=None)    # the artifact is already in the store
     while True:
-        current = etcd.get(key)
-        if etcd.compare_and_swap(key, None if current is None else current.value, spec):
+        result = publisher.publish(version=pointer.version, uri=pointer.uri, sha256=pointer.sha256,
+                                   data_lsn=pointer.data_lsn, metrics=pointer.metrics,
+                                   expected=publisher.current().raw)
+        if result.published:
             return
 
 
-# ---------------------------------------------------------------------------- benchmarks
-
-def random_text_vectors(n: int, seed: int = 1, dim: int = 384) -> np.ndarray:
-    """Unit vectors standing in for MiniLM embeddings of a large catalog (serving latency does
-    not depend on their values)."""
-    rng = np.random.default_rng(seed)
-    vectors = rng.standard_normal((n, dim), dtype=np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors
-
-
-def bench_catalog(spec: str):
-    """`beauty` (Amazon Beauty: 12k items, 22k users) or `synthetic:N` -> (Dataset, text vectors)."""
-    from services.common import datasets
-    if spec == "beauty":
-        dataset = datasets.load_beauty()
-    else:
-        n_items = int(spec.split(":", 1)[1])
-        dataset = datasets.synthetic(n_items=n_items, n_users=max(300, n_items // 5), seed=7)
-    return dataset, random_text_vectors(len(dataset.items))
+# ---------------------------------------------------------------------------- features stand-in
 
 
 class FeaturesStandIn:
-    """A features service stand-in for benchmarks: WatchItems (the whole catalog with vectors,
-    then an open stream), GetUserFeatures (fixed histories, one hour apart, ending a minute ago),
-    EmbedText (hashed vectors) and Status, from memory. Lets a benchmark run a ranker on a 100k
-    catalog without the collector -> Postgres -> features pipeline (which bench/new_item.py
-    measures end to end)."""
+    """A features service stand-in: WatchItems (the whole catalog with vectors, then an open
+    stream), GetUserFeatures (fixed histories, one hour apart, ending a minute ago), EmbedText
+    (hashed vectors) and Status, from memory. Lets a benchmark run a ranker on a 100k catalog
+    without the collector -> Postgres -> features pipeline (which bench/new_item.py measures end
+    to end)."""
 
     def __init__(self, dataset, vectors: np.ndarray, watermark: int = 1000) -> None:
         from deltarec.v1 import features_pb2
@@ -157,15 +162,15 @@ class FeaturesStandIn:
         return response
 
 
-def serve_features_stand_in(spec: str) -> None:
-    """Runs the stand-in as a process (prints the DELTAREC_READY line scripts/launch.py reads)."""
+def serve_features_stand_in(dataset, vectors: np.ndarray) -> None:
+    """Runs the stand-in in this process until it is stopped (prints the DELTAREC_READY line
+    scripts/launch.py reads)."""
     from concurrent import futures
 
     import grpc
     from deltarec.v1 import features_pb2_grpc
 
     from services.common.server import MAX_MESSAGE_BYTES
-    dataset, vectors = bench_catalog(spec)
     stand_in = FeaturesStandIn(dataset, vectors)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
                          options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
