@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from typing import Callable
 
@@ -16,6 +17,15 @@ from services.contracts.etcd_keys import ranker_key
 from services.ranker.etcd_retry import retry_against_etcd
 
 log = logging.getLogger(__name__)
+
+_ANY_ADDRESS = ("0.0.0.0", "::", "[::]")
+
+
+def advertised_address(bind_host: str, port: int) -> str:
+    """The host:port other parts reach this replica at (registered, shown in Status): the host
+    name when the server listens on every interface."""
+    host = socket.gethostname() if bind_host in _ANY_ADDRESS else bind_host
+    return f"{host}:{port}"
 
 
 class Registration:
