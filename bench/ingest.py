@@ -3,9 +3,8 @@
     .venv/bin/python bench/ingest.py            # full: ~200k events (all of Amazon Beauty)
     .venv/bin/python bench/ingest.py --quick    # < 60 s: 30k events
 
-Starts what it needs by itself: a private Postgres and etcd through scripts/infra.py (state in
-.run/bench-infra, stopped at the end only if this run started them), a fresh database, and one
-collector process through scripts/launch.py. The events are the Amazon Beauty sequences
+Starts what it needs by itself (bench/_harness.py): Postgres and etcd through scripts/infra.py,
+a fresh database, and one collector process. The events are the Amazon Beauty sequences
 (../shared/data/amazon-beauty) replayed as views, purchases and searches with synthetic timestamps;
 synthetic users and items when the data set is absent.
 
@@ -25,37 +24,22 @@ import io
 import json
 import os
 import random
-import statistics
 import sys
 import threading
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-for _path in (REPO_ROOT, REPO_ROOT / "gen"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+import grpc
 
-import grpc  # noqa: E402
-import psycopg2  # noqa: E402
+import _harness
+from _harness import progress
+from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2
+from services.contracts.event_types import PROTO_BY_NAME
 
-from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2  # noqa: E402
-from scripts import infra  # noqa: E402
-from scripts.launch import ServiceProcess  # noqa: E402
-from services.contracts.event_types import PROTO_BY_NAME  # noqa: E402
-from services.common import db  # noqa: E402
-
-DEFAULT_DATA_DIR = Path(os.environ.get("DELTAREC_DATA_DIR", REPO_ROOT.parent / "shared" / "data")) / "amazon-beauty"
-DEFAULT_INFRA_DIR = REPO_ROOT / ".run" / "bench-infra"
 COLUMNS = ("event_id", "event_type", "user_id", "item_id", "query", "occurred_at", "attributes")
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 TARGET_RATIO = 0.5
-
-
-def progress(message: str) -> None:
-    print(f"[bench/ingest] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- the events
@@ -158,14 +142,6 @@ def to_copy_buffer(rows: list[tuple]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------------- infrastructure
-
-def admin_connection(database_url: str, name: str = "postgres"):
-    dsn = database_url.replace("postgresql+psycopg2://", "postgresql://").rsplit("/", 1)[0] + f"/{name}"
-    connection = psycopg2.connect(dsn)
-    return connection
-
-
 # ---------------------------------------------------------------------------- the runs
 
 def truncate(connection) -> None:
@@ -239,23 +215,17 @@ def run_grpc(address: str, requests: list, threads: int) -> tuple[float, list[fl
     return elapsed, latencies, accepted[0], unknown[0]
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="30k events, whole run under 60 s")
     parser.add_argument("--events", type=int, default=None, help="number of events (default 200k, 30k quick)")
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--threads", default="1,4", help="client thread counts to measure")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--infra-dir", type=Path, default=DEFAULT_INFRA_DIR)
+    parser.add_argument("--data-dir", type=Path, default=_harness.beauty_dir())
+    parser.add_argument("--infra-dir", type=Path, default=_harness.INFRA_DIR)
     args = parser.parse_args(argv)
     total = args.events or (30_000 if args.quick else 200_000)
     thread_counts = [int(t) for t in args.threads.split(",")]
-    run_started = time.perf_counter()
 
     if (args.data_dir / "sequences.txt").exists():
         source, rows, catalog = "amazon-beauty", beauty_events(args.data_dir, total), beauty_catalog(args.data_dir)
@@ -266,29 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     buffers = [to_copy_buffer(batch) for batch in batches]
     progress(f"{len(rows)} events from {source} in {len(batches)} batches of {args.batch}")
 
-    state = args.infra_dir.resolve()
-    started_infra = not infra.running(state)
-    env = infra.start(state)
-    progress(f"infrastructure {'started' if started_infra else 'reused'} in {state}")
-    database = "bench_ingest_" + uuid.uuid4().hex[:8]
-    admin = admin_connection(env.database_url)
-    admin.autocommit = True
-    collector = None
-    try:
-        with admin.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{database}"')
+    with _harness.Suite("ingest", infra_dir=args.infra_dir) as suite:
+        connection = suite.connect()
+        with connection.cursor() as cursor:
             cursor.execute("SHOW fsync")
             fsync = cursor.fetchone()[0]
-        database_url = env.database_url.rsplit("/", 1)[0] + f"/{database}"
-        db.migrate(database_url)
-        connection = admin_connection(env.database_url, database)
-
-        collector = ServiceProcess("services.collector", {
-            "DATABASE_URL": database_url, "ETCD_ENDPOINT": env.etcd_endpoint,
-            "ETCD_PREFIX": f"/bench-{uuid.uuid4().hex[:8]}/", "GRPC_PORT": "0", "METRICS_PORT": "0",
-            "LOG_LEVEL": "INFO", "COLLECTOR_MAX_BATCH": str(max(1000, args.batch))},
-            name="collector-bench", log_dir=state / "logs").start()
-        progress(f"collector on {collector.address}")
+        connection.commit()
+        collector = suite.start_collector(LOG_LEVEL="INFO", COLLECTOR_MAX_BATCH=str(max(1000, args.batch)))
         # The catalog first, so that the per-event "item known?" lookups run against real items.
         channel = grpc.insecure_channel(collector.address)
         stub = collector_pb2_grpc.CollectorServiceStub(channel)
@@ -321,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             results[f"events_per_s_grpc_{threads}_threads"] = len(rows) / seconds
             latencies_by_threads[threads] = latencies
             progress(f"IngestEvents, {threads} client thread(s): {len(rows) / seconds:,.0f} events/s, "
-                     f"batch p95 {percentile(latencies, 0.95) * 1000:.1f} ms")
-        connection.close()
+                     f"batch p95 {_harness.percentiles(latencies, scale=1000)['p95']:.1f} ms")
 
         best_threads = max(thread_counts, key=lambda t: results[f"events_per_s_grpc_{t}_threads"])
         best = results[f"events_per_s_grpc_{best_threads}_threads"]
@@ -334,24 +287,14 @@ def main(argv: list[str] | None = None) -> int:
             **{key: round(value) for key, value in results.items()},
             "ratio_vs_copy": round(best / results["events_per_s_copy"], 3),
             "ratio_vs_copy_one_transaction": round(best / results["events_per_s_copy_one_transaction"], 3),
-            **{f"batch_p50_ms_{t}_threads": round(statistics.median(l) * 1000, 2)
+            **{f"batch_p50_ms_{t}_threads": _harness.percentiles(l, scale=1000)["p50"]
                for t, l in latencies_by_threads.items()},
-            **{f"batch_p95_ms_{t}_threads": round(percentile(l, 0.95) * 1000, 2)
+            **{f"batch_p95_ms_{t}_threads": _harness.percentiles(l, scale=1000)["p95"]
                for t, l in latencies_by_threads.items()},
             "target_ratio_vs_copy": TARGET_RATIO,
             "meets_target": best / results["events_per_s_copy"] >= TARGET_RATIO,
         }
-    finally:
-        if collector is not None:
-            collector.stop()
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        admin.close()
-        if started_infra:
-            infra.stop(state)
-            progress("infrastructure stopped")
-    summary["wall_s"] = round(time.perf_counter() - run_started, 1)
-    print(json.dumps(summary))
+    _harness.print_summary(summary)
     return 0
 
 
