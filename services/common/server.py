@@ -38,6 +38,7 @@ class GrpcService:
         self.service_names = list(service_names)
         self.grace_s = grace_s
         self._stopped = threading.Event()
+        self._stopping_hooks: list[Callable[[], None]] = []
         self._shutdown_hooks: list[Callable[[], None]] = []
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-rpc"),
@@ -73,6 +74,12 @@ class GrpcService:
         for service_name in self.service_names:
             self.health.set(service_name, status)
 
+    def on_stopping(self, hook: Callable[[], None]) -> None:
+        """Runs as soon as shutdown begins (no new calls are accepted), while in-flight calls
+        still have their grace period: for calls that never end by themselves, such as
+        long-lived streams, which would otherwise hold the shutdown for the whole grace."""
+        self._stopping_hooks.append(hook)
+
     def on_shutdown(self, hook: Callable[[], None]) -> None:
         """Runs after in-flight calls finished (or the grace period ran out)."""
         self._shutdown_hooks.append(hook)
@@ -92,13 +99,19 @@ class GrpcService:
         self._set_health(NOT_SERVING)
         grace = self.grace_s if grace_s is None else grace_s
         log.info("shutting down", extra={"grace_s": grace})
-        self.server.stop(grace).wait()
-        for hook in self._shutdown_hooks:
+        terminated = self.server.stop(grace)
+        self._run_hooks(self._stopping_hooks)
+        terminated.wait()
+        self._run_hooks(self._shutdown_hooks)
+        log.info("stopped")
+
+    @staticmethod
+    def _run_hooks(hooks: list[Callable[[], None]]) -> None:
+        for hook in hooks:
             try:
                 hook()
             except Exception:  # noqa: BLE001 - keep shutting down the rest
                 log.exception("shutdown hook failed")
-        log.info("stopped")
 
     def install_signal_handlers(self) -> None:
         def handle(signum, _frame):

@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import timezone
 
 from deltarec.v1 import features_pb2, features_pb2_grpc
 
-from services.common import db, logs
-from services.common.config import ConfigError, load
+from services.common.boot import Boot
 from services.common.delta_consumer import DeltaConsumer, row_of
-from services.common.etcd import Etcd
-from services.common.server import GrpcService, run_service
 from services.contracts.item_text import is_usable
 from services.features.applier import ApplierSettings, FeatureApplier
 from services.features.config import FeaturesConfig
@@ -35,29 +31,22 @@ from services.features.embedder import LruCache, MicroBatcher, QueryEmbedder
 from services.features.item_feed import ItemChangeFeed, LsnNotifier
 from services.features.server import FeaturesServicer
 from services.features.store import FeatureStore
+from services.features.stream_handler import CommitFanout, StreamHandler
 from services.features.stream_monitor import StreamMonitor
 from services.features.watermark import WatermarkPublisher
 
 log = logging.getLogger("deltarec.features")
 
-SERVICE_NAME = features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name
-
 
 def main() -> int:
-    try:
-        config = load(FeaturesConfig)
-    except ConfigError as error:
-        print(f"features: configuration error: {error}", file=sys.stderr)
-        return 2
-    logs.setup("features", config.log_level)
+    boot = Boot.load("features", FeaturesConfig)
+    config = boot.config
 
     import torch
     torch.set_num_threads(config.torch_threads)
     from services.common.text_encoder import TextEncoder
 
-    db.migrate(config.database_url)
-    engine = db.make_engine(config.database_url, pool_size=min(config.grpc_workers, 16) + 2,
-                            application_name="deltarec-features")
+    engine = boot.database(pool_size=min(config.grpc_workers, 16) + 2)
     encoder = TextEncoder(num_threads=config.torch_threads)
     log.info("model loaded", extra={"model": encoder.model_name, "dim": encoder.dim,
                                     "torch_threads": config.torch_threads})
@@ -69,13 +58,8 @@ def main() -> int:
 
     store = FeatureStore(engine, config.consumer_group)
     notifier = LsnNotifier()
-    etcd = Etcd(config.etcd_endpoint, config.etcd_prefix)
-    publisher = WatermarkPublisher(etcd, config.consumer_group, config.watermark_interval_s)
-
-    def on_commit(lsn, commit_time) -> None:
-        notifier.publish(lsn)
-        publisher.set(lsn, commit_time)
-
+    publisher = WatermarkPublisher(boot.etcd(), config.consumer_group, config.watermark_interval_s)
+    on_commit = CommitFanout(notifier, publisher)
     applier = FeatureApplier(
         store, lambda texts: batcher.embed(texts, kind="bulk"), encoder.fallback_vector,
         ApplierSettings(model_name=encoder.model_name, history_length=config.history_length,
@@ -83,52 +67,33 @@ def main() -> int:
                         popularity_half_life_s=config.popularity_half_life_s),
         row_of=row_of, on_commit=on_commit)
     progress = applier.load()
-    notifier.publish(progress.applied_lsn)
-    publisher.set(progress.applied_lsn)
+    on_commit(progress.applied_lsn)
     log.info("feature store loaded", extra={"applied_lsn": progress.applied_lsn,
                                             "snapshot_done": progress.snapshot_done})
 
     monitor = StreamMonitor()
-
-    def apply_batch(batch) -> None:
-        commit_time = (batch.deltas[0].commit_time.ToDatetime(tzinfo=timezone.utc)
-                       if batch.deltas and batch.deltas[0].HasField("commit_time") else None)
-        monitor.batch_received(commit_time)
-        applier.apply_batch(batch)
-        monitor.batch_applied()
-
-    def on_heartbeat(heartbeat) -> None:
-        monitor.heartbeat(heartbeat.server_lsn, heartbeat.caught_up_lsn)
-        if heartbeat.caught_up_lsn:
-            try:
-                applier.advance_idle(heartbeat.caught_up_lsn)
-            except Exception as error:  # noqa: BLE001 - a heartbeat must never end the stream
-                log.warning("could not record the caught-up position", extra={"error": str(error)[:200]})
-
+    handler = StreamHandler(applier, monitor)
     # resume_lsn: the stored mark, read at each (re)connect. Every transaction committed at or
     # below it is applied (it is a batch's commit_lsn, a caught-up position or a Resync stamp
     # just above one), so the collector may skip them and pack the rest into full batches.
-    consumer = DeltaConsumer(config.collector_address, config.consumer_group, apply_batch,
+    consumer = DeltaConsumer(config.collector_address, config.consumer_group, handler.apply_batch,
                              tables=("items", "events"), max_batch_size=config.delta_batch_size,
-                             on_heartbeat=on_heartbeat, resume_lsn=store.applied_lsn)
+                             on_heartbeat=handler.on_heartbeat, resume_lsn=store.applied_lsn)
 
-    service = GrpcService.from_config("features", [SERVICE_NAME], config)
+    service = boot.grpc_service(features_pb2, "FeaturesService")
     feed = ItemChangeFeed(store, notifier, poll_s=config.watch_poll_s)
     features_pb2_grpc.add_FeaturesServiceServicer_to_server(
         FeaturesServicer(store, applier, queries, feed, model_name=encoder.model_name, dim=encoder.dim,
                          monitor=monitor, connected=consumer.connected.is_set), service.server)
 
     # After in-flight calls: the consumer finishes (and acks) the batch it is applying, then
-    # the rest closes in dependency order.
+    # the rest closes in dependency order (etcd and the database last, by boot.run).
     service.on_shutdown(consumer.stop)
     service.on_shutdown(notifier.close)
     service.on_shutdown(batcher.close)
     service.on_shutdown(publisher.close)
-    service.on_shutdown(etcd.close)
-    service.on_shutdown(engine.dispose)
     consumer.start()
-    run_service(service)
-    return 0
+    return boot.run()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 
+from services.common.delta_consumer import DeltaConsumer, row_of
 from services.trainer.core import TrainerCore
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ class TrainingLoop:
         return self
 
     def elected(self) -> None:
-        """Called on election: recover first, then resume the strategy."""
+        """Called on election: record the delta stream, recover first, then resume the strategy."""
+        if self.recorder is not None:
+            self.recorder.start()
         self._recover.set()
         self._wake.set()
 
@@ -148,12 +151,6 @@ class StreamRecorder:
         with self._lock:
             if self.consumer is not None or not self.collector_address:
                 return self.consumer is not None
-            try:
-                from services.common.delta_consumer import DeltaConsumer, row_of
-            except ImportError:
-                log.warning("no delta consumer in this build: interactions are not recorded from the stream")
-                return False
-
             def apply_batch(batch) -> None:
                 self.core.log.apply_batch(batch, row_of)
 
@@ -170,7 +167,7 @@ class StreamRecorder:
         """True once the collector said this stream is fully caught up (every change committed
         so far was delivered and acked)."""
         consumer = self.consumer
-        return consumer is not None and bool(getattr(consumer, "caught_up_lsn", 1))
+        return consumer is not None and bool(consumer.caught_up_lsn)
 
     def stop(self) -> None:
         with self._lock:

@@ -50,6 +50,19 @@ class VersionRow:
     baseline_version: int = 0
 
 
+def describe_version(row: VersionRow, published: bool) -> str:
+    """The one line the trainer prints per finished run (make run shows it)."""
+    metrics = row.metrics or {}
+    base = row.baseline_metrics or {}
+    line = (f"trainer: version {row.version} ({row.strategy}, parent {row.parent_version or '-'}, "
+            f"{row.interactions} interactions, {row.train_seconds:.1f}s) "
+            f"{'PUBLISHED' if published else row.status.upper()}  "
+            f"recall@10={metrics.get('recall_at_10', 0):.4f} ndcg@10={metrics.get('ndcg_at_10', 0):.4f}")
+    if base:
+        line += f"  (current: recall@10={base.get('recall_at_10', 0):.4f} ndcg@10={base.get('ndcg_at_10', 0):.4f})"
+    return line + f"  — {row.decision}"
+
+
 @dataclass
 class Run:
     version: int

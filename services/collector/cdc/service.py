@@ -88,8 +88,6 @@ def build_hub(config, engine, collector_id: str, etcd: Etcd | None = None) -> Cd
                   tables, etcd, collector_id, settings)
 
 
-def build_delta_stream(config, engine, collector_id: str) -> DeltaStreamService | None:
-    """Called by services/collector/__main__.py; None when COLLECTOR_CDC_ENABLED is off."""
-    if not getattr(config, "cdc_enabled", True):
-        return None
-    return DeltaStreamService(build_hub(config, engine, collector_id))
+def build_delta_stream(config, engine, collector_id: str, etcd: Etcd) -> DeltaStreamService:
+    """The delta stream of services/collector/__main__.py (when COLLECTOR_CDC_ENABLED is on)."""
+    return DeltaStreamService(build_hub(config, engine, collector_id, etcd))
