@@ -3,9 +3,8 @@
     .venv/bin/python bench/cdc.py            # full: 30 s at 200 tx/s, 100k-row backlog
     .venv/bin/python bench/cdc.py --quick    # < 60 s: 8 s at 200 tx/s, 20k-row backlog
 
-Starts Postgres and etcd through scripts/infra.py (state in .run/bench-infra; stops only what it
-started), a fresh database, and a collector through scripts/launch.py. Two readers follow the same
-workload in the same run:
+Starts Postgres and etcd through scripts/infra.py, a fresh database and a collector (all through
+bench/_harness.py). Two readers follow the same workload in the same run:
 
 - deltarec: DeltaConsumer -> Collector.Subscribe (gRPC) -> slot + pgoutput decoder (the product);
 - bare:     one psycopg2 LogicalReplicationConnection on its own slot, pgoutput, no decoding
@@ -21,79 +20,20 @@ Progress goes to stderr; the LAST stdout line is one JSON object with all figure
 from __future__ import annotations
 
 import argparse
-import json
 import select
-import statistics
 import sys
 import threading
 import time
-import uuid
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-for path in (str(REPO_ROOT), str(REPO_ROOT / "gen")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+import psycopg2
+import psycopg2.extras
 
-import psycopg2  # noqa: E402
-import psycopg2.extras  # noqa: E402
+import _harness
+from _harness import progress as log, ratio
+from services.common.delta_consumer import DeltaConsumer
+from tests.support import wait_until
 
-from scripts import infra  # noqa: E402
-from scripts.launch import ServiceProcess  # noqa: E402
-from services.collector.cdc.slots import libpq_dsn  # noqa: E402
-from services.common.delta_consumer import DeltaConsumer  # noqa: E402
-
-STATE_DIR = REPO_ROOT / ".run" / "bench-infra"
 GROUP = "bench"
-
-
-def log(message: str) -> None:
-    print(f"[bench/cdc] {message}", file=sys.stderr, flush=True)
-
-
-def percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None, "max": None, "count": 0}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
-    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": round(ordered[-1], 3),
-            "mean": round(statistics.fmean(ordered), 3), "count": len(ordered)}
-
-
-# ---------------------------------------------------------------------------- infrastructure
-class Infra:
-    """Starts what is not running yet, and stops only that."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = state_dir
-        self.started_postgres = self.started_etcd = False
-
-    def start(self) -> infra.InfraEnv:
-        pg_running = etcd_running = False
-        port_file = self.state_dir / "pg.port"
-        if port_file.exists():
-            _, sockdir = infra._pg_paths(self.state_dir)
-            pg_running = infra._pg_ready(infra.postgres_bin_dir(), sockdir, int(port_file.read_text()))
-        pid_file, etcd_port = self.state_dir / "etcd.pid", self.state_dir / "etcd.port"
-        if pid_file.exists() and etcd_port.exists():
-            etcd_running = (infra._pid_alive(int(pid_file.read_text()))
-                            and infra._etcd_healthy(int(etcd_port.read_text())))
-        try:
-            env = infra.start(self.state_dir)
-        finally:
-            # Also when start() failed half way: stop what it did start.
-            self.started_postgres, self.started_etcd = not pg_running, not etcd_running
-        log(f"postgres {'started' if self.started_postgres else 'reused'}, "
-            f"etcd {'started' if self.started_etcd else 'reused'} ({self.state_dir})")
-        return env
-
-    def stop(self) -> None:
-        if self.started_etcd:
-            infra.stop_etcd(self.state_dir)
-        if self.started_postgres:
-            infra.stop_postgres(self.state_dir)
 
 
 # ---------------------------------------------------------------------------- readers
@@ -215,21 +155,14 @@ def backlog(dsn: str, rows: int, per_transaction: int = 10) -> None:
     connection.close()
 
 
-def wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def drain(reader, rows: int, timeout_s: float) -> float:
     """Starts `reader` and returns deltas/s until it has received `rows` more deltas."""
     target = reader.deltas + rows
     started = time.perf_counter()
     reader.start()
-    if not wait_for(lambda: reader.deltas >= target, timeout_s):
+    try:
+        wait_until(lambda: reader.deltas >= target, f"{rows} deltas", timeout_s, interval_s=0.01)
+    except AssertionError:   # reported, and the rate of what did arrive measured
         log(f"{type(reader).__name__}: only {reader.deltas - target + rows}/{rows} deltas within {timeout_s:.0f}s")
     elapsed = time.perf_counter() - started
     return round(min(reader.deltas - target + rows, rows) / elapsed, 1)
@@ -237,10 +170,6 @@ def drain(reader, rows: int, timeout_s: float) -> float:
 
 def latencies(commits: dict[int, float], arrivals: dict[int, float]) -> list[float]:
     return [(arrivals[xid] - at) * 1000.0 for xid, at in commits.items() if xid in arrivals]
-
-
-def ratio(a, b):
-    return None if not a or not b else round(a / b, 3)
 
 
 # ---------------------------------------------------------------------------- main
@@ -254,50 +183,43 @@ def main() -> int:
     seconds = args.seconds or (8.0 if args.quick else 30.0)
     rows = args.backlog or (20_000 if args.quick else 100_000)
 
-    infrastructure = Infra(STATE_DIR)
-    try:
-        env = infrastructure.start()
-    except BaseException:
-        infrastructure.stop()
-        raise
-    name = "bench_cdc_" + uuid.uuid4().hex[:8]
-    collector = None
-    readers = []
-    try:
-        url = infra.create_database(env, name)
-        dsn = libpq_dsn(url, application_name="bench-cdc")
-        collector = ServiceProcess("services.collector", {
-            "DATABASE_URL": url, "ETCD_ENDPOINT": env.etcd_endpoint, "ETCD_PREFIX": f"/bench-{name}/",
-            "GRPC_PORT": "0", "METRICS_PORT": "0", "LOG_LEVEL": "WARNING", "COLLECTOR_HEARTBEAT_S": "1",
-            "COLLECTOR_ID": "bench-collector"}, log_dir=REPO_ROOT / ".run" / "logs").start()
-        log(f"collector on {collector.address}; database {name}")
-        bare = BareReader(dsn, f"bench_bare_{name}")
+    with _harness.Suite("cdc") as suite:
+        dsn = suite.dsn
+        collector = suite.start_collector(COLLECTOR_HEARTBEAT_S="1", COLLECTOR_ID="bench-collector")
+        bare = BareReader(dsn, f"bench_bare_{suite.run_id}")
         bare.create_slot()
         ours = DeltarecReader(collector.address)
         readers = [ours, bare]
-        ours.start()
-        if not wait_for(lambda: ours.mark > 0, 60):
-            raise RuntimeError("the delta stream did not start")
-        bare.start()
-        time.sleep(0.5)
+        try:
+            ours.start()
+            wait_until(lambda: ours.mark > 0, "the delta stream to start", 60, interval_s=0.01)
+            bare.start()
+            time.sleep(0.5)
 
-        log(f"phase 1: {args.rate:.0f} tx/s for {seconds:.0f} s")
-        commits = steady_writer(dsn, args.rate, seconds)
-        wait_for(lambda: all(xid in ours.arrivals and xid in bare.arrivals for xid in commits), 30)
-        ours_latency = percentiles(latencies(commits, ours.arrivals))
-        bare_latency = percentiles(latencies(commits, bare.arrivals))
-        log(f"latency ms deltarec {ours_latency}  bare {bare_latency}")
+            log(f"phase 1: {args.rate:.0f} tx/s for {seconds:.0f} s")
+            commits = steady_writer(dsn, args.rate, seconds)
+            try:
+                wait_until(lambda: all(xid in ours.arrivals and xid in bare.arrivals for xid in commits),
+                           "every transaction at both readers", 30, interval_s=0.01)
+            except AssertionError:   # the latencies of those that arrived; `count` says how many
+                log("not every transaction reached both readers within 30 s")
+            ours_latency = _harness.percentiles(latencies(commits, ours.arrivals), digits=3)
+            bare_latency = _harness.percentiles(latencies(commits, bare.arrivals), digits=3)
+            log(f"latency ms deltarec {ours_latency}  bare {bare_latency}")
 
-        log(f"phase 2: backlog of {rows} events in transactions of 10")
-        ours.stop()
-        bare.stop()
-        backlog(dsn, rows)
-        ours_rate = drain(ours, rows, 300)
-        log(f"deltarec drained at {ours_rate} deltas/s")
-        ours.stop()
-        bare_rate = drain(bare, rows, 300)
-        log(f"bare reader drained at {bare_rate} deltas/s")
-        bare.stop()
+            log(f"phase 2: backlog of {rows} events in transactions of 10")
+            ours.stop()
+            bare.stop()
+            backlog(dsn, rows)
+            ours_rate = drain(ours, rows, 300)
+            log(f"deltarec drained at {ours_rate} deltas/s")
+            ours.stop()
+            bare_rate = drain(bare, rows, 300)
+            log(f"bare reader drained at {bare_rate} deltas/s")
+            bare.stop()
+        finally:
+            for reader in readers:
+                reader.stop()
 
         result = {
             "benchmark": "cdc", "quick": args.quick, "rate_tx_s": args.rate, "phase1_seconds": seconds,
@@ -311,17 +233,7 @@ def main() -> int:
                 "throughput": ratio(ours_rate, bare_rate),
             },
         }
-    finally:
-        for reader in readers:
-            reader.stop()
-        if collector is not None:
-            collector.stop()
-        try:
-            infra.drop_database(env, name)
-        except Exception as error:  # noqa: BLE001
-            log(f"could not drop {name}: {error}")
-        infrastructure.stop()
-    print(json.dumps(result))
+    _harness.print_summary(result)
     return 0
 
 
