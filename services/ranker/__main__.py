@@ -12,21 +12,16 @@ _THREADS = os.environ.get("RANKER_TORCH_THREADS", "1")
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, _THREADS)
 
-import socket  # noqa: E402
-
 import faiss  # noqa: E402
 import torch  # noqa: E402
 
 from deltarec.v1 import ranker_pb2, ranker_pb2_grpc  # noqa: E402
 
-from services.common import logs  # noqa: E402
-from services.common.config import ConfigError, load  # noqa: E402
-from services.common.etcd import Etcd  # noqa: E402
-from services.common.server import GrpcService, run_service  # noqa: E402
+from services.common.boot import Boot  # noqa: E402
 from services.ranker.admission import AdmissionControl  # noqa: E402
 from services.ranker.artifact_reader import ArtifactReader  # noqa: E402
 from services.ranker.catalog import Catalog  # noqa: E402
-from services.ranker.config import RankerConfig  # noqa: E402
+from services.ranker.config import RankerConfig, check_settings  # noqa: E402
 from services.ranker.features_client import FeaturesClient  # noqa: E402
 from services.ranker.hot_swap import ModelManager  # noqa: E402
 from services.ranker.item_feed import ItemFeed  # noqa: E402
@@ -44,17 +39,11 @@ from services.ranker.user_cache import UserCache  # noqa: E402
 
 
 def main() -> int:
-    try:
-        config = load(RankerConfig)
-        if not config.features_address:
-            raise ConfigError("FEATURES_ADDRESS is required (host:port of the features service)")
-    except ConfigError as error:
-        print(f"ranker: configuration error: {error}", file=sys.stderr)
-        return 2
-    logs.setup("ranker", config.log_level)
+    boot = Boot.load("ranker", RankerConfig, check=check_settings)
+    config = boot.config
     torch.set_num_threads(config.torch_threads)
     faiss.omp_set_num_threads(config.torch_threads)
-    replica_id = config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    replica_id = boot.instance_id(config.replica_id)
 
     catalog = Catalog(config.index_options(text=True))
     features = FeaturesClient(config.features_address, config.features_timeout_s)
@@ -62,7 +51,7 @@ def main() -> int:
     state = ServingState()
     reader = ArtifactReader(config.database_url)
     manager = ModelManager(catalog, state, reader, config.index_options(), retry_s=config.artifact_retry_s)
-    etcd = Etcd(config.etcd_endpoint, config.etcd_prefix)
+    etcd = boot.etcd()
     watcher = EtcdModelWatcher(etcd, manager)
     users = UserCache(features, config.user_cache_ttl_s, config.user_cache_size)
     encoder = CachedEncoder(LocalEncoder() if config.query_encoder == "local" else features)
@@ -73,8 +62,7 @@ def main() -> int:
     searcher = Searcher(catalog, state, path, encoder)
     replica = RankerReplica(replica_id, catalog, state, recommender, searcher)
 
-    service = GrpcService.from_config(
-        "ranker", [ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name], config)
+    service = boot.grpc_service(ranker_pb2, "RankerService")
     ranker_pb2_grpc.add_RankerServiceServicer_to_server(RankerServicer(replica), service.server)
     replica.address = advertised_address(config.bind_host, service.port)
     registration = Registration(etcd, replica_id, replica.status, ttl_s=config.lease_ttl_s,
@@ -83,9 +71,7 @@ def main() -> int:
     lifecycle = ReplicaLifecycle(replica_id, catalog, state, features, feed, reader, manager, watcher,
                                  registration, config.startup_timeout_s)
     service.on_shutdown(lifecycle.stop)
-    service.on_shutdown(etcd.close)
-    run_service(service, lambda: lifecycle.start(service))
-    return 0
+    return boot.run(lambda: lifecycle.start(service))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common.config import HOST_PORT, CommonConfig, env
+from services.common.config import HOST_PORT, CommonConfig, ConfigError, env
 from services.ranker.index_structures import IndexOptions
 
 
@@ -14,7 +14,7 @@ class RankerConfig(CommonConfig):
     grpc_workers: int = env("GRPC_WORKERS", 64, minimum=1, maximum=1024)
     replica_id: str = env("RANKER_REPLICA_ID", "", pattern=r"[A-Za-z0-9._\-]{0,128}",
                           help="name of this replica under rankers/ in etcd (default: host-pid)")
-    # Required; a default only because dataclass fields with defaults precede it (checked in main).
+    # Required; a default only because dataclass fields with defaults precede it (see check_settings()).
     features_address: str = env("FEATURES_ADDRESS", "", pattern=f"({HOST_PORT})?",
                                 help="host:port of the features service (user histories, item feed, "
                                      "EmbedText); required")
@@ -72,3 +72,9 @@ class RankerConfig(CommonConfig):
                             hnsw_m=self.hnsw_m, hnsw_ef_search=self.hnsw_ef_search,
                             hnsw_ef_construction=self.hnsw_ef_construction,
                             rebuild_dead_fraction=self.rebuild_dead_fraction)
+
+
+def check_settings(config: RankerConfig) -> None:
+    """What `env()` cannot express; a failure stops the start like a bad variable (exit 2)."""
+    if not config.features_address:
+        raise ConfigError("FEATURES_ADDRESS is required (host:port of the features service)")
