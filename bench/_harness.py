@@ -93,14 +93,14 @@ def skip(reason: str) -> int:
 # ---------------------------------------------------------------------------- data
 
 def beauty_dir() -> Path:
-    from services.common import datasets
+    from scripts import datasets
     return datasets.beauty_dir()
 
 
 def bench_catalog(spec: str):
     """`beauty` (Amazon Beauty: 12k items, 22k users) or `synthetic:N` -> (Dataset, text vectors):
     random unit vectors stand in for MiniLM (serving latency does not depend on their values)."""
-    from services.common import datasets
+    from scripts import datasets
     from tests import fakes
     if spec == "beauty":
         dataset = datasets.load_beauty()
@@ -113,7 +113,7 @@ def bench_catalog(spec: str):
 def title_vectors(item_ids: list[str], titles: list[str]):
     """MiniLM vectors of the titles, from the on-disk cache (.cache/), encoded on a miss."""
     from services.common.text_encoder import MINILM_MODEL_NAME, TextEncoder
-    from services.trainer.data import cached_text_embeddings
+    from scripts.datasets import cached_text_embeddings
 
     def encode(texts: list[str]):
         progress(f"encoding {len(texts)} titles with MiniLM (cached afterwards)")

@@ -41,6 +41,22 @@ def test_content_hash_matches_features(engine):
             assert value == content_hash(text)
 
 
+def test_items_keep_the_content_hash_of_their_text(engine):
+    with engine.begin() as connection:
+        for n, text in enumerate(TEXTS):
+            connection.execute(sa.text("INSERT INTO items (item_id, title, description, category, brand) "
+                                       "VALUES (:i, :t, :d, :c, :b)"),
+                               {"i": f"hash-{n}", "t": text.title, "d": text.description, "c": text.category,
+                                "b": text.brand})
+        connection.execute(sa.text("UPDATE items SET title = 'changed' WHERE item_id = 'hash-0'"))
+        stored = dict(connection.execute(sa.text(
+            "SELECT item_id, content_hash FROM items WHERE item_id LIKE 'hash-%'")).all())
+    assert stored["hash-0"] == content_hash(ItemText("changed", *[getattr(TEXTS[0], f) for f in
+                                                                  ("description", "category", "brand")]))
+    for n, text in enumerate(TEXTS[1:], start=1):
+        assert stored[f"hash-{n}"] == content_hash(text)
+
+
 def test_aggregate_matches_python(engine):
     rows = [(f"k{n}", f"v{n % 7}") for n in range(3000)]
     expected = digest.Digest.of_rows("t", rows)
