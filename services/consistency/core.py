@@ -3,8 +3,6 @@ the periodic check loop, over plain Python parts (no gRPC here)."""
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 
@@ -25,10 +23,6 @@ from services.consistency.versions import ModelVersions
 from services.contracts.etcd_keys import CONSISTENCY_REPAIRER
 
 log = logging.getLogger(__name__)
-
-
-def default_instance_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class RepairLease:
@@ -77,9 +71,9 @@ class RepairLease:
 
 
 class ConsistencyCore:
-    def __init__(self, config, engine: Engine, etcd: Etcd) -> None:
+    def __init__(self, config, engine: Engine, etcd: Etcd, instance_id: str) -> None:
         self.config, self.engine, self.etcd = config, engine, etcd
-        self.instance_id = config.instance_id or default_instance_id()
+        self.instance_id = instance_id
         self.sources = Sources(engine, history_length=config.history_length)
         self.versions = ModelVersions(engine)
         self.replicas = Replicas(etcd, config.replica_timeout_s)

@@ -6,7 +6,8 @@ import pytest
 import sqlalchemy as sa
 
 from services.contracts import digest
-from services.features.content import ItemText, content_hash
+from services.contracts.item_text import ItemText
+from services.features.content import content_hash
 
 pytestmark = pytest.mark.integration
 
