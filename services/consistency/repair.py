@@ -2,8 +2,9 @@
 
 One action per repairable finding, in an order where each repair can rely on the previous
 ones: the feature store first (re-embed drifted items through features.Resync, rebuild users'
-state through features.RebuildUsers), then the rankers (reload the model, resync the index),
-then etcd (dead registrations, a bad current artifact rolled back, a bad canary aborted).
+state through features.RebuildUsers), then what etcd names (a current artifact that fails
+verification is rolled back, a bad canary aborted), then the rankers (reload the model, resync
+the index), then dead registrations.
 A replication slot is dropped only when the request names it. With dry_run every action is
 reported and none is done.
 """
@@ -26,8 +27,8 @@ from services.contracts.etcd_keys import MODEL_CANARY
 
 log = logging.getLogger(__name__)
 
-ORDER = ("resync_items", "rebuild_users", "resync_index", "reload_model", "delete_registration",
-         "rollback_current", "abort_canary", "drop_slot")
+ORDER = ("resync_items", "rebuild_users", "rollback_current", "abort_canary", "resync_index", "reload_model",
+         "delete_registration", "drop_slot")
 CHUNK = 10_000
 
 
