@@ -65,9 +65,9 @@ def percentiles(values, *, scale: float = 1.0, digits: int = 2) -> dict:
         return {"p50": None, "p95": None, "p99": None, "max": None, "mean": None, "count": 0}
     scaled = np.asarray(values, dtype=np.float64) * scale
     p50, p95, p99 = np.percentile(scaled, [50, 95, 99])
-    return {"p50": round(float(p50), digits), "p95": round(float(p95), digits), "p99": round(float(p99), digits),
-            "max": round(float(scaled.max()), digits), "mean": round(statistics.fmean(scaled.tolist()), digits),
-            "count": int(scaled.size)}
+    return {"p50": round(float(p50), digits), "p95": round(float(p95), digits),
+            "p99": round(float(p99), digits), "max": round(float(scaled.max()), digits),
+            "mean": round(statistics.fmean(scaled.tolist()), digits), "count": int(scaled.size)}
 
 
 def ratio(value, reference, digits: int = 3) -> float | None:
@@ -120,6 +120,42 @@ def title_vectors(item_ids: list[str], titles: list[str]):
         return TextEncoder().encode(texts, batch_size=128, fallback_keys=[f"item:{i}" for i in item_ids])
 
     return cached_text_embeddings(titles, CACHE_DIR, MINILM_MODEL_NAME, encode)
+
+
+def catalog_messages(items) -> list:
+    """Data-set items (scripts.datasets.CatalogItem) as the collector's Item messages."""
+    from deltarec.v1 import common_pb2
+    return [common_pb2.Item(item_id=item.item_id, title=item.title or item.item_id, category=item.category,
+                            brand=item.brand, active=True) for item in items]
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+def upsert_catalog(collector, items: list, batch: int = 500) -> None:
+    """UpsertItems in batches through a collector stub (as `make run` loads a catalog); a rejected
+    item stops the benchmark."""
+    from deltarec.v1 import collector_pb2
+    for start in range(0, len(items), batch):
+        response = collector.UpsertItems(collector_pb2.UpsertItemsRequest(items=items[start:start + batch]),
+                                         timeout=120)
+        if response.rejected:
+            reasons = [r.reason for r in response.results if not r.ok][:3]
+            raise RuntimeError(f"collector rejected items: {reasons}")
+
+
+def embeddings_computed(features) -> int:
+    from deltarec.v1 import features_pb2
+    return features.Status(features_pb2.FeaturesServiceStatusRequest(), timeout=30).embeddings_computed
+
+
+def wait_embedded(features, count: int, timeout_s: float = 300.0, interval_s: float = 0.25) -> float:
+    """Polls the features service's Status until it has embedded `count` items; returns the
+    time.perf_counter() at which it saw that. Each Status call costs the service a little CPU:
+    4 a second keeps that well under 1%."""
+    from tests.support import wait_until
+    wait_until(lambda: embeddings_computed(features) >= count, f"the features service to embed {count} items",
+               timeout_s, interval_s)
+    return time.perf_counter()
 
 
 # ---------------------------------------------------------------------------- infrastructure
@@ -278,14 +314,16 @@ class Suite:
         process.start(timeout_s)
         return process
 
-    def start_collector(self, *, name: str = "collector", timeout_s: float = 120.0, **env: str) -> ServiceProcess:
+    def start_collector(self, *, name: str = "collector", timeout_s: float = 120.0,
+                        **env: str) -> ServiceProcess:
         process = self.start("services.collector", self.service_env(**env), name=name, timeout_s=timeout_s)
         progress(f"{name} on {process.address}")
         return process
 
     def start_features(self, collector: ServiceProcess, *, name: str = "features", timeout_s: float = 300.0,
                        **env: str) -> ServiceProcess:
-        process = self.start("services.features", self.service_env(COLLECTOR_ADDRESS=collector.address, **env),
+        process = self.start("services.features",
+                             self.service_env(COLLECTOR_ADDRESS=collector.address, **env),
                              name=name, timeout_s=timeout_s)
         progress(f"{name} on {process.address}")
         return process

@@ -4,9 +4,8 @@ model on the same texts in the same run.
     .venv/bin/python bench/embed.py            # full: the whole Amazon Beauty catalog (~12k titles)
     .venv/bin/python bench/embed.py --quick    # < 60 s: the first 400 titles
 
-Starts what it needs by itself: Postgres and etcd through scripts/infra.py (state in
-.run/bench-infra, stopped at the end only if this run started them), a fresh database, a
-collector and a features service through scripts/launch.py.
+Starts what it needs by itself (bench/_harness.py): Postgres and etcd through scripts/infra.py,
+a fresh database, a collector and a features service.
 
 - Bare model: TextEncoder.encode(texts, batch_size=64) in this process, with the same number of
   torch threads as the service, on exactly the texts the service embeds (`embedding_text` of
@@ -26,52 +25,29 @@ Progress goes to stderr; the LAST stdout line is one JSON object with the figure
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-for _path in (REPO_ROOT, REPO_ROOT / "gen"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+import grpc
 
-import grpc  # noqa: E402
-import psycopg2  # noqa: E402
+import _harness
+from _harness import progress
+from deltarec.v1 import collector_pb2_grpc, common_pb2, features_pb2, features_pb2_grpc
+from scripts import datasets
+from services.contracts.item_text import ItemText, embedding_text
 
-from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, features_pb2,  # noqa: E402
-                         features_pb2_grpc)
-from scripts import infra  # noqa: E402
-from scripts.launch import ServiceProcess  # noqa: E402
-from services.common import datasets, db  # noqa: E402
-from services.contracts.item_text import ItemText, embedding_text  # noqa: E402
-
-DEFAULT_INFRA_DIR = REPO_ROOT / ".run" / "bench-infra"
 QUICK_ITEMS = 400
 WARMUP_ITEMS = 64
 LOAD_BATCH = 500
 TARGET_RATIO = 0.9
 
 
-def progress(message: str) -> None:
-    print(f"[bench/embed] {message}", file=sys.stderr, flush=True)
-
-
-def admin_connection(database_url: str, name: str = "postgres"):
-    server = database_url.replace("postgresql+psycopg2://", "postgresql://").rsplit("/", 1)[0]
-    connection = psycopg2.connect(f"{server}/{name}")
-    connection.autocommit = True
-    return connection
-
-
 def catalog(limit: int | None) -> tuple[str, list[common_pb2.Item]]:
     data = datasets.load_default(max_users=1)
-    items = data.items[:limit] if limit else data.items
-    return data.name, [common_pb2.Item(item_id=i.item_id, title=i.title or i.item_id, category=i.category,
-                                       brand=i.brand, active=True) for i in items]
+    return data.name, _harness.catalog_messages(data.items[:limit] if limit else data.items)
 
 
 def model_texts(items: list[common_pb2.Item]) -> list[str]:
@@ -91,40 +67,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def computed(features) -> int:
-    return features.Status(features_pb2.FeaturesServiceStatusRequest(), timeout=30).embeddings_computed
-
-
-def wait_computed(features, target: int, timeout_s: float) -> float:
-    """Polls Status until embeddings_computed >= target; returns the time it was seen."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if computed(features) >= target:
-            return time.perf_counter()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the features service did not embed {target} items within {timeout_s:.0f}s")
-        # Each Status call costs the service a little CPU; 4 a second keeps that well under 1%.
-        time.sleep(0.25)
-
-
-def load(collector, items: list[common_pb2.Item]) -> None:
-    for start in range(0, len(items), LOAD_BATCH):
-        request = collector_pb2.UpsertItemsRequest(items=items[start:start + LOAD_BATCH])
-        response = collector.UpsertItems(request, timeout=120)
-        if response.rejected:
-            reasons = [r.reason for r in response.results if not r.ok][:3]
-            raise RuntimeError(f"collector rejected items: {reasons}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"first {QUICK_ITEMS} titles, under 60 s")
     parser.add_argument("--items", type=int, default=None, help="number of catalog items (default: all)")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads, for both the service and the bare model")
-    parser.add_argument("--infra-dir", type=Path, default=DEFAULT_INFRA_DIR)
+    parser.add_argument("--infra-dir", type=Path, default=_harness.INFRA_DIR)
     args = parser.parse_args(argv)
-    run_started = time.perf_counter()
     limit = args.items or (QUICK_ITEMS if args.quick else None)
     source, items = catalog(None if limit is None else limit + WARMUP_ITEMS)
     warmup, items = items[:WARMUP_ITEMS], items[WARMUP_ITEMS:]
@@ -139,36 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     bare_before, bare_cpu_before = bare_run(encoder, texts)
     progress(f"bare model: {bare_before:,.1f} items/s")
 
-    state = args.infra_dir.resolve()
-    started_infra = not infra.running(state)
-    env = infra.start(state)
-    progress(f"infrastructure {'started' if started_infra else 'reused'} in {state}")
-    database = "bench_embed_" + uuid.uuid4().hex[:8]
-    admin = admin_connection(env.database_url)
-    processes: list[ServiceProcess] = []
-    try:
-        with admin.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{database}"')
-        database_url = env.database_url.rsplit("/", 1)[0] + f"/{database}"
-        db.migrate(database_url)
-        service_env = {"DATABASE_URL": database_url, "ETCD_ENDPOINT": env.etcd_endpoint,
-                       "ETCD_PREFIX": f"/bench-{uuid.uuid4().hex[:8]}/", "GRPC_PORT": "0",
-                       "METRICS_PORT": "0",
-                       "LOG_LEVEL": "WARNING", "COLLECTOR_MAX_BATCH": str(LOAD_BATCH)}
-        collector_process = ServiceProcess("services.collector", service_env, name="collector-bench-embed",
-                                           log_dir=state / "logs").start()
-        processes.append(collector_process)
-        features_process = ServiceProcess("services.features", {
-            **service_env, "COLLECTOR_ADDRESS": collector_process.address,
-            "FEATURES_TORCH_THREADS": str(args.threads)}, name="features-bench-embed",
-            log_dir=state / "logs").start()
-        processes.append(features_process)
+    with _harness.Suite("embed", infra_dir=args.infra_dir) as suite:
+        collector_process = suite.start_collector(name="collector-bench-embed",
+                                                  COLLECTOR_MAX_BATCH=str(LOAD_BATCH))
+        features_process = suite.start_features(collector_process, name="features-bench-embed",
+                                                FEATURES_TORCH_THREADS=str(args.threads))
         collector = collector_pb2_grpc.CollectorServiceStub(grpc.insecure_channel(collector_process.address))
         features = features_pb2_grpc.FeaturesServiceStub(grpc.insecure_channel(features_process.address))
 
-        load(collector, warmup)
-        wait_computed(features, len(warmup), 300)
-        baseline = computed(features)
+        _harness.upsert_catalog(collector, warmup, LOAD_BATCH)
+        _harness.wait_embedded(features, len(warmup), 300)
+        baseline = _harness.embeddings_computed(features)
         progress(f"service warmed up ({baseline} items embedded)")
 
         pids = [collector_process.process.pid, features_process.process.pid]
@@ -179,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
 
         def loader() -> None:
             try:
-                load(collector, items)
+                _harness.upsert_catalog(collector, items, LOAD_BATCH)
                 loaded_at.append(time.perf_counter())
             except BaseException as error:  # noqa: BLE001 - reported below
                 loader_error.append(error)
         thread = threading.Thread(target=loader, daemon=True)
         thread.start()
-        finished = wait_computed(features, baseline + len(items), timeout_s=max(600.0, len(items) / 5))
+        finished = _harness.wait_embedded(features, baseline + len(items),
+                                          timeout_s=max(600.0, len(items) / 5))
         thread.join(60)
         if loader_error:
             raise loader_error[0]
@@ -197,14 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         load_s = loaded_at[0] - started
         progress(f"service: {service:,.1f} items/s (the collector accepted the load in {load_s:.1f}s)")
         status = features.Status(features_pb2.FeaturesServiceStatusRequest(), timeout=30)
-    finally:
-        for process in reversed(processes):
-            process.stop(timeout_s=30)
-        infra.drop_database(env, database)
-        admin.close()
-        if started_infra:
-            infra.stop(state)
-            progress("infrastructure stopped")
 
     bare_after, bare_cpu_after = bare_run(encoder, texts)
     bare = (bare_before + bare_after) / 2
@@ -224,9 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_ratio": round(bare_cpu / (features_cpu + collector_cpu), 3),
         "collector_load_s": round(load_s, 2), "embeddings_skipped": status.embeddings_skipped,
         "fallback_embeddings": status.fallback_embeddings, "model": status.model_name,
-        "wall_s": round(time.perf_counter() - run_started, 1),
     }
-    print(json.dumps(summary))
+    _harness.print_summary(summary)
     return 0
 
 

@@ -26,7 +26,7 @@ import grpc
 import _harness
 from _harness import progress
 from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2, ranker_pb2, ranker_pb2_grpc
-from services.common import datasets
+from scripts import datasets
 from tests import fakes
 
 WORDS = ["Quillon", "Marigold", "Vetiver", "Obsidian", "Saffron", "Juniper", "Azure", "Tamarind", "Nimbus",

@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
         fakes.publish(etcd, artifact(1))
         stand_in = suite.start_features_stand_in(args.catalog, name="features-stand-in")
-        replicas = [suite.start_ranker(stand_in.address, f"bench-swap-{name}", name=f"ranker-{name}", database=False)
-                    for name in ("a", "b")]
+        replicas = [suite.start_ranker(stand_in.address, f"bench-swap-{name}", name=f"ranker-{name}",
+                                       database=False) for name in ("a", "b")]
         stubs = [ranker_pb2_grpc.RankerServiceStub(grpc.insecure_channel(r.address)) for r in replicas]
 
         def versions() -> list[int]:

@@ -67,7 +67,8 @@ def store_artifact(store: ArtifactStore, artifact: ModelArtifact) -> dict:
     (ModelPointer.to_dict: {version, uri, sha256, data_lsn, metrics})."""
     # Writing an artifact only uses the store; the publisher's etcd side is not needed here.
     uri, sha256 = Publisher(etcd=None, store=store).store_artifact(artifact)
-    return ModelPointer(version=artifact.version, uri=uri, sha256=sha256, data_lsn=artifact.data_lsn).to_dict()
+    pointer = ModelPointer(version=artifact.version, uri=uri, sha256=sha256, data_lsn=artifact.data_lsn)
+    return pointer.to_dict()
 
 
 def publish(etcd: Etcd, spec: dict) -> None:
