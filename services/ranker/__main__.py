@@ -24,12 +24,14 @@ from services.ranker.catalog import Catalog  # noqa: E402
 from services.ranker.config import RankerConfig, check_settings  # noqa: E402
 from services.ranker.features_client import FeaturesClient  # noqa: E402
 from services.ranker.hot_swap import ModelManager  # noqa: E402
+from services.ranker.index_digest import IndexDigester  # noqa: E402
 from services.ranker.item_feed import ItemFeed  # noqa: E402
 from services.ranker.lifecycle import ReplicaLifecycle  # noqa: E402
 from services.ranker.model_watch import EtcdModelWatcher  # noqa: E402
 from services.ranker.query_encoder import CachedEncoder, LocalEncoder  # noqa: E402
 from services.ranker.recommend import Recommender  # noqa: E402
 from services.ranker.registration import Registration, advertised_address  # noqa: E402
+from services.ranker.repair import ReplicaRepair  # noqa: E402
 from services.ranker.replica import RankerReplica  # noqa: E402
 from services.ranker.request_path import RequestPath  # noqa: E402
 from services.ranker.routing import ServingState  # noqa: E402
@@ -47,7 +49,7 @@ def main() -> int:
 
     catalog = Catalog(config.index_options(text=True))
     features = FeaturesClient(config.features_address, config.features_timeout_s)
-    feed = ItemFeed(features, catalog)
+    feed = ItemFeed(features, catalog, fault_drop_item=config.fault_drop_feed_item)
     state = ServingState()
     reader = ArtifactReader(config.database_url)
     manager = ModelManager(catalog, state, reader, config.index_options(), retry_s=config.artifact_retry_s)
@@ -63,7 +65,9 @@ def main() -> int:
     replica = RankerReplica(replica_id, catalog, state, recommender, searcher)
 
     service = boot.grpc_service(ranker_pb2, "RankerService")
-    ranker_pb2_grpc.add_RankerServiceServicer_to_server(RankerServicer(replica), service.server)
+    ranker_pb2_grpc.add_RankerServiceServicer_to_server(
+        RankerServicer(replica, IndexDigester(catalog), ReplicaRepair(catalog, feed, manager, watcher)),
+        service.server)
     replica.address = advertised_address(config.bind_host, service.port)
     registration = Registration(etcd, replica_id, replica.status, ttl_s=config.lease_ttl_s,
                                 interval_s=config.register_interval_s)

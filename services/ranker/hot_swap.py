@@ -80,6 +80,13 @@ class ModelManager:
             self.idle.clear()
         self._wake.set()
 
+    def forget_refusals(self) -> None:
+        """Lets refused artifacts be tried again at once (a repair: the artifact may be fixed)."""
+        with self._lock:
+            self._refused.clear()
+            self.idle.clear()
+        self._wake.set()
+
     def wanted(self, role: str) -> ModelPointer | None:
         return self._wanted.get(role)
 

@@ -54,8 +54,13 @@ def item_update(change) -> ItemUpdate | None:
 
 class ItemFeed:
     def __init__(self, client: FeaturesClient, catalog: Catalog, *, batch_size: int = 512,
-                 quiet_ready_s: float = 3.0) -> None:
+                 quiet_ready_s: float = 3.0, fault_drop_item: str = "") -> None:
         self.client, self.catalog = client, catalog
+        # Failure drill (RANKER_FAULT_DROP_FEED_ITEM): the first live upsert of this item is
+        # dropped while the watermark moves on, i.e. the replica loses a change.
+        self.fault_drop_item = fault_drop_item
+        self._resync_asked = threading.Event()
+        self._resynced = threading.Event()
         self.batch_size = batch_size
         self.quiet_ready_s = quiet_ready_s
         self._stop = threading.Event()
@@ -69,6 +74,26 @@ class ItemFeed:
         self._thread.start()
         threading.Thread(target=self._quiet_watch, name="item-feed-ready", daemon=True).start()
         return self
+
+    def request_resync(self) -> threading.Event:
+        """A full re-read of the catalog from the feature store (a repair); the event is set
+        once it is done."""
+        self._resynced = threading.Event()
+        self._resync_asked.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+        return self._resynced
+
+    def _drop_by_drill(self, updates: list) -> list:
+        if not self.fault_drop_item or not self.catalog.ready.is_set():
+            return updates
+        kept = [u for u in updates if u.item_id != self.fault_drop_item or u.remove]
+        if len(kept) != len(updates):
+            log.warning("failure drill: dropping an item change", extra={"item_id": self.fault_drop_item})
+            print(f"DELTAREC_FAULT dropped feed item {self.fault_drop_item}", flush=True)
+            self.fault_drop_item = ""
+        return kept
 
     def stop(self) -> None:
         self._stop.set()
@@ -99,6 +124,9 @@ class ItemFeed:
         resync = False
         while not self._stop.is_set():
             try:
+                if self._resync_asked.is_set():
+                    self._resync_asked.clear()
+                    resync = True
                 if self._target is None or resync:
                     self._target = self.client.applied_lsn()
                     self._mark_ready_if_caught_up()
@@ -114,7 +142,7 @@ class ItemFeed:
                 self.connected.set()
                 log.info("watching item changes", extra={"after_lsn": after, "features": self.client.address})
                 for response in self._call:
-                    updates = [u for u in map(item_update, response.changes) if u is not None]
+                    updates = self._drop_by_drill([u for u in map(item_update, response.changes) if u is not None])
                     if seen is not None:
                         seen.update(u.item_id for u in updates if not u.remove)
                     self.catalog.apply(updates, response.watermark)
@@ -123,6 +151,7 @@ class ItemFeed:
                         log.info("full resync done",
                                  extra={"removed": removed, "data_lsn": response.watermark})
                         seen, resync = None, False
+                        self._resynced.set()
                     self.messages += 1
                     backoff = 0.2
                     metrics.ITEM_CHANGES.inc(len(updates))
@@ -135,6 +164,8 @@ class ItemFeed:
                 self.connected.clear()
                 if self._stop.is_set():
                     return
+                if self._resync_asked.is_set():
+                    continue          # cancelled by request_resync: start over at once
                 if isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     resync = True
                 metrics.FEED_RECONNECTS.inc()

@@ -57,6 +57,10 @@ class EtcdModelWatcher:
             return
         self.manager.want(role, spec)
 
+    def refresh(self) -> None:
+        """Reads both keys again now (a repair asked for by the consistency service)."""
+        self._read()
+
     def _on_event(self, event: WatchEvent) -> None:
         self._apply(event.key, event.value)
 

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 from deltarec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
 
-from services.common.errors import InvalidArgument, grpc_errors
+from services.common.errors import InvalidArgument, Unavailable, grpc_errors
 from services.ranker import metrics
 from services.ranker.admission import Overloaded
 from services.ranker.answer import Answer
 from services.ranker.filters import NO_FILTERS, FilterSpec
+from services.ranker.index_digest import IndexDigester
 from services.ranker.read_your_writes import DataBehind
+from services.ranker.repair import ReplicaRepair
 from services.ranker.replica import RankerReplica
 
 WATERMARK_METADATA = "deltarec-data-lsn"
+MAX_DETAIL_BUCKETS = 64
 
 
 def time_remaining(context) -> float | None:
@@ -65,8 +69,9 @@ def refusals_reported(method):
 
 
 class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
-    def __init__(self, replica: RankerReplica) -> None:
-        self.replica = replica
+    def __init__(self, replica: RankerReplica, digester: IndexDigester | None = None,
+                 repair: ReplicaRepair | None = None) -> None:
+        self.replica, self.digester, self.repair = replica, digester, repair
 
     @grpc_errors
     @refusals_reported
@@ -106,3 +111,34 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             canary_version=status["canary_version"], canary_share=status["canary_share"],
             refused_version=status["refused_version"], refused_reason=status["refused_reason"],
             swaps=status["swaps"])
+
+    @grpc_errors
+    def IndexDigest(self, request, context):
+        taken = self.digester.take()
+        buckets = list(request.detail_buckets)
+        if len(buckets) > MAX_DETAIL_BUCKETS:
+            raise InvalidArgument(f"detail_buckets: at most {MAX_DETAIL_BUCKETS}")
+        for n, bucket in enumerate(buckets):
+            if bucket >= taken.digest.num_buckets:
+                raise InvalidArgument(f"detail_buckets[{n}]: must be < {taken.digest.num_buckets}")
+        routing = self.replica.state.routing
+        return ranker_pb2.IndexDigestResponse(
+            replica_id=self.replica.replica_id, data_lsn=taken.data_lsn, num_buckets=taken.digest.num_buckets,
+            buckets=[ranker_pb2.BucketDigest(bucket=b, count=d.count, xor=d.xor) for b, d in taken.digest.items()],
+            entries=[ranker_pb2.IndexEntry(item_id=i, fingerprint=f) for i, f in self.digester.entries(taken, buckets)],
+            items=taken.items, model_version=routing.current.version if routing.current else 0)
+
+    @grpc_errors
+    def Reload(self, request, context):
+        if not request.reload_model and not request.resync_index:
+            raise InvalidArgument("reload_model or resync_index: say what to reload")
+        timeout = time_remaining(context)
+        timeout = 120.0 if timeout is None else timeout
+        started = time.monotonic()
+        if request.resync_index and not self.repair.resync_index(timeout):
+            raise Unavailable("the index resync did not finish within the deadline; it goes on")
+        if request.reload_model and not self.repair.reload_model(max(timeout - (time.monotonic() - started), 0)):
+            raise Unavailable("the model is still loading; it goes on")
+        status = self.replica.status()
+        return ranker_pb2.ReloadResponse(model_version=status["model_version"], data_lsn=status["data_lsn"],
+                                         index_size=self.replica.catalog.text_index.size)
