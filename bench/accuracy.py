@@ -28,12 +28,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from services.trainer.data import (  # noqa: E402
-    InteractionData,
-    cached_text_embeddings,
-    leave_one_out_split,
-    load_beauty,
-)
+from scripts.datasets import cached_text_embeddings, load_beauty_interactions  # noqa: E402
+from services.trainer.interaction_data import InteractionData  # noqa: E402
+from services.trainer.leave_one_out import leave_one_out_split  # noqa: E402
 from services.trainer.evaluation import evaluate_model, evaluate_popularity, popularity_counts  # noqa: E402
 from services.model.network import ModelConfig  # noqa: E402
 from services.trainer.training import train_full  # noqa: E402
@@ -121,7 +118,7 @@ def main() -> int:
     print(f"mode={mode} users={users or 'all'} epochs={epochs} seed={args.seed}", flush=True)
     print(f"config: {config.to_json()}", flush=True)
 
-    data, titles = load_beauty(args.data_dir, max_users=users)
+    data, titles = load_beauty_interactions(args.data_dir, max_users=users)
     _embed_titles(data, titles)
     split = leave_one_out_split(data.histories)
     print(

@@ -50,8 +50,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from services.trainer import pipeline, strategies  # noqa: E402
-from services.trainer.data import (BEAUTY_SYNTHETIC_START, BEAUTY_SYNTHETIC_STEP_SECONDS, EvalCase,  # noqa: E402
-                                   cached_text_embeddings, load_beauty)
+from scripts.datasets import (BEAUTY_SYNTHETIC_START, BEAUTY_SYNTHETIC_STEP_SECONDS, cached_text_embeddings,  # noqa: E402
+                              load_beauty_interactions)
+from services.trainer.leave_one_out import EvalCase  # noqa: E402
 from services.trainer.evaluation import evaluate_model, evaluate_popularity, popularity_counts  # noqa: E402
 from services.trainer.interaction_log import Interaction  # noqa: E402
 from services.model.network import ModelConfig  # noqa: E402
@@ -177,7 +178,7 @@ def main() -> int:
     strategy = strategies.Strategy(priority=args.priority, top_share=args.top_share,
                                    replay_ratio=args.replay_ratio).validate()
 
-    data, titles = load_beauty(args.data_dir, max_users=users)
+    data, titles = load_beauty_interactions(args.data_dir, max_users=users)
     vectors = text_vectors(data, titles)
     catalog = data.item_ids.external_ids()
     base, pool, tests = split(data)

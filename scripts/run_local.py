@@ -29,7 +29,8 @@ from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, features
 
 from scripts import infra
 from scripts.launch import REPO_ROOT, ServiceProcess
-from services.common import datasets, db
+from scripts import datasets
+from services.common import db
 
 RUN_DIR = REPO_ROOT / ".run"
 BATCH = 500

@@ -14,7 +14,7 @@ from deltarec.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.artifacts import ArtifactStore
 from services.common.boot import Boot
 from services.trainer.config import TrainerConfig
-from services.trainer.core import TrainerCore, set_torch_threads
+from services.trainer.core import RunHooks, TrainerCore, set_torch_threads
 from services.trainer.leader import LeaderElector
 from services.trainer.loop import StreamRecorder, TrainingLoop
 from services.trainer.publisher import Publisher
@@ -24,7 +24,8 @@ from services.trainer.versions import describe_version
 log = logging.getLogger("deltarec.trainer")
 
 
-def main() -> int:
+def main(hooks: RunHooks | None = None) -> int:
+    """`hooks`: the failure drills' (tests/trainer_drills.py); the service itself runs without."""
     boot = Boot.load("trainer", TrainerConfig)
     config = boot.config
     set_torch_threads(config.torch_threads)
@@ -35,7 +36,7 @@ def main() -> int:
     except ValueError as error:
         boot.config_error(f"TRAINER_ARTIFACT_URI: {error}")
     trainer_id = boot.instance_id(config.trainer_id)
-    core = TrainerCore(config, engine, Publisher(etcd, store), trainer_id)
+    core = TrainerCore(config, engine, Publisher(etcd, store), trainer_id, hooks=hooks)
     core.on_version = lambda row, published: print(describe_version(row, published), flush=True)
     recorder = StreamRecorder(config.collector_address, core)
     loop = TrainingLoop(core, enabled=config.loop_enabled, interval_s=config.loop_interval_s,

@@ -17,7 +17,6 @@ DEFAULT_ARTIFACT_URI = (REPO_ROOT / ".run" / "artifacts").as_uri()
 _MODEL = ModelConfig()
 PRIORITIES = ("", "recency", "item_novelty", "user_activity")
 GATE_METRICS = ("ndcg_at_10", "recall_at_10", "ndcg_at_5", "recall_at_5")
-HANG_POINTS = ("", "training", "artifact_written", "published_etcd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +82,6 @@ class TrainerConfig(CommonConfig):
     top_share: float = env("TRAINER_STRATEGY_TOP_SHARE", 1.0, minimum=0.0001, maximum=1.0)
     replay_ratio: float = env("TRAINER_STRATEGY_REPLAY_RATIO", 1.0, minimum=0.0, maximum=100.0,
                               help="older interactions replayed per new one, against forgetting")
-
-    # --- failure drills (tests, chaos exercises); never set in production ----------------------
-    fault_hang_at: str = env("TRAINER_FAULT_HANG_AT", "", choices=HANG_POINTS,
-                             help="block forever at this point of a run (to kill -9 there)")
-    fault_damage_candidate: bool = env("TRAINER_FAULT_DAMAGE_CANDIDATE", False,
-                                       help="negate every new candidate's scores before the gate")
 
     def model_config(self) -> ModelConfig:
         return dataclasses.replace(

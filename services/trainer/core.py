@@ -80,10 +80,26 @@ class _Inputs:
     selection_as_of: float = 0.0
 
 
+class RunHooks:
+    """Where a run can be watched or interfered with from outside the core; the production
+    trainer runs with these no-ops. The failure drills of the tests (tests/trainer_drills.py)
+    install hooks that hang at a point (to kill -9 the process there) or damage the candidate."""
+
+    POINTS = ("training", "artifact_written", "published_etcd")
+
+    def at(self, point: str, version: int) -> None:
+        """The run of `version` reached `point` (one of POINTS; the step before it is durable)."""
+
+    def candidate_trained(self, model, version: int) -> None:
+        """The candidate of `version` was trained and is about to be evaluated by the gate."""
+
+
 class TrainerCore:
     def __init__(self, config: TrainerConfig, engine, publisher: Publisher, trainer_id: str,
-                 is_leader: Callable[[], bool] = lambda: True, leader_id: Callable[[], str] = lambda: "") -> None:
+                 is_leader: Callable[[], bool] = lambda: True, leader_id: Callable[[], str] = lambda: "",
+                 hooks: RunHooks | None = None) -> None:
         self.config, self.engine, self.publisher, self.trainer_id = config, engine, publisher, trainer_id
+        self.hooks = hooks or RunHooks()
         self.is_leader, self.leader_id = is_leader, leader_id
         self.log = InteractionLog(engine)
         self.versions = VersionStore(engine)
@@ -202,12 +218,6 @@ class TrainerCore:
                 setattr(self.progress, name, value)
         log.info("run phase", extra={"phase": phase, "version": self.progress.version if self.progress else 0})
 
-    def _hang(self, point: str, version: int) -> None:
-        if self.config.fault_hang_at == point:
-            log.warning("failure drill: hanging", extra={"point": point, "version": version})
-            print(f"DELTAREC_FAULT hanging at {point} version={version}", flush=True)
-            threading.Event().wait()
-
     def _as_of(self, prepared: pipeline.Prepared) -> float:
         return max((i.occurred_at for i in prepared.interactions), default=0.0)
 
@@ -239,7 +249,7 @@ class TrainerCore:
             return Outcome(self.versions.get(run.version), reason=str(error))
 
     def _train_gate_store_publish(self, run: Run, inputs: "_Inputs | None") -> Outcome:
-        self._hang("training", run.version)
+        self.hooks.at("training", run.version)
         request = run.request
         if inputs is None:
             parent = self._load_version(run.parent_version) if run.kind == "update" else None
@@ -251,9 +261,7 @@ class TrainerCore:
         with self._epoch_progress():
             model, stats, extra = self._train(run, inputs, seed)
         train_seconds = time.perf_counter() - started
-        if self.config.fault_damage_candidate:
-            log.warning("failure drill: damaging the candidate", extra={"version": run.version})
-            pipeline.damage(model)
+        self.hooks.candidate_trained(model, run.version)
 
         self._phase("evaluating", epoch=stats.epochs_run)
         baseline_model = self._baseline_model(run, prepared)
@@ -280,7 +288,7 @@ class TrainerCore:
         log.info("run trained", extra={"version": run.version, "metrics": decision.candidate,
                                        "baseline": decision.baseline, "passed": decision.passed,
                                        "train_seconds": round(train_seconds, 2), "sha256": sha})
-        self._hang("artifact_written", run.version)
+        self.hooks.at("artifact_written", run.version)
         if not decision.passed:
             return self._done(run, False, decision.reason)
         if not run.publish:
@@ -363,7 +371,7 @@ class TrainerCore:
             return Outcome(self.versions.get(run.version), reason="leadership lost before publishing")
         result = self.publisher.publish(version=run.version, uri=uri, sha256=sha, data_lsn=run.lsn_to,
                                         metrics=metrics, expected=run.baseline_value)
-        self._hang("published_etcd", run.version)
+        self.hooks.at("published_etcd", run.version)
         if result.published:
             pointer = result.current.pointer
             self.versions.finish(run, PUBLISHED, f"{gate_reason}; {result.reason}",

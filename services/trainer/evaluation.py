@@ -24,7 +24,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from services.trainer.data import EvalCase, UserHistory, collate_histories
+from services.trainer.batching import collate_histories
+from services.trainer.interaction_data import UserHistory
+from services.trainer.leave_one_out import EvalCase
 from services.model.network import DeltaRecModel
 
 DEFAULT_CUTOFFS: tuple[int, ...] = (5, 10)

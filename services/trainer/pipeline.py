@@ -27,8 +27,11 @@ import numpy as np
 import torch
 
 from services.contracts.event_types import EventType
-from services.trainer.data import (EvalCase, IdMap, InteractionData, TrainingExample, UserHistory,
-                                   collate_histories)
+from services.trainer.batching import collate_histories
+from services.trainer.id_map import IdMap
+from services.trainer.interaction_data import InteractionData, UserHistory
+from services.trainer.leave_one_out import EvalCase
+from services.trainer.windows import TrainingExample
 from services.trainer.evaluation import evaluate_model, metrics_from_ranks, target_ranks
 from services.trainer.interaction_log import Interaction
 from services.model.network import DeltaRecModel, ModelConfig
@@ -227,14 +230,6 @@ def remap_items(model: DeltaRecModel, model_item_ids: Sequence[str], target: IdM
     remapped.load_state_dict(state)
     remapped.train(model.training)
     return remapped
-
-
-@torch.no_grad()
-def damage(model: DeltaRecModel) -> None:
-    """Failure drill: negate every user vector (hence every score), in place."""
-    model.output_norm.weight.neg_()
-    model.output_norm.bias.neg_()
-    model.empty_history_vector.neg_()
 
 
 @torch.no_grad()

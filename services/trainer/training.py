@@ -26,17 +26,10 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from services.trainer.data import (
-    EvalCase,
-    InteractionData,
-    TrainingExample,
-    TrainingWindow,
-    UserHistory,
-    all_next_item_examples,
-    collate_windows,
-    group_into_windows,
-    iterate_minibatches,
-)
+from services.trainer.batching import collate_windows, iterate_minibatches
+from services.trainer.interaction_data import InteractionData, UserHistory
+from services.trainer.leave_one_out import EvalCase
+from services.trainer.windows import TrainingExample, TrainingWindow, all_next_item_examples, group_into_windows
 from services.trainer.evaluation import evaluate_model
 from services.model.network import DeltaRecModel, ModelConfig
 

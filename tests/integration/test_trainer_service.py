@@ -24,13 +24,12 @@ import sqlalchemy as sa
 from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2, trainer_pb2, trainer_pb2_grpc
 from services.common.artifacts import ArtifactStore, read_verified
 from services.common.etcd import Etcd
-from services.trainer import synthetic
 from services.model.artifact import deserialize
 from services.trainer.interaction_log import InteractionLog
 from services.contracts.etcd_keys import MODEL_CURRENT
 from services.contracts.model_pointer import ModelPointer
 from services.trainer.publisher import Publisher
-from scripts import infra
+from scripts import datasets, infra
 from tests.support import REPO_ROOT, channel_to, wait_until
 
 pytestmark = pytest.mark.integration
@@ -101,14 +100,14 @@ def seed(engine, rows, lsn: int, catalog_rows=()) -> None:
 
 
 def first_data(engine) -> None:
-    seed(engine, synthetic.structured_interactions(n_users=80), 100, synthetic.catalog())
+    seed(engine, datasets.structured_interactions(n_users=80), 100, datasets.structured_catalog())
 
 
 def more_data(engine, lsn: int = 200, seed_value: int = 3, prefix: str = "J") -> None:
-    seed(engine, synthetic.structured_interactions(n_users=30, start=synthetic.T0 + 50_000 * seed_value,
+    seed(engine, datasets.structured_interactions(n_users=30, start=datasets.STRUCTURED_T0 + 50_000 * seed_value,
                                                    user_prefix=f"N{seed_value}", item_prefix=prefix,
                                                    seed=seed_value),
-         lsn, synthetic.catalog(prefix=prefix))
+         lsn, datasets.structured_catalog(prefix=prefix))
 
 
 def stub_of(process) -> trainer_pb2_grpc.TrainerServiceStub:
@@ -194,7 +193,7 @@ def test_train_update_lineage_and_artifacts(own_database, trainer_env, start_ser
     assert current["metrics"]["ndcg_at_10"] == pytest.approx(v1.metrics.ndcg_at_10)
     artifact_v1 = deserialize(read_verified(v1.artifact_uri, v1.sha256))
     assert artifact_v1.version == v1.version and artifact_v1.data_lsn == 100
-    assert sorted(artifact_v1.item_vector_ids) == sorted(i for i, _, _ in synthetic.catalog())
+    assert sorted(artifact_v1.item_vector_ids) == sorted(i for i, _, _ in datasets.structured_catalog())
     artifact_v1.build_model()
 
     # Deterministic for a seed: same data, same seed, same metrics; recorded only (publish=false).
@@ -217,7 +216,7 @@ def test_train_update_lineage_and_artifacts(own_database, trainer_env, start_ser
     assert v3.baseline_metrics.users == 40 and v3.interactions == 1320
 
     artifact_v3 = deserialize(read_verified(v3.artifact_uri, v3.sha256))
-    new_items = [i for i, _, _ in synthetic.catalog(prefix="J")]
+    new_items = [i for i, _, _ in datasets.structured_catalog(prefix="J")]
     # the id table grew: the parent's ids keep their indexes, new items are appended
     assert artifact_v3.item_ids[:len(artifact_v1.item_ids)] == artifact_v1.item_ids
     assert sorted(artifact_v3.item_ids[len(artifact_v1.item_ids):]) == sorted(new_items)
@@ -255,7 +254,7 @@ def test_gate_rejects_a_damaged_candidate(own_database, trainer_env, start_servi
     v1 = leader_stub(process).Train(trainer_pb2.TrainRequest(publish=True), timeout=120).version
     process.stop()
 
-    damaging = start_service("services.trainer", {**trainer_env, "TRAINER_FAULT_DAMAGE_CANDIDATE": "1",
+    damaging = start_service("tests.trainer_drills", {**trainer_env, "TRAINER_DRILL_DAMAGE_CANDIDATE": "1",
                                                   "TRAINER_GATE_TOLERANCE": "0.05"}, name="trainer-damaging")
     more_data(engine)
     response = leader_stub(damaging).Update(trainer_pb2.UpdateRequest(publish=True), timeout=120)
@@ -302,7 +301,7 @@ def test_stale_publish_after_a_crash_is_refused_not_overwritten(own_database, tr
     process.stop()
 
     more_data(engine)
-    hanging = start_service("services.trainer", {**trainer_env, "TRAINER_FAULT_HANG_AT": "artifact_written"},
+    hanging = start_service("tests.trainer_drills", {**trainer_env, "TRAINER_DRILL_HANG_AT": "artifact_written"},
                             name="trainer-hang")
     stub = leader_stub(hanging)
     in_background(lambda: stub.Update(trainer_pb2.UpdateRequest(publish=True), timeout=120))
@@ -332,7 +331,7 @@ def test_update_interrupted_by_kill_9_resumes_without_publishing_twice(own_datab
 
     # 1. killed right after the CAS, before the version row said "published"
     more_data(engine, lsn=200, seed_value=3)
-    hanging = start_service("services.trainer", {**trainer_env, "TRAINER_FAULT_HANG_AT": "published_etcd"},
+    hanging = start_service("tests.trainer_drills", {**trainer_env, "TRAINER_DRILL_HANG_AT": "published_etcd"},
                             name="trainer-hang-1")
     stub = leader_stub(hanging)
     in_background(lambda: stub.Update(trainer_pb2.UpdateRequest(publish=True), timeout=120))
@@ -346,7 +345,7 @@ def test_update_interrupted_by_kill_9_resumes_without_publishing_twice(own_datab
 
     # 2. killed in the middle of an update (its version allocated, no artifact yet)
     more_data(engine, lsn=300, seed_value=4, prefix="K")
-    hanging = start_service("services.trainer", {**trainer_env, "TRAINER_FAULT_HANG_AT": "training"},
+    hanging = start_service("tests.trainer_drills", {**trainer_env, "TRAINER_DRILL_HANG_AT": "training"},
                             name="trainer-hang-2")
     stub = leader_stub(hanging)
     # the new leader first recovers version 2 (already in etcd: recorded, not re-published)
@@ -401,7 +400,7 @@ def test_loop_records_the_delta_stream_and_keeps_the_model_current(own_database,
     collector_stub = collector_pb2_grpc.CollectorServiceStub(channel_to(collector))
     collector_stub.UpsertItems(collector_pb2.UpsertItemsRequest(items=[
         common_pb2.Item(item_id=i, title=t, category=c, active=True)
-        for i, t, c in synthetic.catalog() + synthetic.catalog(prefix="J")]), timeout=30)
+        for i, t, c in datasets.structured_catalog() + datasets.structured_catalog(prefix="J")]), timeout=30)
 
     def send(rows) -> None:
         for start in range(0, len(rows), 200):
@@ -414,7 +413,7 @@ def test_loop_records_the_delta_stream_and_keeps_the_model_current(own_database,
             assert collector_stub.IngestEvents(collector_pb2.IngestEventsRequest(events=events),
                                                timeout=30).accepted == len(events)
 
-    first = synthetic.structured_interactions(n_users=80)
+    first = datasets.structured_interactions(n_users=80)
     send(first)
     trainer = start_service("services.trainer", {
         **trainer_env, "COLLECTOR_ADDRESS": collector.address, "TRAINER_LOOP": "1",
@@ -428,7 +427,7 @@ def test_loop_records_the_delta_stream_and_keeps_the_model_current(own_database,
     first_version = status().current_version
     assert get_version(stub, first_version).strategy == "full"
 
-    more = synthetic.structured_interactions(n_users=30, start=synthetic.T0 + 50_000, user_prefix="N",
+    more = datasets.structured_interactions(n_users=30, start=datasets.STRUCTURED_T0 + 50_000, user_prefix="N",
                                              item_prefix="J", seed=3)
     send(more)
     wait_until(lambda: status().current_version > first_version, "the loop's incremental update")

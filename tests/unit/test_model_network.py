@@ -10,17 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from services.trainer.data import (
-    EventType,
-    InteractionData,
-    TrainingExample,
-    cached_text_embeddings,
-    collate_histories,
-    collate_windows,
-    group_into_windows,
-    leave_one_out_split,
-    load_beauty,
-)
+from scripts.datasets import cached_text_embeddings, load_beauty_interactions
+from services.contracts.event_types import EventType
+from services.trainer.batching import collate_histories, collate_windows
+from services.trainer.interaction_data import InteractionData
+from services.trainer.leave_one_out import leave_one_out_split
+from services.trainer.windows import TrainingExample, group_into_windows
 from services.trainer.evaluation import evaluate_model, evaluate_popularity, popularity_counts
 from services.model.network import DeltaRecModel, ModelConfig
 from services.trainer.training import CandidateSampler, train_full, update_incremental
@@ -190,7 +185,7 @@ def _beauty_slice_text(data: InteractionData, titles: list[str]) -> np.ndarray:
 def test_beats_popularity_on_a_beauty_slice() -> None:
     if not (BEAUTY_DIR / "sequences.txt").is_file():
         pytest.skip(f"Beauty data not available at {BEAUTY_DIR}")
-    data, titles = load_beauty(BEAUTY_DIR, max_users=2000)
+    data, titles = load_beauty_interactions(BEAUTY_DIR, max_users=2000)
     data.item_text = _beauty_slice_text(data, titles)
     split = leave_one_out_split(data.histories)
     config = ModelConfig()

@@ -6,18 +6,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.trainer.data import (
-    EventType,
-    IdMap,
-    InteractionData,
-    TrainingExample,
-    UserHistory,
-    all_next_item_examples,
-    collate_histories,
-    collate_windows,
-    group_into_windows,
-    leave_one_out_split,
-)
+from services.contracts.event_types import EventType
+from services.trainer.batching import collate_histories, collate_windows
+from services.trainer.id_map import IdMap
+from services.trainer.interaction_data import InteractionData, UserHistory
+from services.trainer.leave_one_out import leave_one_out_split
+from services.trainer.windows import TrainingExample, all_next_item_examples, group_into_windows
 
 
 def _history(items: list[int], step: float = 10.0) -> UserHistory:

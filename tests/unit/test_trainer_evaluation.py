@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from services.contracts.event_types import EventType
-from services.trainer.data import EvalCase, UserHistory
+from services.trainer.interaction_data import UserHistory
+from services.trainer.leave_one_out import EvalCase
 from services.trainer.evaluation import (
     evaluate_popularity,
     metrics_from_ranks,

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from services.trainer import gate, pipeline, synthetic
+from scripts import datasets
+from services.trainer import gate, pipeline
 from services.trainer.catalog import fallback_vector
+from tests.trainer_drills import damage
 from services.trainer.interaction_log import Interaction
 from services.model.network import ModelConfig
 
@@ -32,7 +34,7 @@ def with_text(prepared: pipeline.Prepared) -> pipeline.Prepared:
 @pytest.fixture(scope="module")
 def trained():
     torch.set_num_threads(1)
-    rows = [dataclasses.replace(r, commit_lsn=100) for r in synthetic.structured_interactions(n_users=80)]
+    rows = [dataclasses.replace(r, commit_lsn=100) for r in datasets.structured_interactions(n_users=80)]
     prepared = with_text(pipeline.prepare(rows, eval_users=40))
     model, _ = pipeline.run_full(prepared, TINY, seed=1)
     return rows, prepared, model
@@ -101,7 +103,7 @@ def test_gate_rejects_a_damaged_candidate_and_passes_an_equal_one(trained):
     same = pipeline.copy_model(model)
     assert gate.evaluate_pair(same, model, prepared).passed
     damaged = pipeline.copy_model(model)
-    pipeline.damage(damaged)
+    damage(damaged)
     for z in (0.0, 1.64):                      # refused with or without the noise allowance
         decision = gate.evaluate_pair(damaged, model, prepared, z=z)
         assert not decision.passed
@@ -136,8 +138,8 @@ def test_gate_rule():
 def test_update_grows_the_id_table_and_new_items_get_vectors(trained):
     rows, prepared, model = trained
     parent_ids = prepared.data.item_ids.external_ids()
-    more = [dataclasses.replace(r, commit_lsn=200) for r in synthetic.structured_interactions(
-        n_users=30, start=synthetic.T0 + 50_000, user_prefix="N", item_prefix="J", seed=3)]
+    more = [dataclasses.replace(r, commit_lsn=200) for r in datasets.structured_interactions(
+        n_users=30, start=datasets.STRUCTURED_T0 + 50_000, user_prefix="N", item_prefix="J", seed=3)]
     grown = with_text(pipeline.prepare(rows + more, item_prefix=parent_ids, eval_users=40))
     assert grown.data.item_ids.external_ids()[:len(parent_ids)] == parent_ids
     new_ids = grown.data.item_ids.external_ids()[len(parent_ids):]
