@@ -35,6 +35,7 @@ import grpc
 import _harness
 from _harness import progress
 from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2
+from scripts import datasets
 from services.contracts.event_types import PROTO_BY_NAME
 
 COLUMNS = ("event_id", "event_type", "user_id", "item_id", "query", "occurred_at", "attributes")
@@ -45,14 +46,10 @@ TARGET_RATIO = 0.5
 # ---------------------------------------------------------------------------- the events
 
 def beauty_catalog(data_dir: Path) -> list[common_pb2.Item]:
-    items = []
-    with open(data_dir / "items.tsv", encoding="utf-8") as handle:
-        next(handle)
-        for line in handle:
-            _, asin, title = line.rstrip("\n").split("\t", 2)
-            items.append(common_pb2.Item(item_id=asin, title=title.strip() or asin, category="Beauty",
-                                         active=True))
-    return items
+    """The Beauty items under their ASINs (as a storefront would name them)."""
+    catalog = datasets.read_beauty_catalog(data_dir)
+    return [common_pb2.Item(item_id=asin, title=catalog.title_of[item_id].strip() or asin, category="Beauty",
+                            active=True) for item_id, asin in catalog.asin_of.items()]
 
 
 def synthetic_catalog() -> list[common_pb2.Item]:
@@ -63,17 +60,10 @@ def synthetic_catalog() -> list[common_pb2.Item]:
 def beauty_events(data_dir: Path, limit: int) -> list[tuple]:
     """Users' sequences replayed round-robin (order within a user is real): each interaction is a
     view, every third also a purchase, and one in ten is preceded by a search for the title."""
-    titles: dict[str, tuple[str, str]] = {}
-    with open(data_dir / "items.tsv", encoding="utf-8") as handle:
-        next(handle)
-        for line in handle:
-            item_id, asin, title = line.rstrip("\n").split("\t", 2)
-            titles[item_id] = (asin, title)
-    sequences = []
-    with open(data_dir / "sequences.txt", encoding="utf-8") as handle:
-        for line in handle:
-            user, *items = line.split()
-            sequences.append((f"beauty-u{user}", [titles[i] for i in items if i in titles]))
+    catalog = datasets.read_beauty_catalog(data_dir)
+    sequences = [(f"beauty-u{user}", [(catalog.asin_of[i], catalog.title_of[i])
+                                       for i in items if i in catalog.asin_of])
+                 for user, items in datasets.read_beauty_sequences(data_dir).items()]
     rows: list[tuple] = []
     position = 0
     while len(rows) < limit:
