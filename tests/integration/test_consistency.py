@@ -96,6 +96,13 @@ def bad(response) -> list:
     return [f for f in response.findings if f.severity in (WARNING, ERROR)]
 
 
+def only(response):
+    """The one warning-or-error finding of a report."""
+    found = bad(response)
+    assert len(found) == 1, [f"{f.check} {f.subject}: {f.detail} {list(f.keys)}" for f in found]
+    return found[0]
+
+
 def assert_clean(response) -> None:
     assert response.consistent, [f"{f.check} {f.subject}: {f.detail}" for f in bad(response)]
 
@@ -174,7 +181,7 @@ def test_an_item_features_row_changed_by_sql_is_found_and_re_embedded(stack):
     with stack.engine.begin() as connection:
         connection.execute(sa.text("UPDATE item_features SET content_hash = 'written by hand' WHERE item_id = 'item-3'"))
     report = stack.check()
-    (finding,) = bad(report)
+    finding = only(report)
     assert (finding.check, finding.severity, list(finding.keys)) == ("catalog_features", ERROR, ["item-3"])
     assert "content hash" in finding.detail and finding.repairable
     dry = stack.reconcile(dry_run=True)
@@ -190,7 +197,7 @@ def test_a_deleted_item_features_row_is_found_and_restored(stack):
     with stack.engine.begin() as connection:
         connection.execute(sa.text("DELETE FROM item_features WHERE item_id = 'item-5'"))
     report = stack.check()
-    (finding,) = bad(report)
+    finding = only(report)
     assert (finding.check, list(finding.keys)) == ("catalog_features", ["item-5"])
     assert "no current embedding" in finding.detail
     assert stack.reconcile().after.consistent
@@ -204,7 +211,7 @@ def test_a_ranker_that_missed_an_upsert_is_found_and_resynced(stack):
         active=True)]), timeout=30)
     stack.caught_up()                                   # r2's watermark passes the upsert it dropped
     report = stack.check()
-    (finding,) = bad(report)
+    finding = only(report)
     assert (finding.check, finding.subject, list(finding.keys)) == ("features_index", "r2", [DROPPED_BY_R2])
     assert "loss, not lag" in finding.detail and "another vector" in finding.detail
     response = stack.reconcile()
@@ -223,7 +230,7 @@ def test_a_change_in_flight_is_lag_not_drift(stack):
         report = stack.check("catalog_features")
     finally:
         os.kill(features_pid, signal.SIGCONT)
-    (finding,) = bad(report)
+    finding = only(report)
     assert (finding.severity, list(finding.keys)) == (WARNING, ["item-11"])
     assert "lag, not drift" in finding.detail
     stack.caught_up()
@@ -237,7 +244,7 @@ def test_a_user_whose_applied_history_was_deleted_is_rebuilt(stack):
             "UPDATE user_features SET counters = jsonb_set(counters, '{view}', "
             "to_jsonb(COALESCE((counters->>'view')::int, 0) + 1)) WHERE user_id = 'user-4'"))
     report = stack.check()
-    (finding,) = bad(report)
+    finding = only(report)
     assert (finding.check, list(finding.keys)) == ("user_events", ["user-3", "user-4"])
     assert "never applied" in finding.detail and "applied twice" in finding.detail
     assert finding.lsn_to >= finding.lsn_from > 0
@@ -291,7 +298,7 @@ def test_a_slot_without_consumer_is_reported_and_dropped_only_when_named(stack):
     with stack.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         connection.execute(sa.text("SELECT pg_create_logical_replication_slot('forgotten_slot', 'pgoutput')"))
     report = stack.check("replication")
-    (finding,) = bad(report)
+    finding = only(report)
     assert finding.subject == "forgotten_slot" and "abandoned" in finding.detail
     response = stack.reconcile()
     assert not [a for a in response.actions if a.done]
@@ -307,7 +314,7 @@ def test_a_killed_rankers_lingering_registration_is_deleted(stack):
     del stack.rankers["r2"]
     assert stack.etcd.get(ranker_key("r2")) is not None             # its lease lives on for a while
     report = stack.check()
-    (finding,) = bad(report)
+    finding = only(report)
     assert (finding.subject, finding.repairable) == ("r2", True) and "does not answer" in finding.detail
     response = stack.reconcile()
     assert [(a.subject, a.done) for a in response.actions] == [("r2", True)]
