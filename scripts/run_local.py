@@ -1,10 +1,10 @@
 """`make run`: the whole DeltaRec suite, locally, on real data.
 
 Starts Postgres and etcd (scripts/infra.py), then each service that exists in this
-checkout (collector, features, trainer, two ranker replicas), loads the catalog
+checkout (collector, features, trainer, two ranker replicas, consistency), loads the catalog
 and replays the interactions through the collector as live traffic, showing
 progress and each consumer group's replication lag; then shows what the storefront
-can call. Data: Amazon Beauty from ../shared/data (DELTAREC_DATA_DIR to change),
+can call, and what the consistency service finds, in plain words. Data: Amazon Beauty from ../shared/data (DELTAREC_DATA_DIR to change),
 or a small synthetic data set when that folder is absent.
 
 Interactive (a terminal): services stay up until Ctrl-C. Otherwise (CI, pipes) it
@@ -24,13 +24,15 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from tqdm import tqdm
 
-from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, features_pb2, features_pb2_grpc,
-                         ranker_pb2, ranker_pb2_grpc, trainer_pb2, trainer_pb2_grpc)
+from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, consistency_pb2, consistency_pb2_grpc,
+                         features_pb2, features_pb2_grpc, ranker_pb2, ranker_pb2_grpc, trainer_pb2,
+                         trainer_pb2_grpc)
 
 from scripts import infra
 from scripts.launch import REPO_ROOT, ServiceProcess
 from scripts import datasets
 from services.common import db
+from services.consistency.findings import plain_words
 
 RUN_DIR = REPO_ROOT / ".run"
 BATCH = 500
@@ -183,6 +185,20 @@ def demo(ranker_address: str, dataset: datasets.Dataset) -> None:
         print(f"    {item.score:7.3f}  {item.title[:70]}")
 
 
+def print_consistency(stub) -> None:
+    """The consistency service's report, in plain words."""
+    report = stub.Check(consistency_pb2.CheckRequest(), timeout=600)
+    for finding in report.findings:
+        print(f"    {plain_words(finding)}")
+    roots = {d.side: d for d in report.digests if d.kind == "catalog_items"}
+    if roots:
+        print(f"    catalog {roots['catalog'].rows} active items, feature store {roots['feature_store'].rows}: "
+              f"{'same digest' if report.source_checksum == report.feature_store_checksum else 'digests differ'}")
+    verdict = "CONSISTENT" if report.consistent else f"NOT CONSISTENT ({sum(f.severity >= 2 for f in report.findings)} findings)"
+    print(f"    {verdict} at LSN {report.watermark}, checked in {report.seconds:.1f} s; "
+          f"repair with deltarec.v1.ConsistencyService/Reconcile")
+
+
 def main() -> int:
     suite = LocalSuite()
     interactive = sys.stdin.isatty()
@@ -256,12 +272,19 @@ def main() -> int:
         print(f"    consumer groups  {group_lag_line(stub)}")
         demo(rankers[0].address, dataset)
 
+        say("consistency check (every part against the source)")
+        consistency = suite.start("services.consistency", "consistency", {
+            "FEATURES_ADDRESS": features.address, "COLLECTOR_ADDRESS": collector.address})
+        print_consistency(consistency_pb2_grpc.ConsistencyServiceStub(grpc.insecure_channel(consistency.address)))
+
         a, user = rankers[0].address, next(iter(dataset.sequences))
         print("\nTry it (no proto files needed: every server speaks reflection):")
         print(f"  .venv/bin/grpcurl -plaintext {a} list")
         print(f"  .venv/bin/grpcurl -plaintext -d '{{\"user_id\":\"{user}\",\"k\":5}}' {a} deltarec.v1.RankerService/Recommend")
         print(f"  .venv/bin/grpcurl -plaintext -d '{{\"query\":\"nail polish\",\"k\":5}}' {a} deltarec.v1.RankerService/Search")
         print(f"  .venv/bin/grpcurl -plaintext -d '{{}}' {trainer.address} deltarec.v1.TrainerService/ListVersions")
+        print(f"  .venv/bin/grpcurl -plaintext -d '{{\"dry_run\":true}}' {consistency.address} "
+              "deltarec.v1.ConsistencyService/Reconcile")
         print(f"  .venv/bin/grpcurl -plaintext -d '{{\"events\":[{{\"event_id\":\"demo-1\",\"type\":\"EVENT_TYPE_PURCHASE\","
               f"\"user_id\":\"{user}\",\"item_id\":\"42\"}}]}}' {collector.address} deltarec.v1.CollectorService/IngestEvents")
         if interactive:
