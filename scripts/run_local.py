@@ -4,8 +4,9 @@ Starts Postgres and etcd (scripts/infra.py), then each service that exists in th
 checkout (collector, features, trainer, two ranker replicas, consistency), loads the catalog
 and replays the interactions through the collector as live traffic, showing
 progress and each consumer group's replication lag; then shows what the storefront
-can call, and what the consistency service finds, in plain words. Data: Amazon Beauty from ../shared/data (DELTAREC_DATA_DIR to change),
-or a small synthetic data set when that folder is absent.
+can call, and what the consistency service finds, in plain words. Data: Amazon Beauty
+from ../shared/data (DELTAREC_DATA_DIR to change), or a small synthetic data set when
+that folder is absent.
 
 Interactive (a terminal): services stay up until Ctrl-C. Otherwise (CI, pipes) it
 stops everything after the job. DELTAREC_RUN_USERS limits the replay to N users.
