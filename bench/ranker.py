@@ -45,6 +45,7 @@ if not ROLE:
 import numpy as np  # noqa: E402
 
 import _harness  # noqa: E402
+import _profile  # noqa: E402
 from _harness import progress  # noqa: E402
 
 TARGET_RATIO = 0.5
@@ -189,7 +190,7 @@ def crossover(sizes: list[int], dims: list[int], queries: int) -> dict:
 # ---------------------------------------------------------------------------- one catalog
 
 def bench_one_catalog(suite, spec: str, etcd, levels, duration_s: float, warmup_s: float,
-                      extra_env: dict | None = None) -> tuple[dict, bytes]:
+                      extra_env: dict | None = None, profile_level: int | None = None) -> tuple[dict, bytes]:
     import grpc
 
     from deltarec.v1 import ranker_pb2, ranker_pb2_grpc
@@ -225,7 +226,15 @@ def bench_one_catalog(suite, spec: str, etcd, levels, duration_s: float, warmup_
                   "index_kind": registration.get("index_kind"), "text_index_kind": registration.get("text_index_kind"),
                   "response_bytes": sample.ByteSize(), "levels": {}}
         for concurrency in levels:
+            sampler = None
+            if concurrency == profile_level:
+                raw = suite.work_dir / f"profile-{spec.replace(':', '-')}-c{concurrency}.txt"
+                sampler = _profile.record(ranker.process.pid, duration_s + warmup_s, raw)
             figures = run_load(ranker.address, users, concurrency, duration_s, warmup_s)
+            if sampler is not None:
+                sampler.wait(timeout=60)
+                result["profile"] = {"concurrency": concurrency, **_profile.summarise(raw)}
+                progress(f"{spec}: profile at concurrency {concurrency}: {result['profile'].get('share_pct')}")
             result["levels"][str(concurrency)] = figures
             progress(f"{spec}: concurrency {concurrency}: {figures['rps']} req/s, p50 {figures['p50_ms']} ms, "
                      f"p99 {figures['p99_ms']} ms, errors {figures['errors']}")
@@ -277,7 +286,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="RANKER_INDEX of the ranker under test")
     parser.add_argument("--only", choices=("beauty", "synthetic", "crossover"), default=None,
                         help="run one part only (development)")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the ranker with py-spy at concurrency 8 and report where its CPU goes")
     args = parser.parse_args(argv)
+    if args.profile and not _profile.available():
+        parser.error("--profile needs py-spy (.venv/bin/pip install py-spy)")
+    profile_level = 8 if args.profile else None
     duration_s, warmup_s = (1.5, 0.3) if args.quick else (10.0, 2.0)
     summary: dict = {"benchmark": "ranker", "quick": args.quick, "duration_s_per_level": duration_s,
                      "reference": "bare gRPC echo server (grpc.server, 16 threads, no interceptor) returning a "
@@ -292,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = None
         if args.only in (None, "beauty"):
             catalogs["beauty"], payload = bench_one_catalog(suite, "beauty", etcd, LEVELS, duration_s, warmup_s,
-                                                            extra_env={"RANKER_INDEX": args.index})
+                                                            extra_env={"RANKER_INDEX": args.index},
+                                                            profile_level=profile_level)
         if args.only in (None, "synthetic"):
             spec = f"synthetic:{args.synthetic_items}"
             name = f"synthetic_{args.synthetic_items // 1000}k"
@@ -303,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             for label, extra in variants:
                 key = name if label == variants[0][0] else f"{name}_{label}"
                 catalogs[key], synthetic_payload = bench_one_catalog(
-                    suite, spec, etcd, LEVELS, duration_s, warmup_s, extra_env=extra)
+                    suite, spec, etcd, LEVELS, duration_s, warmup_s, extra_env=extra,
+                    profile_level=profile_level)
                 catalogs[key]["ranker_index_setting"] = label
                 payload = payload or synthetic_payload
                 if label == "flat" and args.index == "flat":

@@ -21,6 +21,7 @@ from services.common.boot import Boot  # noqa: E402
 from services.ranker.admission import AdmissionControl  # noqa: E402
 from services.ranker.artifact_reader import ArtifactReader  # noqa: E402
 from services.ranker.catalog import Catalog  # noqa: E402
+from services.ranker.filters import default_exclusions  # noqa: E402
 from services.ranker.config import RankerConfig, check_settings  # noqa: E402
 from services.ranker.features_client import FeaturesClient  # noqa: E402
 from services.ranker.hot_swap import ModelManager  # noqa: E402
@@ -38,6 +39,7 @@ from services.ranker.routing import ServingState  # noqa: E402
 from services.ranker.search import Searcher  # noqa: E402
 from services.ranker.server import RankerServicer  # noqa: E402
 from services.ranker.user_cache import UserCache  # noqa: E402
+from services.ranker.user_feed import UserFeed  # noqa: E402
 
 
 def main() -> int:
@@ -60,7 +62,7 @@ def main() -> int:
     admission = AdmissionControl(config.max_running, config.max_waiting)
     path = RequestPath(catalog, users, admission, history_length=config.history_length,
                        max_wait_s=config.max_wait_s)
-    recommender = Recommender(catalog, state, path)
+    recommender = Recommender(catalog, state, path, default_filters=default_exclusions(config.default_exclude))
     searcher = Searcher(catalog, state, path, encoder)
     replica = RankerReplica(replica_id, catalog, state, recommender, searcher)
 
@@ -73,7 +75,7 @@ def main() -> int:
                                 interval_s=config.register_interval_s)
     manager.on_change = registration.poke
     lifecycle = ReplicaLifecycle(replica_id, catalog, state, features, feed, reader, manager, watcher,
-                                 registration, config.startup_timeout_s)
+                                 registration, config.startup_timeout_s, user_feed=UserFeed(features, users))
     service.on_shutdown(lifecycle.stop)
     return boot.run(lambda: lifecycle.start(service))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from services.common.config import HOST_PORT, CommonConfig, ConfigError, env
+from services.ranker.filters import EXCLUDE_POLICIES
 from services.ranker.index_structures import IndexOptions
 
 
@@ -44,14 +45,24 @@ class RankerConfig(CommonConfig):
     max_waiting: int = env("RANKER_MAX_WAITING", 48, minimum=0, maximum=100_000,
                            help="requests allowed to wait for a slot; more are refused with "
                                 "RESOURCE_EXHAUSTED")
+    # Measured (bench/scale.py): ~3 KB per cached user with a 50-entry history, more with a long
+    # seen set; 200k users ~ 0.6 GB. The WatchUsers stream keeps entries exact, so the size only
+    # decides the hit rate.
+    user_cache_size: int = env("RANKER_USER_CACHE_SIZE", 200_000, minimum=0, maximum=100_000_000,
+                               help="users whose state this replica keeps (LRU; kept exact by the "
+                                    "features.WatchUsers stream); 0 = read every request")
     user_cache_ttl_s: float = env("RANKER_USER_CACHE_TTL_S", 1.0, minimum=0.0, maximum=3600.0,
-                                  help="how long a user's history (and vector) is reused; 0 = always read; "
-                                       "min_data_lsn always reads through")
-    user_cache_size: int = env("RANKER_USER_CACHE_SIZE", 10_000, minimum=0)
+                                  help="only while the WatchUsers stream is down: how long a user's state "
+                                       "read from features is reused (0 = always read); min_data_lsn "
+                                       "always reads through")
+    default_exclude: str = env("RANKER_DEFAULT_EXCLUDE", "seen", choices=EXCLUDE_POLICIES,
+                               help="what Recommend leaves out when the request's filters do not say: "
+                                    "seen (every item the user interacted with; suits a storefront's "
+                                    "recommendation slots), purchased, or none")
     history_length: int = env("RANKER_HISTORY_LENGTH", 50, minimum=1, maximum=1000,
                               help="history items asked of features (the model uses at most its max_len)")
-    # features' WatchItems sends a bare watermark only every 5 s while no item changes: a write
-    # that touches no item (an event) can take that long to reach this replica's watermark.
+    # features' WatchItems and WatchUsers follow every commit, so the wait is about as long as
+    # features takes to apply the write (tens of ms), not a heartbeat interval.
     max_wait_s: float = env("RANKER_MAX_LSN_WAIT_S", 10.0, minimum=0.0, maximum=600.0,
                             help="longest wait for min_data_lsn (also capped by the call's deadline)")
     lease_ttl_s: int = env("RANKER_LEASE_TTL_S", 10, minimum=2, maximum=3600,

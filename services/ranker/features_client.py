@@ -1,5 +1,6 @@
-"""The ranker's client of the features service: user histories (GetUserFeatures), query
-embeddings (EmbedText) and the applied LSN (Status). The item feed (WatchItems) is item_feed.py."""
+"""The ranker's client of the features service: user histories (GetUserFeatures,
+BatchGetUserFeatures), query embeddings (EmbedText) and the applied LSN (Status). The item feed
+(WatchItems) is item_feed.py, the user-change feed (WatchUsers) user_feed.py."""
 from __future__ import annotations
 
 import grpc
@@ -22,6 +23,17 @@ def make_channel(address: str) -> grpc.Channel:
     ])
 
 
+def user_history_of(features, data_lsn: int) -> UserHistory:
+    """A UserFeatures message as the ranker keeps it."""
+    entries = [entry for entry in features.history if entry.item_id]
+    return UserHistory(
+        item_ids=tuple(entry.item_id for entry in entries),
+        event_types=tuple(int(MODEL_INDEX_BY_PROTO.get(entry.type, EventType.PAD)) for entry in entries),
+        timestamps=tuple(entry.timestamp.seconds + entry.timestamp.nanos / 1e9 for entry in entries),
+        data_lsn=data_lsn, updated_lsn=features.updated_lsn,
+        seen_item_ids=tuple(features.seen_item_ids), purchased_item_ids=tuple(features.purchased_item_ids))
+
+
 class FeaturesClient:
     """User histories and query embeddings from the features service."""
 
@@ -30,6 +42,7 @@ class FeaturesClient:
         self.timeout_s = timeout_s
         self.channel = channel or make_channel(address)
         self.stub = features_pb2_grpc.FeaturesServiceStub(self.channel)
+        self._batch_supported = True
 
     def _timeout(self, timeout_s: float | None) -> float:
         return self.timeout_s if timeout_s is None else max(0.001, min(self.timeout_s, timeout_s * 0.9))
@@ -43,13 +56,27 @@ class FeaturesClient:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return UserHistory()
             raise FeaturesUnavailable(f"GetUserFeatures: {error.code().name}") from None
-        history = response.features.history
-        entries = [entry for entry in history if entry.item_id]
-        return UserHistory(
-            item_ids=tuple(entry.item_id for entry in entries),
-            event_types=tuple(int(MODEL_INDEX_BY_PROTO.get(entry.type, EventType.PAD)) for entry in entries),
-            timestamps=tuple(entry.timestamp.seconds + entry.timestamp.nanos / 1e9 for entry in entries),
-            data_lsn=response.data_lsn, updated_lsn=response.features.updated_lsn)
+        return user_history_of(response.features, response.data_lsn)
+
+    def user_histories(self, user_ids: list[str], max_history: int,
+                       timeout_s: float | None) -> dict[str, UserHistory]:
+        """Several users in one read (BatchGetUserFeatures), all exact as of one LSN; users
+        features does not know get an empty history at that LSN. One by one against a features
+        service without the batch call."""
+        if not self._batch_supported:
+            return {user_id: self.user_history(user_id, max_history, timeout_s) for user_id in user_ids}
+        try:
+            response = self.stub.BatchGetUserFeatures(
+                features_pb2.BatchGetUserFeaturesRequest(user_ids=user_ids, max_history=max_history),
+                timeout=self._timeout(timeout_s))
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._batch_supported = False
+                return self.user_histories(user_ids, max_history, timeout_s)
+            raise FeaturesUnavailable(f"BatchGetUserFeatures: {error.code().name}") from None
+        found = {features.user_id: user_history_of(features, response.data_lsn) for features in response.users}
+        empty = UserHistory(data_lsn=response.data_lsn)
+        return {user_id: found.get(user_id, empty) for user_id in user_ids}
 
     def encode(self, texts: list[str]) -> np.ndarray:
         try:

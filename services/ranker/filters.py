@@ -30,6 +30,17 @@ class FilterSpec:
 
 NO_FILTERS = FilterSpec(exclude_purchased=False)
 
+# RANKER_DEFAULT_EXCLUDE: what Recommend leaves out when a request does not say.
+EXCLUDE_POLICIES = ("seen", "purchased", "none")
+
+
+def default_exclusions(policy: str) -> FilterSpec:
+    """The Recommend filters of a deployment policy: "seen" (every item the user interacted
+    with, purchased ones included), "purchased", or "none"."""
+    if policy not in EXCLUDE_POLICIES:
+        raise ValueError(f"exclusion policy must be one of {EXCLUDE_POLICIES}, got {policy!r}")
+    return FilterSpec(exclude_purchased=policy in ("seen", "purchased"), exclude_seen=policy == "seen")
+
 
 def make_acceptor(catalog: Catalog, filters: FilterSpec, excluded: set[int]) -> Callable[[int], bool]:
     categories, low, high = filters.categories, filters.min_price, filters.max_price

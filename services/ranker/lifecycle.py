@@ -22,6 +22,7 @@ from services.ranker.item_feed import ItemFeed
 from services.ranker.model_watch import EtcdModelWatcher
 from services.ranker.registration import Registration
 from services.ranker.routing import ServingState
+from services.ranker.user_feed import UserFeed
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,15 @@ class ReplicaLifecycle:
     watcher: EtcdModelWatcher
     registration: Registration
     startup_timeout_s: float
+    user_feed: UserFeed | None = None     # features.WatchUsers into the user cache
 
     def start(self, service: GrpcService) -> None:
         """Runs as the service's ready check; stops `service` and exits with status 1 when the
         catalog does not catch up within the start-up timeout."""
         deadline = time.monotonic() + self.startup_timeout_s
         self.feed.start()
+        if self.user_feed is not None:
+            self.user_feed.start()
         if not self.catalog.ready.wait(self.startup_timeout_s):
             log.error("catalog not caught up in time; is the features service at FEATURES_ADDRESS up?",
                       extra={"features_address": self.features.address})
@@ -69,5 +73,7 @@ class ReplicaLifecycle:
         self.watcher.stop()
         self.manager.stop()
         self.feed.stop()
+        if self.user_feed is not None:
+            self.user_feed.stop()
         self.features.close()
         self.reader.close()

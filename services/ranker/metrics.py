@@ -17,3 +17,7 @@ USER_CACHE = Counter("deltarec_ranker_user_cache_total", "user feature cache loo
 DEGRADED = Counter("deltarec_ranker_degraded_total", "answers without user features (features unreachable)")
 MIN_LSN_WAIT = Histogram("deltarec_ranker_min_lsn_wait_seconds", "time spent waiting for min_data_lsn",
                          buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
+USER_CHANGES = Counter("deltarec_ranker_user_changes_total", "user changes received from WatchUsers")
+USER_FEED_RECONNECTS = Counter("deltarec_ranker_user_feed_reconnects_total", "WatchUsers stream reconnects")
+USER_STREAM_LSN = Gauge("deltarec_ranker_user_stream_lsn", "position of the user-change stream applied")
+USER_CACHE_ENTRIES = Gauge("deltarec_ranker_user_cache_entries", "users held by the user cache")

@@ -1,21 +1,23 @@
 """Recommend and SimilarItems: the request logic, plain Python (the gRPC edge is server.py).
 
-Recommend: route the user (current or canary), read the user's history from features (through
-the short-lived cache), run the model's user tower over the history's item vectors, retrieve from
-the bundle's item index with the filters, and explain each item by the history item it is most
-similar to ("because you bought X"). A user without usable history, or a replica without a
-model, gets popular items (live popularity from features, else the model's popular list) mixed
-with the newest items.
+Recommend: route the user (current or canary), read the user's state from features (through the
+stream-kept cache, user_cache.py; plus the current session's items, session.py), run the model's
+user tower over the history's item vectors, retrieve from the bundle's item index with the
+filters, and explain each item by the history item it is most similar to ("because you bought
+X"). Seen/purchased exclusions cover the user's whole history (seen_filter.py); the default
+policy is the deployment's (RANKER_DEFAULT_EXCLUDE). A user without usable history, or a replica
+without a model, gets popular items (live popularity from features, else the model's popular
+list) mixed with the newest items.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from services.common.errors import NotFound
+from services.common.errors import InvalidArgument, NotFound
 from services.contracts.event_types import EventType
 from services.ranker.answer import Answer, Scored
 from services.ranker.arguments import check_id, check_k
@@ -25,6 +27,8 @@ from services.ranker.model_bundle import ModelBundle
 from services.ranker.request_path import RequestPath
 from services.ranker.retrieval import retrieve
 from services.ranker.routing import ServingState
+from services.ranker.seen_filter import excluded_items
+from services.ranker.session import SessionEvent, check_session, with_session
 from services.ranker.user_cache import CachedUser, UserHistory
 from services.ranker.user_vector import user_vector
 
@@ -45,41 +49,37 @@ def short(title: str) -> str:
 
 class Recommender:
     def __init__(self, catalog: Catalog, state: ServingState, path: RequestPath, *,
-                 fresh_share: float = 0.3) -> None:
+                 fresh_share: float = 0.3, default_filters: FilterSpec | None = None) -> None:
         self.catalog, self.state, self.path = catalog, state, path
         self.fresh_share = fresh_share
+        # The deployment's exclusion policy (RANKER_DEFAULT_EXCLUDE) for requests that leave it unset.
+        self.default_filters = default_filters if default_filters is not None else FilterSpec()
 
     # ------------------------------------------------------------------ Recommend
     def recommend(self, user_id: str, k: int = 10, filters: FilterSpec | None = None, min_data_lsn: int = 0,
-                  timeout_s: float | None = None) -> Answer:
-        check_id("user_id", user_id)
+                  timeout_s: float | None = None, session: Sequence[SessionEvent] = ()) -> Answer:
+        session = check_session(session)
+        if not user_id and not session:
+            raise InvalidArgument("user_id: required (or the items of the current session)")
+        check_id("user_id", user_id, required=False)
         k = check_k(k)
-        filters = filters if filters is not None else FilterSpec()
+        filters = filters if filters is not None else self.default_filters
         with self.path.admitted(min_data_lsn, timeout_s) as time_left:
             watermark = self.catalog.watermark
             bundle, variant = self.state.route(user_id)
             version = bundle.version if bundle is not None else 0
-            cached = self.path.user(user_id, min_data_lsn, time_left)
+            cached = self.path.user(user_id, min_data_lsn, time_left) if user_id else None
+            if session:
+                cached = with_session(cached, session, watermark)
             history = cached.history if cached is not None else UserHistory()
             data_lsn = min(watermark, history.data_lsn) if history.data_lsn else watermark
-            excluded = self._excluded(history, filters)
+            excluded = excluded_items(self.catalog, cached, filters)
             if bundle is not None and cached is not None:
                 personal = self._personal(bundle, cached, k, filters, excluded)
                 if personal:
                     return Answer(personal, version, data_lsn, variant, cold_start=False)
             items = self.cold_start(bundle, k, filters, excluded)
             return Answer(items, version, data_lsn, variant, cold_start=True)
-
-    def _excluded(self, history: UserHistory, filters: FilterSpec) -> set[int]:
-        excluded = self.catalog.known_iids(filters.exclude_item_ids)
-        if filters.exclude_seen or filters.exclude_purchased:
-            purchase = int(EventType.PURCHASE)
-            for item_id, event in zip(history.item_ids, history.event_types):
-                if filters.exclude_seen or event == purchase:
-                    iid = self.catalog.iid(item_id)
-                    if iid is not None:
-                        excluded.add(iid)
-        return excluded
 
     def _personal(self, bundle: ModelBundle, cached: CachedUser, k: int, filters: FilterSpec,
                   excluded: set[int]) -> list[Scored]:

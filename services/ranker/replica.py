@@ -44,4 +44,5 @@ class RankerReplica:
             "refused_version": self.state.refused_version,
             "refused_reason": self.state.refused_reason,
             "swaps": self.state.swaps,
+            "user_cache": self.recommender.path.users.status(),
         }

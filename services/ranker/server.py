@@ -18,6 +18,7 @@ from services.ranker.index_digest import IndexDigester
 from services.ranker.read_your_writes import DataBehind
 from services.ranker.repair import ReplicaRepair
 from services.ranker.replica import RankerReplica
+from services.ranker.session import SessionEvent
 
 WATERMARK_METADATA = "deltarec-data-lsn"
 MAX_DETAIL_BUCKETS = 64
@@ -37,9 +38,19 @@ def filters_from(request, default: FilterSpec) -> FilterSpec:
     for name, value in (("filters.min_price", low), ("filters.max_price", high)):
         if value is not None and not math.isfinite(value):
             raise InvalidArgument(f"{name}: must be a finite number")
-    return FilterSpec(exclude_purchased=f.exclude_purchased, exclude_seen=f.exclude_seen,
+    # Exclusions left unset keep the default (the deployment's policy for Recommend).
+    purchased = f.exclude_purchased if f.HasField("exclude_purchased") else default.exclude_purchased
+    seen = f.exclude_seen if f.HasField("exclude_seen") else default.exclude_seen
+    return FilterSpec(exclude_purchased=purchased, exclude_seen=seen,
                       categories=tuple(c for c in f.categories if c), min_price=low, max_price=high,
                       exclude_item_ids=tuple(f.exclude_item_ids))
+
+
+def session_from(request) -> tuple[SessionEvent, ...]:
+    return tuple(SessionEvent(event.item_id, event.type,
+                              event.timestamp.seconds + event.timestamp.nanos / 1e9
+                              if event.HasField("timestamp") else None)
+                 for event in request.session)
 
 
 def _items(answer: Answer):
@@ -76,9 +87,10 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     @grpc_errors
     @refusals_reported
     def Recommend(self, request, context):
-        answer = self.replica.recommender.recommend(
-            request.user_id, request.k, filters_from(request, FilterSpec()), request.min_data_lsn,
-            time_remaining(context))
+        recommender = self.replica.recommender
+        answer = recommender.recommend(
+            request.user_id, request.k, filters_from(request, recommender.default_filters),
+            request.min_data_lsn, time_remaining(context), session=session_from(request))
         return ranker_pb2.RecommendResponse(
             items=_items(answer), freshness=_freshness(answer), cold_start=answer.cold_start,
             variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version))
