@@ -4,7 +4,7 @@
     .venv/bin/python bench/incremental.py --quick    # < ~60 s: 2000 users, 8 epochs, 2 steps
     .venv/bin/python bench/incremental.py --epochs 10 --steps 5 --step-share 0.01
 
-This benchmark calls the trainer's pure pipeline (services/trainer/pipeline.py: the same
+This benchmark calls the trainer's pure run steps (services/trainer/run_steps.py: the same
 functions the trainer service runs for Train and Update) directly: no servers, no database, no
 etcd. Protocol:
 
@@ -49,7 +49,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from services.trainer import pipeline, strategies  # noqa: E402
+from services.trainer import run_steps, strategies  # noqa: E402
 from scripts.datasets import (BEAUTY_SYNTHETIC_START, BEAUTY_SYNTHETIC_STEP_SECONDS, cached_text_embeddings,  # noqa: E402
                               load_beauty_interactions)
 from services.trainer.leave_one_out import EvalCase  # noqa: E402
@@ -118,7 +118,7 @@ def split(data) -> tuple[list[Interaction], list[Interaction], dict[str, tuple[s
     return base, pool, tests
 
 
-def cases_for(prepared: pipeline.Prepared, tests: dict[str, tuple[str, float]]) -> list[EvalCase]:
+def cases_for(prepared: run_steps.Prepared, tests: dict[str, tuple[str, float]]) -> list[EvalCase]:
     cases = []
     for user, (item, when) in sorted(tests.items()):
         index = prepared.data.user_ids.get(user)
@@ -144,23 +144,23 @@ class Clock:
 
 def full_run(interactions, catalog, vectors, config, seed, epochs):
     clock = Clock()
-    prepared = pipeline.prepare(interactions, catalog_items=catalog, eval_users=0)
-    pipeline.set_item_text(prepared, vectors)
-    model, stats = pipeline.run_full(prepared, config, seed=seed, epochs=epochs)
-    pipeline.item_vector_table(model, prepared, catalog)
+    prepared = run_steps.prepare(interactions, catalog_items=catalog, eval_users=0)
+    run_steps.set_item_text(prepared, vectors)
+    model, stats = run_steps.run_full(prepared, config, seed=seed, epochs=epochs)
+    run_steps.item_vector_table(model, prepared, catalog)
     return model, prepared, clock.stop()
 
 
 def incremental_run(parent, parent_ids, interactions, catalog, vectors, after_lsn, strategy, seed):
     clock = Clock()
-    prepared = pipeline.prepare(interactions, item_prefix=parent_ids, catalog_items=catalog, eval_users=0)
-    pipeline.set_item_text(prepared, vectors)
-    new, old_counts = pipeline.new_interactions(prepared, after_lsn)
+    prepared = run_steps.prepare(interactions, item_prefix=parent_ids, catalog_items=catalog, eval_users=0)
+    run_steps.set_item_text(prepared, vectors)
+    new, old_counts = run_steps.new_interactions(prepared, after_lsn)
     selection = strategies.select(new, strategy, max(i.occurred_at for i in interactions), old_counts)
-    model = pipeline.remap_items(parent, parent_ids, prepared.data.item_ids)
-    stats = pipeline.run_incremental(model, prepared, pipeline.examples_of(selection.selected),
+    model = run_steps.remap_items(parent, parent_ids, prepared.data.item_ids)
+    stats = run_steps.run_incremental(model, prepared, run_steps.examples_of(selection.selected),
                                      strategy.replay_ratio, seed=seed)
-    pipeline.item_vector_table(model, prepared, catalog)
+    run_steps.item_vector_table(model, prepared, catalog)
     return model, prepared, clock.stop(), selection, stats
 
 

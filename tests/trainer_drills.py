@@ -3,7 +3,7 @@
     python -m tests.trainer_drills        # the trainer service, with the drill hooks of the env
 
 runs `services.trainer.__main__.main` exactly as the service does, with `DrillHooks` in its
-core (services/trainer/core.py `RunHooks`):
+core (services/trainer/runs.py `RunHooks`):
 
 * `TRAINER_DRILL_HANG_AT=<point>` (training | artifact_written | published_etcd): the run blocks
   forever at that point, after printing `DELTAREC_FAULT hanging at <point> version=N`, so a
@@ -21,7 +21,7 @@ import threading
 import torch
 
 from services.model.network import DeltaRecModel
-from services.trainer.core import RunHooks
+from services.trainer.runs import RunHooks
 
 log = logging.getLogger("deltarec.trainer.drills")
 

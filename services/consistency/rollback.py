@@ -5,7 +5,7 @@ is replaced by a compare-and-swap from the exact value read before (a concurrent
 rollback wins and is reported, never overwritten); the value written is the ModelPointer the
 trainer published for that version (same bytes). model_versions records it: the version rolled
 back from becomes 'rolled_back' (rolled_back_to, rolled_back_at), which the trainer's loop reads
-so that it does not publish straight over the rollback (services/trainer/loop.py).
+so that it does not publish straight over the rollback (services/trainer/scheduler.py).
 """
 from __future__ import annotations
 

@@ -14,11 +14,12 @@ from deltarec.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.artifacts import ArtifactStore
 from services.common.boot import Boot
 from services.trainer.config import TrainerConfig
-from services.trainer.core import RunHooks, TrainerCore, set_torch_threads
 from services.trainer.leader import LeaderElector
-from services.trainer.loop import StreamRecorder, TrainingLoop
 from services.trainer.publisher import Publisher
+from services.trainer.runs import RunHooks, TrainerCore, set_torch_threads
+from services.trainer.scheduler import TrainingLoop
 from services.trainer.server import TrainerServicer
+from services.trainer.stream_recorder import StreamRecorder
 from services.trainer.versions import describe_version
 
 log = logging.getLogger("deltarec.trainer")

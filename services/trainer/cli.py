@@ -91,7 +91,7 @@ def _train_local(args) -> int:
     from services.common.config import load
     from services.common.etcd import Etcd, Leadership
     from services.trainer.config import TrainerConfig
-    from services.trainer.core import TrainerCore, set_torch_threads
+    from services.trainer.runs import TrainerCore, set_torch_threads
     from services.contracts.etcd_keys import TRAINER_LEADER
     from services.trainer.publisher import Publisher
     from services.trainer.server import version_message

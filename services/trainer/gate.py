@@ -1,7 +1,7 @@
 """The evaluation gate: publish a candidate only if it is not worse than the current version
 beyond a tolerance.
 
-Both are evaluated NOW on the same most recent held-out slice (see `pipeline.prepare`), ranking
+Both are evaluated NOW on the same most recent held-out slice (see `run_steps.prepare`), ranking
 against all items, so the comparison is paired and fair: neither model has learned those
 targets (the current version was trained before they existed or while they were held out).
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.trainer import pipeline
+from services.trainer import run_steps
 from services.model.network import DeltaRecModel
 
 
@@ -38,7 +38,7 @@ class GateDecision:
 
 def decide(candidate: dict, baseline: dict | None, metric: str = "ndcg_at_10", tolerance: float = 0.05, *,
            differences: np.ndarray | None = None, z: float = 0.0) -> GateDecision:
-    """Pure decision on two metric dicts (as `pipeline.evaluate` returns them) and, optionally,
+    """Pure decision on two metric dicts (as `run_steps.evaluate` returns them) and, optionally,
     the per-user paired differences of the metric (candidate - current)."""
     if baseline is None:
         return GateDecision(True, "passed: first version, no current version to compare with", candidate, None)
@@ -57,16 +57,16 @@ def decide(candidate: dict, baseline: dict | None, metric: str = "ndcg_at_10", t
     return GateDecision(False, f"rejected by the gate: {detail}", candidate, baseline)
 
 
-def evaluate_pair(candidate: DeltaRecModel, current: DeltaRecModel | None, prepared: "pipeline.Prepared",
+def evaluate_pair(candidate: DeltaRecModel, current: DeltaRecModel | None, prepared: "run_steps.Prepared",
                   metric: str = "ndcg_at_10", tolerance: float = 0.05, z: float = 0.0) -> GateDecision:
     """Evaluates both models on the prepared held-out slice and decides. `current` must be in
-    the prepared index space (see `pipeline.remap_items`)."""
-    candidate_ranks = pipeline.holdout_ranks(candidate, prepared)
-    candidate_metrics = pipeline.metrics_of_ranks(candidate_ranks)
+    the prepared index space (see `run_steps.remap_items`)."""
+    candidate_ranks = run_steps.holdout_ranks(candidate, prepared)
+    candidate_metrics = run_steps.metrics_of_ranks(candidate_ranks)
     if current is None:
         return decide(candidate_metrics, None, metric, tolerance)
-    current_ranks = pipeline.holdout_ranks(current, prepared)
-    differences = (pipeline.per_case_gains(candidate_ranks, metric)
-                   - pipeline.per_case_gains(current_ranks, metric))
-    return decide(candidate_metrics, pipeline.metrics_of_ranks(current_ranks), metric, tolerance,
+    current_ranks = run_steps.holdout_ranks(current, prepared)
+    differences = (run_steps.per_case_gains(candidate_ranks, metric)
+                   - run_steps.per_case_gains(current_ranks, metric))
+    return decide(candidate_metrics, run_steps.metrics_of_ranks(current_ranks), metric, tolerance,
                   differences=differences, z=z)

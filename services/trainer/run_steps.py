@@ -1,6 +1,7 @@
-"""Full training and incremental update, as plain functions over in-memory data.
+"""The steps of a run (full training or incremental update) as plain functions over in-memory
+data: prepare the inputs, train (training.py), evaluate the held-out slice, remap and export.
 
-No database, etcd or gRPC here: `services.trainer.core` feeds these functions from the
+No database, etcd or gRPC here: `services.trainer.runs` feeds these functions from the
 interaction log and the feature store and stores what they return; `bench/incremental.py`
 calls them directly.
 
@@ -36,7 +37,7 @@ from services.trainer.evaluation import evaluate_model, metrics_from_ranks, targ
 from services.trainer.interaction_log import Interaction
 from services.model.network import DeltaRecModel, ModelConfig
 from services.trainer.strategies import NewInteraction
-from services.trainer.training import TrainingStats, train_full, update_incremental
+from services.trainer.training import EpochProgress, TrainingStats, train_full, update_incremental
 
 
 TEXT_DIM = 384
@@ -150,18 +151,18 @@ def examples_of(selected: Iterable[NewInteraction]) -> list[TrainingExample]:
 
 
 def run_full(prepared: Prepared, config: ModelConfig, seed: int, epochs: int | None = None,
-             progress: bool = False) -> tuple[DeltaRecModel, TrainingStats]:
+             progress: bool = False, on_epoch: EpochProgress | None = None) -> tuple[DeltaRecModel, TrainingStats]:
     return train_full(prepared.data, config, seed=seed, epochs=epochs, progress=progress,
-                      histories=prepared.train_histories)
+                      histories=prepared.train_histories, on_epoch=on_epoch)
 
 
 def run_incremental(model: DeltaRecModel, prepared: Prepared, examples: Sequence[TrainingExample],
                     replay_ratio: float, seed: int, epochs: int | None = None,
-                    progress: bool = False) -> TrainingStats:
+                    progress: bool = False, on_epoch: EpochProgress | None = None) -> TrainingStats:
     """Warm-start fine-tune of `model` in place (its id table must be a prefix of the prepared
     one: see `remap_items`); grows the id table to the prepared item count."""
     return update_incremental(model, prepared.training_view(), examples, replay_ratio=replay_ratio,
-                              seed=seed, epochs=epochs, progress=progress)
+                              seed=seed, epochs=epochs, progress=progress, on_epoch=on_epoch)
 
 
 def evaluate(model: DeltaRecModel, prepared: Prepared) -> dict:

@@ -1,6 +1,6 @@
 """The trainer's core: full trainings, incremental updates, the gate, publishing, crash recovery.
 
-Plain Python between the gRPC edge (server.py), the background loop (loop.py) and storage
+Plain Python between the gRPC edge (server.py), the background loop (scheduler.py) and storage
 (interaction log, model_versions/trainer_runs, artifact store, etcd). One run at a time per
 process (a lock), and only while this process holds the leader lease.
 
@@ -8,7 +8,7 @@ A run, step by step (each step durable before the next):
 1. read etcd `model/current` (the parent for an update, the gate's baseline for both kinds) and
    the interaction log's high-water mark (the run's lsn_to);
 2. allocate the version: model_versions 'candidate' + trainer_runs 'training' (versions.py);
-3. train (pipeline.py) on the interactions up to lsn_to, evaluate candidate and current on the
+3. train (run_steps.py) on the interactions up to lsn_to, evaluate candidate and current on the
    held-out slice, decide (gate.py);
 4. write the artifact (content-addressed, sha256) and record metrics, sha256, URI and the
    decision: phase 'trained' (or 'done' + status 'rejected' when the gate refused);
@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import torch
 
 from services.common.artifacts import read_verified
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.trainer import gate, pipeline, strategies
+from services.trainer import gate, run_steps, strategies
 from services.model.artifact import ModelArtifact, deserialize
 from services.trainer.catalog import Catalog
 from services.trainer.config import TrainerConfig
@@ -73,7 +72,7 @@ class Progress:
 @dataclass
 class _Inputs:
     """A run's data, prepared once (fresh runs prepare before allocating, to skip cheaply)."""
-    prepared: pipeline.Prepared
+    prepared: run_steps.Prepared
     parent: ModelArtifact | None
     examples: list = field(default_factory=list)
     selection: strategies.Selection | None = None
@@ -218,24 +217,24 @@ class TrainerCore:
                 setattr(self.progress, name, value)
         log.info("run phase", extra={"phase": phase, "version": self.progress.version if self.progress else 0})
 
-    def _as_of(self, prepared: pipeline.Prepared) -> float:
+    def _as_of(self, prepared: run_steps.Prepared) -> float:
         return max((i.occurred_at for i in prepared.interactions), default=0.0)
 
     def _inputs(self, kind: str, lsn_to: int, *, parent: ModelArtifact | None, parent_lsn: int,
                 request: dict) -> "_Inputs":
         interactions = self.log.load(lsn_to)
         catalog_items, _ = self.catalog.items()
-        prepared = pipeline.prepare(interactions, item_prefix=parent.item_ids if parent else (),
+        prepared = run_steps.prepare(interactions, item_prefix=parent.item_ids if parent else (),
                                     catalog_items=catalog_items, eval_users=self.config.eval_users)
-        pipeline.set_item_text(prepared, self.catalog.vectors(prepared.data.item_ids.external_ids()))
+        run_steps.set_item_text(prepared, self.catalog.vectors(prepared.data.item_ids.external_ids()))
         inputs = _Inputs(prepared, parent)
         if kind == "update":
             strategy = Strategy.from_dict(request["strategy"])
             as_of = request.get("as_of") or self._as_of(prepared)
-            new, old_counts = pipeline.new_interactions(prepared, parent_lsn)
+            new, old_counts = run_steps.new_interactions(prepared, parent_lsn)
             inputs.selection = strategies.select(new, strategy, as_of, old_counts)
             inputs.selection_as_of = as_of
-            inputs.examples = pipeline.examples_of(inputs.selection.selected)
+            inputs.examples = run_steps.examples_of(inputs.selection.selected)
         return inputs
 
     def _execute(self, run: Run, inputs: "_Inputs | None" = None) -> Outcome:
@@ -258,8 +257,7 @@ class TrainerCore:
         started = time.perf_counter()
         seed = int(request.get("seed", self.config.seed))
         self._phase("training", epochs=int(request.get("epochs") or 0))
-        with self._epoch_progress():
-            model, stats, extra = self._train(run, inputs, seed)
+        model, stats, extra = self._train(run, inputs, seed)
         train_seconds = time.perf_counter() - started
         self.hooks.candidate_trained(model, run.version)
 
@@ -271,13 +269,13 @@ class TrainerCore:
         self._phase("storing")
         catalog_items, active = self.catalog.items()
         active_ids = active if catalog_items else prepared.data.item_ids.external_ids()
-        vector_ids, vectors = pipeline.item_vector_table(model, prepared, active_ids)
+        vector_ids, vectors = run_steps.item_vector_table(model, prepared, active_ids)
         artifact = ModelArtifact(
             version=run.version, config=model.config,
             state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
             item_ids=prepared.data.item_ids.external_ids(), item_vector_ids=vector_ids, item_vectors=vectors,
             data_lsn=run.lsn_to, parent_version=run.parent_version,
-            popular_item_ids=pipeline.popular_items(prepared.interactions, 100, set(active_ids)))
+            popular_item_ids=run_steps.popular_items(prepared.interactions, 100, set(active_ids)))
         uri, sha = self.publisher.store_artifact(artifact)
         self._remember(sha, artifact)
         self.versions.record_trained(
@@ -301,68 +299,29 @@ class TrainerCore:
         prepared, request = inputs.prepared, run.request
         extra: dict = {}
         if run.kind == "full":
-            model, stats = pipeline.run_full(prepared, self.config.model_config(), seed=seed,
+            model, stats = run_steps.run_full(prepared, self.config.model_config(), seed=seed,
                                              epochs=int(request.get("epochs") or self.config.epochs),
-                                             progress=self.show_progress)
+                                             progress=self.show_progress, on_epoch=self._epoch_progress)
         else:
             parent = inputs.parent
-            model = pipeline.remap_items(parent.build_model(), parent.item_ids, prepared.data.item_ids)
+            model = run_steps.remap_items(parent.build_model(), parent.item_ids, prepared.data.item_ids)
             model.config = dataclasses.replace(
                 model.config, incremental_epochs=self.config.incremental_epochs,
                 incremental_learning_rate=self.config.incremental_learning_rate,
                 batch_size=self.config.batch_size, num_negatives=self.config.num_negatives)
             strategy = Strategy.from_dict(request["strategy"])
-            stats = pipeline.run_incremental(model, prepared, inputs.examples, strategy.replay_ratio, seed=seed,
+            stats = run_steps.run_incremental(model, prepared, inputs.examples, strategy.replay_ratio, seed=seed,
                                              epochs=int(request.get("epochs") or self.config.incremental_epochs),
-                                             progress=self.show_progress)
+                                             progress=self.show_progress, on_epoch=self._epoch_progress)
             extra = {**inputs.selection.summary(), "examples": len(inputs.examples),
                      "replay_examples": stats.replay_examples,
                      "new_items": len(prepared.data.item_ids) - len(parent.item_ids)}
         return model, stats, extra
 
-    @contextlib.contextmanager
-    def _epoch_progress(self):
-        """Epoch-level progress for Status while training.py runs its epochs.
-
-        training.py reports epochs only through a tqdm bar (`desc="epoch N/M"`), so for the
-        duration of a run its module-level `tqdm` is swapped for a silent stand-in that copies N
-        and M into `self.progress`. Nothing else changes; if training.py stops using tqdm this
-        way, Status just shows no epoch counts. The CLI (`show_progress`) keeps the real bars."""
-        from services.trainer import training
-        original = getattr(training, "tqdm", None)
-        if original is None or self.show_progress:
-            yield
-            return
-        core = self
-
-        class EpochReporter:
-            def __init__(self, iterable=(), desc: str = "", **_ignored) -> None:
-                self.iterable = iterable
-                match = re.match(r"epoch (\d+)/(\d+)", desc or "")
-                self.epoch = int(match.group(1)) if match else None
-                if match and core.progress is not None:
-                    core.progress.epoch, core.progress.epochs = self.epoch - 1, int(match.group(2))
-
-            def __iter__(self):
-                yield from self.iterable
-                if self.epoch is not None and core.progress is not None:
-                    core.progress.epoch = self.epoch
-
-            def __len__(self) -> int:
-                return len(self.iterable)
-
-            def __getattr__(self, name):      # set_postfix, update, close, ...: no-ops
-                return lambda *args, **kwargs: None
-
-            @staticmethod
-            def write(*args, **kwargs) -> None:
-                pass
-
-        training.tqdm = EpochReporter
-        try:
-            yield
-        finally:
-            training.tqdm = original
+    def _epoch_progress(self, done: int, epochs: int) -> None:
+        """training.py's progress callback: the epoch counts that Status shows while training."""
+        if self.progress is not None:
+            self.progress.epoch, self.progress.epochs = done, epochs
 
     def _publish(self, run: Run, uri: str, sha: str, metrics: dict, gate_reason: str) -> Outcome:
         self._phase("publishing")
@@ -454,7 +413,7 @@ class TrainerCore:
             raise FailedPrecondition(f"version {version} has no artifact")
         return self._load_artifact(row.artifact_uri, row.sha256)
 
-    def _baseline_model(self, run: Run, prepared: pipeline.Prepared):
+    def _baseline_model(self, run: Run, prepared: run_steps.Prepared):
         """The version the run is gated against (etcd's value when the run started), in the
         prepared index space; None when there was none or it cannot be loaded."""
         if not run.baseline_value:
@@ -466,7 +425,7 @@ class TrainerCore:
             log.warning("gate: the current version cannot be loaded; comparing with nothing",
                         extra={"error": str(error)[:200]})
             return None
-        return pipeline.remap_items(artifact.build_model(), artifact.item_ids, prepared.data.item_ids)
+        return run_steps.remap_items(artifact.build_model(), artifact.item_ids, prepared.data.item_ids)
 
 
 def set_torch_threads(threads: int) -> None:

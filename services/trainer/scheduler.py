@@ -1,9 +1,5 @@
-"""What the leader does by itself: record the delta stream, and keep the model current.
-
-Recording: consumer group `trainer` on the collector's delta stream (`events` table only). Each
-batch goes to the interaction log in one transaction with the LSN high-water mark
-(`InteractionLog.apply_batch`); the DeltaConsumer acks a batch only after that call returned, so
-only durably recorded data is ever acked.
+"""The leader's scheduler: when to train, by itself, to keep the model current (the delta
+stream is recorded meanwhile by stream_recorder.py, started on election).
 
 Training, every TRAINER_LOOP_INTERVAL_S:
 * first, once after each election, `recover()` finishes or abandons runs a crash left open;
@@ -28,8 +24,8 @@ import logging
 import threading
 import time
 
-from services.common.delta_consumer import DeltaConsumer, row_of
-from services.trainer.core import TrainerCore
+from services.trainer.runs import TrainerCore
+from services.trainer.stream_recorder import StreamRecorder
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +33,7 @@ log = logging.getLogger(__name__)
 class TrainingLoop:
     def __init__(self, core: TrainerCore, *, enabled: bool, interval_s: float, min_interactions: int,
                  full_retrain_growth: float = 0.0, min_text_coverage: float = 0.0,
-                 recorder: "StreamRecorder | None" = None) -> None:
+                 recorder: StreamRecorder | None = None) -> None:
         self.core, self.enabled, self.interval_s, self.min_interactions = core, enabled, interval_s, min_interactions
         self.full_retrain_growth, self.min_text_coverage = full_retrain_growth, min_text_coverage
         self.recorder = recorder
@@ -137,40 +133,3 @@ class TrainingLoop:
         log.info("loop: full retraining", extra={"interactions": total, "last_full": last_full.version})
         core.train(publish=True)
         return True
-
-
-class StreamRecorder:
-    """The delta-stream consumer of group `trainer`, started while this trainer leads."""
-
-    def __init__(self, collector_address: str, core: TrainerCore, group: str = "trainer") -> None:
-        self.collector_address, self.core, self.group = collector_address, core, group
-        self.consumer = None
-        self._lock = threading.Lock()
-
-    def start(self) -> bool:
-        with self._lock:
-            if self.consumer is not None or not self.collector_address:
-                return self.consumer is not None
-            def apply_batch(batch) -> None:
-                self.core.log.apply_batch(batch, row_of)
-
-            self.consumer = DeltaConsumer(self.collector_address, self.group, apply_batch, tables=("events",))
-            self.consumer.start()
-            log.info("recording the delta stream", extra={"collector": self.collector_address, "group": self.group})
-            return True
-
-    @property
-    def active(self) -> bool:
-        return self.consumer is not None
-
-    def caught_up(self) -> bool:
-        """True once the collector said this stream is fully caught up (every change committed
-        so far was delivered and acked)."""
-        consumer = self.consumer
-        return consumer is not None and bool(consumer.caught_up_lsn)
-
-    def stop(self) -> None:
-        with self._lock:
-            consumer, self.consumer = self.consumer, None
-        if consumer is not None:
-            consumer.stop()

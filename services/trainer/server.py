@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from deltarec.v1 import trainer_pb2, trainer_pb2_grpc
 
 from services.common.errors import InvalidArgument, grpc_errors
-from services.trainer.core import TrainerCore
+from services.trainer.runs import TrainerCore
 from services.trainer.strategies import Strategy
 from services.trainer.versions import VersionRow
 

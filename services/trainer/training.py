@@ -34,6 +34,8 @@ from services.trainer.evaluation import evaluate_model
 from services.model.network import DeltaRecModel, ModelConfig
 
 SELECTION_METRIC = "ndcg_at_10"
+# Told (epochs done, epochs of the run) as each epoch starts and ends (the trainer's Status).
+EpochProgress = Callable[[int, int], None]
 
 
 @dataclass
@@ -155,11 +157,14 @@ def _run_epochs(
     progress: bool,
     lr_schedule: str = "constant",
     after_epoch: Callable[[int], None] | None = None,
+    on_epoch: EpochProgress | None = None,
 ) -> None:
     model.train()
     steps_per_epoch = math.ceil(len(windows) / batch_size)
     scheduler = _learning_rate_scheduler(optimizer, lr_schedule, total_steps=epochs * steps_per_epoch)
     for epoch in range(1, epochs + 1):
+        if on_epoch is not None:
+            on_epoch(epoch - 1, epochs)
         batches = list(iterate_minibatches(windows, batch_size, rng))
         total_loss = 0.0
         bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
@@ -172,6 +177,8 @@ def _run_epochs(
             total_loss += loss.item()
         stats.epoch_losses.append(total_loss / max(1, len(batches)))
         stats.epochs_run += 1
+        if on_epoch is not None:
+            on_epoch(epoch, epochs)
         if after_epoch is not None:
             after_epoch(epoch)
             model.train()
@@ -210,6 +217,7 @@ def train_full(
     histories: dict[int, UserHistory] | None = None,
     validation: Sequence[EvalCase] | None = None,
     eval_every: int = 4,
+    on_epoch: EpochProgress | None = None,
 ) -> tuple[DeltaRecModel, TrainingStats]:
     """Train from scratch on every next-item prefix of ``histories``.
 
@@ -251,7 +259,7 @@ def train_full(
     started = time.perf_counter()
     _run_epochs(
         model, windows, histories, item_text, sampler, optimizer, epochs, config.batch_size,
-        np.random.default_rng(seed), stats, progress, config.lr_schedule, validate,
+        np.random.default_rng(seed), stats, progress, config.lr_schedule, validate, on_epoch,
     )
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -269,6 +277,7 @@ def update_incremental(
     epochs: int | None = None,
     learning_rate: float | None = None,
     progress: bool = False,
+    on_epoch: EpochProgress | None = None,
 ) -> TrainingStats:
     """Warm-start fine-tune ``model`` in place on new data plus a replay sample.
 
@@ -313,6 +322,7 @@ def update_incremental(
     _run_epochs(
         model, windows, all_data.histories, item_text, sampler, optimizer,
         config.incremental_epochs if epochs is None else epochs, config.batch_size, rng, stats, progress,
+        on_epoch=on_epoch,
     )
     stats.train_seconds = time.perf_counter() - started
     model.eval()

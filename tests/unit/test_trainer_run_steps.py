@@ -1,4 +1,4 @@
-"""The trainer's pure pipeline and gate: id tables, held-out slice, warm start, the gate rule."""
+"""The trainer's run steps (pure functions) and gate: id tables, held-out slice, warm start, the gate rule."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scripts import datasets
-from services.trainer import gate, pipeline
+from services.trainer import gate, run_steps
 from services.trainer.catalog import fallback_vector
 from tests.trainer_drills import damage
 from services.trainer.interaction_log import Interaction
@@ -26,8 +26,8 @@ def _threads():
     torch.set_num_threads(previous)
 
 
-def with_text(prepared: pipeline.Prepared) -> pipeline.Prepared:
-    pipeline.set_item_text(prepared, {i: fallback_vector(i) for i in prepared.data.item_ids.external_ids()})
+def with_text(prepared: run_steps.Prepared) -> run_steps.Prepared:
+    run_steps.set_item_text(prepared, {i: fallback_vector(i) for i in prepared.data.item_ids.external_ids()})
     return prepared
 
 
@@ -35,15 +35,15 @@ def with_text(prepared: pipeline.Prepared) -> pipeline.Prepared:
 def trained():
     torch.set_num_threads(1)
     rows = [dataclasses.replace(r, commit_lsn=100) for r in datasets.structured_interactions(n_users=80)]
-    prepared = with_text(pipeline.prepare(rows, eval_users=40))
-    model, _ = pipeline.run_full(prepared, TINY, seed=1)
+    prepared = with_text(run_steps.prepare(rows, eval_users=40))
+    model, _ = run_steps.run_full(prepared, TINY, seed=1)
     return rows, prepared, model
 
 
 def test_prepare_keeps_the_parent_order_and_appends_new_items_sorted():
     rows = [Interaction("e1", "u1", "b", "view", 1.0), Interaction("e2", "u1", "z", "view", 2.0),
             Interaction("e3", "u2", "a", "view", 1.0)]
-    prepared = pipeline.prepare(rows, item_prefix=["z", "old"], catalog_items=["c", "a"], eval_users=0)
+    prepared = run_steps.prepare(rows, item_prefix=["z", "old"], catalog_items=["c", "a"], eval_users=0)
     assert prepared.data.item_ids.external_ids() == ["z", "old", "a", "b", "c"]
     assert prepared.data.user_ids.external_ids() == ["u1", "u2"]
 
@@ -53,7 +53,7 @@ def test_holdout_is_the_last_interaction_of_the_most_recent_users_and_is_not_tra
     for user, start in (("old", 0.0), ("recent", 100.0), ("short", 500.0)):
         for step in range(4 if user != "short" else 2):
             rows.append(Interaction(f"{user}-{step}", user, f"i{step}", "view", start + step))
-    prepared = pipeline.prepare(rows, eval_users=1)
+    prepared = run_steps.prepare(rows, eval_users=1)
     recent = prepared.data.user_ids.get("recent")
     assert [case.user for case in prepared.holdout] == [recent]   # "short" has < 3 interactions
     assert prepared.holdout[0].target_item == prepared.data.item_ids.get("i3")
@@ -65,26 +65,26 @@ def test_holdout_is_the_last_interaction_of_the_most_recent_users_and_is_not_tra
 def test_new_interactions_and_examples():
     rows = [Interaction(f"e{n}", "u", f"i{n % 2}", "view", float(n), commit_lsn=10 if n < 3 else 20, row_id=n)
             for n in range(6)]
-    prepared = pipeline.prepare(rows, eval_users=0)
-    new, old_counts = pipeline.new_interactions(prepared, after_lsn=10)
+    prepared = run_steps.prepare(rows, eval_users=0)
+    new, old_counts = run_steps.new_interactions(prepared, after_lsn=10)
     assert [n.key for n in new] == [(1, 3), (1, 4), (1, 5)]
     assert old_counts == {"i0": 2, "i1": 1}
     user_first = [dataclasses.replace(n, key=(1, 0)) for n in new[:1]]
-    assert pipeline.examples_of(user_first) == []     # a first interaction predicts nothing
+    assert run_steps.examples_of(user_first) == []     # a first interaction predicts nothing
 
 
 def test_remap_items_scores_like_the_original(trained):
     _, prepared, model = trained
-    shuffled = pipeline.prepare(prepared.interactions, item_prefix=list(reversed(prepared.data.item_ids.external_ids())),
+    shuffled = run_steps.prepare(prepared.interactions, item_prefix=list(reversed(prepared.data.item_ids.external_ids())),
                                 eval_users=40)
     with_text(shuffled)
-    remapped = pipeline.remap_items(model, prepared.data.item_ids.external_ids(), shuffled.data.item_ids)
-    assert pipeline.evaluate(remapped, shuffled) == pipeline.evaluate(model, prepared)
+    remapped = run_steps.remap_items(model, prepared.data.item_ids.external_ids(), shuffled.data.item_ids)
+    assert run_steps.evaluate(remapped, shuffled) == run_steps.evaluate(model, prepared)
 
 
 def test_training_is_deterministic_for_a_seed(trained):
     _, prepared, model = trained
-    again, _ = pipeline.run_full(prepared, TINY, seed=1)
+    again, _ = run_steps.run_full(prepared, TINY, seed=1)
     for name, value in model.state_dict().items():
         assert torch.equal(value, again.state_dict()[name]), name
 
@@ -92,7 +92,7 @@ def test_training_is_deterministic_for_a_seed(trained):
 def test_trained_model_beats_popularity_on_the_structured_set(trained):
     from services.trainer.evaluation import evaluate_popularity, popularity_counts
     _, prepared, model = trained
-    figures = pipeline.evaluate(model, prepared)
+    figures = run_steps.evaluate(model, prepared)
     popular = evaluate_popularity(prepared.holdout, popularity_counts(prepared.train_histories.values(),
                                                                       prepared.data.item_ids.table_size))
     assert figures["recall_at_10"] > popular["recall_at_10"] + 0.1
@@ -100,9 +100,9 @@ def test_trained_model_beats_popularity_on_the_structured_set(trained):
 
 def test_gate_rejects_a_damaged_candidate_and_passes_an_equal_one(trained):
     _, prepared, model = trained
-    same = pipeline.copy_model(model)
+    same = run_steps.copy_model(model)
     assert gate.evaluate_pair(same, model, prepared).passed
-    damaged = pipeline.copy_model(model)
+    damaged = run_steps.copy_model(model)
     damage(damaged)
     for z in (0.0, 1.64):                      # refused with or without the noise allowance
         decision = gate.evaluate_pair(damaged, model, prepared, z=z)
@@ -113,10 +113,10 @@ def test_gate_rejects_a_damaged_candidate_and_passes_an_equal_one(trained):
 
 def test_paired_ranks_give_the_same_metrics_as_the_evaluation(trained):
     _, prepared, model = trained
-    ranks = pipeline.holdout_ranks(model, prepared)
-    assert pipeline.metrics_of_ranks(ranks) == pytest.approx(pipeline.evaluate(model, prepared))
+    ranks = run_steps.holdout_ranks(model, prepared)
+    assert run_steps.metrics_of_ranks(ranks) == pytest.approx(run_steps.evaluate(model, prepared))
     for metric in ("recall_at_10", "ndcg_at_10", "ndcg_at_5"):
-        assert pipeline.per_case_gains(ranks, metric).mean() == pytest.approx(pipeline.evaluate(model, prepared)[metric])
+        assert run_steps.per_case_gains(ranks, metric).mean() == pytest.approx(run_steps.evaluate(model, prepared)[metric])
 
 
 def test_gate_rule():
@@ -140,34 +140,36 @@ def test_update_grows_the_id_table_and_new_items_get_vectors(trained):
     parent_ids = prepared.data.item_ids.external_ids()
     more = [dataclasses.replace(r, commit_lsn=200) for r in datasets.structured_interactions(
         n_users=30, start=datasets.STRUCTURED_T0 + 50_000, user_prefix="N", item_prefix="J", seed=3)]
-    grown = with_text(pipeline.prepare(rows + more, item_prefix=parent_ids, eval_users=40))
+    grown = with_text(run_steps.prepare(rows + more, item_prefix=parent_ids, eval_users=40))
     assert grown.data.item_ids.external_ids()[:len(parent_ids)] == parent_ids
     new_ids = grown.data.item_ids.external_ids()[len(parent_ids):]
     assert new_ids and all(i.startswith("J") for i in new_ids)
 
-    candidate = pipeline.remap_items(model, parent_ids, grown.data.item_ids)
-    new, old_counts = pipeline.new_interactions(grown, after_lsn=100)
-    examples = pipeline.examples_of(new)
-    stats = pipeline.run_incremental(candidate, grown, examples, replay_ratio=1.0, seed=1)
+    candidate = run_steps.remap_items(model, parent_ids, grown.data.item_ids)
+    new, old_counts = run_steps.new_interactions(grown, after_lsn=100)
+    examples = run_steps.examples_of(new)
+    stats = run_steps.run_incremental(candidate, grown, examples, replay_ratio=1.0, seed=1)
     assert stats.replay_examples == len(examples)
     assert candidate.num_items == len(parent_ids) + len(new_ids)
     # old rows moved on from the parent's but stayed in place; new rows were trained off zero
     new_rows = candidate.item_id_embedding.weight[len(parent_ids) + 1:]
     assert (new_rows.abs().sum(dim=1) > 0).all()
-    ids, vectors = pipeline.item_vector_table(candidate, grown, grown.data.item_ids.external_ids())
+    ids, vectors = run_steps.item_vector_table(candidate, grown, grown.data.item_ids.external_ids())
     assert set(new_ids) <= set(ids) and vectors.shape == (len(ids), TINY.dim)
     assert np.isfinite(vectors).all() and (np.abs(vectors[[ids.index(i) for i in new_ids]]).sum(axis=1) > 0).all()
 
 
 def test_status_progress_follows_the_epochs_of_a_run(trained):
-    from services.trainer import training
-    from services.trainer.core import Progress, TrainerCore
+    from services.trainer.runs import Progress, TrainerCore
     _, prepared, _ = trained
     core = TrainerCore.__new__(TrainerCore)         # only the progress plumbing is exercised
     core.show_progress, core.progress = False, Progress(1, "full")
-    original = training.tqdm
     seen = []
-    with core._epoch_progress():
-        model, _ = pipeline.run_full(prepared, dataclasses.replace(TINY, epochs=3), seed=1)
+
+    def on_epoch(done: int, epochs: int) -> None:
+        core._epoch_progress(done, epochs)
         seen.append((core.progress.epoch, core.progress.epochs))
-    assert seen == [(3, 3)] and training.tqdm is original
+
+    run_steps.run_full(prepared, dataclasses.replace(TINY, epochs=3), seed=1, on_epoch=on_epoch)
+    assert seen == [(0, 3), (1, 3), (1, 3), (2, 3), (2, 3), (3, 3)]
+    assert (core.progress.epoch, core.progress.epochs) == (3, 3)
