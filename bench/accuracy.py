@@ -5,38 +5,30 @@
     .venv/bin/python bench/accuracy.py --set dim=128 --set dropout=0.3   # tuning
 
 Trains on the train part, picks the epoch by validation NDCG@10, and reports
-validation and test figures. Human-readable progress goes to stdout; the LAST
-stdout line is one JSON object with all figures (see ``_summary``).
+validation and test figures. Progress goes to stderr; the LAST stdout line is one
+JSON object with all figures, beside the published SASRec and TIGER figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import _harness
+from _harness import progress
+from scripts.datasets import load_beauty_interactions
+from services.model.network import ModelConfig
+from services.trainer.evaluation import evaluate_model, evaluate_popularity, popularity_counts
+from services.trainer.interaction_data import InteractionData
+from services.trainer.leave_one_out import leave_one_out_split
+from services.trainer.training import train_full
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from scripts.datasets import cached_text_embeddings, load_beauty_interactions  # noqa: E402
-from services.trainer.interaction_data import InteractionData  # noqa: E402
-from services.trainer.leave_one_out import leave_one_out_split  # noqa: E402
-from services.trainer.evaluation import evaluate_model, evaluate_popularity, popularity_counts  # noqa: E402
-from services.model.network import ModelConfig  # noqa: E402
-from services.trainer.training import train_full  # noqa: E402
-
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "amazon-beauty"
-CACHE_DIR = REPO_ROOT / ".cache"
 QUICK_USERS = 2000
 QUICK_EPOCHS = 6
 PUBLISHED = {
@@ -52,7 +44,7 @@ PUBLISHED = {
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="subset of users and fewer epochs (< ~60 s)")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data-dir", type=Path, default=_harness.beauty_dir())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="override ModelConfig.epochs")
     parser.add_argument("--users", type=int, default=None, help="only the first N users")
@@ -80,19 +72,11 @@ def _config_with_overrides(overrides: list[str]) -> ModelConfig:
 
 
 def _embed_titles(data: InteractionData, titles: list[str]) -> None:
-    """Fill ``data.item_text`` from the on-disk cache, encoding on a miss."""
-    from services.common.text_encoder import MINILM_MODEL_NAME, TextEncoder
-
-    def encode(texts: list[str]) -> np.ndarray:
-        print(f"encoding {len(texts)} titles with MiniLM (cached afterwards)...", flush=True)
-        encoder = TextEncoder()
-        keys = [f"item:{external}" for external in data.item_ids.external_ids()]
-        return encoder.encode(texts, batch_size=128, fallback_keys=keys)
-
+    """Fill ``data.item_text`` (row 0: no item) with the titles' MiniLM vectors."""
     started = time.perf_counter()
-    vectors = cached_text_embeddings(titles, CACHE_DIR, MINILM_MODEL_NAME, encode)
+    vectors = _harness.title_vectors(data.item_ids.external_ids(), titles)
     data.item_text = np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors])
-    print(f"title vectors ready: {vectors.shape} in {time.perf_counter() - started:.1f}s", flush=True)
+    progress(f"title vectors ready: {vectors.shape} in {time.perf_counter() - started:.1f}s")
 
 
 def _ratio(value: float, reference: float) -> float:
@@ -107,44 +91,36 @@ def main() -> int:
     args = _parse_args()
     torch.set_num_threads(max(1, min(2, args.threads)))
     if not (args.data_dir / "sequences.txt").is_file():
-        print(f"Beauty data not found under {args.data_dir}; skipping the accuracy benchmark.")
-        print(json.dumps({"skipped": True, "reason": f"missing {args.data_dir}"}))
-        return 0
+        return _harness.skip(f"Beauty data not found under {args.data_dir}")
 
     config = _config_with_overrides(args.set)
     users = args.users if args.users is not None else (QUICK_USERS if args.quick else None)
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else config.epochs)
     mode = "quick" if args.quick else "full"
-    print(f"mode={mode} users={users or 'all'} epochs={epochs} seed={args.seed}", flush=True)
-    print(f"config: {config.to_json()}", flush=True)
+    progress(f"mode={mode} users={users or 'all'} epochs={epochs} seed={args.seed}")
+    progress(f"config: {config.to_json()}")
 
     data, titles = load_beauty_interactions(args.data_dir, max_users=users)
     _embed_titles(data, titles)
     split = leave_one_out_split(data.histories)
-    print(
-        f"users={len(data.histories)} items={data.num_items} interactions={data.interaction_count()} "
-        f"eval cases={len(split.test)}",
-        flush=True,
-    )
+    progress(f"users={len(data.histories)} items={data.num_items} interactions={data.interaction_count()} "
+             f"eval cases={len(split.test)}")
 
     model, stats = train_full(
         data, config, seed=args.seed, epochs=epochs, histories=split.train,
         validation=split.validation, eval_every=args.eval_every,
     )
-    print(
-        f"trained {stats.epochs_run} epochs in {stats.train_seconds:.1f}s "
-        f"(best validation epoch {stats.best_epoch})",
-        flush=True,
-    )
+    progress(f"trained {stats.epochs_run} epochs in {stats.train_seconds:.1f}s "
+             f"(best validation epoch {stats.best_epoch})")
     item_text = data.item_text
     validation = evaluate_model(model, split.validation, item_text)
-    summary: dict = {"mode": mode, "users": len(data.histories), "items": data.num_items}
+    summary: dict = {"benchmark": "accuracy", "mode": mode, "users": len(data.histories), "items": data.num_items}
     summary.update(_rounded(validation, "validation_"))
     validation_popularity = evaluate_popularity(
         split.validation, popularity_counts((c.history for c in split.validation), data.item_ids.table_size)
     )
     summary.update(_rounded(validation_popularity, "popularity_validation_"))
-    print(f"validation: {validation}  popularity: {validation_popularity}", flush=True)
+    progress(f"validation: {validation}  popularity: {validation_popularity}")
 
     if not args.no_test:
         test = evaluate_model(model, split.test, item_text)
@@ -152,8 +128,8 @@ def main() -> int:
         test_popularity = evaluate_popularity(
             split.test, popularity_counts((c.history for c in split.test), data.item_ids.table_size)
         )
-        print(f"test: {test}  popularity: {test_popularity}", flush=True)
-        print(f"test with history items masked (not the headline figure): {test_masked}", flush=True)
+        progress(f"test: {test}  popularity: {test_popularity}")
+        progress(f"test with history items masked (not the headline figure): {test_masked}")
         summary.update(_rounded(test))
         summary.update(_rounded(test_masked, "history_masked_"))
         summary.update(_rounded(test_popularity, "popularity_"))
@@ -175,7 +151,7 @@ def main() -> int:
             "config": config.to_dict(),
         }
     )
-    print(json.dumps(summary, sort_keys=True))
+    _harness.print_summary(summary, sort_keys=True)
     return 0
 
 

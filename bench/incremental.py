@@ -31,47 +31,32 @@ in this run, each step and the ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-for path in (REPO_ROOT, REPO_ROOT / "gen"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+import numpy as np
+import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import _harness
+from _harness import progress
+from scripts.datasets import BEAUTY_SYNTHETIC_START, BEAUTY_SYNTHETIC_STEP_SECONDS, load_beauty_interactions
+from services.model.network import ModelConfig
+from services.trainer import run_steps, strategies
+from services.trainer.evaluation import evaluate_model, evaluate_popularity, popularity_counts
+from services.trainer.interaction_log import Interaction
+from services.trainer.leave_one_out import EvalCase
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from services.trainer import run_steps, strategies  # noqa: E402
-from scripts.datasets import (BEAUTY_SYNTHETIC_START, BEAUTY_SYNTHETIC_STEP_SECONDS, cached_text_embeddings,  # noqa: E402
-                              load_beauty_interactions)
-from services.trainer.leave_one_out import EvalCase  # noqa: E402
-from services.trainer.evaluation import evaluate_model, evaluate_popularity, popularity_counts  # noqa: E402
-from services.trainer.interaction_log import Interaction  # noqa: E402
-from services.model.network import ModelConfig  # noqa: E402
-
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "amazon-beauty"
-CACHE_DIR = REPO_ROOT / ".cache"
 QUICK_USERS, QUICK_EPOCHS, QUICK_STEPS = 2000, 8, 2
 TARGET_TIME_RATIO, TARGET_ACCURACY_RATIO = 0.05, 0.99
-
-
-def progress(message: str) -> None:
-    print(f"[incremental] {message}", file=sys.stderr, flush=True)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_USERS} users, {QUICK_EPOCHS} epochs, "
                                                              f"{QUICK_STEPS} steps (< ~60 s)")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data-dir", type=Path, default=_harness.beauty_dir())
     parser.add_argument("--users", type=int, default=None, help="only the first N users")
     parser.add_argument("--epochs", type=int, default=None, help="full-training epochs (default: ModelConfig)")
     parser.add_argument("--steps", type=int, default=None, help="delta steps (default 3; quick 2)")
@@ -85,16 +70,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def text_vectors(data, titles: list[str]) -> dict[str, np.ndarray]:
-    from services.common.text_encoder import MINILM_MODEL_NAME
-
-    def encode(texts):
-        from services.common.text_encoder import TextEncoder
-        progress(f"encoding {len(texts)} titles with MiniLM (cached afterwards)")
-        keys = [f"item:{external}" for external in data.item_ids.external_ids()]
-        return TextEncoder().encode(texts, batch_size=128, fallback_keys=keys)
-
-    vectors = cached_text_embeddings(titles, CACHE_DIR, MINILM_MODEL_NAME, encode)
-    return dict(zip(data.item_ids.external_ids(), vectors))
+    """External item id -> its title's MiniLM vector."""
+    ids = data.item_ids.external_ids()
+    return dict(zip(ids, _harness.title_vectors(ids, titles)))
 
 
 def split(data) -> tuple[list[Interaction], list[Interaction], dict[str, tuple[str, float]]]:
@@ -168,9 +146,7 @@ def main() -> int:
     args = parse_args()
     torch.set_num_threads(max(1, min(2, args.threads)))
     if not (args.data_dir / "sequences.txt").is_file():
-        print(f"Beauty data not found under {args.data_dir}; skipping the incremental benchmark.")
-        print(json.dumps({"skipped": True, "reason": f"missing {args.data_dir}"}))
-        return 0
+        return _harness.skip(f"Beauty data not found under {args.data_dir}")
     users = args.users if args.users is not None else (QUICK_USERS if args.quick else None)
     config = ModelConfig()
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else config.epochs)
@@ -265,7 +241,7 @@ def main() -> int:
         "meets_time_target": time_ratio is not None and time_ratio <= TARGET_TIME_RATIO,
         "meets_accuracy_target": recall_ratio is not None and min(recall_ratio, ndcg_ratio) >= TARGET_ACCURACY_RATIO,
     }
-    print(json.dumps(summary, sort_keys=True))
+    _harness.print_summary(summary, sort_keys=True)
     return 0
 
 
