@@ -25,7 +25,7 @@ from services.common.etcd import Etcd, EtcdUnavailable
 from services.common.lsn import format_lsn
 from services.consistency import findings as fn
 from services.consistency.findings import DigestSummary, Finding, ReplicaState, Report, Severity
-from services.consistency.replicas import Registration, ReplicaUnreachable, Replicas
+from services.consistency.replicas import IndexSnapshot, Registration, ReplicaUnreachable, Replicas
 from services.consistency.sources import Row, Sources
 from services.contracts import digest as dg
 from services.contracts.etcd_keys import COLLECTOR_SLOTS_PREFIX, DATA_WATERMARK, MODEL_CANARY, MODEL_CURRENT
@@ -98,6 +98,7 @@ class Checker:
         self.observations = observations or Observations()
         self.sleep = sleep
         self.registrations: list[Registration] = []
+        self.snapshots: dict[str, tuple] = {}
 
     # ------------------------------------------------------------------ entry point
     def check(self, checks: tuple[str, ...] | list[str] = ()) -> Report:
@@ -114,14 +115,21 @@ class Checker:
                  (fn.CATALOG_FEATURES, self.check_catalog_features), (fn.FEATURES_INDEX, self.check_features_index),
                  (fn.USER_EVENTS, self.check_user_events), (fn.TRAINER_EVENTS, self.check_trainer_events),
                  (fn.REPLICATION, self.check_replication), (fn.WATERMARK, self.check_watermark)]
-        need_registrations = wanted & {fn.MODEL_VERSION, fn.FEATURES_INDEX}
-        if need_registrations:
+        self.registrations, self.snapshots = [], {}
+        if wanted & {fn.MODEL_VERSION, fn.FEATURES_INDEX}:
             try:
                 self.registrations = self.replicas.registrations()
             except EtcdUnavailable as error:
-                self.registrations = []
                 report.add(Finding(fn.MODEL_VERSION, Severity.ERROR, "etcd",
                                    f"etcd unreachable, replicas not checked: {str(error)[:160]}"))
+            # One IndexDigest per replica serves both checks: it is also the liveness probe.
+            for registration in self.registrations:
+                started = time.perf_counter()
+                try:
+                    self.snapshots[registration.replica_id] = (self.replicas.index_digest(registration),
+                                                               time.perf_counter() - started)
+                except ReplicaUnreachable as error:
+                    self.snapshots[registration.replica_id] = (error, 0.0)
         for name, step in steps:
             if name not in wanted:
                 continue
@@ -179,6 +187,13 @@ class Checker:
                                  str(registration.value.get("index_checksum") or ""),
                                  int(registration.value.get("canary_version") or 0))
             report.replicas.append(state)
+            probe = self.snapshots.get(registration.replica_id, (None, 0.0))[0]
+            if isinstance(probe, ReplicaUnreachable):
+                self._dead_registration(report, registration, probe)
+                continue
+            if probe is not None:
+                state.answering, state.data_lsn = True, probe.data_lsn
+                state.index_digest = probe.digest.root()
             if current is None:
                 continue
             if state.model_version == current.version:
@@ -199,6 +214,16 @@ class Checker:
                                repairable=severity is Severity.ERROR, model_version=current.version,
                                repair="reload_model", target=registration.replica_id))
         self.observations.keep_only("version", seen)
+
+    @staticmethod
+    def _dead_registration(report: Report, registration: Registration, error) -> None:
+        if any(f.repair == "delete_registration" and f.target == registration.replica_id for f in report.findings):
+            return
+        report.add(Finding(fn.MODEL_VERSION, Severity.ERROR, registration.replica_id,
+                           f"ranker {registration.replica_id} is registered at "
+                           f"{registration.address or '(no address)'} but does not answer ({error}): "
+                           f"a dead registration", repairable=True, repair="delete_registration",
+                           target=registration.replica_id))
 
     # ------------------------------------------------------------------ 2. artifacts
     def check_artifacts(self, report: Report) -> None:
@@ -336,16 +361,11 @@ class Checker:
             if state is None:
                 state = ReplicaState(registration.replica_id, registration.address)
                 report.replicas.append(state)
-            started = time.perf_counter()
-            try:
-                snapshot = self.replicas.index_digest(registration)
-            except ReplicaUnreachable as error:
-                report.add(Finding(fn.MODEL_VERSION, Severity.ERROR, registration.replica_id,
-                                   f"ranker {registration.replica_id} is registered at "
-                                   f"{registration.address or '(no address)'} but does not answer ({error}): "
-                                   f"a dead registration", repairable=True, repair="delete_registration",
-                                   target=registration.replica_id))
+            snapshot, digest_s = self.snapshots.get(registration.replica_id, (None, 0.0))
+            if not isinstance(snapshot, IndexSnapshot):
+                self._dead_registration(report, registration, snapshot)
                 continue
+            started = time.perf_counter() - digest_s
             state.answering, state.data_lsn = True, snapshot.data_lsn
             state.index_digest = snapshot.digest.root()
             roots_at.setdefault(snapshot.data_lsn, {})[registration.replica_id] = state.index_digest
