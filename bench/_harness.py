@@ -19,8 +19,13 @@ then, typically:
 - `progress(...)` writes `[bench/<script>] ...` to stderr; `percentiles(...)` and `ratio(...)`
   are the figures' one definition; `print_summary` adds `wall_s` and the load average (the
   machine is shared: other work shows there).
-- `bench_catalog(spec)`: the Beauty catalog or a synthetic one with stand-in text vectors, for
-  the benchmarks that serve from the features stand-in (`Suite.start_features_stand_in`).
+- Data: `bench_catalog(spec)` (the Beauty catalog or a synthetic one with stand-in text vectors,
+  for the benchmarks that serve from the features stand-in, `Suite.start_features_stand_in`),
+  `title_vectors` (MiniLM vectors cached in .cache/), `skip` (the JSON line of a benchmark
+  whose data set is absent).
+- The pipeline: `catalog_messages` + `upsert_catalog` load a catalog through the collector,
+  `wait_embedded` waits for the features service to have embedded it.
+- Waiting in general: tests.support.wait_until, the one polling loop of tests and benchmarks.
 """
 from __future__ import annotations
 
