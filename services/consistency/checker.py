@@ -487,16 +487,24 @@ class Checker:
                                       "drop_slots" if abandoned else ""),
                                    repairable=abandoned, keys=[name], repair="drop_slot", target=name))
                 continue
+            # Seconds behind: how long the slot's confirmed position has stood still while WAL
+            # moved past it (across checks; 0 when caught up).
+            still_key = ("still", name, int(slot["confirmed_lsn"]))
+            behind_s = 0.0
+            if lag > 0:
+                seen.add(still_key)
+                behind_s = self.observations.seen(still_key)
             lag_key = ("lag", name)
+            where = f"consumer group {group or name}"
             if lag > self.settings.lag_warning_bytes:
                 seen.add(lag_key)
-                behind_s = self.observations.seen(lag_key)
-                severity = Severity.WARNING if behind_s >= self.settings.lag_warning_s else Severity.OK
+                lasting_s = self.observations.seen(lag_key)
+                severity = Severity.WARNING if lasting_s >= self.settings.lag_warning_s else Severity.OK
                 report.add(Finding(fn.REPLICATION, severity, group or name,
-                                   f"consumer group {group or name} is {_size(lag)} behind, for {behind_s:.0f} s"))
+                                   f"{where} is {_size(lag)} behind, for {lasting_s:.0f} s"))
             else:
                 report.add(Finding(fn.REPLICATION, Severity.OK, group or name,
-                                   f"consumer group {group or name}: lag {_size(lag)}, retained WAL {_size(retained)}"
+                                   f"{where}: lag {_size(lag)} ({behind_s:.0f} s), retained WAL {_size(retained)}"
                                    + (f", held by {holder}" if holder else "")))
             if retained > self.settings.retained_wal_error_bytes:
                 report.add(Finding(fn.REPLICATION, Severity.ERROR, name,
@@ -504,6 +512,7 @@ class Checker:
                                    f"{_size(self.settings.retained_wal_error_bytes)})"))
         self.observations.keep_only("slot", {k for k in seen if k[0] == "slot"})
         self.observations.keep_only("lag", {k for k in seen if k[0] == "lag"})
+        self.observations.keep_only("still", {k for k in seen if k[0] == "still"})
 
     def check_watermark(self, report: Report) -> None:
         applied = self.sources.applied_lsn(self.settings.features_consumer)

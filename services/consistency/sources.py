@@ -68,11 +68,13 @@ class Sources:
             rows = connection.execute(sa.text(sql), params or {}).all()
         return dg.Digest.of_aggregates(kind, rows)
 
-    def _rows(self, sql: str, buckets: list[int], width: int, params: dict | None = None) -> dict[str, Row]:
-        if not buckets:
+    def _rows(self, sql: str, width: int, params: dict) -> dict[str, Row]:
+        """key -> Row from `sql` selecting key, `width` compared values, token[, lsn]; nothing is
+        read when the buckets or keys to read are none."""
+        if not params.get("buckets") and not params.get("ids"):
             return {}
         with self.engine.connect() as connection:
-            result = connection.execute(sa.text(sql), {"buckets": list(buckets), **(params or {})}).all()
+            result = connection.execute(sa.text(sql), params).all()
         return {row[0]: Row(tuple(row[1:1 + width]), str(row[1 + width] if len(row) > 1 + width else ""),
                             int(row[2 + width]) if len(row) > 2 + width else 0) for row in result}
 
@@ -87,7 +89,7 @@ class Sources:
 
     def catalog_rows(self, buckets: list[int]) -> dict[str, Row]:
         return self._rows(f"SELECT item_id, {_CATALOG_HASH}, xmin::text FROM items "
-                          f"WHERE active AND {dg.sql_bucket('item_id')} = ANY(:buckets)", buckets, 1)
+                          f"WHERE active AND {dg.sql_bucket('item_id')} = ANY(:buckets)", 1, {"buckets": buckets})
 
     def catalog_rows_of(self, item_ids: list[str]) -> dict[str, Row]:
         """Every listed id's catalog row, active or not (a second read of a few rows)."""
@@ -99,7 +101,7 @@ class Sources:
 
     def feature_item_rows(self, buckets: list[int]) -> dict[str, Row]:
         return self._rows(f"SELECT item_id, content_hash, xmin::text, updated_lsn FROM item_features "
-                          f"WHERE {_FS_ACTIVE} AND {dg.sql_bucket('item_id')} = ANY(:buckets)", buckets, 1)
+                          f"WHERE {_FS_ACTIVE} AND {dg.sql_bucket('item_id')} = ANY(:buckets)", 1, {"buckets": buckets})
 
     def feature_item_rows_of(self, item_ids: list[str]) -> dict[str, Row]:
         with self.engine.connect() as connection:
@@ -119,7 +121,7 @@ class Sources:
         the row's updated_lsn (a ranker at watermark W is expected to reflect it iff <= W)."""
         return self._rows(f"SELECT item_id, CASE WHEN {_FS_ACTIVE} THEN md5(embedding) ELSE 'absent' END, "
                           f"xmin::text, updated_lsn FROM item_features "
-                          f"WHERE {dg.sql_bucket('item_id')} = ANY(:buckets)", buckets, 1)
+                          f"WHERE {dg.sql_bucket('item_id')} = ANY(:buckets)", 1, {"buckets": buckets})
 
     # ------------------------------------------------------------------ events vs user state
     def _event_users_sql(self, where: str = "") -> str:
@@ -144,14 +146,14 @@ class Sources:
     def event_user_rows(self, buckets: list[int] | None = None, user_ids: list[str] | None = None) -> dict[str, Row]:
         where = (f"WHERE {dg.sql_bucket('user_id')} = ANY(:buckets)" if user_ids is None
                  else "WHERE user_id = ANY(:ids)")
-        return self._rows(self._event_users_sql(where), buckets or [0], len(EVENT_KINDS) + 1,
-                          {"hist": self.history_length, "ids": user_ids or []})
+        return self._rows(self._event_users_sql(where), len(EVENT_KINDS) + 1,
+                          {"hist": self.history_length, "buckets": buckets or [], "ids": user_ids or []})
 
     def user_state_rows(self, buckets: list[int] | None = None, user_ids: list[str] | None = None) -> dict[str, Row]:
         where = (f"WHERE {dg.sql_bucket('user_id')} = ANY(:buckets)" if user_ids is None
                  else "WHERE user_id = ANY(:ids)")
-        return self._rows(self._user_state_sql(where), buckets or [0], len(EVENT_KINDS) + 1,
-                          {"ids": user_ids or []})
+        return self._rows(self._user_state_sql(where), len(EVENT_KINDS) + 1,
+                          {"buckets": buckets or [], "ids": user_ids or []})
 
     # ------------------------------------------------------------------ events vs trainer log
     def _trainer_events_sql(self, where: str = "") -> str:
@@ -181,11 +183,13 @@ class Sources:
 
     def event_trainer_rows(self, buckets: list[int] | None = None, user_ids: list[str] | None = None) -> dict[str, Row]:
         where = (f"{dg.sql_bucket('user_id')} = ANY(:buckets)" if user_ids is None else "user_id = ANY(:ids)")
-        return self._rows(self._trainer_events_sql(where), buckets or [0], len(ITEM_TYPES), {"ids": user_ids or []})
+        return self._rows(self._trainer_events_sql(where), len(ITEM_TYPES),
+                          {"buckets": buckets or [], "ids": user_ids or []})
 
     def trainer_log_rows(self, buckets: list[int] | None = None, user_ids: list[str] | None = None) -> dict[str, Row]:
         where = (f"{dg.sql_bucket('user_id')} = ANY(:buckets)" if user_ids is None else "user_id = ANY(:ids)")
-        return self._rows(self._trainer_log_sql(where), buckets or [0], len(ITEM_TYPES), {"ids": user_ids or []})
+        return self._rows(self._trainer_log_sql(where), len(ITEM_TYPES),
+                          {"buckets": buckets or [], "ids": user_ids or []})
 
     # ------------------------------------------------------------------ replication
     def slots(self) -> list[dict]:
