@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from services.collector.cdc import metrics
 from services.collector.cdc.buffer import Transaction, TransactionBuffer
+from services.collector.cdc.pgoutput import PG_EPOCH_UNIX_S
 
 if TYPE_CHECKING:
     from services.collector.cdc.hub import CdcHub
@@ -53,7 +54,7 @@ class GroupStats:
             if not self.pending:
                 return 0.0
             oldest_us = self.pending[0][1]
-        return max(0.0, time.time() - (946_684_800 + oldest_us / 1e6))
+        return max(0.0, time.time() - (PG_EPOCH_UNIX_S + oldest_us / 1e6))
 
     def lag_bytes(self) -> float:
         server = self.hub.cached_wal_lsn()
