@@ -112,7 +112,8 @@ class Checker:
         report = Report()
         report.watermark = self.sources.applied_lsn(self.settings.features_consumer)
         steps = [(fn.MODEL_VERSION, self.check_model_versions), (fn.ARTIFACT, self.check_artifacts),
-                 (fn.CATALOG_FEATURES, self.check_catalog_features), (fn.FEATURES_INDEX, self.check_features_index),
+                 (fn.CATALOG_FEATURES, self.check_catalog_features),
+                 (fn.FEATURES_INDEX, self.check_features_index),
                  (fn.USER_EVENTS, self.check_user_events), (fn.TRAINER_EVENTS, self.check_trainer_events),
                  (fn.REPLICATION, self.check_replication), (fn.WATERMARK, self.check_watermark)]
         self.registrations, self.snapshots = [], {}
@@ -148,7 +149,8 @@ class Checker:
         try:
             pointer = ModelPointer.from_json(kv.value, canary=canary)
         except InvalidPointer as error:
-            report.add(Finding(fn.MODEL_VERSION, Severity.ERROR, key, f"{key} is not a valid model pointer: {error}"))
+            report.add(Finding(fn.MODEL_VERSION, Severity.ERROR, key,
+                               f"{key} is not a valid model pointer: {error}"))
             return None
         return pointer
 
@@ -174,7 +176,8 @@ class Checker:
                                    f"model/{name} says sha256 {pointer.sha256[:12]}… for version "
                                    f"{pointer.version}, model_versions says {row['sha256'][:12]}…",
                                    model_version=pointer.version))
-        if canary is not None and current is not None and canary.share > 0 and canary.version == current.version:
+        if canary is not None and current is not None and canary.share > 0 \
+                and canary.version == current.version:
             report.add(Finding(fn.MODEL_VERSION, Severity.WARNING, "model/canary",
                                f"the canary is the current version {canary.version}: it tests nothing",
                                model_version=canary.version))
@@ -206,7 +209,8 @@ class Checker:
                       f"for {for_s:.0f} s")
             refused = registration.value.get("refused_version")
             if refused == current.version:
-                detail += f" (it refused v{refused}: {str(registration.value.get('refused_reason') or '')[:120]})"
+                reason = str(registration.value.get("refused_reason") or "")[:120]
+                detail += f" (it refused v{refused}: {reason})"
             severity = Severity.ERROR if for_s >= self.settings.version_grace_s else Severity.OK
             if severity is Severity.OK:
                 detail += f" (within the {self.settings.version_grace_s:.0f} s grace period: swapping)"
@@ -217,7 +221,8 @@ class Checker:
 
     @staticmethod
     def _dead_registration(report: Report, registration: Registration, error) -> None:
-        if any(f.repair == "delete_registration" and f.target == registration.replica_id for f in report.findings):
+        if any(f.repair == "delete_registration" and f.target == registration.replica_id
+               for f in report.findings):
             return
         report.add(Finding(fn.MODEL_VERSION, Severity.ERROR, registration.replica_id,
                            f"ranker {registration.replica_id} is registered at "
@@ -242,7 +247,8 @@ class Checker:
             except ArtifactCorrupt as error:
                 detail = f"the {name} artifact of v{pointer.version} fails verification: {error}"
             except Exception as error:  # noqa: BLE001 - unreadable store: the same outcome for rankers
-                detail = f"the {name} artifact of v{pointer.version} cannot be read: {type(error).__name__}: {error}"
+                detail = (f"the {name} artifact of v{pointer.version} cannot be read: "
+                          f"{type(error).__name__}: {error}")
             else:
                 report.add(Finding(fn.ARTIFACT, Severity.OK, f"model/{name}",
                                    f"the {name} artifact of v{pointer.version} re-hashed: sha256 matches",
@@ -286,7 +292,8 @@ class Checker:
     def _compare(self, report: Report, kind: str, left_side: str, right_side: str,
                  left_digest: Callable[[], dg.Digest], right_digest: Callable[[], dg.Digest],
                  left_rows: Callable[[list[int]], dict[str, Row]],
-                 right_rows: Callable[[list[int]], dict[str, Row]]) -> tuple[list[str], dict[str, Row], dict[str, Row]]:
+                 right_rows: Callable[[list[int]], dict[str, Row]]
+                 ) -> tuple[list[str], dict[str, Row], dict[str, Row]]:
         """Digests of both sides, then rows of the differing buckets; returns the differing keys."""
         started = time.perf_counter()
         left = left_digest()
@@ -298,7 +305,8 @@ class Checker:
         started = time.perf_counter()
         l_rows, r_rows = left_rows(differing), right_rows(differing)
         rows_s = time.perf_counter() - started
-        keys = sorted(k for k in set(l_rows) | set(r_rows) if _normal(l_rows.get(k)) != _normal(r_rows.get(k)))
+        keys = sorted(k for k in set(l_rows) | set(r_rows)
+                      if _normal(l_rows.get(k)) != _normal(r_rows.get(k)))
         report.digests.append(DigestSummary(kind, left_side, left.rows, len(left.buckets), left.root(),
                                             len(differing), len(l_rows), left_s + rows_s / 2))
         report.digests.append(DigestSummary(kind, right_side, right.rows, len(right.buckets), right.root(),
@@ -308,13 +316,15 @@ class Checker:
     def _lag_finding(self, report: Report, check: str, subject: str, settled: Settled, what: str) -> None:
         if settled.lag:
             report.add(Finding(check, Severity.WARNING, subject,
-                               f"{len(settled.lag)} {what} differ but {subject} has not yet applied the WAL up to "
-                               f"{format_lsn(settled.target_lsn)} (applied {format_lsn(settled.applied_lsn)}): "
+                               f"{len(settled.lag)} {what} differ but {subject} has not yet applied the WAL "
+                               f"up to {format_lsn(settled.target_lsn)} (applied "
+                               f"{format_lsn(settled.applied_lsn)}): "
                                f"lag, not drift", keys=settled.lag, lsn_from=settled.applied_lsn,
                                lsn_to=settled.target_lsn))
         if settled.in_flight:
             report.add(Finding(check, Severity.OK, subject,
-                               f"{len(settled.in_flight)} {what} were in flight and caught up during the check",
+                               f"{len(settled.in_flight)} {what} were in flight and caught up during "
+                               f"the check",
                                keys=settled.in_flight))
 
     # ------------------------------------------------------------------ 3. catalog vs feature store
@@ -324,19 +334,23 @@ class Checker:
                                    s.feature_items_digest, s.catalog_rows, s.feature_item_rows)
         report.source_root = report.digests[-2].root
         report.feature_store_root = report.digests[-1].root
-        settled = self.settle(keys, s.catalog_rows_of, s.feature_item_rows_of, self.settings.features_consumer)
+        settled = self.settle(keys, s.catalog_rows_of, s.feature_item_rows_of,
+                              self.settings.features_consumer)
         if settled.drift:
             catalog, store = s.catalog_rows_of(settled.drift), s.feature_item_rows_of(settled.drift)
             missing = [k for k in settled.drift if _normal(store.get(k)) is None]
-            stale = [k for k in settled.drift if _normal(store.get(k)) is not None and _normal(catalog.get(k)) is not None]
+            stale = [k for k in settled.drift
+                     if _normal(store.get(k)) is not None and _normal(catalog.get(k)) is not None]
             extra = [k for k in settled.drift if _normal(catalog.get(k)) is None]
             parts = []
             if missing:
-                parts.append(f"{len(missing)} active catalog item(s) have no current embedding in the feature store")
+                parts.append(f"{len(missing)} active catalog item(s) have no current embedding in the "
+                             f"feature store")
             if stale:
                 parts.append(f"{len(stale)} item(s) whose stored content hash is not their text's")
             if extra:
-                parts.append(f"{len(extra)} item(s) deleted or inactive in the catalog still active in the feature store")
+                parts.append(f"{len(extra)} item(s) deleted or inactive in the catalog still active in the "
+                             f"feature store")
             report.add(Finding(fn.CATALOG_FEATURES, Severity.ERROR, "item_features", "; ".join(parts),
                                repairable=True, keys=settled.drift, lsn_to=settled.applied_lsn,
                                repair="resync_items"))
@@ -347,13 +361,15 @@ class Checker:
         s = self.sources
         started = time.perf_counter()
         expected = s.index_expected_digest()
-        report.digests.append(DigestSummary(dg.INDEX_ITEMS, "feature_store", expected.rows, len(expected.buckets),
-                                            expected.root(), seconds=time.perf_counter() - started))
+        report.digests.append(DigestSummary(dg.INDEX_ITEMS, "feature_store", expected.rows,
+                                            len(expected.buckets), expected.root(),
+                                            seconds=time.perf_counter() - started))
         states = {state.replica_id: state for state in report.replicas}
         # Items the catalog check found wrong in the feature store itself: the rankers mirror
         # the feature store, so those are repaired there (and reach the rankers through
         # WatchItems), not counted against every replica.
-        store_drift = {key for f in report.findings if f.check == fn.CATALOG_FEATURES and f.bad for key in f.keys}
+        store_drift = {key for f in report.findings if f.check == fn.CATALOG_FEATURES and f.bad
+                       for key in f.keys}
         roots_at: dict[int, dict[str, str]] = {}
         drifted: set[str] = set()
         for registration in self.registrations:
@@ -375,7 +391,8 @@ class Checker:
             report.digests.append(DigestSummary(dg.INDEX_ITEMS, f"ranker:{registration.replica_id}",
                                                 snapshot.digest.rows, len(snapshot.digest.buckets),
                                                 state.index_digest, len(differing),
-                                                len(detail.entries) + len(fs_rows), time.perf_counter() - started))
+                                                len(detail.entries) + len(fs_rows),
+                                                time.perf_counter() - started))
             watermark = min(snapshot.data_lsn, detail.data_lsn)
             lost, stale, kept, lag = [], [], [], []
             for key in sorted(set(fs_rows) | set(detail.entries)):
@@ -402,13 +419,14 @@ class Checker:
                                                       (len(kept), "removed item(s) still in its index")) if n]
                 report.add(Finding(fn.FEATURES_INDEX, Severity.ERROR, registration.replica_id,
                                    f"ranker {registration.replica_id} at LSN {format_lsn(watermark)}: "
-                                   + ", ".join(parts) + " (the feature store had them before that watermark: loss, "
-                                   "not lag)", repairable=True, keys=drift, lsn_to=watermark,
+                                   + ", ".join(parts) + " (the feature store had them before that watermark: "
+                                   "loss, not lag)", repairable=True, keys=drift, lsn_to=watermark,
                                    repair="resync_index", target=registration.replica_id))
             if lag:
                 report.add(Finding(fn.FEATURES_INDEX, Severity.OK, registration.replica_id,
-                                   f"ranker {registration.replica_id} is behind: {len(lag)} item change(s) after its "
-                                   f"watermark {format_lsn(watermark)} not applied yet (lag)", keys=lag,
+                                   f"ranker {registration.replica_id} is behind: {len(lag)} item change(s) "
+                                   f"after its watermark {format_lsn(watermark)} not applied yet (lag)",
+                                   keys=lag,
                                    lsn_from=watermark, lsn_to=report.watermark))
         for lsn, roots in roots_at.items():
             # Replicas at one watermark must hold the same index; a difference the comparison
@@ -428,7 +446,8 @@ class Checker:
         settled = self.settle(keys, lambda ids: s.event_user_rows(user_ids=ids),
                               lambda ids: s.user_state_rows(user_ids=ids), self.settings.features_consumer)
         if settled.drift:
-            events, state = s.event_user_rows(user_ids=settled.drift), s.user_state_rows(user_ids=settled.drift)
+            events = s.event_user_rows(user_ids=settled.drift)
+            state = s.user_state_rows(user_ids=settled.drift)
             lost = [k for k in settled.drift if _count(state.get(k)) < _count(events.get(k))]
             double = [k for k in settled.drift if _count(state.get(k)) > _count(events.get(k))]
             other = sorted(set(settled.drift) - set(lost) - set(double))
@@ -438,9 +457,10 @@ class Checker:
                 (len(double), "user(s) with events applied twice"),
                 (len(other), "user(s) whose history does not match their events")) if n]
             report.add(Finding(fn.USER_EVENTS, Severity.ERROR, "user_features",
-                               ", ".join(parts) + f", between LSN {format_lsn(first_lsn)} (their last applied "
-                               f"change) and {format_lsn(settled.applied_lsn)} (applied by features)",
-                               repairable=True, keys=settled.drift, lsn_from=first_lsn, lsn_to=settled.applied_lsn,
+                               ", ".join(parts) + f", between LSN {format_lsn(first_lsn)} (their last "
+                               f"applied change) and {format_lsn(settled.applied_lsn)} (applied by features)",
+                               repairable=True, keys=settled.drift, lsn_from=first_lsn,
+                               lsn_to=settled.applied_lsn,
                                repair="rebuild_users"))
         self._lag_finding(report, fn.USER_EVENTS, self.settings.features_consumer, settled, "users")
 
@@ -458,8 +478,9 @@ class Checker:
             log_rows = s.trainer_log_rows(user_ids=settled.drift)
             first_lsn = min((log_rows[k].lsn for k in settled.drift if k in log_rows), default=0)
             report.add(Finding(fn.TRAINER_EVENTS, Severity.ERROR, "trainer_interactions",
-                               f"{len(settled.drift)} user(s) whose interactions in the trainer's log do not match "
-                               f"the events table, up to LSN {format_lsn(settled.applied_lsn)} (applied by the "
+                               f"{len(settled.drift)} user(s) whose interactions in the trainer's log do not "
+                               f"match the events table, up to LSN {format_lsn(settled.applied_lsn)} "
+                               f"(applied by the "
                                f"trainer); a full retraining after a snapshot restart re-reads them",
                                keys=settled.drift, lsn_from=first_lsn, lsn_to=settled.applied_lsn))
         self._lag_finding(report, fn.TRAINER_EVENTS, self.settings.trainer_consumer, settled, "users")
@@ -481,8 +502,8 @@ class Checker:
                 idle_s = self.observations.seen(key)
                 abandoned = idle_s >= self.settings.slot_abandoned_s
                 report.add(Finding(fn.REPLICATION, Severity.ERROR if abandoned else Severity.OK, name,
-                                   f"slot {name} ({'group ' + group if group else 'no consumer group'}) has had no "
-                                   f"consumer for {idle_s:.0f} s and retains {_size(retained)} of WAL"
+                                   f"slot {name} ({'group ' + group if group else 'no consumer group'}) has "
+                                   f"had no consumer for {idle_s:.0f} s and retains {_size(retained)} of WAL"
                                    + (": abandoned (it fills the disk); drop it by naming it in Reconcile "
                                       "drop_slots" if abandoned else ""),
                                    repairable=abandoned, keys=[name], repair="drop_slot", target=name))
@@ -504,7 +525,8 @@ class Checker:
                                    f"{where} is {_size(lag)} behind, for {lasting_s:.0f} s"))
             else:
                 report.add(Finding(fn.REPLICATION, Severity.OK, group or name,
-                                   f"{where}: lag {_size(lag)} ({behind_s:.0f} s), retained WAL {_size(retained)}"
+                                   f"{where}: lag {_size(lag)} ({behind_s:.0f} s), "
+                                   f"retained WAL {_size(retained)}"
                                    + (f", held by {holder}" if holder else "")))
             if retained > self.settings.retained_wal_error_bytes:
                 report.add(Finding(fn.REPLICATION, Severity.ERROR, name,
@@ -520,7 +542,8 @@ class Checker:
         if value is None:
             if applied:
                 report.add(Finding(fn.WATERMARK, Severity.WARNING, DATA_WATERMARK,
-                                   f"{DATA_WATERMARK} is absent although features applied up to {format_lsn(applied)}"))
+                                   f"{DATA_WATERMARK} is absent although features applied up to "
+                                   f"{format_lsn(applied)}"))
             return
         published = int(value.get("lsn") or 0) if isinstance(value, dict) else 0
         if published > applied:
@@ -532,7 +555,8 @@ class Checker:
         key = ("watermark", published, applied)
         behind_s = self.observations.seen(key) if published < applied else 0.0
         self.observations.keep_only("watermark", {key} if published < applied else set())
-        severity = Severity.WARNING if published < applied and behind_s >= self.settings.lag_warning_s else Severity.OK
+        lasting = published < applied and behind_s >= self.settings.lag_warning_s
+        severity = Severity.WARNING if lasting else Severity.OK
         report.add(Finding(fn.WATERMARK, severity, DATA_WATERMARK,
                            f"{DATA_WATERMARK} {format_lsn(published)}, features applied {format_lsn(applied)}"
                            + (f" (behind for {behind_s:.0f} s)" if published < applied else "")))
