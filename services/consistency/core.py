@@ -60,7 +60,8 @@ class RepairLease:
         if not self.held:
             holder = self.holder()
             raise FailedPrecondition("another consistency instance holds the repair lease"
-                                     + (f" ({holder})" if holder else "") + "; only it repairs and rolls back")
+                                     + (f" ({holder})" if holder else "")
+                                     + "; only it repairs and rolls back")
 
     def stop(self) -> None:
         self._stop.set()
@@ -74,7 +75,8 @@ class ConsistencyCore:
     def __init__(self, config, engine: Engine, etcd: Etcd, instance_id: str) -> None:
         self.config, self.engine, self.etcd = config, engine, etcd
         self.instance_id = instance_id
-        self.sources = Sources(engine, history_length=config.history_length)
+        self.sources = Sources(engine, history_length=config.history_length,
+                               trainer_consumer=config.trainer_consumer)
         self.versions = ModelVersions(engine)
         self.replicas = Replicas(etcd, config.replica_timeout_s)
         self.observations = Observations()
@@ -82,9 +84,11 @@ class ConsistencyCore:
                                settings=CheckSettings.from_config(config), artifact_engine=engine,
                                observations=self.observations)
         self.rollbacks = Rollbacks(etcd, self.versions, artifact_engine=engine)
-        self.repairer = Repairer(etcd, self.replicas, self.rollbacks, features_address=config.features_address,
-                                 collector_address=config.collector_address, drop_slot_sql=self._drop_slot_sql,
-                                 timeout_s=config.repair_timeout_s, max_keys=config.max_repair_keys)
+        self.repairer = Repairer(etcd, self.replicas, self.rollbacks,
+                                 features_address=config.features_address,
+                                 collector_address=config.collector_address,
+                                 drop_slot_sql=self._drop_slot_sql, timeout_s=config.repair_timeout_s,
+                                 max_keys=config.max_repair_keys)
         self.history = History(engine, self.instance_id, config.history_keep)
         self.lease = RepairLease(etcd, self.instance_id, config.leader_ttl_s)
         self.last_report: Report | None = None
@@ -110,7 +114,8 @@ class ConsistencyCore:
             try:
                 self.check()
             except Exception as error:  # noqa: BLE001 - the next period retries
-                log.warning("periodic check failed", extra={"error": f"{type(error).__name__}: {error}"[:300]})
+                log.warning("periodic check failed",
+                            extra={"error": f"{type(error).__name__}: {error}"[:300]})
 
     # ------------------------------------------------------------------ check
     def check(self, checks: list[str] | tuple[str, ...] = (), record: bool = True) -> Report:
@@ -146,23 +151,28 @@ class ConsistencyCore:
             metrics.DRIFTED_KEYS.labels(check).set(keys.get(check, 0))
 
     # ------------------------------------------------------------------ reconcile
-    def reconcile(self, *, dry_run: bool, drop_slots: list[str]) -> tuple[list[Action], Report, Report | None]:
+    def reconcile(self, *, dry_run: bool,
+                  drop_slots: list[str]) -> tuple[list[Action], Report, Report | None]:
         if not dry_run:
             self.lease.require()
         with self._repair_lock:
             before = self.check(record=False)
             actions = self.repairer.reconcile(before, dry_run=dry_run, drop_slots=drop_slots)
             for action in actions:
-                metrics.REPAIRS.labels(action.action.split(" ")[0], "done" if action.done else "not_done").inc()
+                outcome = "done" if action.done else "not_done"
+                metrics.REPAIRS.labels(action.action.split(" ")[0], outcome).inc()
             after = None
             if not dry_run and any(action.done for action in actions):
                 after = self.check(record=False)
+            if after is None:
+                outcome = before.summary()
+            else:
+                outcome = "consistent afterwards" if after.consistent else "still inconsistent"
             summary = (f"{'dry run: ' if dry_run else ''}{sum(a.done for a in actions)} of {len(actions)} "
-                       f"action(s) done; " + ("consistent afterwards" if after is not None and after.consistent else
-                                              "still inconsistent" if after is not None else before.summary()))
-            self.history.record("reconcile", summary, {"dry_run": dry_run, "actions": actions_to_dicts(actions),
-                                                       "before": before.summary(),
-                                                       "after": after.summary() if after else None},
+                       f"action(s) done; {outcome}")
+            detail = {"dry_run": dry_run, "actions": actions_to_dicts(actions), "before": before.summary(),
+                      "after": after.summary() if after else None}
+            self.history.record("reconcile", summary, detail,
                                 after.consistent if after is not None else before.consistent)
             return actions, before, after
 
@@ -178,10 +188,12 @@ class ConsistencyCore:
                                     {"version": version, "error": str(error)})
                 raise
             metrics.ROLLBACKS.labels("done" if result.changed else "already_current").inc()
-            self.history.record("rollback", f"model/current v{result.previous_version} -> v{result.current_version}"
-                                if result.changed else f"v{version} was already current",
-                                {"from_version": result.previous_version, "to_version": result.current_version,
-                                 "sha256": result.sha256, "changed": result.changed})
+            summary = (f"model/current v{result.previous_version} -> v{result.current_version}"
+                       if result.changed else f"v{version} was already current")
+            self.history.record("rollback", summary,
+                                {"from_version": result.previous_version,
+                                 "to_version": result.current_version, "sha256": result.sha256,
+                                 "changed": result.changed})
             return result
 
     # ------------------------------------------------------------------ history
@@ -196,13 +208,15 @@ class ConsistencyCore:
     def _drop_slot_sql(self, slot: str) -> bool:
         with self.engine.begin() as connection:
             active = connection.execute(sa.text(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = :s AND database = current_database()"),
+                "SELECT active FROM pg_replication_slots "
+                "WHERE slot_name = :s AND database = current_database()"),
                 {"s": slot}).scalar()
             if active is None or active:
                 return False
             connection.execute(sa.text("SELECT pg_drop_replication_slot(:s)"), {"s": slot})
             if connection.execute(sa.text("SELECT to_regclass('cdc_consumer_groups') IS NOT NULL")).scalar():
-                connection.execute(sa.text("DELETE FROM cdc_consumer_groups WHERE slot_name = :s"), {"s": slot})
+                connection.execute(sa.text("DELETE FROM cdc_consumer_groups WHERE slot_name = :s"),
+                                   {"s": slot})
         return True
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:

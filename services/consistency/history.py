@@ -30,7 +30,8 @@ class History:
             connection.execute(sa.text(
                 "INSERT INTO consistency_history (kind, instance, consistent, summary, detail) "
                 "VALUES (:k, :i, :c, :s, CAST(:d AS jsonb))"),
-                {"k": kind, "i": self.instance, "c": consistent, "s": summary, "d": json.dumps(detail, default=str)})
+                {"k": kind, "i": self.instance, "c": consistent, "s": summary,
+                 "d": json.dumps(detail, default=str)})
             # Bounded: the oldest rows go once there are more than `keep` (cheap with the index).
             connection.execute(sa.text(
                 "DELETE FROM consistency_history WHERE id < (SELECT id FROM consistency_history "
@@ -40,7 +41,8 @@ class History:
         with self.engine.connect() as connection:
             rows = connection.execute(sa.text(
                 "SELECT at, kind, summary, consistent, detail, instance FROM consistency_history "
-                "WHERE (:k = '' OR kind = :k) ORDER BY at DESC, id DESC LIMIT :n"), {"k": kind, "n": limit}).all()
+                "WHERE (:k = '' OR kind = :k) ORDER BY at DESC, id DESC LIMIT :n"),
+                {"k": kind, "n": limit}).all()
         return [Entry(row.at, row.kind, row.summary, row.consistent,
-                      row.detail if isinstance(row.detail, dict) else json.loads(row.detail or "{}"), row.instance)
-                for row in rows]
+                      row.detail if isinstance(row.detail, dict) else json.loads(row.detail or "{}"),
+                      row.instance) for row in rows]

@@ -68,12 +68,13 @@ class Repairer:
         n = finding.key_count
         return {
             "resync_items": f"re-embed {n} item(s) through features.Resync",
-            "rebuild_users": f"rebuild the state of {n} user(s) from the events table (features.RebuildUsers)",
+            "rebuild_users": f"rebuild the state of {n} user(s) from the events table "
+                             f"(features.RebuildUsers)",
             "resync_index": f"make ranker {finding.target} resync its index from the feature store",
             "reload_model": f"make ranker {finding.target} reload model/current (v{finding.model_version})",
             "delete_registration": f"delete the dead registration rankers/{finding.target}",
-            "rollback_current": f"roll model/current back from v{finding.model_version} to the newest earlier "
-                                f"version whose artifact verifies",
+            "rollback_current": f"roll model/current back from v{finding.model_version} to the newest "
+                                f"earlier version whose artifact verifies",
             "abort_canary": f"abort the canary v{finding.model_version} (delete model/canary)",
             "drop_slot": f"drop the abandoned replication slot {finding.target}",
         }.get(finding.repair, finding.repair)
@@ -118,8 +119,8 @@ class Repairer:
         if repair == "resync_items":
             stub, recomputed, missing = self._features(), 0, 0
             for start in range(0, len(finding.keys), self.max_keys):
-                response = stub.Resync(features_pb2.ResyncRequest(item_ids=finding.keys[start:start + self.max_keys]),
-                                       timeout=self.timeout_s)
+                chunk = finding.keys[start:start + self.max_keys]
+                response = stub.Resync(features_pb2.ResyncRequest(item_ids=chunk), timeout=self.timeout_s)
                 recomputed += response.recomputed
                 missing += len(response.not_found)
             return f"re-embedded {recomputed}, {missing} gone from the catalog (removed)"
@@ -143,7 +144,9 @@ class Repairer:
             registration = self._registration(finding.target)
             if registration is None:
                 return "already gone (its lease expired)"
-            return "deleted" if self.replicas.delete(registration) else "kept: the replica re-registered meanwhile"
+            if self.replicas.delete(registration):
+                return "deleted"
+            return "kept: the replica re-registered meanwhile"
         if repair == "rollback_current":
             result = self.rollbacks.rollback_to_last_good(
                 finding.model_version, f"the artifact of v{finding.model_version} failed verification")
@@ -163,7 +166,8 @@ class Repairer:
         if self.collector_address:
             # The collector knows which group the slot belongs to and removes its bookkeeping too.
             stub = collector_pb2_grpc.CollectorServiceStub(grpc.insecure_channel(self.collector_address))
-            groups = stub.ListConsumerGroups(collector_pb2.ListConsumerGroupsRequest(), timeout=self.timeout_s).groups
+            groups = stub.ListConsumerGroups(collector_pb2.ListConsumerGroupsRequest(),
+                                             timeout=self.timeout_s).groups
             group = next((g.name for g in groups if g.slot_name == slot), "")
             if group:
                 dropped = stub.DropConsumerGroup(collector_pb2.DropConsumerGroupRequest(consumer_group=group),

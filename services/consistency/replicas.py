@@ -61,7 +61,8 @@ class Replicas:
                 value = json.loads(kv.value)
             except ValueError:
                 value = {}
-            found.append(Registration(replica_id, value if isinstance(value, dict) else {}, kv.value, kv.lease_id))
+            found.append(Registration(replica_id, value if isinstance(value, dict) else {}, kv.value,
+                                      kv.lease_id))
         return sorted(found, key=lambda r: r.replica_id)
 
     def delete(self, registration: Registration) -> bool:
@@ -75,7 +76,8 @@ class Replicas:
             channel = self._channels[address] = grpc.insecure_channel(address)
         return ranker_pb2_grpc.RankerServiceStub(channel)
 
-    def index_digest(self, registration: Registration, detail_buckets: list[int] | None = None) -> IndexSnapshot:
+    def index_digest(self, registration: Registration,
+                     detail_buckets: list[int] | None = None) -> IndexSnapshot:
         if not registration.address:
             raise ReplicaUnreachable("its registration names no address")
         try:
@@ -84,7 +86,8 @@ class Replicas:
                 timeout=self.timeout_s)
         except grpc.RpcError as error:
             raise ReplicaUnreachable(f"{error.code().name}: {error.details()}") from None
-        digest = dg.Digest.of_aggregates(dg.INDEX_ITEMS, ((b.bucket, b.count, b.xor) for b in response.buckets),
+        digest = dg.Digest.of_aggregates(dg.INDEX_ITEMS,
+                                         ((b.bucket, b.count, b.xor) for b in response.buckets),
                                          response.num_buckets or dg.NUM_BUCKETS)
         return IndexSnapshot(registration.replica_id, response.data_lsn, digest, response.items,
                              response.model_version, {e.item_id: e.fingerprint for e in response.entries})
@@ -101,7 +104,8 @@ class Replicas:
                 snapshot.data_lsn = min(snapshot.data_lsn, part.data_lsn)
         return snapshot
 
-    def reload(self, registration: Registration, *, model: bool, index: bool, timeout_s: float) -> ranker_pb2.ReloadResponse:
+    def reload(self, registration: Registration, *, model: bool, index: bool,
+               timeout_s: float) -> ranker_pb2.ReloadResponse:
         try:
             return self._stub(registration.address).Reload(
                 ranker_pb2.ReloadRequest(reload_model=model, resync_index=index), timeout=timeout_s)

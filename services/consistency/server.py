@@ -21,17 +21,20 @@ def report_message(report: Report) -> consistency_pb2.CheckResponse:
     return consistency_pb2.CheckResponse(
         consistent=report.consistent,
         findings=[consistency_pb2.Finding(
-            check=f.check, severity=int(f.severity), subject=f.subject, detail=f.detail, repairable=f.repairable,
-            keys=f.keys[:MAX_KEYS], key_count=f.key_count, lsn_from=f.lsn_from, lsn_to=f.lsn_to,
+            check=f.check, severity=int(f.severity), subject=f.subject, detail=f.detail,
+            repairable=f.repairable, keys=f.keys[:MAX_KEYS], key_count=f.key_count, lsn_from=f.lsn_from,
+            lsn_to=f.lsn_to,
             model_version=f.model_version) for f in report.findings],
         current_model_version=report.current_version, canary_model_version=report.canary_version,
         replicas=[consistency_pb2.ReplicaState(
-            replica_id=r.replica_id, model_version=r.model_version, data_lsn=r.data_lsn, index_size=r.index_size,
-            index_checksum=r.index_checksum, address=r.address, answering=r.answering,
+            replica_id=r.replica_id, model_version=r.model_version, data_lsn=r.data_lsn,
+            index_size=r.index_size, index_checksum=r.index_checksum, address=r.address,
+            answering=r.answering,
             canary_version=r.canary_version, index_digest=r.index_digest) for r in report.replicas],
         digests=[consistency_pb2.DigestSummary(
             kind=d.kind, side=d.side, rows=d.rows, buckets=d.buckets, root=d.root,
-            differing_buckets=d.differing_buckets, rows_read=d.rows_read, seconds=d.seconds) for d in report.digests],
+            differing_buckets=d.differing_buckets, rows_read=d.rows_read, seconds=d.seconds)
+            for d in report.digests],
         source_checksum=report.source_root, feature_store_checksum=report.feature_store_root,
         checked_at=_timestamp(report.checked_at), watermark=report.watermark, seconds=report.seconds)
 
@@ -49,11 +52,13 @@ class ConsistencyServicer(consistency_pb2_grpc.ConsistencyServiceServicer):
         for n, name in enumerate(request.drop_slots):
             if not name:
                 raise InvalidArgument(f"drop_slots[{n}]: empty slot name")
-        actions, before, after = self.core.reconcile(dry_run=request.dry_run, drop_slots=list(request.drop_slots))
+        actions, before, after = self.core.reconcile(dry_run=request.dry_run,
+                                                     drop_slots=list(request.drop_slots))
         response = consistency_pb2.ReconcileResponse(
-            actions=[consistency_pb2.RepairAction(check=a.check, subject=a.subject,
-                                                  action=f"{a.action}: {a.outcome}" if a.outcome else a.action,
-                                                  done=a.done) for a in actions],
+            actions=[consistency_pb2.RepairAction(
+                check=a.check, subject=a.subject,
+                action=f"{a.action}: {a.outcome}" if a.outcome else a.action,
+                done=a.done) for a in actions],
             before=report_message(before))
         if after is not None:
             response.after.CopyFrom(report_message(after))

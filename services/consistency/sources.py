@@ -35,23 +35,22 @@ class Row:
     lsn: int = 0          # the side's LSN for the row, when it has one
 
 
-def _counts(prefix: str = "") -> str:
-    return ", ".join(f"count(*) FILTER (WHERE {prefix}event_type = '{kind}') AS n_{kind}" for kind in EVENT_KINDS)
-
-
-def _item_counts(prefix: str = "") -> str:
-    return ", ".join(f"count(*) FILTER (WHERE {prefix}event_type = '{kind}') AS n_{kind}" for kind in ITEM_TYPES)
+def _counts(kinds: tuple[str, ...]) -> str:
+    """One count column per event kind: n_view, n_click, ..."""
+    return ", ".join(f"count(*) FILTER (WHERE event_type = '{kind}') AS n_{kind}" for kind in kinds)
 
 
 class Sources:
-    def __init__(self, engine: Engine, *, history_length: int = 50) -> None:
+    def __init__(self, engine: Engine, *, history_length: int = 50,
+                 trainer_consumer: str = "trainer") -> None:
         self.engine = engine
-        self.history_length = history_length
+        self.history_length, self.trainer_consumer = history_length, trainer_consumer
 
     # ------------------------------------------------------------------ positions
     def wal_lsn(self) -> int:
         with self.engine.connect() as connection:
-            return int(connection.execute(sa.text("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")).scalar())
+            return int(connection.execute(sa.text(
+                "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")).scalar())
 
     def applied_lsn(self, consumer: str) -> int:
         with self.engine.connect() as connection:
@@ -80,8 +79,8 @@ class Sources:
 
     # ------------------------------------------------------------------ catalog vs feature store
     def catalog_digest(self) -> dg.Digest:
-        return self._aggregate(dg.CATALOG_ITEMS, f"SELECT item_id, {_CATALOG_HASH} AS h FROM items WHERE active",
-                               "item_id", ("h",))
+        sql = f"SELECT item_id, {_CATALOG_HASH} AS h FROM items WHERE active"
+        return self._aggregate(dg.CATALOG_ITEMS, sql, "item_id", ("h",))
 
     def feature_items_digest(self) -> dg.Digest:
         return self._aggregate(dg.CATALOG_ITEMS, f"SELECT item_id, content_hash AS h FROM item_features "
@@ -89,7 +88,8 @@ class Sources:
 
     def catalog_rows(self, buckets: list[int]) -> dict[str, Row]:
         return self._rows(f"SELECT item_id, {_CATALOG_HASH}, xmin::text FROM items "
-                          f"WHERE active AND {dg.sql_bucket('item_id')} = ANY(:buckets)", 1, {"buckets": buckets})
+                          f"WHERE active AND {dg.sql_bucket('item_id')} = ANY(:buckets)", 1,
+                          {"buckets": buckets})
 
     def catalog_rows_of(self, item_ids: list[str]) -> dict[str, Row]:
         """Every listed id's catalog row, active or not (a second read of a few rows)."""
@@ -101,7 +101,8 @@ class Sources:
 
     def feature_item_rows(self, buckets: list[int]) -> dict[str, Row]:
         return self._rows(f"SELECT item_id, content_hash, xmin::text, updated_lsn FROM item_features "
-                          f"WHERE {_FS_ACTIVE} AND {dg.sql_bucket('item_id')} = ANY(:buckets)", 1, {"buckets": buckets})
+                          f"WHERE {_FS_ACTIVE} AND {dg.sql_bucket('item_id')} = ANY(:buckets)", 1,
+                          {"buckets": buckets})
 
     def feature_item_rows_of(self, item_ids: list[str]) -> dict[str, Row]:
         with self.engine.connect() as connection:
@@ -125,11 +126,13 @@ class Sources:
 
     # ------------------------------------------------------------------ events vs user state
     def _event_users_sql(self, where: str = "") -> str:
-        return (f"SELECT user_id, {_counts()}, least(:hist, count(*) FILTER (WHERE event_type <> 'search' "
-                f"AND item_id IS NOT NULL)) AS hist, max(id)::text AS token FROM events {where} GROUP BY user_id")
+        return (f"SELECT user_id, {_counts(EVENT_KINDS)}, least(:hist, count(*) FILTER ("
+                f"WHERE event_type <> 'search' AND item_id IS NOT NULL)) AS hist, max(id)::text AS token "
+                f"FROM events {where} GROUP BY user_id")
 
     def _user_state_sql(self, where: str = "") -> str:
-        counters = ", ".join(f"coalesce((counters->>'{kind}')::bigint, 0) AS n_{kind}" for kind in EVENT_KINDS)
+        counters = ", ".join(f"coalesce((counters->>'{kind}')::bigint, 0) AS n_{kind}"
+                             for kind in EVENT_KINDS)
         return (f"SELECT user_id, {counters}, jsonb_array_length(history) AS hist, xmin::text AS token, "
                 f"updated_lsn FROM user_features {where}")
 
@@ -143,13 +146,15 @@ class Sources:
     def user_state_digest(self) -> dg.Digest:
         return self._aggregate(dg.USER_EVENTS, self._user_state_sql(), "user_id", self._user_fields())
 
-    def event_user_rows(self, buckets: list[int] | None = None, user_ids: list[str] | None = None) -> dict[str, Row]:
+    def event_user_rows(self, buckets: list[int] | None = None,
+                        user_ids: list[str] | None = None) -> dict[str, Row]:
         where = (f"WHERE {dg.sql_bucket('user_id')} = ANY(:buckets)" if user_ids is None
                  else "WHERE user_id = ANY(:ids)")
         return self._rows(self._event_users_sql(where), len(EVENT_KINDS) + 1,
                           {"hist": self.history_length, "buckets": buckets or [], "ids": user_ids or []})
 
-    def user_state_rows(self, buckets: list[int] | None = None, user_ids: list[str] | None = None) -> dict[str, Row]:
+    def user_state_rows(self, buckets: list[int] | None = None,
+                        user_ids: list[str] | None = None) -> dict[str, Row]:
         where = (f"WHERE {dg.sql_bucket('user_id')} = ANY(:buckets)" if user_ids is None
                  else "WHERE user_id = ANY(:ids)")
         return self._rows(self._user_state_sql(where), len(EVENT_KINDS) + 1,
@@ -158,12 +163,12 @@ class Sources:
     # ------------------------------------------------------------------ events vs trainer log
     def _trainer_events_sql(self, where: str = "") -> str:
         extra = f" AND {where}" if where else ""
-        return (f"SELECT user_id, {_item_counts()}, max(id)::text AS token FROM events "
+        return (f"SELECT user_id, {_counts(ITEM_TYPES)}, max(id)::text AS token FROM events "
                 f"WHERE item_id IS NOT NULL AND event_type <> 'search'{extra} GROUP BY user_id")
 
     def _trainer_log_sql(self, where: str = "") -> str:
         extra = f"WHERE {where}" if where else ""
-        return (f"SELECT user_id, {_item_counts()}, count(*)::text AS token, max(commit_lsn) AS lsn "
+        return (f"SELECT user_id, {_counts(ITEM_TYPES)}, count(*)::text AS token, max(commit_lsn) AS lsn "
                 f"FROM trainer_interactions {extra} GROUP BY user_id")
 
     def _trainer_fields(self) -> tuple[str, ...]:
@@ -171,22 +176,26 @@ class Sources:
 
     def trainer_tables_exist(self) -> bool:
         with self.engine.connect() as connection:
-            return bool(connection.execute(sa.text("SELECT to_regclass('trainer_interactions') IS NOT NULL "
-                                                   "AND EXISTS (SELECT 1 FROM consumer_offsets WHERE consumer = "
-                                                   "'trainer')")).scalar())
+            return bool(connection.execute(sa.text(
+                "SELECT to_regclass('trainer_interactions') IS NOT NULL "
+                "AND EXISTS (SELECT 1 FROM consumer_offsets WHERE consumer = :c)"),
+                {"c": self.trainer_consumer}).scalar())
 
     def event_trainer_digest(self) -> dg.Digest:
-        return self._aggregate("trainer_events", self._trainer_events_sql(), "user_id", self._trainer_fields())
+        return self._aggregate("trainer_events", self._trainer_events_sql(), "user_id",
+                               self._trainer_fields())
 
     def trainer_log_digest(self) -> dg.Digest:
         return self._aggregate("trainer_events", self._trainer_log_sql(), "user_id", self._trainer_fields())
 
-    def event_trainer_rows(self, buckets: list[int] | None = None, user_ids: list[str] | None = None) -> dict[str, Row]:
+    def event_trainer_rows(self, buckets: list[int] | None = None,
+                           user_ids: list[str] | None = None) -> dict[str, Row]:
         where = (f"{dg.sql_bucket('user_id')} = ANY(:buckets)" if user_ids is None else "user_id = ANY(:ids)")
         return self._rows(self._trainer_events_sql(where), len(ITEM_TYPES),
                           {"buckets": buckets or [], "ids": user_ids or []})
 
-    def trainer_log_rows(self, buckets: list[int] | None = None, user_ids: list[str] | None = None) -> dict[str, Row]:
+    def trainer_log_rows(self, buckets: list[int] | None = None,
+                         user_ids: list[str] | None = None) -> dict[str, Row]:
         where = (f"{dg.sql_bucket('user_id')} = ANY(:buckets)" if user_ids is None else "user_id = ANY(:ids)")
         return self._rows(self._trainer_log_sql(where), len(ITEM_TYPES),
                           {"buckets": buckets or [], "ids": user_ids or []})
@@ -194,7 +203,8 @@ class Sources:
     # ------------------------------------------------------------------ replication
     def slots(self) -> list[dict]:
         with self.engine.connect() as connection:
-            has_groups = connection.execute(sa.text("SELECT to_regclass('cdc_consumer_groups') IS NOT NULL")).scalar()
+            has_groups = connection.execute(sa.text(
+                "SELECT to_regclass('cdc_consumer_groups') IS NOT NULL")).scalar()
             group_join = ("LEFT JOIN cdc_consumer_groups g ON g.slot_name = s.slot_name" if has_groups
                           else "LEFT JOIN (SELECT NULL::text AS name, NULL::text AS slot_name) g ON false")
             rows = connection.execute(sa.text(

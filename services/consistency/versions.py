@@ -15,8 +15,9 @@ class ModelVersions:
     def get(self, version: int) -> dict | None:
         with self.engine.connect() as connection:
             row = connection.execute(sa.text(
-                "SELECT version, COALESCE(parent_version, 0) AS parent_version, status, COALESCE(sha256, '') AS sha256, "
-                "COALESCE(artifact_uri, '') AS artifact_uri, lsn_to, metrics, decision FROM model_versions "
+                "SELECT version, COALESCE(parent_version, 0) AS parent_version, status, "
+                "COALESCE(sha256, '') AS sha256, COALESCE(artifact_uri, '') AS artifact_uri, lsn_to, "
+                "metrics, decision FROM model_versions "
                 "WHERE version = :v"), {"v": version}).mappings().first()
         return None if row is None else dict(row)
 
@@ -35,10 +36,11 @@ class ModelVersions:
         with self.engine.begin() as connection:
             if from_version:
                 connection.execute(sa.text(
-                    "UPDATE model_versions SET status = 'rolled_back', rolled_back_to = :to, rolled_back_at = now(), "
-                    "decision = decision || :note WHERE version = :v"),
-                    {"to": to_version, "v": from_version, "note": f"; rolled back to v{to_version}: {reason}"})
+                    "UPDATE model_versions SET status = 'rolled_back', rolled_back_to = :to, "
+                    "rolled_back_at = now(), decision = decision || :note WHERE version = :v"),
+                    {"to": to_version, "v": from_version,
+                     "note": f"; rolled back to v{to_version}: {reason}"})
             connection.execute(sa.text(
-                "UPDATE model_versions SET status = 'published', rolled_back_to = NULL, rolled_back_at = NULL, "
-                "decision = decision || :note WHERE version = :v"),
+                "UPDATE model_versions SET status = 'published', rolled_back_to = NULL, "
+                "rolled_back_at = NULL, decision = decision || :note WHERE version = :v"),
                 {"v": to_version, "note": f"; current again by a rollback from v{from_version}"})
