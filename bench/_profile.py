@@ -2,8 +2,9 @@
 
 Used by `bench/ranker.py --profile`: py-spy (`pip install py-spy`; a development tool, not a
 dependency of the services) samples the ranker while the load generator runs, in "raw" (collapsed
-stacks) format, without pausing the process (`--nonblocking`). Idle threads are not sampled, so
-the shares below are shares of the CPU the process used. Each sample is charged to the first
+stacks) format, without pausing the process (`--nonblocking`). Only the thread holding the GIL is
+sampled (`--gil`): the shares below are shares of the Python CPU time of the process (waiting
+threads and native code running without the GIL, like faiss' inner loops, are not counted). Each sample is charged to the first
 category (in CATEGORIES order) any frame of its stack matches, so a faiss call made while
 holding a lock counts as faiss, and "grpc server" is what is left of gRPC's own Python machinery.
 """
@@ -22,14 +23,17 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
                     "history_vectors")),
     ("faiss search", ("faiss", "search_batcher.py", "vector_index.py", "index_structures.py")),
     ("filters and exclusions", ("filters.py", "seen_filter.py", "_excluded")),
+    ("query embedding (EmbedText)", ("query_encoder.py",)),
+    ("lexical (BM25)", ("lexical.py",)),
     ("locks and waits", ("threading.py", "acquire", "rwlock.py")),
-    ("access log + metrics (interceptor)", ("interceptors.py", "logging/__init__.py", "logs.py",
-                                            "prometheus_client")),
+    ("access log + metrics (interceptor)", ("record (", "logging/__init__.py", "logs.py",
+                                            "prometheus_client", "_status_of")),
     ("message building", ("server.py:_items", "server.py:_freshness", "_items", "SerializeToString",
-                          "FromString", "protobuf")),
+                          "FromString", "protobuf", "filters_from", "session_from")),
     ("admission control", ("admission.py",)),
-    ("recommend logic", ("recommend.py", "retrieval.py", "request_path.py", "catalog.py",
-                         "session.py", "user_cache.py")),
+    ("recommend / search logic", ("recommend.py", "retrieval.py", "request_path.py", "catalog.py",
+                                  "session.py", "user_cache.py", "search.py", "read_your_writes.py")),
+    ("other ranker code", ("services/ranker/", "services/common/")),
     ("grpc server", ("grpc/_server.py", "grpc/_common.py", "_cython", "concurrent/futures")),
 )
 
@@ -46,7 +50,7 @@ def _py_spy() -> str | None:
 def record(pid: int, duration_s: float, out: Path, rate: int = 200) -> subprocess.Popen:
     """Starts sampling `pid` for `duration_s` into `out` (raw format); wait() on the result."""
     return subprocess.Popen([_py_spy(), "record", "--pid", str(pid), "--duration", str(int(max(duration_s, 1))),
-                             "--rate", str(rate), "--format", "raw", "--nonblocking", "--output", str(out)],
+                             "--rate", str(rate), "--format", "raw", "--nonblocking", "--gil", "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -90,7 +90,8 @@ def publish(etcd: Etcd, spec: dict) -> None:
 
 class FeaturesStandIn:
     """A features service stand-in: WatchItems (the whole catalog with vectors, then an open
-    stream), GetUserFeatures (fixed histories, one hour apart, ending a minute ago), EmbedText
+    stream), GetUserFeatures / BatchGetUserFeatures (fixed histories, one hour apart, ending a
+    minute ago; their items as the seen set), WatchUsers (no user ever changes), EmbedText
     (hashed vectors) and Status, from memory. Lets a benchmark run a ranker on a 100k catalog
     without the collector -> Postgres -> features pipeline (which bench/new_item.py measures end
     to end)."""
@@ -111,6 +112,17 @@ class FeaturesStandIn:
 
             def GetUserFeatures(self, request, context):
                 return stand_in.user_features(request.user_id, request.max_history)
+
+            def BatchGetUserFeatures(self, request, context):
+                return stand_in.pb.BatchGetUserFeaturesResponse(
+                    users=[stand_in.user_features(u, request.max_history).features for u in request.user_ids
+                           if u in stand_in.dataset.sequences], data_lsn=stand_in.watermark)
+
+            def WatchUsers(self, request, context):
+                # Nobody changes: the position, then the same position now and then.
+                while context.is_active():
+                    yield stand_in.pb.WatchUsersResponse(watermark=stand_in.watermark)
+                    time.sleep(1.0)
 
             def EmbedText(self, request, context):
                 return stand_in.pb.EmbedTextResponse(vectors=[
@@ -159,6 +171,7 @@ class FeaturesStandIn:
             entry = response.features.history.add(item_id=item_id, type=4)
             entry.timestamp.seconds = now - 3600 * (len(history) - 1 - position)
         response.features.updated_lsn = self.watermark
+        response.features.seen_item_ids.extend(dict.fromkeys(self.dataset.sequences.get(user_id, [])))
         self._responses[user_id] = response
         return response
 

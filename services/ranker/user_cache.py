@@ -87,16 +87,17 @@ class _Slot:
 
 
 class MissBatcher:
-    """Reads of missing users, batched: one read of features in flight at a time; whoever finds
-    none in flight reads every queued user (up to `max_batch`) in one call."""
+    """Reads of missing users, batched: at most `max_in_flight` reads of features at a time; a
+    miss that finds one free reads every queued user (up to `max_batch`) in one call, the others
+    queue for the next free one. Without contention a miss is read at once, alone."""
 
-    def __init__(self, source, max_batch: int = 64) -> None:
-        self.source, self.max_batch = source, max_batch
+    def __init__(self, source, max_batch: int = 64, max_in_flight: int = 2) -> None:
+        self.source, self.max_batch, self.max_in_flight = source, max_batch, max_in_flight
         many = getattr(source, "user_histories", None)
         self._many: Callable[[list[str], int, float | None], dict[str, UserHistory]] = many or self._one_by_one
         self._cond = threading.Condition()
         self._pending: list[_Slot] = []
-        self._in_flight = False
+        self._in_flight = 0
         self.calls = 0
         self.batched_users = 0
 
@@ -110,7 +111,8 @@ class MissBatcher:
             self._pending.append(slot)
         while True:
             with self._cond:
-                while slot.history is None and slot.error is None and self._in_flight:
+                while (slot.history is None and slot.error is None
+                       and (self._in_flight >= self.max_in_flight or slot not in self._pending)):
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         if slot in self._pending:
@@ -122,7 +124,7 @@ class MissBatcher:
                 if slot.history is not None:
                     return slot.history
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
-                self._in_flight = True
+                self._in_flight += 1
             try:
                 remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
                 ids = list(dict.fromkeys(s.user_id for s in batch))
@@ -139,7 +141,7 @@ class MissBatcher:
                     queued.error = FeaturesUnavailable(f"user features: {error}")
             finally:
                 with self._cond:
-                    self._in_flight = False
+                    self._in_flight -= 1
                     self._cond.notify_all()
 
 
@@ -148,14 +150,14 @@ class UserCache:
     user-change stream is live; see the module docstring."""
 
     def __init__(self, source: UserSource, ttl_s: float = 1.0, capacity: int = 50_000, *,
-                 change_memory: int = 100_000, max_batch: int = 64) -> None:
+                 change_memory: int = 100_000, max_batch: int = 64, max_in_flight: int = 2) -> None:
         self.source, self.fallback_ttl_s, self.capacity = source, ttl_s, capacity
         self.change_memory = change_memory
         self._entries: OrderedDict[str, CachedUser] = OrderedDict()
         self._recent: OrderedDict[str, int] = OrderedDict()
         self._covered_from = 0       # _recent holds every change above this LSN (up to stream_lsn)
         self._lock = threading.Lock()
-        self._misses = MissBatcher(source, max_batch)
+        self._misses = MissBatcher(source, max_batch, max_in_flight)
         self.stream_lsn = 0          # every user change up to here has been applied
         self.live = False            # the stream is connected: entries are exact as of stream_lsn
         self.invalidations = 0

@@ -130,7 +130,7 @@ def test_concurrent_misses_share_one_read():
                 release.wait(10)
             return {u: UserHistory(data_lsn=1) for u in user_ids}
 
-    batcher = MissBatcher(Slow())
+    batcher = MissBatcher(Slow(), max_in_flight=1)
     results: dict[str, UserHistory] = {}
 
     def fetch(user_id):
