@@ -16,7 +16,12 @@ Training, every TRAINER_LOOP_INTERVAL_S:
   since the current version reach the threshold (at least 1). After an update that did not
   publish (gate rejection, lost race, nothing selected), the next attempt waits until another
   threshold's worth of interactions arrived, so a rejected update is not retried on the same
-  data in a tight loop.
+  data in a tight loop;
+* after a rollback (the consistency service made an earlier version current again and marked
+  the one it replaced 'rolled_back'), updates are held until a threshold's worth of interactions
+  arrived after the data the rolled-back version was trained on (its lsn_to): the next version
+  is then trained from the restored one on data the rolled-back version never saw, instead of
+  re-learning it at once (VersionStore.rollback_hold_lsn).
 """
 from __future__ import annotations
 
@@ -100,6 +105,10 @@ class TrainingLoop:
         if self.full_retrain_growth > 0 and self._full_retrain_due(recorded):
             return
         threshold = max(1, core.config.threshold_events)
+        held_until = core.versions.rollback_hold_lsn(current.version)
+        if held_until > current.data_lsn and core.log.count(held_until, recorded) < threshold:
+            self._waiting_after_rollback(current.version, held_until)
+            return
         pending = core.log.count(current.data_lsn, recorded)
         if pending < threshold:
             return
@@ -113,6 +122,12 @@ class TrainingLoop:
         else:
             self._attempted_at_pending, self._attempted_for_version = pending, current.version
 
+
+    def _waiting_after_rollback(self, version: int, held_until: int) -> None:
+        if time.monotonic() - self._said_waiting > 30:
+            self._said_waiting = time.monotonic()
+            log.info("loop: updates held after a rollback until new data arrives",
+                     extra={"current_version": version, "after_lsn": held_until})
 
     def _waiting(self, what: str, **extra) -> None:
         if time.monotonic() - self._said_waiting > 30:

@@ -210,6 +210,14 @@ class VersionStore:
                 "ORDER BY v.version DESC LIMIT :n"), {"n": limit}).all()
         return [_version(row) for row in rows]
 
+    def rollback_hold_lsn(self, version: int) -> int:
+        """The newest data a version rolled back to `version` was trained on (0: none): the loop
+        waits for new interactions past it before updating again (see scheduler.py)."""
+        with self.engine.connect() as connection:
+            return int(connection.execute(sa.text(
+                "SELECT COALESCE(max(lsn_to), 0) FROM model_versions "
+                "WHERE status = 'rolled_back' AND rolled_back_to = :v"), {"v": version}).scalar_one())
+
     def latest_version(self) -> int:
         with self.engine.connect() as connection:
             return int(connection.execute(sa.text("SELECT COALESCE(max(version), 0) FROM model_versions")).scalar_one())
