@@ -53,9 +53,18 @@ class Sources:
                 "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")).scalar())
 
     def applied_lsn(self, consumer: str) -> int:
+        """How far `consumer` has durably applied the stream: its own high-water mark, or the
+        position its replication slot confirmed if that is further (the collector confirms
+        idle stretches on heartbeats, and only what the consumer acked)."""
         with self.engine.connect() as connection:
+            has_groups = connection.execute(sa.text(
+                "SELECT to_regclass('cdc_consumer_groups') IS NOT NULL")).scalar()
+            confirmed = ("(SELECT s.confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots s "
+                         "JOIN cdc_consumer_groups g ON g.slot_name = s.slot_name WHERE g.name = :c)"
+                         if has_groups else "0")
             value = connection.execute(sa.text(
-                "SELECT applied_lsn FROM consumer_offsets WHERE consumer = :c"), {"c": consumer}).scalar()
+                f"SELECT GREATEST(COALESCE((SELECT applied_lsn FROM consumer_offsets WHERE consumer = :c), "
+                f"0), COALESCE({confirmed}, 0))"), {"c": consumer}).scalar()
         return int(value or 0)
 
     # ------------------------------------------------------------------ generic

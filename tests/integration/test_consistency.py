@@ -20,6 +20,7 @@ from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, consiste
 from scripts.launch import ServiceProcess
 from services.common.artifacts import ArtifactStore
 from services.common.etcd import Etcd
+from services.consistency.sources import Sources
 from services.contracts.etcd_keys import MODEL_CURRENT, ranker_key
 from tests import fakes
 from tests.support import channel_to, wait_until, wal_lsn
@@ -78,18 +79,17 @@ class Stack:
             wait_until(lambda r=replica: self.serving(r) == version, f"{replica} to serve v{version}")
 
     def caught_up(self) -> None:
-        """Every ranker has applied everything features applied up to now."""
+        """Features, the trainer's log and every ranker have applied everything written so far."""
         target = wal_lsn(self.engine)
         wait_until(lambda: self.applied() >= target, "features to catch up")
+        wait_until(lambda: self.applied("trainer") >= target, "the trainer's log to catch up")
         for replica in self.rankers:
             wait_until(lambda r=replica: self.ranker(r).Status(ranker_pb2.RankerServiceStatusRequest(),
                                                                timeout=10).freshness.data_lsn >= target,
                        f"{replica} to catch up")
 
-    def applied(self) -> int:
-        with self.engine.connect() as connection:
-            return int(connection.execute(sa.text(
-                "SELECT applied_lsn FROM consumer_offsets WHERE consumer = 'features'")).scalar() or 0)
+    def applied(self, consumer: str = "features") -> int:
+        return Sources(self.engine).applied_lsn(consumer)
 
 
 def bad(response) -> list:
@@ -134,6 +134,11 @@ def stack(infra_env, database_url, tmp_path_factory):
             **env, "COLLECTOR_ADDRESS": collector_process.address, "FEATURES_TORCH_THREADS": "1"},
             log_dir=logs).start(timeout_s=240)
         processes.append(features_process)
+        # The trainer only records the delta stream here (no loop): its interaction log is checked.
+        processes.append(ServiceProcess("services.trainer", {
+            **env, "COLLECTOR_ADDRESS": collector_process.address, "TRAINER_LOOP": "0", "TRAINER_TORCH_THREADS": "1",
+            "TRAINER_ARTIFACT_URI": tmp_path_factory.mktemp("trainer-artifacts").as_uri()},
+            log_dir=logs).start(timeout_s=240))
         consistency_process = ServiceProcess("services.consistency", {
             **env, "FEATURES_ADDRESS": features_process.address, "COLLECTOR_ADDRESS": collector_process.address,
             "CONSISTENCY_CHECK_INTERVAL_S": "0", "CONSISTENCY_VERSION_GRACE_S": "3", "CONSISTENCY_SETTLE_S": "8",
@@ -175,6 +180,19 @@ def test_a_clean_suite_is_consistent(stack):
     assert len(index_roots) == 1                        # feature store and both rankers agree
     assert sides[("user_events", "events")].rows == N_USERS
     assert report.source_checksum == report.feature_store_checksum
+
+
+def test_interactions_missing_from_the_trainers_log_are_found(stack):
+    with stack.engine.begin() as connection:
+        saved = connection.execute(sa.text("DELETE FROM trainer_interactions WHERE user_id = 'user-2' "
+                                           "RETURNING *")).mappings().all()
+    finding = only(stack.check())
+    assert (finding.check, list(finding.keys), finding.repairable) == ("trainer_events", ["user-2"], False)
+    with stack.engine.begin() as connection:        # put them back as the trainer had them
+        columns = list(saved[0].keys())
+        connection.execute(sa.text(f"INSERT INTO trainer_interactions ({', '.join(columns)}) "
+                                   f"VALUES ({', '.join(':' + c for c in columns)})"), [dict(r) for r in saved])
+    assert_clean(stack.check())
 
 
 def test_an_item_features_row_changed_by_sql_is_found_and_re_embedded(stack):
