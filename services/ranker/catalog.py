@@ -114,6 +114,14 @@ class Catalog:
         meta = self._metas[iid]
         return meta.item_id if meta is not None else ""
 
+    def active_mask(self, iids: np.ndarray) -> np.ndarray:
+        """is_active for many ids at once (bool array; -1 and unknown ids are inactive)."""
+        active = self._active
+        inside = (iids >= 0) & (iids < active.shape[0])
+        out = np.zeros(iids.shape[0], bool)
+        out[inside] = active[iids[inside]]
+        return out
+
     def is_active(self, iid: int) -> bool:
         return 0 <= iid < self._active.shape[0] and bool(self._active[iid])
 

@@ -106,7 +106,7 @@ class ModelBundle:
     def history_vectors(self, iids: np.ndarray) -> np.ndarray:
         """Vectors of history items, also of items no longer active (computed on the fly when
         this bundle never indexed them)."""
-        known = np.array([self.index.has_vector(int(i)) for i in iids], bool)
+        known = self.index.has_vectors(iids)
         if known.all():
             return self.index.vectors_of(iids)
         out = np.empty((iids.shape[0], self.dim), np.float32)

@@ -39,7 +39,13 @@ def retrieve(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, fi
         # The first (usual) search is batched with concurrent requests; wider retries are not.
         scores, ids = index.search_one(query, fetch) if first else index.search(query, fetch)
         first = False
-        found = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0 and accept(int(i))]
+        if filters.restricts_items:
+            found = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0 and accept(int(i))]
+        else:   # only activity and exclusions: tested for the whole row at once
+            keep = catalog.active_mask(ids[0])
+            if excluded:
+                keep &= ~np.isin(ids[0], np.fromiter(excluded, np.int64, len(excluded)))
+            found = list(zip(ids[0][keep].tolist(), scores[0][keep].tolist()))
         if len(found) >= k or fetch >= min(size, MAX_FETCH):
             return found[:k]
         fetch = min(size, MAX_FETCH, fetch * 4)

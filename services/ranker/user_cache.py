@@ -39,6 +39,10 @@ from typing import Callable, Iterable, Protocol
 from services.ranker import metrics
 
 
+# The labelled counters, looked up once (a labels() call per request costs a lock and a dict).
+_HIT, _HIT_FALLBACK, _MISS = (metrics.USER_CACHE.labels(result) for result in ("hit", "hit_fallback", "miss"))
+
+
 @dataclass(frozen=True)
 class UserHistory:
     """A user's recent interactions (oldest first) as read from features, with the items of the
@@ -172,13 +176,13 @@ class UserCache:
         if entry is not None:
             as_of = max(stream_lsn, entry.history.data_lsn)
             if live and as_of >= min_lsn:
-                metrics.USER_CACHE.labels("hit").inc()
+                _HIT.inc()
                 return entry.as_of(as_of)
             if (not live and time.monotonic() - entry.fetched_at < self.fallback_ttl_s
                     and entry.history.data_lsn >= min_lsn):
-                metrics.USER_CACHE.labels("hit_fallback").inc()
+                _HIT_FALLBACK.inc()
                 return entry
-        metrics.USER_CACHE.labels("miss").inc()
+        _MISS.inc()
         history = self._misses.fetch(user_id, max_history, timeout_s)
         fresh = CachedUser(history, time.monotonic())
         if self.capacity > 0:

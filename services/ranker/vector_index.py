@@ -82,6 +82,15 @@ class VectorIndex:
     def has_vector(self, item_id: int) -> bool:
         return 0 <= item_id < self._has.shape[0] and bool(self._has[item_id])
 
+    def has_vectors(self, item_ids: np.ndarray) -> np.ndarray:
+        """has_vector for many ids at once (bool array)."""
+        item_ids = np.asarray(item_ids, np.int64)
+        has = self._has
+        inside = (item_ids >= 0) & (item_ids < has.shape[0])
+        out = np.zeros(item_ids.shape[0], bool)
+        out[inside] = has[item_ids[inside]]
+        return out
+
     def ids(self) -> np.ndarray:
         return np.flatnonzero(self._present[: self._present.shape[0]])
 
