@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 class ReplicaRepair:
-    def __init__(self, catalog: Catalog, feed: ItemFeed, manager: ModelManager, watcher: EtcdModelWatcher) -> None:
+    def __init__(self, catalog: Catalog, feed: ItemFeed, manager: ModelManager,
+                 watcher: EtcdModelWatcher) -> None:
         self.catalog, self.feed, self.manager, self.watcher = catalog, feed, manager, watcher
 
     def reload_model(self, timeout_s: float) -> bool:

@@ -32,6 +32,7 @@ N_USERS = 12
 ITEM_IDS = [f"item-{n}" for n in range(N_ITEMS)]
 DROPPED_BY_R2 = "item-7"       # the ranker r2's fault drill drops the first live upsert of it
 ERROR, WARNING = consistency_pb2.SEVERITY_ERROR, consistency_pb2.SEVERITY_WARNING
+KINDS = [common_pb2.EVENT_TYPE_VIEW, common_pb2.EVENT_TYPE_PURCHASE, common_pb2.EVENT_TYPE_CLICK]
 
 
 def title_of(n: int) -> str:
@@ -49,8 +50,8 @@ class Stack:
         return self.consistency.Check(consistency_pb2.CheckRequest(checks=list(checks)), timeout=120)
 
     def reconcile(self, dry_run: bool = False, drop_slots=()) -> consistency_pb2.ReconcileResponse:
-        return self.consistency.Reconcile(consistency_pb2.ReconcileRequest(dry_run=dry_run,
-                                                                           drop_slots=list(drop_slots)), timeout=300)
+        request = consistency_pb2.ReconcileRequest(dry_run=dry_run, drop_slots=list(drop_slots))
+        return self.consistency.Reconcile(request, timeout=300)
 
     def publish(self, version: int, *, corrupt: bool = False) -> dict:
         spec = fakes.store_artifact(self.store, fakes.make_artifact(version, ITEM_IDS, self.text, dim=16))
@@ -72,7 +73,8 @@ class Stack:
         return ranker_pb2_grpc.RankerServiceStub(channel_to(self.rankers[replica]))
 
     def serving(self, replica: str) -> int:
-        return self.ranker(replica).Status(ranker_pb2.RankerServiceStatusRequest(), timeout=10).freshness.model_version
+        status = self.ranker(replica).Status(ranker_pb2.RankerServiceStatusRequest(), timeout=10)
+        return status.freshness.model_version
 
     def wait_serving(self, version: int) -> None:
         for replica in self.rankers:
@@ -123,11 +125,10 @@ def stack(infra_env, database_url, tmp_path_factory):
         processes.append(collector_process)
         collector = collector_pb2_grpc.CollectorServiceStub(channel_to(collector_process))
         collector.UpsertItems(collector_pb2.UpsertItemsRequest(items=[
-            common_pb2.Item(item_id=ITEM_IDS[n], title=title_of(n), category="Beauty", brand="Belle", active=True)
-            for n in range(N_ITEMS)]), timeout=60)
+            common_pb2.Item(item_id=ITEM_IDS[n], title=title_of(n), category="Beauty", brand="Belle",
+                            active=True) for n in range(N_ITEMS)]), timeout=60)
         collector.IngestEvents(collector_pb2.IngestEventsRequest(events=[
-            common_pb2.Event(event_id=f"seed-{u}-{i}", type=[common_pb2.EVENT_TYPE_VIEW, common_pb2.EVENT_TYPE_PURCHASE,
-                                                             common_pb2.EVENT_TYPE_CLICK][i % 3],
+            common_pb2.Event(event_id=f"seed-{u}-{i}", type=KINDS[i % 3],
                              user_id=f"user-{u}", item_id=ITEM_IDS[(u * 5 + i) % N_ITEMS])
             for u in range(N_USERS) for i in range(4)]), timeout=60)
         features_process = ServiceProcess("services.features", {
@@ -136,17 +137,19 @@ def stack(infra_env, database_url, tmp_path_factory):
         processes.append(features_process)
         # The trainer only records the delta stream here (no loop): its interaction log is checked.
         processes.append(ServiceProcess("services.trainer", {
-            **env, "COLLECTOR_ADDRESS": collector_process.address, "TRAINER_LOOP": "0", "TRAINER_TORCH_THREADS": "1",
+            **env, "COLLECTOR_ADDRESS": collector_process.address, "TRAINER_LOOP": "0",
+            "TRAINER_TORCH_THREADS": "1",
             "TRAINER_ARTIFACT_URI": tmp_path_factory.mktemp("trainer-artifacts").as_uri()},
             log_dir=logs).start(timeout_s=240))
         consistency_process = ServiceProcess("services.consistency", {
-            **env, "FEATURES_ADDRESS": features_process.address, "COLLECTOR_ADDRESS": collector_process.address,
-            "CONSISTENCY_CHECK_INTERVAL_S": "0", "CONSISTENCY_VERSION_GRACE_S": "3", "CONSISTENCY_SETTLE_S": "8",
+            **env, "FEATURES_ADDRESS": features_process.address,
+            "COLLECTOR_ADDRESS": collector_process.address, "CONSISTENCY_CHECK_INTERVAL_S": "0", "CONSISTENCY_VERSION_GRACE_S": "3",
+            "CONSISTENCY_SETTLE_S": "8",
             "CONSISTENCY_SLOT_ABANDONED_S": "0", "CONSISTENCY_INSTANCE_ID": "consistency-a"},
             name="consistency", log_dir=logs).start()
         processes.append(consistency_process)
-        stack = Stack(env, engine, etcd, store, collector,
-                      consistency_pb2_grpc.ConsistencyServiceStub(channel_to(consistency_process)), processes, logs)
+        consistency = consistency_pb2_grpc.ConsistencyServiceStub(channel_to(consistency_process))
+        stack = Stack(env, engine, etcd, store, collector, consistency, processes, logs)
         stack.features_address = features_process.address
         stack.features_process = features_process
         stack.consistency_process = consistency_process
@@ -172,7 +175,8 @@ def test_a_clean_suite_is_consistent(stack):
     report = stack.check()
     assert_clean(report)
     assert report.watermark > 0 and report.current_model_version == 1
-    assert {r.replica_id for r in report.replicas} == {"r1", "r2"} and all(r.answering for r in report.replicas)
+    assert {r.replica_id for r in report.replicas} == {"r1", "r2"}
+    assert all(r.answering for r in report.replicas)
     sides = {(d.kind, d.side): d for d in report.digests}
     assert sides[("catalog_items", "catalog")].root == sides[("catalog_items", "feature_store")].root
     assert sides[("catalog_items", "catalog")].rows == N_ITEMS
@@ -191,13 +195,15 @@ def test_interactions_missing_from_the_trainers_log_are_found(stack):
     with stack.engine.begin() as connection:        # put them back as the trainer had them
         columns = list(saved[0].keys())
         connection.execute(sa.text(f"INSERT INTO trainer_interactions ({', '.join(columns)}) "
-                                   f"VALUES ({', '.join(':' + c for c in columns)})"), [dict(r) for r in saved])
+                                   f"VALUES ({', '.join(':' + c for c in columns)})"),
+                           [dict(r) for r in saved])
     assert_clean(stack.check())
 
 
 def test_an_item_features_row_changed_by_sql_is_found_and_re_embedded(stack):
     with stack.engine.begin() as connection:
-        connection.execute(sa.text("UPDATE item_features SET content_hash = 'written by hand' WHERE item_id = 'item-3'"))
+        connection.execute(sa.text(
+            "UPDATE item_features SET content_hash = 'written by hand' WHERE item_id = 'item-3'"))
     report = stack.check()
     finding = only(report)
     assert (finding.check, finding.severity, list(finding.keys)) == ("catalog_features", ERROR, ["item-3"])
@@ -243,8 +249,8 @@ def test_a_change_in_flight_is_lag_not_drift(stack):
     os.kill(features_pid, signal.SIGSTOP)
     try:
         stack.collector.UpsertItems(collector_pb2.UpsertItemsRequest(items=[common_pb2.Item(
-            item_id="item-11", title="Amber Oil 11, larger bottle", category="Beauty", brand="Belle", active=True)]),
-            timeout=30)
+            item_id="item-11", title="Amber Oil 11, larger bottle", category="Beauty", brand="Belle",
+            active=True)]), timeout=30)
         report = stack.check("catalog_features")
     finally:
         os.kill(features_pid, signal.SIGCONT)
@@ -271,7 +277,8 @@ def test_a_user_whose_applied_history_was_deleted_is_rebuilt(stack):
     assert_clean(stack.check())
     # The rebuild is exact under the stream's rules: new events are counted once.
     stack.collector.IngestEvents(collector_pb2.IngestEventsRequest(events=[common_pb2.Event(
-        event_id="after-rebuild", type=common_pb2.EVENT_TYPE_VIEW, user_id="user-3", item_id="item-1")]), timeout=30)
+        event_id="after-rebuild", type=common_pb2.EVENT_TYPE_VIEW, user_id="user-3", item_id="item-1")]),
+        timeout=30)
     stack.caught_up()
     assert_clean(stack.check("user_events"))
 
@@ -349,7 +356,8 @@ def test_only_the_lease_holder_repairs_and_history_is_newest_first(stack):
         assert stub.Check(consistency_pb2.CheckRequest(checks=["catalog_features"]), timeout=60).consistent
         with pytest.raises(grpc.RpcError) as error:
             stub.Reconcile(consistency_pb2.ReconcileRequest(), timeout=60)
-        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "consistency-a" in error.value.details()
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "consistency-a" in error.value.details()
         with pytest.raises(grpc.RpcError) as error:
             stub.Rollback(consistency_pb2.RollbackRequest(version=1), timeout=60)
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION

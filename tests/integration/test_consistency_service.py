@@ -26,16 +26,18 @@ def test_reflection_health_metrics_and_the_periodic_check(start_service, service
     methods = set(grpcurl(process.address, "list", SERVICE, cwd=tmp_path).split())
     assert {f"{SERVICE}.{m}" for m in ("Check", "Reconcile", "Rollback", "History")} <= methods
     assert "drop_slots" in grpcurl(process.address, "describe", "deltarec.v1.ReconcileRequest", cwd=tmp_path)
-    health = json.loads(grpcurl(process.address, "grpc.health.v1.Health/Check", data=json.dumps({"service": SERVICE})))
+    health = json.loads(grpcurl(process.address, "grpc.health.v1.Health/Check",
+                                data=json.dumps({"service": SERVICE})))
     assert health["status"] == "SERVING"
     report = json.loads(grpcurl(process.address, f"{SERVICE}/Check", data="{}", cwd=tmp_path))
     assert report["consistent"] is True                  # an empty suite agrees with itself
     # The background loop checks by itself and records each check.
-    wait_until(lambda: len(stub.History(consistency_pb2.HistoryRequest(kind="check"), timeout=10).entries) >= 3,
-               "the periodic check to run")
+    checks = consistency_pb2.HistoryRequest(kind="check")
+    wait_until(lambda: len(stub.History(checks, timeout=10).entries) >= 3, "the periodic check to run")
     samples = metric_samples(process)
     assert samples[("deltarec_consistency_last_consistent_timestamp_seconds", ())] > 0
-    assert ("deltarec_consistency_findings", (("check", "catalog_features"), ("severity", "error"))) in samples
+    labels = (("check", "catalog_features"), ("severity", "error"))
+    assert ("deltarec_consistency_findings", labels) in samples
     with pytest.raises(grpc.RpcError) as error:
         stub.Check(consistency_pb2.CheckRequest(checks=["everything"]), timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "checks" in error.value.details()
@@ -47,8 +49,8 @@ def test_reflection_health_metrics_and_the_periodic_check(start_service, service
 
 
 def test_a_bad_setting_stops_the_start_with_one_line(service_env):
-    result = subprocess.run([sys.executable, "-m", "services.consistency"], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=60,
+    result = subprocess.run([sys.executable, "-m", "services.consistency"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60,
                             env={**service_env, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'gen'}",
                                  "CONSISTENCY_VERSION_GRACE_S": "-1"})
     assert result.returncode == 2

@@ -190,7 +190,8 @@ def test_rollback_refusals(tmp_path):
     artifact.write_bytes(b"model one")
     import hashlib
     sha = hashlib.sha256(b"model one").hexdigest()
-    rows = {1: {"version": 1, "status": "published", "artifact_uri": artifact.as_uri(), "sha256": sha, "lsn_to": 5},
+    rows = {1: {"version": 1, "status": "published", "artifact_uri": artifact.as_uri(), "sha256": sha,
+                "lsn_to": 5},
             2: {"version": 2, "status": "rejected", "artifact_uri": artifact.as_uri(), "sha256": sha},
             3: {"version": 3, "status": "published", "artifact_uri": artifact.as_uri(), "sha256": "0" * 64}}
     etcd = FakeEtcd({MODEL_CURRENT: pointer(3)})

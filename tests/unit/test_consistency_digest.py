@@ -76,4 +76,5 @@ def test_diff_rows_names_each_kind_of_difference():
 def test_vector_fingerprint_is_of_the_stored_bytes():
     import numpy as np
     vector = np.arange(4, dtype="<f4")
-    assert dg.vector_fingerprint(vector.tobytes()) == dg.vector_fingerprint(np.array([0, 1, 2, 3], "<f4").tobytes())
+    same = np.array([0, 1, 2, 3], "<f4")
+    assert dg.vector_fingerprint(vector.tobytes()) == dg.vector_fingerprint(same.tobytes())

@@ -22,8 +22,8 @@ def catalog_with(n: int) -> Catalog:
 
 def expected(ids) -> dg.Digest:
     """What the feature store computes: md5 of the stored little-endian float32 bytes."""
-    return dg.Digest.of_rows(dg.INDEX_ITEMS, [(f"item-{i}", dg.vector_fingerprint(vector(i).astype("<f4").tobytes()))
-                                              for i in ids])
+    return dg.Digest.of_rows(dg.INDEX_ITEMS, [
+        (f"item-{i}", dg.vector_fingerprint(vector(i).astype("<f4").tobytes())) for i in ids])
 
 
 def test_digest_matches_the_feature_stores_at_the_watermark():
