@@ -29,6 +29,14 @@ class SequenceBatch:
     query_ages: np.ndarray  # [b, t] float32
     targets: np.ndarray  # [b, t] int64
 
+    @classmethod
+    def zeros(cls, rows: int, width: int) -> "SequenceBatch":
+        """All padding: every row empty."""
+        shape = (rows, width)
+        return cls(items=np.zeros(shape, np.int64), events=np.zeros(shape, np.int64),
+                   ages=np.zeros(shape, np.float32), query_ages=np.zeros(shape, np.float32),
+                   targets=np.zeros(shape, np.int64))
+
     @property
     def padding_mask(self) -> np.ndarray:
         return self.items == 0
@@ -39,14 +47,7 @@ def collate_windows(
 ) -> SequenceBatch:
     """Build a batch padded to the longest window in it (not to max_len)."""
     width = max(window.end - window.start for window in windows)
-    shape = (len(windows), width)
-    batch = SequenceBatch(
-        items=np.zeros(shape, np.int64),
-        events=np.zeros(shape, np.int64),
-        ages=np.zeros(shape, np.float32),
-        query_ages=np.zeros(shape, np.float32),
-        targets=np.zeros(shape, np.int64),
-    )
+    batch = SequenceBatch.zeros(len(windows), width)
     for row, window in enumerate(windows):
         history = histories[window.user]
         length = window.end - window.start
@@ -73,14 +74,7 @@ def collate_histories(
     "no history" vector.
     """
     width = max(1, min(max_len, max((len(h) for h in histories), default=1)))
-    shape = (len(histories), width)
-    batch = SequenceBatch(
-        items=np.zeros(shape, np.int64),
-        events=np.zeros(shape, np.int64),
-        ages=np.zeros(shape, np.float32),
-        query_ages=np.zeros(shape, np.float32),
-        targets=np.zeros(shape, np.int64),
-    )
+    batch = SequenceBatch.zeros(len(histories), width)
     for row, (history, now_time) in enumerate(zip(histories, now)):
         recent = history.items[-max_len:]
         length = len(recent)
