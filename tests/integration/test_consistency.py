@@ -143,8 +143,8 @@ def stack(infra_env, database_url, tmp_path_factory):
             log_dir=logs).start(timeout_s=240))
         consistency_process = ServiceProcess("services.consistency", {
             **env, "FEATURES_ADDRESS": features_process.address,
-            "COLLECTOR_ADDRESS": collector_process.address, "CONSISTENCY_CHECK_INTERVAL_S": "0", "CONSISTENCY_VERSION_GRACE_S": "3",
-            "CONSISTENCY_SETTLE_S": "8",
+            "COLLECTOR_ADDRESS": collector_process.address, "CONSISTENCY_CHECK_INTERVAL_S": "0",
+            "CONSISTENCY_VERSION_GRACE_S": "3", "CONSISTENCY_SETTLE_S": "8",
             "CONSISTENCY_SLOT_ABANDONED_S": "0", "CONSISTENCY_INSTANCE_ID": "consistency-a"},
             name="consistency", log_dir=logs).start()
         processes.append(consistency_process)
@@ -305,8 +305,9 @@ def test_rollback_end_to_end(stack):
 
 def test_a_corrupt_current_artifact_is_found_and_rolled_back(stack):
     stack.publish(3, corrupt=True)
-    wait_until(lambda: any(f.check == "model_version" and f.severity == ERROR for f in stack.check().findings),
-               "the replicas' refusal to outlast the grace period")
+    def refusal_outlasts_grace() -> bool:
+        return any(f.check == "model_version" and f.severity == ERROR for f in stack.check().findings)
+    wait_until(refusal_outlasts_grace, "the replicas' refusal to outlast the grace period")
     report = stack.check()
     checks = sorted({(f.check, f.subject) for f in bad(report)})
     assert checks == [("artifact", "model/current"), ("model_version", "r1"), ("model_version", "r2")]
