@@ -34,6 +34,7 @@ class BatchReport:
     duplicates: int = 0
     rejected: int = 0
     unknown_items: int = 0
+    commit_lsn: int = 0
 
 
 class Ingestor:
@@ -64,7 +65,7 @@ class Ingestor:
             rows.append(row)
         outcome = self.store.ingest(rows, rejections)
 
-        report = BatchReport(unknown_items=outcome.unknown_items)
+        report = BatchReport(unknown_items=outcome.unknown_items, commit_lsn=outcome.commit_lsn)
         for index, (event, (fate, detail)) in enumerate(zip(events, fates)):
             if fate == "rejected":
                 status, reason = REJECTED, str(detail)
@@ -96,7 +97,7 @@ class Ingestor:
                 continue
             rows_by_id[row.item_id] = row   # the last version of an item in a batch wins
             response.results.add(index=index, item_id=item.item_id, ok=True)
-        response.upserted = self.store.upsert_items(list(rows_by_id.values()))
+        response.upserted, response.commit_lsn = self.store.upsert_items(list(rows_by_id.values()))
         ITEMS.labels("upsert").inc(response.upserted)
         return response
 
@@ -106,7 +107,7 @@ class Ingestor:
             if not item_id:
                 from services.common.errors import InvalidArgument
                 raise InvalidArgument(f"item_ids[{position}]: must not be empty")
-        deleted = self.store.delete_items(list(item_ids))
+        deleted, commit_lsn = self.store.delete_items(list(item_ids))
         ITEMS.labels("delete").inc(len(deleted))
         return collector_pb2.DeleteItemsResponse(
-            deleted=len(deleted), not_found=sorted(set(item_ids) - deleted))
+            deleted=len(deleted), not_found=sorted(set(item_ids) - deleted), commit_lsn=commit_lsn)

@@ -20,7 +20,7 @@ class CollectorServicer(collector_pb2_grpc.CollectorServiceServicer):
         report = self.ingestor.ingest(request.events)
         return collector_pb2.IngestEventsResponse(
             results=report.results, accepted=report.accepted, duplicates=report.duplicates,
-            rejected=report.rejected, unknown_items=report.unknown_items)
+            rejected=report.rejected, unknown_items=report.unknown_items, commit_lsn=report.commit_lsn)
 
     @grpc_errors
     def StreamEvents(self, request_iterator, context):

@@ -73,6 +73,17 @@ class Rejection:
 class IngestOutcome:
     stored: set[str]            # event ids this call stored
     unknown_items: int          # of those, how many name an item not in the catalog
+    commit_lsn: int = 0         # WAL position once committed (0: nothing stored), see wal_position
+
+
+# The WAL insert position read right after a commit, on the same connection: at or after the end
+# of that commit record, which is the commit_lsn the delta stream reports for the transaction
+# (the end LSN). A reader that waits until a consumer's watermark reaches it (min_data_lsn) so
+# waits for this write: every transaction committed before the position has been applied once the
+# watermark (a batch's commit_lsn, or a caught-up position) is at or beyond it. It is usually
+# exactly that end LSN; WAL written in between by others (e.g. the feature store's own commits)
+# makes it a little later, which the next batch or caught-up heartbeat covers.
+WAL_POSITION_SQL = "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn"
 
 
 class CollectorStore:
@@ -110,15 +121,25 @@ class CollectorStore:
             with driver.cursor() as cursor:
                 cursor.execute(INGEST_SQL, params)
                 result = cursor.fetchall()
+                commit_lsn = 0
+                if result:
+                    cursor.execute(WAL_POSITION_SQL)
+                    commit_lsn = int(cursor.fetchone()[0])
         finally:
             if not driver.closed:
                 driver.autocommit = False
             connection.close()
-        return IngestOutcome({event_id for event_id, _ in result}, sum(1 for _, unknown in result if unknown))
+        return IngestOutcome({event_id for event_id, _ in result}, sum(1 for _, unknown in result if unknown),
+                             commit_lsn)
 
-    def upsert_items(self, rows: list[ItemRow]) -> int:
+    def wal_position(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.exec_driver_sql(WAL_POSITION_SQL).scalar())
+
+    def upsert_items(self, rows: list[ItemRow]) -> tuple[int, int]:
+        """(rows written, WAL position after the commit)."""
         if not rows:
-            return 0
+            return 0, 0
         params = {
             "ids": [r.item_id for r in rows], "titles": [r.title for r in rows],
             "descriptions": [r.description for r in rows], "categories": [r.category for r in rows],
@@ -129,11 +150,12 @@ class CollectorStore:
         }
         with self.engine.begin() as connection:
             connection.exec_driver_sql(UPSERT_ITEMS_SQL, params)
-        return len(rows)
+        return len(rows), self.wal_position()
 
-    def delete_items(self, item_ids: list[str]) -> set[str]:
+    def delete_items(self, item_ids: list[str]) -> tuple[set[str], int]:
+        """(ids deleted, WAL position after the commit; 0 when nothing was deleted)."""
         with self.engine.begin() as connection:
             deleted = connection.execute(
                 sa.text("DELETE FROM items WHERE item_id = ANY(:ids) RETURNING item_id"),
                 {"ids": list(item_ids)}).scalars().all()
-        return set(deleted)
+        return set(deleted), (self.wal_position() if deleted else 0)
