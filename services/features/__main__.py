@@ -29,6 +29,7 @@ from services.features.applier import ApplierSettings, FeatureApplier
 from services.features.config import FeaturesConfig
 from services.features.embedder import LruCache, MicroBatcher, QueryEmbedder
 from services.features.item_feed import ItemChangeFeed, LsnNotifier
+from services.features.user_feed import UserChangeFeed
 from services.features.server import FeaturesServicer
 from services.features.store import FeatureStore
 from services.features.stream_handler import CommitFanout, StreamHandler
@@ -63,7 +64,7 @@ def main() -> int:
     applier = FeatureApplier(
         store, lambda texts: batcher.embed(texts, kind="bulk"), encoder.fallback_vector,
         ApplierSettings(model_name=encoder.model_name, history_length=config.history_length,
-                        recent_queries=config.recent_queries,
+                        recent_queries=config.recent_queries, seen_items=config.seen_items,
                         popularity_half_life_s=config.popularity_half_life_s),
         row_of=row_of, on_commit=on_commit)
     progress = applier.load()
@@ -81,10 +82,14 @@ def main() -> int:
                              on_heartbeat=handler.on_heartbeat, resume_lsn=store.applied_lsn)
 
     service = boot.grpc_service(features_pb2, "FeaturesService")
-    feed = ItemChangeFeed(store, notifier, poll_s=config.watch_poll_s)
+    # Every commit goes to the watchers at once (heartbeat 0): a ranker's watermark follows each
+    # applied commit, so min_data_lsn for a write that touched no item is met without a wait.
+    feed = ItemChangeFeed(store, notifier, poll_s=config.watch_poll_s, heartbeat_s=0.0)
+    users_feed = UserChangeFeed(store, notifier, poll_s=config.watch_poll_s)
     features_pb2_grpc.add_FeaturesServiceServicer_to_server(
         FeaturesServicer(store, applier, queries, feed, model_name=encoder.model_name, dim=encoder.dim,
-                         monitor=monitor, connected=consumer.connected.is_set), service.server)
+                         monitor=monitor, connected=consumer.connected.is_set, users_feed=users_feed),
+        service.server)
 
     # After in-flight calls: the consumer finishes (and acks) the batch it is applying, then
     # the rest closes in dependency order (etcd and the database last, by boot.run).

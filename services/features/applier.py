@@ -66,6 +66,7 @@ class ApplierSettings:
     model_name: str
     history_length: int = 50
     recent_queries: int = 20
+    seen_items: int = user_state.DEFAULT_SEEN_ITEMS
     popularity_half_life_s: float = 7 * 86400.0
 
 
@@ -396,7 +397,7 @@ def fold_changes(changes: Sequence, lsn: int, records: dict[str, ItemRecord], us
         if isinstance(change, EventRow):
             state = users.setdefault(change.user_id, UserState(change.user_id))
             user_state.apply_event(state, change, lsn, history_length=settings.history_length,
-                                   recent_queries=settings.recent_queries)
+                                   recent_queries=settings.recent_queries, seen_items=settings.seen_items)
             if change.item_id:
                 # An event may name an item not (yet) in the catalog: its statistics live in a
                 # row that stays out of the catalog until the item arrives.

@@ -18,6 +18,10 @@ class FeaturesConfig(CommonConfig):
                                 help="most deltas per batch asked of the collector")
     history_length: int = env("FEATURES_HISTORY_LENGTH", 50, minimum=1, maximum=10_000,
                               help="interactions kept per user (most recent)")
+    seen_items: int = env("FEATURES_SEEN_ITEMS", 1000, minimum=0, maximum=100_000,
+                          help="distinct items of a user's whole history kept for the ranker's "
+                               "exclude-seen/purchased filters (least recently touched drop out "
+                               "first; 0 = no limit)")
     recent_queries: int = env("FEATURES_RECENT_QUERIES", 20, minimum=0, maximum=1_000,
                               help="distinct search queries kept per user (most recent)")
     popularity_half_life_s: float = env("FEATURES_POPULARITY_HALF_LIFE_S", 7 * 86400.0, minimum=1.0,

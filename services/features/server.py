@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from deltarec.v1 import common_pb2, features_pb2, features_pb2_grpc
 
-from services.common.errors import InvalidArgument, grpc_errors
+from services.common.errors import InvalidArgument, Unavailable, grpc_errors
 from services.contracts.event_types import PROTO_BY_NAME
 from services.features import validation
 from services.features.applier import FeatureApplier
@@ -24,6 +24,7 @@ from services.features.item_feed import UPSERT, ItemChangeFeed
 from services.features.items import ItemRecord
 from services.features.store import FeatureStore
 from services.features.stream_monitor import StreamMonitor
+from services.features.user_feed import UserChangeFeed
 from services.features.user_state import trim_history
 
 
@@ -47,8 +48,9 @@ def money(price: Decimal | None, currency: str | None) -> common_pb2.Money | Non
 class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     def __init__(self, store: FeatureStore, applier: FeatureApplier, queries: QueryEmbedder,
                  feed: ItemChangeFeed, *, model_name: str, dim: int, monitor: StreamMonitor,
-                 connected: Callable[[], bool]) -> None:
+                 connected: Callable[[], bool], users_feed: UserChangeFeed | None = None) -> None:
         self.store, self.applier, self.queries, self.feed = store, applier, queries, feed
+        self.users_feed = users_feed
         self.model_name, self.dim = model_name, dim
         self.monitor, self.connected = monitor, connected
 
@@ -71,20 +73,46 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         return message
 
     # ------------------------------------------------------------------ RPCs
-    @grpc_errors
-    def GetUserFeatures(self, request, context):
-        user_id = validation.check_id("user_id", request.user_id)
-        state, data_lsn = self.store.read_user(user_id)
+    @staticmethod
+    def _user(user_id: str, state, max_history: int) -> features_pb2.UserFeatures:
         features = features_pb2.UserFeatures(user_id=user_id)
         if state is not None:
-            for entry in trim_history(state.history, request.max_history):
+            for entry in trim_history(state.history, max_history):
                 features.history.add(item_id=entry.item_id, type=PROTO_BY_NAME[entry.event_type],
                                      timestamp=timestamp(entry.occurred_at))
             for name, count in state.counters.items():
                 features.counters[name] = count
             features.recent_queries.extend(entry.query for entry in state.recent_queries)
             features.updated_lsn = state.updated_lsn
-        return features_pb2.GetUserFeaturesResponse(features=features, data_lsn=data_lsn)
+            features.seen_item_ids.extend(state.seen)
+            features.purchased_item_ids.extend(item for item, purchased in state.seen.items() if purchased)
+            features.seen_truncated = state.seen_truncated
+        return features
+
+    @grpc_errors
+    def GetUserFeatures(self, request, context):
+        user_id = validation.check_id("user_id", request.user_id)
+        state, data_lsn = self.store.read_user(user_id)
+        return features_pb2.GetUserFeaturesResponse(features=self._user(user_id, state, request.max_history),
+                                                    data_lsn=data_lsn)
+
+    @grpc_errors
+    def BatchGetUserFeatures(self, request, context):
+        user_ids = validation.check_ids("user_ids", request.user_ids, validation.MAX_USER_IDS)
+        states, data_lsn = self.store.read_users(user_ids)
+        return features_pb2.BatchGetUserFeaturesResponse(
+            users=[self._user(user_id, states[user_id], request.max_history)
+                   for user_id in user_ids if user_id in states], data_lsn=data_lsn)
+
+    @grpc_errors
+    def WatchUsers(self, request, context):
+        if self.users_feed is None:
+            raise Unavailable("WatchUsers: not enabled on this server")
+        batch_size = validation.watch_users_batch_size(request.max_batch_size)
+        for page in self.users_feed.pages(request.after_lsn, batch_size, context.is_active):
+            yield features_pb2.WatchUsersResponse(
+                changes=[features_pb2.UserChange(user_id=user_id, lsn=lsn) for user_id, lsn in page.changes],
+                watermark=page.watermark)
 
     @grpc_errors
     def GetItemFeatures(self, request, context):

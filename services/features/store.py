@@ -47,13 +47,17 @@ ON CONFLICT (item_id) DO UPDATE SET
 """
 
 SAVE_USERS_SQL = """
-INSERT INTO user_features (user_id, history, counters, recent_queries, updated_lsn)
+INSERT INTO user_features (user_id, history, counters, recent_queries, updated_lsn, seen_items, seen_truncated)
 SELECT * FROM unnest(%(user_id)s::text[], %(history)s::jsonb[], %(counters)s::jsonb[],
-                     %(recent_queries)s::jsonb[], %(updated_lsn)s::bigint[])
+                     %(recent_queries)s::jsonb[], %(updated_lsn)s::bigint[], %(seen_items)s::jsonb[],
+                     %(seen_truncated)s::boolean[])
 ON CONFLICT (user_id) DO UPDATE SET
     history = EXCLUDED.history, counters = EXCLUDED.counters,
-    recent_queries = EXCLUDED.recent_queries, updated_lsn = EXCLUDED.updated_lsn
+    recent_queries = EXCLUDED.recent_queries, updated_lsn = EXCLUDED.updated_lsn,
+    seen_items = EXCLUDED.seen_items, seen_truncated = EXCLUDED.seen_truncated
 """
+
+USER_COLUMNS = "user_id, history, counters, recent_queries, updated_lsn, seen_items, seen_truncated"
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,8 @@ def _user_from_row(row) -> UserState:
                      history=[HistoryEntry.from_json(entry) for entry in row.history or []],
                      counters={name: int(count) for name, count in (row.counters or {}).items()},
                      recent_queries=[QueryEntry.from_json(entry) for entry in row.recent_queries or []],
-                     updated_lsn=row.updated_lsn)
+                     updated_lsn=row.updated_lsn, seen=UserState.seen_from_json(row.seen_items),
+                     seen_truncated=bool(row.seen_truncated))
 
 
 class FeatureStore:
@@ -171,7 +176,7 @@ class FeatureStore:
         if not ids:
             return {}
         rows = connection.execute(sa.text(
-            "SELECT user_id, history, counters, recent_queries, updated_lsn FROM user_features "
+            f"SELECT {USER_COLUMNS} FROM user_features "
             "WHERE user_id = ANY(:ids) ORDER BY user_id" + (" FOR UPDATE" if lock else "")), {"ids": ids})
         return {row.user_id: _user_from_row(row) for row in rows}
 
@@ -185,6 +190,8 @@ class FeatureStore:
             "counters": [json.dumps(u.counters, sort_keys=True) for u in users],
             "recent_queries": [json.dumps([entry.to_json() for entry in u.recent_queries]) for u in users],
             "updated_lsn": [u.updated_lsn for u in users],
+            "seen_items": [json.dumps(u.seen_to_json()) for u in users],
+            "seen_truncated": [u.seen_truncated for u in users],
         }
         connection.exec_driver_sql(SAVE_USERS_SQL, params)
         return len(users)
@@ -229,10 +236,35 @@ class FeatureStore:
         with self.engine.connect() as connection:
             row = connection.execute(sa.text(
                 "SELECT coalesce((SELECT applied_lsn FROM consumer_offsets WHERE consumer = :c), 0) "
-                "AS data_lsn, u.user_id, u.history, u.counters, u.recent_queries, u.updated_lsn "
+                "AS data_lsn, u.user_id, u.history, u.counters, u.recent_queries, u.updated_lsn, "
+                "u.seen_items, u.seen_truncated "
                 "FROM (SELECT 1) AS one LEFT JOIN user_features u ON u.user_id = :u"),
                 {"c": self.consumer, "u": user_id}).one()
         return (None if row.user_id is None else _user_from_row(row)), row.data_lsn
+
+    def read_users(self, user_ids: list[str]) -> tuple[dict[str, UserState], int]:
+        """Several users and the watermark, in one statement (one snapshot: every state is
+        exact as of that watermark)."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(sa.text(
+                "SELECT coalesce((SELECT applied_lsn FROM consumer_offsets WHERE consumer = :c), 0) "
+                f"AS data_lsn, u.* FROM (SELECT 1) AS one LEFT JOIN "
+                f"(SELECT {USER_COLUMNS} FROM user_features WHERE user_id = ANY(:ids)) u ON true"),
+                {"c": self.consumer, "ids": list(set(user_ids))}).all()
+        data_lsn = rows[0].data_lsn if rows else 0
+        return {row.user_id: _user_from_row(row) for row in rows if row.user_id is not None}, data_lsn
+
+    def read_user_changes(self, after: tuple[int, str | None], upper_lsn: int, limit: int) -> list[tuple[str, int]]:
+        """(user id, updated_lsn) of users changed after `after` = (lsn, user_id) and at or below
+        `upper_lsn`, in (updated_lsn, user_id) order (keyset pages on user_features_updated_lsn_idx;
+        a None user id starts after every user of that LSN)."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(sa.text(
+                "SELECT user_id, updated_lsn FROM user_features "
+                "WHERE (updated_lsn, user_id) > (:lsn, :user) AND updated_lsn <= :upper "
+                "ORDER BY updated_lsn, user_id LIMIT :limit"),
+                {"lsn": after[0], "user": after[1], "upper": upper_lsn, "limit": limit})
+            return [(row.user_id, row.updated_lsn) for row in rows]
 
     def read_items(self, item_ids: list[str]) -> tuple[dict[str, ItemRecord], int]:
         with self.engine.connect() as connection:

@@ -1,4 +1,5 @@
-"""Per-user state kept current per event: recent history, counters, recent queries.
+"""Per-user state kept current per event: recent history, counters, recent queries, and the
+bounded set of every item of the whole history (for the ranker's seen / purchased filters).
 
 Pure data and functions; the store loads a `UserState` from `user_features`, the applier folds
 events into it and the store writes it back. History entries are kept in event-time order (most
@@ -10,6 +11,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 
 from services.contracts.event_row import EventRow
 
@@ -51,6 +53,32 @@ class UserState:
     counters: dict[str, int] = field(default_factory=dict)
     recent_queries: list[QueryEntry] = field(default_factory=list)
     updated_lsn: int = 0
+    # Every distinct item of the whole history, least recently touched first -> purchased ever.
+    # Bounded (FEATURES_SEEN_ITEMS): past the bound the least recently touched drop out.
+    seen: dict[str, bool] = field(default_factory=dict)
+    seen_truncated: bool = False
+
+    def seen_to_json(self) -> list:
+        return [[item_id, 1 if purchased else 0] for item_id, purchased in self.seen.items()]
+
+    @staticmethod
+    def seen_from_json(value) -> dict[str, bool]:
+        return {str(entry[0]): bool(entry[1]) for entry in value or ()}
+
+
+# Distinct items remembered per user for "exclude seen / purchased" (FEATURES_SEEN_ITEMS).
+DEFAULT_SEEN_ITEMS = 1000
+
+
+def remember_item(state: UserState, item_id: str, purchased: bool, limit: int) -> None:
+    """Marks `item_id` as the user's most recently touched item (purchased once, purchased for
+    good); keeps the `limit` most recently touched (0 = no limit)."""
+    was_purchased = state.seen.pop(item_id, False)
+    state.seen[item_id] = was_purchased or purchased
+    if limit > 0 and len(state.seen) > limit:
+        for forgotten in list(islice(state.seen, len(state.seen) - limit)):
+            del state.seen[forgotten]
+        state.seen_truncated = True
 
 
 def insert_by_time(entries: list, entry, limit: int) -> None:
@@ -63,7 +91,7 @@ def insert_by_time(entries: list, entry, limit: int) -> None:
 
 
 def apply_event(state: UserState, event: EventRow, lsn: int, *, history_length: int,
-                recent_queries: int) -> None:
+                recent_queries: int, seen_items: int = DEFAULT_SEEN_ITEMS) -> None:
     """Folds one event into the user's state. Not idempotent by itself: the applier guarantees
     each event is folded once (LSN high-water mark)."""
     state.counters[event.event_type] = state.counters.get(event.event_type, 0) + 1
@@ -78,6 +106,7 @@ def apply_event(state: UserState, event: EventRow, lsn: int, *, history_length: 
     elif event.item_id:
         insert_by_time(state.history, HistoryEntry(event.item_id, event.event_type, event.occurred_at,
                                                    event.row_id), history_length)
+        remember_item(state, event.item_id, event.event_type == "purchase", seen_items)
     state.updated_lsn = max(state.updated_lsn, lsn)
 
 

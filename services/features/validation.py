@@ -7,6 +7,9 @@ from services.common.errors import InvalidArgument
 
 MAX_ID_BYTES = 128
 MAX_ITEM_IDS = 1000
+MAX_USER_IDS = 1000
+DEFAULT_WATCH_USERS_BATCH = 1024
+MAX_WATCH_USERS_BATCH = 8192
 MAX_RESYNC_IDS = 10_000
 MAX_TEXTS = 256
 MAX_TEXT_BYTES = 2048
@@ -54,3 +57,11 @@ def watch_batch_size(requested: int) -> int:
     if requested > MAX_WATCH_BATCH:
         raise InvalidArgument(f"max_batch_size: {requested}, more than {MAX_WATCH_BATCH}")
     return requested
+
+
+def watch_users_batch_size(requested: int) -> int:
+    if requested == 0:
+        return DEFAULT_WATCH_USERS_BATCH
+    if requested > MAX_WATCH_USERS_BATCH:
+        raise InvalidArgument(f"max_batch_size: {requested}, more than {MAX_WATCH_USERS_BATCH}")
+    return int(requested)
