@@ -17,6 +17,20 @@ LATENCY = Histogram("deltarec_grpc_latency_seconds", "gRPC call duration", ["ser
                              1.0, 2.5, 5.0, 10.0, 30.0))
 
 
+# Per method: (service, method, calls counter, latency histogram), looked up once — a labels()
+# call takes a lock and builds a key, on every call of a hot path (bench/ranker.py --profile).
+_PER_METHOD: dict[str, tuple] = {}
+
+
+def _per_method(full_method: str) -> tuple:
+    found = _PER_METHOD.get(full_method)
+    if found is None:
+        service, method = _split(full_method)
+        found = (service, method, CALLS.labels(service, method), LATENCY.labels(service, method))
+        _PER_METHOD[full_method] = found
+    return found
+
+
 def _split(full_method: str) -> tuple[str, str]:
     # "/deltarec.v1.CollectorService/IngestEvents" -> ("deltarec.v1.CollectorService", "IngestEvents")
     _, service, method = full_method.split("/", 2)
@@ -37,19 +51,20 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        service, method = _split(handler_call_details.method)
+        service, method, calls, latency = _per_method(handler_call_details.method)
 
         def record(context, started: float, failure: BaseException | None) -> None:
             elapsed = time.perf_counter() - started
             code = _status_of(context)
             if failure is not None and code == "OK":
                 code = "CANCELLED" if not context.is_active() else "UNKNOWN"
-            CALLS.labels(service, method).inc()
-            LATENCY.labels(service, method).observe(elapsed)
+            calls.inc()
+            latency.observe(elapsed)
             if code != "OK":
                 ERRORS.labels(service, method, code).inc()
-            log.info("rpc", extra={"method": f"{service}/{method}", "code": code,
-                                   "duration_ms": round(elapsed * 1000, 3), "peer": context.peer()})
+            if log.isEnabledFor(logging.INFO):   # the line's fields (peer: a C call) only when logged
+                log.info("rpc", extra={"method": f"{service}/{method}", "code": code,
+                                       "duration_ms": round(elapsed * 1000, 3), "peer": context.peer()})
 
         def wrap_unary(behaviour):
             def wrapped(request, context):
