@@ -115,6 +115,7 @@ def stack(infra_env, database_url, tmp_path_factory):
         store = ArtifactStore(artifacts_dir.as_uri())
         stack = Stack(collector, None, None, etcd, store, engine, artifacts_dir)
         stack.features_address = features_process.address
+        stack.features_process = features_process     # a test kills it and starts it again
         stack.env = env
         stack.publish(1)
         ranker_process = ServiceProcess("services.ranker", {
@@ -126,6 +127,9 @@ def stack(infra_env, database_url, tmp_path_factory):
         stack.ranker_process = ranker_process
         yield stack
     finally:
+        restarted = getattr(locals().get("stack"), "features_process", None)
+        if restarted is not None and restarted not in processes:
+            processes.insert(processes.index(features_process) + 1, restarted)
         for process in reversed(processes):
             process.stop(timeout_s=20)
         etcd.close()
@@ -374,3 +378,84 @@ def test_keeps_serving_while_etcd_is_down_and_resumes_the_watch(stack, start_ser
     finally:
         etcd.close()
         private.stop()
+
+
+# ---------------------------------------------------------------------- issue 15: user state at the ranker
+
+def registered_user_cache(stack) -> dict:
+    kv = stack.etcd.get("rankers/ranker-it")
+    return (json.loads(kv.value) if kv is not None else {}).get("user_cache") or {}
+
+
+def test_read_your_writes_for_an_event_that_touches_no_item(stack):
+    user = f"ryw-search-{uuid.uuid4().hex[:8]}"
+    stack.recommend(user, 5)
+    response = stack.collector.IngestEvents(collector_pb2.IngestEventsRequest(events=[common_pb2.Event(
+        event_id=f"q-{user}", type=common_pb2.EVENT_TYPE_SEARCH, user_id=user, query="rose balm")]), timeout=30)
+    assert response.accepted == 1 and response.commit_lsn > 0
+    answer = stack.recommend(user, 5, timeout=30, min_data_lsn=response.commit_lsn)
+    assert answer.freshness.data_lsn >= response.commit_lsn
+    assert stack.status().freshness.data_lsn >= response.commit_lsn
+    duplicate = stack.collector.IngestEvents(collector_pb2.IngestEventsRequest(events=[common_pb2.Event(
+        event_id=f"q-{user}", type=common_pb2.EVENT_TYPE_SEARCH, user_id=user, query="rose balm")]), timeout=30)
+    assert duplicate.duplicates == 1 and duplicate.commit_lsn == 0       # nothing stored, no LSN
+
+
+def test_an_item_seen_500_interactions_ago_is_not_recommended(stack):
+    user, first = f"long-{uuid.uuid4().hex[:8]}", "item-150"
+    others = [f"item-{n}" for n in range(20)]          # 500 later interactions over 20 other items
+    events = [event(f"long-{user}-0", user, first, common_pb2.EVENT_TYPE_VIEW)]
+    events += [event(f"long-{user}-{n + 1}", user, others[n % 20], common_pb2.EVENT_TYPE_VIEW) for n in range(500)]
+    response = stack.collector.IngestEvents(collector_pb2.IngestEventsRequest(events=events), timeout=60)
+    assert response.accepted == 501
+    default = stack.recommend(user, 200, timeout=60, min_data_lsn=response.commit_lsn)
+    ids = {item.item_id for item in default.items}
+    assert not default.cold_start and len(ids) >= 150           # the unseen items are all there
+    assert first not in ids and not ids & set(others)           # seen 500 interactions ago: excluded
+    unfiltered = stack.recommend(user, 200, filters=ranker_pb2.Filters(exclude_seen=False,
+                                                                       exclude_purchased=False))
+    assert first in {item.item_id for item in unfiltered.items}  # only the filter took it out
+
+
+def test_anonymous_session_gets_personal_answers_from_its_items(stack):
+    session = [ranker_pb2.SessionEvent(item_id="item-3", type=common_pb2.EVENT_TYPE_VIEW),
+               ranker_pb2.SessionEvent(item_id="item-4", type=common_pb2.EVENT_TYPE_ADD_TO_CART)]
+    answer = stack.recommend("", 10, session=session)
+    ids = [item.item_id for item in answer.items]
+    assert not answer.cold_start and len(ids) == 10 and not {"item-3", "item-4"} & set(ids)
+    assert all(item.reason.startswith("because you") for item in answer.items)
+    assert any(title_of(3) in item.reason or title_of(4) in item.reason for item in answer.items)
+    with pytest.raises(grpc.RpcError) as failure:
+        stack.recommend("", 10, session=[ranker_pb2.SessionEvent(item_id="item-3",
+                                                                  type=common_pb2.EVENT_TYPE_SEARCH)])
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "session[0].type" in failure.value.details()
+    with pytest.raises(grpc.RpcError) as failure:
+        stack.recommend("", 10)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "user_id" in failure.value.details()
+
+
+def test_user_stream_resumes_after_features_is_killed(stack):
+    user, bought = f"resume-{uuid.uuid4().hex[:8]}", "item-42"
+    seeded = stack.collector.IngestEvents(collector_pb2.IngestEventsRequest(
+        events=[event(f"r0-{user}", user, "item-41", common_pb2.EVENT_TYPE_VIEW)]), timeout=30)
+    assert bought in {i.item_id for i in stack.recommend(user, 200, timeout=60,
+                                                         min_data_lsn=seeded.commit_lsn).items}
+    wait_until(lambda: registered_user_cache(stack).get("user_stream_live"), "the user stream to be live")
+    before = registered_user_cache(stack)
+    features = stack.features_process
+    features.process.kill()                                     # no goodbye: the stream just breaks
+    features.process.wait(30)
+    wait_until(lambda: not registered_user_cache(stack).get("user_stream_live"), "the ranker to notice")
+    bought_at = stack.collector.IngestEvents(collector_pb2.IngestEventsRequest(
+        events=[event(f"r1-{user}", user, bought)]), timeout=30).commit_lsn
+    stack.features_process = ServiceProcess(
+        "services.features", {**features.env, "GRPC_PORT": str(features.port)}, name="features",
+        log_dir=features.log_path.parent).start(timeout_s=240)
+    resumed = wait_until(lambda: (lambda c: c if c.get("user_stream_live") and
+                                  c.get("user_stream_lsn", 0) >= bought_at else None)(registered_user_cache(stack)),
+                         "the user stream to resume past the purchase")
+    assert resumed["user_stream_lsn"] >= before["user_stream_lsn"]
+    # No min_data_lsn and the cache live: the answer comes from what the resumed stream said.
+    answer = stack.recommend(user, 200)
+    assert bought not in {item.item_id for item in answer.items}
+    assert answer.freshness.data_lsn >= bought_at
