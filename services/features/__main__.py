@@ -32,6 +32,7 @@ from services.features.item_feed import ItemChangeFeed, LsnNotifier
 from services.features.user_feed import UserChangeFeed
 from services.features.server import FeaturesServicer
 from services.features.store import FeatureStore
+from services.features.user_rebuild import UserRebuilder
 from services.features.stream_handler import CommitFanout, StreamHandler
 from services.features.stream_monitor import StreamMonitor
 from services.features.watermark import WatermarkPublisher
@@ -88,7 +89,8 @@ def main() -> int:
     users_feed = UserChangeFeed(store, notifier, poll_s=config.watch_poll_s)
     features_pb2_grpc.add_FeaturesServiceServicer_to_server(
         FeaturesServicer(store, applier, queries, feed, model_name=encoder.model_name, dim=encoder.dim,
-                         monitor=monitor, connected=consumer.connected.is_set, users_feed=users_feed),
+                         monitor=monitor, connected=consumer.connected.is_set, users_feed=users_feed,
+                         rebuilder=UserRebuilder(store, applier.settings)),
         service.server)
 
     # After in-flight calls: the consumer finishes (and acks) the batch it is applying, then

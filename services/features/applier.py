@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
@@ -35,6 +35,7 @@ from services.features.deltas import (CatalogCleared, DecodedBatch, ItemRemoval,
 from services.features.items import (EmbeddingTask, ItemRecord, embedding_task, fold_catalog_change,
                                      fold_removal, needs_embedding, set_embedding)
 from services.features.store import CatalogEntry, FeatureStore
+from services.features.user_rebuild import visible_in
 from services.features.user_state import UserState
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,9 @@ class FeatureApplier:
                 log.warning("a snapshot starts over: rebuilding the feature store from it",
                             extra={"snapshot_lsn": batch.snapshot_lsn, "previous_lsn": progress.applied_lsn})
                 self.store.start_rebuild(connection)
-            report = self._fold(connection, selection.changes, batch.commit_lsn, texts, vectors)
+            report = self._fold(connection, selection.changes, batch.commit_lsn, texts, vectors,
+                                xid_of={id(c): t.xid for t in batch.transactions for c in t.changes
+                                        if isinstance(c, EventRow)})
             report.skipped_transactions = selection.skipped_transactions
             if batch.snapshot_end and selection.progress != progress:
                 self.store.finish_snapshot(connection, batch.commit_lsn)
@@ -246,11 +249,13 @@ class FeatureApplier:
         return vectors
 
     def _fold(self, connection, changes: Sequence, lsn: int, texts: dict[ItemRow, ItemText | None],
-              vectors: dict[EmbeddingTask, tuple[bytes, bool]]) -> ApplyReport:
+              vectors: dict[EmbeddingTask, tuple[bytes, bool]],
+              xid_of: dict[int, int] | None = None) -> ApplyReport:
         item_ids, user_ids = affected_ids(changes)
         records = self.store.load_items(connection, item_ids, lock=True)
         users = self.store.load_users(connection, user_ids, lock=True)
-        folded = fold_changes(changes, lsn, records, users, texts, self.settings)
+        folded = fold_changes(changes, lsn, records, users, texts, self.settings,
+                              replayed=self._replayed(connection, changes, user_ids, xid_of or {}))
         report = folded.report
         for item_id, task in folded.due.items():
             vector = vectors.get(task)
@@ -270,6 +275,16 @@ class FeatureApplier:
         report.items_written = self.store.save_items(connection, records.values())
         report.users_written = self.store.save_users(connection, users.values())
         return report
+
+    def _replayed(self, connection, changes: Sequence, user_ids: set[str],
+                  xid_of: dict[int, int]) -> set[int]:
+        """Events already folded into their user's state by a RebuildUsers (their transaction is
+        visible in the snapshot the state was rebuilt from): see services/features/user_rebuild.py."""
+        rebuilt = self.store.rebuilt_snapshots(connection, user_ids) if user_ids else {}
+        if not rebuilt:
+            return set()
+        return {id(change) for change in changes if isinstance(change, EventRow) and change.user_id in rebuilt
+                and visible_in(rebuilt[change.user_id], xid_of.get(id(change), 0))}
 
     def _count(self, report: ApplyReport) -> None:
         self.embeddings_computed += report.embedded
@@ -387,17 +402,21 @@ def affected_ids(changes: Iterable) -> tuple[set[str], set[str]]:
 
 
 def fold_changes(changes: Sequence, lsn: int, records: dict[str, ItemRecord], users: dict[str, UserState],
-                 texts: dict[ItemRow, ItemText | None], settings: ApplierSettings) -> Folded:
+                 texts: dict[ItemRow, ItemText | None], settings: ApplierSettings,
+                 replayed: Collection[int] = ()) -> Folded:
     """Folds changes, in stream order, into the loaded rows (`records`, `users`; rows are added
     for new items and users). Vectors are not computed here: `due` says which are needed.
-    `texts` holds resolved texts of rows the stream sent incomplete; others use their own."""
+    `texts` holds resolved texts of rows the stream sent incomplete; others use their own.
+    Events in `replayed` (by id()) are already in their user's rebuilt state: only the item
+    statistics take them."""
     folded = Folded(ApplyReport(applied=len(changes)), {})
     due = folded.due
     for change in changes:
         if isinstance(change, EventRow):
-            state = users.setdefault(change.user_id, UserState(change.user_id))
-            user_state.apply_event(state, change, lsn, history_length=settings.history_length,
-                                   recent_queries=settings.recent_queries, seen_items=settings.seen_items)
+            if id(change) not in replayed:
+                state = users.setdefault(change.user_id, UserState(change.user_id))
+                user_state.apply_event(state, change, lsn, history_length=settings.history_length,
+                                       recent_queries=settings.recent_queries, seen_items=settings.seen_items)
             if change.item_id:
                 # An event may name an item not (yet) in the catalog: its statistics live in a
                 # row that stays out of the catalog until the item arrives.

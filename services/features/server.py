@@ -25,6 +25,7 @@ from services.features.items import ItemRecord
 from services.features.store import FeatureStore
 from services.features.stream_monitor import StreamMonitor
 from services.features.user_feed import UserChangeFeed
+from services.features.user_rebuild import MAX_REBUILD_USERS, UserRebuilder
 from services.features.user_state import trim_history
 
 
@@ -48,9 +49,10 @@ def money(price: Decimal | None, currency: str | None) -> common_pb2.Money | Non
 class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     def __init__(self, store: FeatureStore, applier: FeatureApplier, queries: QueryEmbedder,
                  feed: ItemChangeFeed, *, model_name: str, dim: int, monitor: StreamMonitor,
-                 connected: Callable[[], bool], users_feed: UserChangeFeed | None = None) -> None:
+                 connected: Callable[[], bool], users_feed: UserChangeFeed | None = None,
+                 rebuilder: UserRebuilder | None = None) -> None:
         self.store, self.applier, self.queries, self.feed = store, applier, queries, feed
-        self.users_feed = users_feed
+        self.users_feed, self.rebuilder = users_feed, rebuilder
         self.model_name, self.dim = model_name, dim
         self.monitor, self.connected = monitor, connected
 
@@ -161,6 +163,13 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
             report = self.applier.resync(item_ids)
         return features_pb2.ResyncResponse(recomputed=report.recomputed, re_embedded=report.re_embedded,
                                            not_found=report.not_found or [])
+
+    @grpc_errors
+    def RebuildUsers(self, request, context):
+        user_ids = validation.check_ids("user_ids", request.user_ids, MAX_REBUILD_USERS)
+        report = self.rebuilder.rebuild(user_ids)
+        return features_pb2.RebuildUsersResponse(rebuilt=report.rebuilt, removed=report.removed,
+                                                 events=report.events, data_lsn=report.data_lsn)
 
     @grpc_errors
     def Status(self, request, context):

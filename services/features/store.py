@@ -196,6 +196,24 @@ class FeatureStore:
         connection.exec_driver_sql(SAVE_USERS_SQL, params)
         return len(users)
 
+    def rebuilt_snapshots(self, connection: Connection, user_ids: Iterable[str]) -> dict[str, str]:
+        """Users whose state was rebuilt by RebuildUsers: the snapshot it was rebuilt from."""
+        ids = sorted(set(user_ids))
+        if not ids:
+            return {}
+        return dict(connection.execute(sa.text(
+            "SELECT user_id, rebuilt_snapshot FROM user_features "
+            "WHERE user_id = ANY(:ids) AND rebuilt_snapshot IS NOT NULL"), {"ids": ids}).all())
+
+    def mark_rebuilt(self, connection: Connection, user_ids: list[str], snapshot: str) -> None:
+        connection.execute(sa.text(
+            "UPDATE user_features SET rebuilt_snapshot = :s WHERE user_id = ANY(:ids)"),
+            {"s": snapshot, "ids": user_ids})
+
+    def delete_users(self, connection: Connection, user_ids: list[str]) -> int:
+        return connection.execute(sa.text("DELETE FROM user_features WHERE user_id = ANY(:ids)"),
+                                  {"ids": user_ids}).rowcount
+
     def start_rebuild(self, connection: Connection) -> None:
         """Before a snapshot that starts over: forgets everything derived from events, and marks
         every listed item unconfirmed (out of the catalog, still active, vector kept) — the
