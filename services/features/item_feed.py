@@ -88,8 +88,11 @@ class ItemChangeFeed:
         watermark = after_lsn
         first_round = True
         last_sent = time.monotonic()
+        woken_at = None
         while active() and not self.notifier.closed:
-            applied = self.store.applied_lsn()
+            # Woken by a commit of this process: its LSN, without a query (a round per commit per
+            # watcher). After a quiet poll interval: the store's (other writers, a rebuilt store).
+            applied = woken_at if woken_at is not None else self.store.applied_lsn()
             if applied < watermark:
                 # Watermarks only come from this store, which only moves forward — except when a
                 # snapshot started over rebuilt it: the receiver must start again from 0.
@@ -120,4 +123,6 @@ class ItemChangeFeed:
                         break
                     cursor = (rows[-1].updated_lsn, rows[-1].item_id)
                 first_round = False
-            self.notifier.wait_beyond(watermark if upper <= watermark else upper, self.poll_s)
+            target = watermark if upper <= watermark else upper
+            latest = self.notifier.wait_beyond(target, self.poll_s)
+            woken_at = latest if latest > target else None

@@ -51,8 +51,11 @@ class UserChangeFeed:
                 "new snapshot: watch again from after_lsn=0")
         else:
             watermark = after_lsn
+        woken_at = None
         while active() and not self.notifier.closed:
-            upper = self.store.applied_lsn()
+            # Woken by a commit of this process: its LSN is the upper bound (no query). After a
+            # quiet poll interval, the store's (writers in other processes; a rebuilt store).
+            upper = woken_at if woken_at is not None else self.store.applied_lsn()
             if upper < watermark:
                 raise FailedPrecondition(
                     f"after_lsn: {watermark} is ahead of the feature store ({upper}); it was rebuilt from a "
@@ -70,4 +73,5 @@ class UserChangeFeed:
                     if not full:
                         break
                     cursor = (rows[-1][1], rows[-1][0])
-            self.notifier.wait_beyond(watermark, self.poll_s)
+            latest = self.notifier.wait_beyond(watermark, self.poll_s)
+            woken_at = latest if latest > watermark else None
