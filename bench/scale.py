@@ -1,0 +1,299 @@
+"""How cost grows with the work: a table over catalog size (items 10k / 100k / 1M) and user count
+(users 10k / 100k / 1M), synthetic, with titles of Beauty's length (67 characters on average).
+
+    .venv/bin/python bench/scale.py            # 10k, 100k and 1M rows
+    .venv/bin/python bench/scale.py --quick    # the 10k and 100k rows
+
+Items (each size: a features stand-in process serving the catalog with random unit text
+vectors, and the real ranker, as bench/ranker.py does):
+- ranker memory (RSS) once serving, and time from start to serving (catalog load + first model);
+- index build on a swap: a second model version is published to etcd; the time until the replica
+  serves it with its indexes built (model-space item vectors computed, faiss index built: HNSW
+  from RANKER_HNSW_MIN_ITEMS, built in the background while flat serves);
+- Recommend p50/p99 at concurrency 8 (users warmed into the user cache first).
+Users (each size):
+- features: real collector + Postgres + features; every user gets 2 events (IngestEvents, 1000
+  per call); the features apply rate (events/s from the first to the last commit applied), its
+  memory (RSS) and the size of user_features in Postgres;
+- the ranker's user cache: bytes per cached user measured in-process (tracemalloc) with features'
+  default history (50 entries) and a 200-item seen set, times min(users, RANKER_USER_CACHE_SIZE).
+`first_limit` names the first measured row that crossed a limit: p99 >= 25 ms, a swap longer
+than 60 s, a process above 8 GB (of 24 GB shared by all services), or a step that did not
+finish within its time budget.
+
+Reference in the same output: the bare faiss search of the same index kind and size (one query,
+k=30, in this process) beside the ranker's Recommend p50, and for users a raw COPY of the same
+event rows into a scratch table beside the features apply rate.
+
+Progress goes to stderr; the LAST stdout line is one JSON object with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+import tracemalloc
+import uuid
+
+import grpc
+import numpy as np
+
+import _harness
+from _harness import progress, ratio
+
+MEMORY_LIMIT_GB = 8.0
+SWAP_LIMIT_S = 60.0
+P99_LIMIT_MS = 25.0
+
+
+def rss_gb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 3)
+    return 0.0
+
+
+def registration(etcd, replica_id: str) -> dict:
+    from services.contracts.etcd_keys import ranker_key
+    kv = etcd.get(ranker_key(replica_id))
+    return json.loads(kv.value) if kv is not None else {}
+
+
+def wait_serving(etcd, replica_id: str, version: int, timeout_s: float) -> float | None:
+    began = time.perf_counter()
+    while time.perf_counter() - began < timeout_s:
+        value = registration(etcd, replica_id)
+        if value.get("model_version") == version and not value.get("rebuilding"):
+            return time.perf_counter() - began
+        time.sleep(0.2)
+    return None
+
+
+def recommend_load(address: str, users: list[str], concurrency: int, duration_s: float) -> dict:
+    from deltarec.v1 import ranker_pb2
+
+    async def main() -> dict:
+        channel = grpc.aio.insecure_channel(address)
+        call = channel.unary_unary("/deltarec.v1.RankerService/Recommend",
+                                   request_serializer=ranker_pb2.RecommendRequest.SerializeToString,
+                                   response_deserializer=ranker_pb2.RecommendResponse.FromString)
+        for start in range(0, len(users), 64):      # warm the user cache
+            await asyncio.gather(*(call(ranker_pb2.RecommendRequest(user_id=u, k=10), timeout=30)
+                                   for u in users[start:start + 64]))
+        latencies: list[float] = []
+        stop_at = time.perf_counter() + duration_s
+
+        async def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            while time.perf_counter() < stop_at:
+                began = time.perf_counter()
+                await call(ranker_pb2.RecommendRequest(user_id=rng.choice(users), k=10), timeout=30)
+                latencies.append(time.perf_counter() - began)
+        await asyncio.gather(*(worker(n) for n in range(concurrency)))
+        await channel.close()
+        figures = _harness.percentiles(latencies, scale=1000, digits=2)
+        return {"rps": round(len(latencies) / duration_s, 1), "p50_ms": figures["p50"], "p99_ms": figures["p99"]}
+    return asyncio.run(main())
+
+
+def bare_search_us(n: int, kind: str, dim: int = 64, queries: int = 200) -> float:
+    """p50 of one faiss query (k=30) on n random unit vectors, the reference of a Recommend."""
+    import faiss
+
+    from services.ranker.index_structures import IndexOptions
+    from services.ranker.vector_index import VectorIndex
+    faiss.omp_set_num_threads(1)
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = VectorIndex(dim, IndexOptions(kind=kind, background=False))
+    index.upsert(np.arange(n), x)
+    latencies = []
+    for i in range(queries):
+        began = time.perf_counter()
+        index.search(x[i:i + 1], 30)
+        latencies.append(time.perf_counter() - began)
+    return _harness.percentiles(latencies, scale=1e6, digits=0)["p50"]
+
+
+def items_row(suite, etcd, n_items: int, budget_s: float, duration_s: float) -> dict:
+    from tests import fakes
+    spec = f"synthetic:{n_items}:long"
+    dataset, vectors = _harness.bench_catalog(spec)
+    item_ids = [item.item_id for item in dataset.items]
+    row: dict = {"items": n_items, "mean_title_chars": round(float(np.mean([len(i.title) for i in dataset.items])), 1)}
+    replica_id = f"scale-{uuid.uuid4().hex[:6]}"
+    processes = []
+    try:
+        for version in (1, 2):
+            artifact = fakes.make_artifact(version, item_ids, vectors, dim=64, max_len=50, num_layers=2,
+                                           popular=item_ids[:200])
+            spec_json = fakes.store_artifact(suite.artifact_store(), artifact)
+            del artifact
+            if version == 1:
+                fakes.publish(etcd, spec_json)
+                began = time.perf_counter()
+                stand_in = suite.start_features_stand_in(spec)
+                processes.append(stand_in)
+                ranker = suite.start_ranker(stand_in.address, replica_id, name=f"ranker-scale-{n_items}",
+                                            database=False, timeout_s=budget_s)
+                processes.append(ranker)
+                served = wait_serving(etcd, replica_id, 1, budget_s)
+                row["start_to_serving_s"] = round(time.perf_counter() - began, 1) if served is not None else None
+                if served is None:
+                    row["limit"] = f"not serving within {budget_s:.0f} s"
+                    return row
+                row["index_kind"] = registration(etcd, replica_id).get("index_kind")
+                row["ranker_rss_gb"] = rss_gb(ranker.process.pid)
+                row["features_stand_in_rss_gb"] = rss_gb(stand_in.process.pid)
+                users = list(dataset.sequences)[:3000]
+                row["recommend_c8"] = recommend_load(ranker.address, users, 8, duration_s)
+                row["bare_search_p50_us"] = bare_search_us(n_items, "hnsw" if row["index_kind"] == "hnsw" else "flat")
+            else:
+                began = time.perf_counter()
+                fakes.publish(etcd, spec_json)
+                swap = wait_serving(etcd, replica_id, 2, budget_s)
+                row["swap_index_build_s"] = round(swap, 1) if swap is not None else None
+                row["ranker_rss_after_swap_gb"] = rss_gb(ranker.process.pid)
+                if swap is None:
+                    row["limit"] = f"swap not done within {budget_s:.0f} s"
+        progress(f"items {n_items}: {row}")
+        return row
+    finally:
+        for process in reversed(processes):
+            suite.stop(process, timeout_s=20)
+
+
+def users_row(suite, collector, features, features_pid: int, n_users: int, budget_s: float) -> dict:
+    """Every one of `n_users` new users gets 2 events; how fast features applies them."""
+    import io
+
+    from deltarec.v1 import collector_pb2, common_pb2, features_pb2
+    rng = random.Random(n_users)
+    prefix = uuid.uuid4().hex[:6]
+    events = [common_pb2.Event(event_id=f"{prefix}-{u}-{n}", type=common_pb2.EVENT_TYPE_VIEW,
+                               user_id=f"{prefix}-user-{u:07d}", item_id=f"S{rng.randrange(10_000):05d}")
+              for u in range(n_users) for n in range(2)]
+    began = time.perf_counter()
+    last = 0
+    for start in range(0, len(events), 1000):
+        response = collector.IngestEvents(collector_pb2.IngestEventsRequest(events=events[start:start + 1000]),
+                                          timeout=60)
+        last = max(last, response.commit_lsn)
+    ingest_s = time.perf_counter() - began
+    applied_at = None
+    while time.perf_counter() - began < budget_s:
+        status = features.Status(features_pb2.FeaturesServiceStatusRequest(), timeout=30)
+        if status.applied_lsn >= last:
+            applied_at = time.perf_counter() - began
+            break
+        time.sleep(0.5)
+    row = {"users": n_users, "events": len(events), "ingest_s": round(ingest_s, 1)}
+    if applied_at is None:
+        row["limit"] = f"features did not apply {len(events)} events within {budget_s:.0f} s"
+    else:
+        # ingest and apply overlap: the rate is events over the time to the last one applied
+        row["features_apply_events_per_s"] = round(len(events) / applied_at)
+        row["features_apply_s"] = round(applied_at, 1)
+    row["features_rss_gb"] = rss_gb(features_pid)
+    connection = suite.connect()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_total_relation_size('user_features'), (SELECT count(*) FROM user_features)")
+        size, users = cursor.fetchone()
+        row["user_features_mb"], row["user_features_rows"] = round(size / 1024 / 1024, 1), users
+        cursor.execute("CREATE TEMP TABLE copy_reference (event_id text, user_id text, item_id text)")
+        buffer = io.StringIO("".join(f"{e.event_id}\t{e.user_id}\t{e.item_id}\n" for e in events))
+        began = time.perf_counter()
+        cursor.copy_expert("COPY copy_reference FROM STDIN", buffer)
+        connection.commit()
+        row["reference_copy_events_per_s"] = round(len(events) / (time.perf_counter() - began))
+    connection.close()
+    row["apply_vs_copy"] = ratio(row.get("features_apply_events_per_s"), row["reference_copy_events_per_s"])
+    progress(f"users {n_users}: {row}")
+    return row
+
+
+def cache_bytes_per_user(history: int = 50, seen: int = 200, sample: int = 2000) -> int:
+    """Bytes one cached user costs the ranker (history of `history`, a `seen`-item set), measured."""
+    from services.ranker.user_cache import CachedUser, UserHistory
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    keep = {}
+    for u in range(sample):
+        ids = tuple(f"S{(u * 7 + n) % 1_000_000:07d}" for n in range(seen))
+        keep[f"user-{u:07d}"] = CachedUser(UserHistory(ids[-history:], (1,) * history,
+                                                       tuple(1.7e9 + n for n in range(history)), 1, 1,
+                                                       ids, ids[:5]), 0.0)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    del keep
+    return int(used / sample)
+
+
+def first_limit(items_rows: list[dict], users_rows: list[dict]) -> str | None:
+    for row in items_rows:
+        name = f"items {row['items']}"
+        if row.get("limit"):
+            return f"{name}: {row['limit']}"
+        if (row.get("recommend_c8") or {}).get("p99_ms", 0) >= P99_LIMIT_MS:
+            return f"{name}: Recommend p99 {row['recommend_c8']['p99_ms']} ms >= {P99_LIMIT_MS}"
+        if (row.get("swap_index_build_s") or 0) > SWAP_LIMIT_S:
+            return f"{name}: swap {row['swap_index_build_s']} s > {SWAP_LIMIT_S}"
+        if max(row.get("ranker_rss_gb", 0), row.get("ranker_rss_after_swap_gb", 0)) > MEMORY_LIMIT_GB:
+            return f"{name}: ranker memory above {MEMORY_LIMIT_GB} GB"
+    for row in users_rows:
+        if row.get("limit"):
+            return f"users {row['users']}: {row['limit']}"
+        if row.get("features_rss_gb", 0) > MEMORY_LIMIT_GB:
+            return f"users {row['users']}: features memory above {MEMORY_LIMIT_GB} GB"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the 10k and 100k rows only")
+    parser.add_argument("--only", choices=("items", "users"), default=None)
+    args = parser.parse_args(argv)
+    sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
+    budget_s = 600.0 if args.quick else 2400.0
+    duration_s = 3.0 if args.quick else 10.0
+    from services.ranker.config import RankerConfig
+    cache_size = RankerConfig.__dataclass_fields__["user_cache_size"].default
+    summary: dict = {"benchmark": "scale", "quick": args.quick, "limits": {
+        "p99_ms": P99_LIMIT_MS, "swap_s": SWAP_LIMIT_S, "memory_gb": MEMORY_LIMIT_GB}}
+    items_rows, users_rows = [], []
+    with _harness.Suite("scale") as suite:
+        etcd = suite.etcd()
+        if args.only in (None, "items"):
+            for n in sizes:
+                items_rows.append(items_row(suite, etcd, n, budget_s, duration_s))
+                if items_rows[-1].get("limit"):
+                    break
+        if args.only in (None, "users"):
+            from deltarec.v1 import collector_pb2_grpc, features_pb2_grpc
+            per_user = cache_bytes_per_user()
+            collector_process = suite.start_collector()
+            features_process = suite.start_features(collector_process)
+            collector = collector_pb2_grpc.CollectorServiceStub(grpc.insecure_channel(collector_process.address))
+            features = features_pb2_grpc.FeaturesServiceStub(grpc.insecure_channel(features_process.address))
+            for n in sizes:
+                row = users_row(suite, collector, features, features_process.process.pid, n, budget_s)
+                row["ranker_user_cache_mb"] = round(per_user * min(n, cache_size) / 1024 / 1024, 1)
+                users_rows.append(row)
+                if row.get("limit"):
+                    break
+            summary["ranker_cache_bytes_per_user"] = per_user
+            summary["ranker_user_cache_size"] = cache_size
+    summary["items"] = items_rows
+    summary["users"] = users_rows
+    summary["first_limit"] = first_limit(items_rows, users_rows)
+    _harness.print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
