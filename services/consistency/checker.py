@@ -149,8 +149,10 @@ class Checker:
         try:
             pointer = ModelPointer.from_json(kv.value, canary=canary)
         except InvalidPointer as error:
-            report.add(Finding(fn.MODEL_VERSION, Severity.ERROR, key,
-                               f"{key} is not a valid model pointer: {error}"))
+            # A bad canary is aborted by Reconcile; a bad model/current needs a Rollback.
+            report.add(Finding(fn.MODEL_VERSION, Severity.ERROR, key, f"{key} is not a valid model pointer: "
+                               f"{error}" + ("" if canary else "; roll back to a good version"),
+                               repairable=canary, repair="abort_canary" if canary else ""))
             return None
         return pointer
 
@@ -166,7 +168,8 @@ class Checker:
             if row is None:
                 report.add(Finding(fn.MODEL_VERSION, Severity.ERROR, f"model/{name}",
                                    f"model/{name} names version {pointer.version}, unknown to model_versions",
-                                   model_version=pointer.version))
+                                   model_version=pointer.version, repairable=name == "canary",
+                                   repair="abort_canary" if name == "canary" else ""))
             elif row["status"] not in ("published",) and name == "current":
                 report.add(Finding(fn.MODEL_VERSION, Severity.ERROR, "model/current",
                                    f"model/current names version {pointer.version}, whose status is "

@@ -21,7 +21,7 @@ from scripts.launch import ServiceProcess
 from services.common.artifacts import ArtifactStore
 from services.common.etcd import Etcd
 from services.consistency.sources import Sources
-from services.contracts.etcd_keys import MODEL_CURRENT, ranker_key
+from services.contracts.etcd_keys import MODEL_CANARY, MODEL_CURRENT, ranker_key
 from tests import fakes
 from tests.support import channel_to, wait_until, wal_lsn
 
@@ -317,6 +317,16 @@ def test_a_corrupt_current_artifact_is_found_and_rolled_back(stack):
     assert all(a.done for a in response.actions), [a.action for a in response.actions]
     assert json.loads(stack.etcd.get(MODEL_CURRENT).value)["version"] == 1
     stack.wait_serving(1)
+    assert_clean(stack.check())
+
+
+def test_an_invalid_canary_is_found_and_aborted(stack):
+    stack.etcd.put(MODEL_CANARY, json.dumps({**json.loads(stack.etcd.get(MODEL_CURRENT).value), "version": 1,
+                                             "share": 1.5}))
+    finding = only(stack.check("model_version"))
+    assert finding.subject == MODEL_CANARY and "share" in finding.detail and finding.repairable
+    response = stack.reconcile()
+    assert [a.done for a in response.actions] == [True] and stack.etcd.get(MODEL_CANARY) is None
     assert_clean(stack.check())
 
 
