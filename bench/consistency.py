@@ -44,14 +44,15 @@ def load(connection, n: int) -> None:
                'Beauty > Cat ' || (i %% 50), 'Brand ' || (i %% 300), i %% 17 <> 0
         FROM generate_series(1, %s) AS i""", (n,))
     cursor.execute("""
-        INSERT INTO item_features (item_id, active, in_catalog, content_hash, embedding, title, category, brand,
-                                   updated_lsn)
+        INSERT INTO item_features (item_id, active, in_catalog, content_hash, embedding, title, category,
+                                   brand, updated_lsn)
         SELECT item_id, active, true, deltarec_content_hash(title, description, category, brand),
                decode(repeat(md5(item_id), 48), 'hex'), title, category, brand, 1
         FROM items""")
     cursor.execute("""
         INSERT INTO events (event_id, event_type, user_id, item_id, query, occurred_at)
-        SELECT 'e-' || u || '-' || k, (ARRAY['view','click','add_to_cart','purchase','search'])[1 + (u + k) %% 5],
+        SELECT 'e-' || u || '-' || k,
+               (ARRAY['view','click','add_to_cart','purchase','search'])[1 + (u + k) %% 5],
                'user-' || u, CASE WHEN (u + k) %% 5 = 4 THEN NULL ELSE 'item-' || (1 + (u * 7 + k) %% %s) END,
                CASE WHEN (u + k) %% 5 = 4 THEN 'query ' || u ELSE NULL END,
                now() - make_interval(secs => u + k)
@@ -60,14 +61,14 @@ def load(connection, n: int) -> None:
     cursor.execute(f"""
         INSERT INTO user_features (user_id, history, counters, updated_lsn)
         SELECT user_id,
-               COALESCE(jsonb_agg(jsonb_build_object('item_id', item_id, 'type', event_type, 'ts', occurred_at,
-                                                     'event', id) ORDER BY occurred_at)
+               COALESCE(jsonb_agg(jsonb_build_object('item_id', item_id, 'type', event_type,
+                                                     'ts', occurred_at, 'event', id) ORDER BY occurred_at)
                         FILTER (WHERE item_id IS NOT NULL), '[]'::jsonb),
                jsonb_strip_nulls(jsonb_build_object({counters})), 1
         FROM events GROUP BY user_id""")
     # Counters of zero are absent in what features writes; the check reads absent as 0.
-    cursor.execute("UPDATE user_features SET counters = (SELECT COALESCE(jsonb_object_agg(k, v), '{}'::jsonb) "
-                   "FROM jsonb_each(counters) AS c(k, v) WHERE v::text <> '0')")
+    cursor.execute("UPDATE user_features SET counters = (SELECT COALESCE(jsonb_object_agg(k, v), "
+                   "'{}'::jsonb) FROM jsonb_each(counters) AS c(k, v) WHERE v::text <> '0')")
     cursor.execute("INSERT INTO consumer_offsets (consumer, applied_lsn) VALUES ('features', 0) "
                    "ON CONFLICT (consumer) DO NOTHING")
     connection.commit()
@@ -96,8 +97,8 @@ class CaughtUpConsumer:
     def _run(self) -> None:
         cursor = self.connection.cursor()
         while not self._stop.wait(0.05):
-            cursor.execute("UPDATE consumer_offsets SET applied_lsn = pg_current_wal_insert_lsn() - '0/0'::pg_lsn "
-                           "WHERE consumer = 'features'")
+            cursor.execute("UPDATE consumer_offsets SET applied_lsn = "
+                           "pg_current_wal_insert_lsn() - '0/0'::pg_lsn WHERE consumer = 'features'")
             self.connection.commit()
 
 
@@ -117,7 +118,8 @@ def reference_check(connection, history_length: int = 50) -> tuple[float, int, i
             catalog[row[key]] = row[hash_at]
     cursor.execute("SELECT * FROM item_features")
     names = [d[0] for d in cursor.description]
-    at = {name: names.index(name) for name in ("item_id", "content_hash", "active", "in_catalog", "embedding")}
+    at = {name: names.index(name)
+          for name in ("item_id", "content_hash", "active", "in_catalog", "embedding")}
     store = {}
     for row in cursor:
         moved += sum(len(v) if isinstance(v, (bytes, memoryview, str)) else 8 for v in row if v is not None)
@@ -217,8 +219,9 @@ def main() -> int:
             results = [run_size(suite, stub, connection, n) for n in sizes]
     largest = results[-1]
     summary = {"benchmark": "consistency", "quick": args.quick, "sizes": results,
-               "check_s": largest["check_s"], "reference": "read items, item_features, events, user_features whole "
-               "and compare row by row (same run)", "reference_s": largest["reference_s"],
+               "check_s": largest["check_s"],
+               "reference": "read items, item_features, events, user_features whole and compare row by row "
+               "(same run)", "reference_s": largest["reference_s"],
                "ratio": largest["ratio"], "localise_one_item_s": largest["localise_s"],
                "check_growth_exponent": growth_exponent(results, "check_s"),
                "reference_growth_exponent": growth_exponent(results, "reference_s"),
