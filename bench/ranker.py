@@ -386,9 +386,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "synthetic"):
             spec = f"synthetic:{args.synthetic_items}"
             name = f"synthetic_{args.synthetic_items // 1000}k"
-            # --quick keeps the flat index (no background HNSW builds to wait for); the full run
-            # measures the default (auto: HNSW above the thresholds, once built) and flat.
-            variants = [("flat", {"RANKER_INDEX": "flat"})] if args.quick else \
+            # --quick keeps the flat index (no background HNSW builds to wait for) unless --index
+            # says otherwise; the full run measures the default (auto: HNSW above the thresholds,
+            # once built) and flat.
+            quick_kind = "flat" if args.index == "auto" else args.index
+            variants = [(quick_kind, {"RANKER_INDEX": quick_kind})] if args.quick else \
                 [(args.index, {"RANKER_INDEX": args.index}), ("flat", {"RANKER_INDEX": "flat"})]
             for label, extra in variants:
                 key = name if label == variants[0][0] else f"{name}_{label}"
