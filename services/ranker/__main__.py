@@ -42,7 +42,8 @@ from services.ranker.user_cache import UserCache  # noqa: E402
 from services.ranker.user_feed import UserFeed  # noqa: E402
 
 
-def main() -> int:
+def main(drop_feed_updates=None) -> int:
+    """`drop_feed_updates`: a failure drill's hook (tests/ranker_drills.py); the service runs without."""
     boot = Boot.load("ranker", RankerConfig, check=check_settings)
     config = boot.config
     torch.set_num_threads(config.torch_threads)
@@ -51,7 +52,7 @@ def main() -> int:
 
     catalog = Catalog(config.index_options(text=True))
     features = FeaturesClient(config.features_address, config.features_timeout_s)
-    feed = ItemFeed(features, catalog, fault_drop_item=config.fault_drop_feed_item)
+    feed = ItemFeed(features, catalog, drop_updates=drop_feed_updates)
     state = ServingState()
     reader = ArtifactReader(config.database_url)
     manager = ModelManager(catalog, state, reader, config.index_options(), retry_s=config.artifact_retry_s)

@@ -78,10 +78,6 @@ class RankerConfig(CommonConfig):
                                   help="retry interval of an artifact that could not be read "
                                        "(missing, store down)")
 
-    fault_drop_feed_item: str = env("RANKER_FAULT_DROP_FEED_ITEM", "",
-                                    help="failure drill: drop the first live change of this item id "
-                                         "from the item feed (the replica loses an upsert)")
-
     def index_options(self, text: bool = False) -> IndexOptions:
         """Options of the model-space item indexes, or (text=True) of the text index."""
         return IndexOptions(kind=self.index_kind,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -54,11 +55,12 @@ def item_update(change) -> ItemUpdate | None:
 
 class ItemFeed:
     def __init__(self, client: FeaturesClient, catalog: Catalog, *, batch_size: int = 512,
-                 quiet_ready_s: float = 3.0, fault_drop_item: str = "") -> None:
+                 quiet_ready_s: float = 3.0,
+                 drop_updates: Callable[[list, bool], list] | None = None) -> None:
         self.client, self.catalog = client, catalog
-        # Failure drill (RANKER_FAULT_DROP_FEED_ITEM): the first live upsert of this item is
-        # dropped while the watermark moves on, i.e. the replica loses a change.
-        self.fault_drop_item = fault_drop_item
+        # A failure drill's hook (tests/ranker_drills.py), given the updates of one message and
+        # whether the catalog is ready; the service itself runs without one.
+        self.drop_updates = drop_updates
         self._resync_asked = threading.Event()
         self._resynced = threading.Event()
         self.batch_size = batch_size
@@ -86,14 +88,9 @@ class ItemFeed:
         return self._resynced
 
     def _drop_by_drill(self, updates: list) -> list:
-        if not self.fault_drop_item or not self.catalog.ready.is_set():
+        if self.drop_updates is None:
             return updates
-        kept = [u for u in updates if u.item_id != self.fault_drop_item or u.remove]
-        if len(kept) != len(updates):
-            log.warning("failure drill: dropping an item change", extra={"item_id": self.fault_drop_item})
-            print(f"DELTAREC_FAULT dropped feed item {self.fault_drop_item}", flush=True)
-            self.fault_drop_item = ""
-        return kept
+        return self.drop_updates(updates, self.catalog.ready.is_set())
 
     def stop(self) -> None:
         self._stop.set()

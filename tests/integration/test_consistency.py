@@ -154,8 +154,10 @@ def stack(infra_env, database_url, tmp_path_factory):
         stack.features_process = features_process
         stack.consistency_process = consistency_process
         stack.publish(1)
-        for replica, extra in (("r1", {}), ("r2", {"RANKER_FAULT_DROP_FEED_ITEM": DROPPED_BY_R2})):
-            process = ServiceProcess("services.ranker", {
+        # r2 runs with the failure drill that makes it lose an upsert (tests/ranker_drills.py).
+        for replica, module, extra in (("r1", "services.ranker", {}),
+                                       ("r2", "tests.ranker_drills", {"RANKER_DRILL_DROP_FEED_ITEM": DROPPED_BY_R2})):
+            process = ServiceProcess(module, {
                 **env, "FEATURES_ADDRESS": features_process.address, "RANKER_REPLICA_ID": replica,
                 "RANKER_REGISTER_INTERVAL_S": "0.5", "RANKER_LEASE_TTL_S": "120", **extra},
                 name=f"ranker-{replica}", log_dir=logs).start(timeout_s=240)
