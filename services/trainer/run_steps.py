@@ -11,10 +11,14 @@ Data preparation (`prepare`)
       (catalog and interactions) in sorted order: new items GROW the table, nothing collides;
     * users: the model has no per-user parameters, a user is its history; a new user only needs
       its interactions;
-    * held-out slice (the gate's evaluation set): the last interaction of each of the
-      `eval_users` most recently active users with at least 3 interactions. Those targets are
-      removed from the training histories of every run (full and incremental), so the candidate
-      and the current version are compared on interactions neither has learned.
+    * held-out slice (the gate's evaluation set), prequential (test-then-train): the last
+      interaction of each of the `eval_users` most recently active users with at least 3
+      interactions, among the users whose last interaction arrived AFTER `holdout_after_lsn` (the
+      current version's training cutoff; None: every user). The run does not train on those targets, the current
+      version never saw them: the two are compared on fresh interactions neither has learned.
+      The NEXT version trains on them (`new_interactions(..., retrain=...)` adds its parent's
+      held-out interactions to the new ones; a full training trains on everything but its own
+      slice), so no interaction is withheld from the served model for longer than one version.
 """
 from __future__ import annotations
 
@@ -71,7 +75,7 @@ def item_order(prefix: Sequence[str], others: Iterable[str]) -> IdMap:
 
 
 def prepare(interactions: Sequence[Interaction], *, item_prefix: Sequence[str] = (),
-            catalog_items: Iterable[str] = (), eval_users: int = 2000) -> Prepared:
+            catalog_items: Iterable[str] = (), eval_users: int = 2000, holdout_after_lsn: int | None = None) -> Prepared:
     """Id maps, per-user histories in time order, held-out slice (see the module docstring)."""
     data = InteractionData()
     data.item_ids = item_order(item_prefix, list(catalog_items) + [i.item_id for i in interactions])
@@ -89,7 +93,9 @@ def prepare(interactions: Sequence[Interaction], *, item_prefix: Sequence[str] =
     data.item_text = np.zeros((data.item_ids.table_size, TEXT_DIM), np.float32)
 
     eligible = [(float(h.timestamps[-1]), data.user_ids.external(u), u)
-                for u, h in data.histories.items() if len(h) >= 3]
+                for u, h in data.histories.items()
+                if len(h) >= 3 and (holdout_after_lsn is None
+                                    or by_user[data.user_ids.external(u)][-1].commit_lsn > holdout_after_lsn)]
     eligible.sort(key=lambda row: (-row[0], row[1]))
     held_out_users = {u for _, _, u in eligible[:max(0, eval_users)]}
     train_histories: dict[int, UserHistory] = {}
@@ -126,13 +132,21 @@ def set_item_text(prepared: Prepared, vectors: Mapping[str, np.ndarray]) -> int:
 
 # ------------------------------------------------------------------------------------ runs
 
-def new_interactions(prepared: Prepared, after_lsn: int) -> tuple[list[NewInteraction], dict[str, int]]:
-    """Interactions recorded after `after_lsn` (the parent's lsn_to) that are trainable, and the
-    per-item interaction counts before it (for item novelty)."""
+def held_out_events(prepared: Prepared) -> list[str]:
+    """Event ids of the held-out slice (recorded with the run: the next version trains on them)."""
+    return sorted(event_id for event_id, position in prepared.positions.items() if position is None)
+
+
+def new_interactions(prepared: Prepared, after_lsn: int, retrain: Iterable[str] = ()
+                     ) -> tuple[list[NewInteraction], dict[str, int]]:
+    """Interactions recorded after `after_lsn` (the parent's lsn_to) that are trainable, plus the
+    parent's held-out interactions `retrain` (event ids: recorded before the parent's cutoff but
+    never trained on), and the per-item interaction counts before it (for item novelty)."""
     new: list[NewInteraction] = []
     old_counts: dict[str, int] = {}
+    retrain = set(retrain)
     for interaction in prepared.interactions:
-        if interaction.commit_lsn <= after_lsn:
+        if interaction.commit_lsn <= after_lsn and interaction.event_id not in retrain:
             old_counts[interaction.item_id] = old_counts.get(interaction.item_id, 0) + 1
             continue
         position = prepared.positions.get(interaction.event_id)
