@@ -42,7 +42,8 @@ def main(hooks: RunHooks | None = None) -> int:
     recorder = StreamRecorder(config.collector_address, core)
     loop = TrainingLoop(core, enabled=config.loop_enabled, interval_s=config.loop_interval_s,
                         min_interactions=config.min_interactions, full_retrain_growth=config.full_retrain_growth,
-                        min_text_coverage=config.min_text_coverage, recorder=recorder)
+                        min_text_coverage=config.min_text_coverage, recorder=recorder,
+                        first_epochs=config.first_epochs, shadow_full_every=config.shadow_full_every)
     elector = LeaderElector(etcd, trainer_id, config.leader_ttl_s, on_elected=loop.elected, on_lost=recorder.stop)
     core.is_leader, core.leader_id = elector.is_leader, elector.leader_id
 

@@ -69,6 +69,25 @@ class TrainerConfig(CommonConfig):
                         help="refuse only a shortfall beyond tolerance + z standard errors of the paired "
                              "per-user differences (0 = plain mean comparison)")
 
+    gate_cumulative_tolerance: float = env(
+        "TRAINER_GATE_CUMULATIVE_TOLERANCE", 0.05, minimum=0.0, maximum=1.0,
+        help="relative shortfall against the last full retrain (on the same slice) accepted over any chain of "
+             "updates; a candidate beyond it is refused and a full retrain is scheduled")
+    gate_min_users: int = env("TRAINER_GATE_MIN_USERS", 100, minimum=0,
+                              help="fewer held-out users than this: publish without gating, recorded as "
+                                   "insufficient evidence")
+
+    # --- drift bound and first model of the background loop -------------------------------------
+    shadow_full_every: int = env("TRAINER_SHADOW_FULL_EVERY", 4, minimum=0,
+                                 help="after every N published updates since the last full training, a shadow full "
+                                      "retrain on the same data measures the chain's drift (0 = never)")
+    drift_bound: float = env("TRAINER_DRIFT_BOUND", 0.01, minimum=0.0, maximum=1.0,
+                             help="an update more than this (relative, gate metric) below its shadow full retrain "
+                                  "is replaced by it: the shadow is published")
+    first_epochs: int = env("TRAINER_FIRST_EPOCHS", 2, minimum=0,
+                            help="the loop's first model: a quick full training of this many epochs, then the full "
+                                 "one (TRAINER_MODEL_EPOCHS) as the next version (0 = the full one at once)")
+
     # --- strategy of the background loop (and the default of Update) --------------------------
     loop_enabled: bool = env("TRAINER_LOOP", True, help="run the strategy by itself in the background")
     loop_interval_s: float = env("TRAINER_LOOP_INTERVAL_S", 5.0, minimum=0.1,

@@ -57,6 +57,7 @@ class Outcome:
     published: bool = False
     skipped: bool = False
     reason: str = ""
+    drift_exceeded: bool = False      # refused on the cumulative bound: the loop retrains from scratch
 
 
 @dataclass
@@ -115,20 +116,34 @@ class TrainerCore:
         c = self.config
         return Strategy(c.window_seconds, c.threshold_events, c.priority, c.top_share, c.replay_ratio)
 
-    def train(self, seed: int = 0, epochs: int = 0, publish: bool = False) -> Outcome:
-        """Full training on every recorded interaction."""
+    def train(self, seed: int = 0, epochs: int = 0, publish: bool = False, *, shadow_of: int = 0) -> Outcome:
+        """Full training on every recorded interaction. With `shadow_of`, a shadow full retrain of
+        that incremental version: on the same data (its lsn_to) and slice, compared with it; published
+        only when the version is more than TRAINER_DRIFT_BOUND below it (see scheduler.py)."""
         with self._job("full"):
             current = self.publisher.current()
-            lsn_to = self.log.high_water()
+            lsn_to, holdout_after = self.log.high_water(), current.data_lsn if current.pointer else None
+            if shadow_of:
+                shadowed = self.get_version(shadow_of)
+                if shadowed.kind != "update":
+                    raise InvalidArgument(f"shadow_of: version {shadow_of} is not an incremental update")
+                lsn_to, holdout_after = shadowed.lsn_to, shadowed.lsn_from
+            elif current.pointer and self.log.count(current.data_lsn, lsn_to) == 0:
+                # nothing arrived after the current version: judged on the slice it was judged on
+                holdout_after = self.versions.run_request(current.version).get("holdout_after_lsn")
             if self.log.count(0, lsn_to) == 0:
                 raise FailedPrecondition("no interactions recorded yet: nothing to train on")
             seed = seed or self.config.seed
             epochs = epochs or self.config.epochs
-            request = {"seed": seed, "epochs": epochs}
+            request = {"seed": seed, "epochs": epochs, "holdout_after_lsn": holdout_after}  # None: every user
+            if shadow_of:
+                request["shadow_of"] = shadow_of
             inputs = self._inputs("full", lsn_to, parent=None, parent_lsn=0, request=request)
             request["as_of"] = self._as_of(inputs.prepared)
+            parameters = {name: value for name, value in request.items() if name != "holdout_events"}
+            request["holdout_events"] = run_steps.held_out_events(inputs.prepared)
             run = self.versions.allocate(
-                kind="full", parent_version=0, strategy="full", parameters=dict(request), lsn_from=0,
+                kind="full", parent_version=0, strategy="full", parameters=parameters, lsn_from=0,
                 lsn_to=lsn_to, request=request, publish=publish, baseline_version=current.version,
                 baseline_value=current.raw, holder=self.trainer_id)
             return self._execute(run, inputs)
@@ -155,11 +170,13 @@ class TrainerCore:
                                          f"does not know (another deployment's etcd prefix?): run Train")
             parent = self._load_current(current)
             seed = seed or self.config.seed
-            request = {"seed": seed, "epochs": self.config.incremental_epochs, "strategy": strategy.to_dict()}
+            request = {"seed": seed, "epochs": self.config.incremental_epochs, "strategy": strategy.to_dict(),
+                       "holdout_after_lsn": current.data_lsn, "retrain_from": current.version}
             inputs = self._inputs("update", lsn_to, parent=parent, parent_lsn=current.data_lsn, request=request)
             if inputs.selection.skipped:
                 return Outcome(None, skipped=True, reason=inputs.selection.reason)
             request["as_of"] = inputs.selection_as_of
+            request["holdout_events"] = run_steps.held_out_events(inputs.prepared)
             run = self.versions.allocate(
                 kind="update", parent_version=current.version, strategy=strategy.name,
                 parameters={**strategy.to_dict(), "seed": seed}, lsn_from=current.data_lsn, lsn_to=lsn_to,
@@ -225,13 +242,16 @@ class TrainerCore:
         interactions = self.log.load(lsn_to)
         catalog_items, _ = self.catalog.items()
         prepared = run_steps.prepare(interactions, item_prefix=parent.item_ids if parent else (),
-                                    catalog_items=catalog_items, eval_users=self.config.eval_users)
+                                    catalog_items=catalog_items, eval_users=self.config.eval_users,
+                                    holdout_after_lsn=request.get("holdout_after_lsn"))
         run_steps.set_item_text(prepared, self.catalog.vectors(prepared.data.item_ids.external_ids()))
         inputs = _Inputs(prepared, parent)
         if kind == "update":
             strategy = Strategy.from_dict(request["strategy"])
             as_of = request.get("as_of") or self._as_of(prepared)
-            new, old_counts = run_steps.new_interactions(prepared, parent_lsn)
+            # test-then-train: the parent's held-out slice is new data for its child
+            retrain = self.versions.held_out_events(int(request.get("retrain_from", 0)))
+            new, old_counts = run_steps.new_interactions(prepared, parent_lsn, retrain)
             inputs.selection = strategies.select(new, strategy, as_of, old_counts)
             inputs.selection_as_of = as_of
             inputs.examples = run_steps.examples_of(inputs.selection.selected)
@@ -254,6 +274,7 @@ class TrainerCore:
             parent = self._load_version(run.parent_version) if run.kind == "update" else None
             inputs = self._inputs(run.kind, run.lsn_to, parent=parent, parent_lsn=run.lsn_from, request=request)
         prepared = inputs.prepared
+        shadow_of = int(request.get("shadow_of", 0))
         started = time.perf_counter()
         seed = int(request.get("seed", self.config.seed))
         self._phase("training", epochs=int(request.get("epochs") or 0))
@@ -262,9 +283,7 @@ class TrainerCore:
         self.hooks.candidate_trained(model, run.version)
 
         self._phase("evaluating", epoch=stats.epochs_run)
-        baseline_model = self._baseline_model(run, prepared)
-        decision = gate.evaluate_pair(model, baseline_model, prepared, self.config.gate_metric,
-                                      self.config.gate_tolerance, self.config.gate_z)
+        decision, anchor_version = self._gate(run, model, prepared)
 
         self._phase("storing")
         catalog_items, active = self.catalog.items()
@@ -282,12 +301,19 @@ class TrainerCore:
             run, metrics=decision.candidate, baseline_metrics=decision.baseline, train_seconds=train_seconds,
             sha256=sha, artifact_uri=uri, interactions=len(prepared.interactions), items=prepared.num_items,
             decision=decision.reason, parameters={**extra, "epochs_run": stats.epochs_run} if extra
-            else {"epochs_run": stats.epochs_run}, rejected=not decision.passed)
+            else {"epochs_run": stats.epochs_run}, rejected=not decision.passed, anchor_version=anchor_version,
+            anchor_metrics=decision.anchor, evidence=decision.evidence, shadow_of=shadow_of)
+        if shadow_of:
+            self.versions.record_full_comparison(shadow_of, run.version, decision.candidate, train_seconds)
         log.info("run trained", extra={"version": run.version, "metrics": decision.candidate,
-                                       "baseline": decision.baseline, "passed": decision.passed,
+                                       "baseline": decision.baseline, "anchor": decision.anchor,
+                                       "evidence": decision.evidence, "passed": decision.passed,
                                        "train_seconds": round(train_seconds, 2), "sha256": sha})
         self.hooks.at("artifact_written", run.version)
         if not decision.passed:
+            return self._done(run, False, decision.reason, drift_exceeded=decision.drift_exceeded)
+        if decision.hold:
+            self.versions.finish(run, CANDIDATE, decision.reason)
             return self._done(run, False, decision.reason)
         if not run.publish:
             self.versions.finish(run, CANDIDATE, decision.reason + "; not published (publish=false)")
@@ -339,7 +365,7 @@ class TrainerCore:
         self.versions.finish(run, REJECTED, result.reason)
         return self._done(run, False, result.reason)
 
-    def _done(self, run: Run, published: bool, reason: str) -> Outcome:
+    def _done(self, run: Run, published: bool, reason: str, drift_exceeded: bool = False) -> Outcome:
         self.last_update = time.time()
         row = self.versions.get(run.version)
         if self.on_version is not None and row is not None:
@@ -347,7 +373,34 @@ class TrainerCore:
                 self.on_version(row, published)
             except Exception:  # noqa: BLE001 - reporting must not fail a run
                 log.exception("on_version hook failed")
-        return Outcome(row, published=published, reason=reason)
+        return Outcome(row, published=published, reason=reason, drift_exceeded=drift_exceeded)
+
+    def _gate(self, run: Run, model, prepared: run_steps.Prepared) -> tuple[gate.GateDecision, int]:
+        """The gate's decision for the run's candidate, and the anchor version it was bounded by (0: none).
+
+        * update: against the current version (per step) and the newest published full training
+          (cumulative), unless that is the current version itself;
+        * shadow full retrain: against the incremental version it shadows, on its slice, with the drift
+          bound as the rule the other way round: published only if the update fell more than
+          TRAINER_DRIFT_BOUND below it (then the full model replaces the drifted chain);
+        * full training: against the current version."""
+        c = self.config
+        shadow_of = int(run.request.get("shadow_of", 0))
+        if shadow_of:
+            shadowed = self._version_model(shadow_of, prepared)
+            decision = gate.evaluate_pair(model, shadowed, prepared, c.gate_metric, c.gate_tolerance, c.gate_z,
+                                          min_users=c.gate_min_users)
+            return gate.shadow_decision(decision, c.gate_metric, c.drift_bound, shadow_of), 0
+        baseline_model = self._baseline_model(run, prepared)
+        anchor, anchor_version = None, 0
+        if run.kind == "update" and baseline_model is not None:
+            newest_full = self.versions.newest_published_full()
+            if newest_full is not None and newest_full.version != run.baseline_version:
+                anchor, anchor_version = self._version_model(newest_full.version, prepared), newest_full.version
+        decision = gate.evaluate_pair(model, baseline_model, prepared, c.gate_metric, c.gate_tolerance, c.gate_z,
+                                      anchor=anchor, cumulative_tolerance=c.gate_cumulative_tolerance,
+                                      min_users=c.gate_min_users)
+        return decision, anchor_version if decision.anchor is not None else 0
 
     def _recover_run(self, run: Run) -> Outcome:
         current = self.publisher.current()
@@ -393,9 +446,9 @@ class TrainerCore:
         return artifact
 
     def _remember(self, sha: str, artifact: ModelArtifact) -> None:
-        """Keeps the last two artifacts (the current version and the newest candidate)."""
+        """Keeps the last three artifacts (the current version, the gate's anchor, the newest candidate)."""
         self._artifacts[sha] = artifact
-        while len(self._artifacts) > 2:
+        while len(self._artifacts) > 3:
             self._artifacts.pop(next(iter(self._artifacts)))
 
     def _load_current(self, current: Current) -> ModelArtifact:
@@ -412,6 +465,16 @@ class TrainerCore:
         if row is None or not row.artifact_uri:
             raise FailedPrecondition(f"version {version} has no artifact")
         return self._load_artifact(row.artifact_uri, row.sha256)
+
+    def _version_model(self, version: int, prepared: run_steps.Prepared):
+        """A recorded version's model in the prepared index space (None: it cannot be loaded)."""
+        try:
+            artifact = self._load_version(version)
+        except Exception as error:  # noqa: BLE001
+            log.warning("gate: a version to compare with cannot be loaded", extra={"version": version,
+                                                                                 "error": str(error)[:200]})
+            return None
+        return run_steps.remap_items(artifact.build_model(), artifact.item_ids, prepared.data.item_ids)
 
     def _baseline_model(self, run: Run, prepared: run_steps.Prepared):
         """The version the run is gated against (etcd's value when the run started), in the

@@ -3,7 +3,9 @@ stream is recorded meanwhile by stream_recorder.py, started on election).
 
 Training, every TRAINER_LOOP_INTERVAL_S:
 * first, once after each election, `recover()` finishes or abandons runs a crash left open;
-* no current version yet: a full training (published through the gate) as soon as the log holds
+* no current version yet: a QUICK full training of TRAINER_FIRST_EPOCHS epochs (published: a new
+  deployment serves personalised answers within minutes), then, as the next version, the full
+  training of TRAINER_MODEL_EPOCHS (a hot swap); both as soon as the log holds
   TRAINER_MIN_INTERACTIONS interactions, the delta stream has caught up (the first model learns
   from everything already loaded, not from the first rows of the snapshot), and the feature
   store has text vectors for
@@ -17,6 +19,12 @@ Training, every TRAINER_LOOP_INTERVAL_S:
   publish (gate rejection, lost race, nothing selected), the next attempt waits until another
   threshold's worth of interactions arrived, so a rejected update is not retried on the same
   data in a tight loop;
+* drift bound: an update refused on the gate's cumulative bound (more than
+  TRAINER_GATE_CUMULATIVE_TOLERANCE below the last full retrain on the same slice) is followed at
+  once by a full retrain; and after every TRAINER_SHADOW_FULL_EVERY published updates since the
+  last full training or shadow, a shadow full retrain on the same data as the newest update
+  measures the chain's drift (recorded on the update's model_versions row) and replaces it when
+  the update is more than TRAINER_DRIFT_BOUND below it;
 * after a rollback (the consistency service made an earlier version current again and marked
   the one it replaced 'rolled_back'), updates are held until a threshold's worth of interactions
   arrived after the data the rolled-back version was trained on (its lsn_to): the next version
@@ -38,9 +46,10 @@ log = logging.getLogger(__name__)
 class TrainingLoop:
     def __init__(self, core: TrainerCore, *, enabled: bool, interval_s: float, min_interactions: int,
                  full_retrain_growth: float = 0.0, min_text_coverage: float = 0.0,
-                 recorder: StreamRecorder | None = None) -> None:
+                 recorder: StreamRecorder | None = None, first_epochs: int = 0, shadow_full_every: int = 0) -> None:
         self.core, self.enabled, self.interval_s, self.min_interactions = core, enabled, interval_s, min_interactions
         self.full_retrain_growth, self.min_text_coverage = full_retrain_growth, min_text_coverage
+        self.first_epochs, self.shadow_full_every = first_epochs, shadow_full_every
         self.recorder = recorder
         self._said_waiting = 0.0
         self._stop = threading.Event()
@@ -99,10 +108,15 @@ class TrainingLoop:
             if active and covered < self.min_text_coverage * active:
                 self._waiting("the feature store's text vectors", covered=covered, active_items=active)
                 return
-            log.info("loop: first full training", extra={"interactions": total})
-            core.train(publish=True)
+            quick = 0 < self.first_epochs < core.config.epochs
+            log.info("loop: first full training", extra={"interactions": total, "quick": quick})
+            core.train(epochs=self.first_epochs if quick else 0, publish=True)
+            return
+        if self._after_quick_first():
             return
         if self.full_retrain_growth > 0 and self._full_retrain_due(recorded):
+            return
+        if self._shadow_due(current.version):
             return
         threshold = max(1, core.config.threshold_events)
         held_until = core.versions.rollback_hold_lsn(current.version)
@@ -121,6 +135,42 @@ class TrainingLoop:
             self._attempted_at_pending = self._attempted_for_version = None
         else:
             self._attempted_at_pending, self._attempted_for_version = pending, current.version
+        if outcome.drift_exceeded:
+            log.info("loop: the chain of updates crossed the cumulative bound; full retraining",
+                     extra={"parent": current.version})
+            core.train(publish=True)
+
+    def _after_quick_first(self) -> bool:
+        """The full training after the quick first model (True if it ran): due while every full
+        training so far ran fewer epochs than TRAINER_MODEL_EPOCHS."""
+        core = self.core
+        if not (0 < self.first_epochs < core.config.epochs):
+            return False
+        fulls = [v for v in core.versions.list(500) if v.strategy == "full" and v.status != "candidate"]
+        if not fulls or any(int(v.parameters.get("epochs") or 0) >= core.config.epochs for v in fulls):
+            return False
+        log.info("loop: the full training after the quick first model", extra={"quick_version": fulls[0].version})
+        core.train(publish=True)
+        return True
+
+    def _shadow_due(self, current_version: int) -> bool:
+        """A shadow full retrain of the current version, when it is the N-th published update since
+        the last full training or shadow (True if it ran)."""
+        if self.shadow_full_every <= 0:
+            return False
+        updates = 0
+        for row in self.core.versions.list(500):
+            if row.full_version or (row.kind == "full" and row.status == "published"):
+                break
+            if row.kind == "update" and row.status == "published":
+                updates += 1
+        head = self.core.versions.get(current_version)
+        if updates < self.shadow_full_every or head is None or head.kind != "update" or head.full_version:
+            return False
+        log.info("loop: shadow full retrain to measure drift", extra={"of_version": current_version,
+                                                                       "updates_since_full": updates})
+        self.core.train(publish=True, shadow_of=current_version)
+        return True
 
 
     def _waiting_after_rollback(self, version: int, held_until: int) -> None:

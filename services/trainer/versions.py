@@ -48,6 +48,18 @@ class VersionRow:
     items: int
     created_at: datetime | None
     baseline_version: int = 0
+    # the comparisons recorded with the version (migration 0008)
+    anchor_version: int = 0            # last full retrain the gate bounded the cumulative loss against
+    anchor_metrics: dict = field(default_factory=dict)   # its metrics on the same slice
+    gate_evidence: str = ""            # sufficient | insufficient | no_baseline
+    full_version: int = 0              # shadow full retrain on the same data (incremental versions)
+    full_metrics: dict = field(default_factory=dict)
+    full_train_seconds: float = 0.0
+    shadow_of: int = 0                 # on a shadow full retrain: the incremental version it measured
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.strategy == "full" else "update"
 
 
 def describe_version(row: VersionRow, published: bool) -> str:
@@ -83,7 +95,9 @@ class Run:
 _VERSION_COLUMNS = ("v.version, COALESCE(v.parent_version, 0), v.strategy, v.parameters, v.lsn_from, v.lsn_to, "
                     "v.metrics, v.baseline_metrics, v.train_seconds, COALESCE(v.sha256, ''), "
                     "COALESCE(v.artifact_uri, ''), v.status, v.decision, v.interactions, v.items, v.created_at, "
-                    "COALESCE(r.baseline_version, 0)")
+                    "COALESCE(r.baseline_version, 0), COALESCE(v.anchor_version, 0), v.anchor_metrics, "
+                    "COALESCE(v.gate_evidence, ''), COALESCE(v.full_version, 0), v.full_metrics, "
+                    "COALESCE(v.full_train_seconds, 0), COALESCE(v.shadow_of, 0)")
 _RUN_COLUMNS = ("r.version, r.kind, r.request, r.publish, r.baseline_version, r.baseline_value, r.phase, "
                 "r.attempt, r.holder, COALESCE(v.parent_version, 0), v.lsn_from, v.lsn_to")
 
@@ -97,7 +111,8 @@ def _json(value: Any) -> dict:
 def _version(row) -> VersionRow:
     return VersionRow(int(row[0]), int(row[1]), row[2], _json(row[3]), int(row[4]), int(row[5]), _json(row[6]),
                       _json(row[7]), float(row[8]), row[9], row[10], row[11], row[12], int(row[13]),
-                      int(row[14]), row[15], int(row[16]))
+                      int(row[14]), row[15], int(row[16]), int(row[17]), _json(row[18]), row[19], int(row[20]),
+                      _json(row[21]), float(row[22]), int(row[23]))
 
 
 def _run(row) -> Run:
@@ -162,21 +177,53 @@ class VersionStore:
 
     def record_trained(self, run: Run, *, metrics: dict, baseline_metrics: dict | None, train_seconds: float,
                        sha256: str, artifact_uri: str, interactions: int, items: int, decision: str,
-                       parameters: dict | None = None, rejected: bool = False) -> None:
+                       parameters: dict | None = None, rejected: bool = False, anchor_version: int = 0,
+                       anchor_metrics: dict | None = None, evidence: str = "", shadow_of: int = 0) -> None:
         """The artifact is stored and the gate has decided: phase 'trained' (or done+rejected)."""
         with self.engine.begin() as connection:
             self._fenced_update(connection, run, "done" if rejected else "trained")
             connection.execute(sa.text(
                 "UPDATE model_versions SET metrics = CAST(:m AS jsonb), baseline_metrics = CAST(:b AS jsonb), "
                 "train_seconds = :t, sha256 = :sha, artifact_uri = :uri, interactions = :n, items = :i, "
-                "decision = :d, status = :status, "
+                "decision = :d, status = :status, anchor_version = :av, anchor_metrics = CAST(:am AS jsonb), "
+                "gate_evidence = :ev, shadow_of = :so, "
                 "parameters = CASE WHEN CAST(:p AS jsonb) IS NULL THEN parameters "
                 "                  ELSE parameters || CAST(:p AS jsonb) END "
                 "WHERE version = :v"),
                 {"m": json.dumps(metrics), "b": json.dumps(baseline_metrics or {}), "t": train_seconds,
                  "sha": sha256, "uri": artifact_uri, "n": interactions, "i": items, "d": decision,
-                 "status": REJECTED if rejected else CANDIDATE,
+                 "status": REJECTED if rejected else CANDIDATE, "av": anchor_version or None,
+                 "am": None if anchor_metrics is None else json.dumps(anchor_metrics), "ev": evidence or None,
+                 "so": shadow_of or None,
                  "p": None if parameters is None else json.dumps(parameters), "v": run.version})
+
+    def record_full_comparison(self, version: int, full_version: int, full_metrics: dict,
+                               full_train_seconds: float) -> None:
+        """On incremental `version`: the shadow full retrain on the same data and slice, and its cost."""
+        with self.engine.begin() as connection:
+            connection.execute(sa.text(
+                "UPDATE model_versions SET full_version = :f, full_metrics = CAST(:m AS jsonb), "
+                "full_train_seconds = :t WHERE version = :v"),
+                {"f": full_version, "m": json.dumps(full_metrics), "t": full_train_seconds, "v": version})
+
+    def run_request(self, version: int) -> dict:
+        """The stored request of `version`'s run ({} when there is none)."""
+        with self.engine.connect() as connection:
+            return _json(connection.execute(sa.text("SELECT request FROM trainer_runs WHERE version = :v"),
+                                            {"v": version}).scalar())
+
+    def held_out_events(self, version: int) -> list[str]:
+        """The event ids `version` held out for its gate (its run's request): its child trains on them."""
+        return list(self.run_request(version).get("holdout_events", []))
+
+    def newest_published_full(self) -> VersionRow | None:
+        """The gate's anchor: the newest full training that was published (even if replaced since)."""
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.text(
+                f"SELECT {_VERSION_COLUMNS} FROM model_versions v LEFT JOIN trainer_runs r USING (version) "
+                "WHERE v.strategy = 'full' AND v.status = 'published' "
+                "AND v.artifact_uri IS NOT NULL ORDER BY v.version DESC LIMIT 1")).first()
+        return None if row is None else _version(row)
 
     def finish(self, run: Run, status: str, decision: str, *, sha256: str | None = None,
                artifact_uri: str | None = None) -> None:

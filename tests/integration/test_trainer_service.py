@@ -46,7 +46,9 @@ TINY_MODEL = {
     "TRAINER_LOOP": "0", "TRAINER_STRATEGY_THRESHOLD": "1",
     # The gate is exercised by its own test; elsewhere an update of a tiny model must not be
     # refused for a noisy point of NDCG.
-    "TRAINER_GATE_TOLERANCE": "1.0",
+    "TRAINER_GATE_TOLERANCE": "1.0", "TRAINER_GATE_CUMULATIVE_TOLERANCE": "1.0", "TRAINER_GATE_MIN_USERS": "10",
+    # the loop's quick first model and shadow retrains: exercised by the loop test
+    "TRAINER_FIRST_EPOCHS": "0", "TRAINER_SHADOW_FULL_EVERY": "0",
 }
 
 
@@ -213,7 +215,8 @@ def test_train_update_lineage_and_artifacts(own_database, trainer_env, start_ser
     assert v3.parent_version == v1.version and v3.baseline_version == v1.version
     assert (v3.lsn_from, v3.lsn_to) == (100, 200) and v3.strategy == "priority"
     assert v3.parameters.priority == "item_novelty" and v3.parameters.top_share == pytest.approx(0.8)
-    assert v3.baseline_metrics.users == 40 and v3.interactions == 1320
+    # prequential slice: the newest interaction of the users whose latest arrived after v1's cutoff
+    assert v3.baseline_metrics.users == v3.metrics.users == 30 and v3.interactions == 1320
 
     artifact_v3 = deserialize(read_verified(v3.artifact_uri, v3.sha256))
     new_items = [i for i, _, _ in datasets.structured_catalog(prefix="J")]
@@ -261,7 +264,7 @@ def test_gate_rejects_a_damaged_candidate(own_database, trainer_env, start_servi
     rejected = response.version
     assert not response.published and rejected.status == REJECTED
     assert "rejected by the gate" in rejected.decision
-    assert rejected.metrics.users == rejected.baseline_metrics.users == 40
+    assert rejected.metrics.users == rejected.baseline_metrics.users == 30
     assert rejected.metrics.ndcg_at_10 < 0.5 * rejected.baseline_metrics.ndcg_at_10
     assert rejected.sha256 and rejected.artifact_uri       # recorded with its artifact, not published
     assert etcd.get_json(MODEL_CURRENT)["version"] == v1.version
@@ -420,20 +423,45 @@ def test_loop_records_the_delta_stream_and_keeps_the_model_current(own_database,
         "TRAINER_LOOP_INTERVAL_S": "0.5", "TRAINER_MIN_INTERACTIONS": str(len(first)),
         "TRAINER_MIN_TEXT_COVERAGE": "0",          # no features service here: the trainer embeds titles
         "TRAINER_STRATEGY_THRESHOLD": "100", "TRAINER_STRATEGY_PRIORITY": "recency",
-        "TRAINER_STRATEGY_TOP_SHARE": "0.9"})
+        "TRAINER_STRATEGY_TOP_SHARE": "0.9", "TRAINER_FIRST_EPOCHS": "2", "TRAINER_SHADOW_FULL_EVERY": "1"})
     stub = stub_of(trainer)
     status = lambda: stub.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=5)  # noqa: E731
-    wait_until(lambda: status().current_version >= 1, "the loop's first full training")
-    first_version = status().current_version
-    assert get_version(stub, first_version).strategy == "full"
+
+    def column(sql: str, **values):
+        with engine.connect() as connection:
+            return connection.execute(sa.text(sql), values).scalar()
+
+    # a quick first model (2 epochs), then the full one (TRAINER_MODEL_EPOCHS) as the next version
+    wait_until(lambda: status().current_version >= 2, "the loop's quick first model, then its full one")
+    assert get_version(stub, 1).strategy == get_version(stub, 2).strategy == "full"
+    assert column("SELECT parameters->>'epochs' FROM model_versions WHERE version = 1") == "2"
+    assert column("SELECT parameters->>'epochs' FROM model_versions WHERE version = 2") == "15"
+    first_version = 2
+    assert status().current_version == first_version
 
     more = datasets.structured_interactions(n_users=30, start=datasets.STRUCTURED_T0 + 50_000, user_prefix="N",
                                              item_prefix="J", seed=3)
     send(more)
-    wait_until(lambda: status().current_version > first_version, "the loop's incremental update")
-    update = get_version(stub, status().current_version)
+    newest_update = "SELECT max(version) FROM model_versions WHERE strategy <> 'full' AND status = 'published'"
+    wait_until(lambda: column(newest_update), "the loop's incremental update")
+    update = get_version(stub, column(newest_update))
     assert update.parent_version == first_version and update.strategy == "threshold+priority"
     assert update.parameters.priority == "recency" and update.status == PUBLISHED
+    # every TRAINER_SHADOW_FULL_EVERY=1 updates, a shadow full retrain on the same data and slice,
+    # recorded beside the update with its metrics and cost
+    wait_until(lambda: column("SELECT full_version FROM model_versions WHERE version = :v", v=update.version),
+               "the shadow full retrain of the update")
+    shadow = column("SELECT full_version FROM model_versions WHERE version = :v", v=update.version)
+    with engine.connect() as connection:
+        row = connection.execute(sa.text(
+            "SELECT u.full_metrics, u.full_train_seconds, u.metrics, s.shadow_of, s.lsn_to, u.lsn_to, s.status, "
+            "s.baseline_metrics, u.gate_evidence FROM model_versions u JOIN model_versions s "
+            "ON s.version = u.full_version WHERE u.version = :v"), {"v": update.version}).one()
+    full_metrics, full_seconds, update_metrics, shadow_of, shadow_lsn, update_lsn, shadow_status, measured, evidence = row
+    assert shadow_of == update.version and shadow_lsn == update_lsn and full_seconds > 0
+    assert full_metrics["users"] == update_metrics["users"] > 0 and evidence == "sufficient"
+    assert measured["ndcg_at_10"] == pytest.approx(update_metrics["ndcg_at_10"])   # the update, on the same slice
+    assert shadow_status in ("candidate", "published") and shadow > update.version
 
     def recorded() -> int:
         with engine.connect() as connection:

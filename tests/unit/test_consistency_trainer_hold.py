@@ -33,7 +33,7 @@ class FakeCore:
 
     def update(self, strategy, publish):
         self.updates += 1
-        return SimpleNamespace(published=True)
+        return SimpleNamespace(published=True, drift_exceeded=False)
 
 
 def loop(core) -> TrainingLoop:
