@@ -21,7 +21,7 @@ What runs (each a process started by bench/_harness.py, etcd through scripts/inf
   pre-built response captured from the ranker (same bytes on the wire).
 Before the measured runs every user is asked for once: the replica's user cache (kept exact by
 WatchUsers) then holds them, which is the steady state of a replica whose cache holds its active
-users (RANKER_USER_CACHE_SIZE, 200k by default); `user_cache` in the output shows the reads of
+users (RANKER_USER_CACHE_SIZE, 50k by default); `user_cache` in the output shows the reads of
 features that remained. Requests draw users uniformly. Search queries are the first three words
 of item titles, with a user; SimilarItems asks for random items.
 The load generator is one asyncio gRPC client process (this one) for both servers.

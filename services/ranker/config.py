@@ -47,10 +47,10 @@ class RankerConfig(CommonConfig):
     max_waiting: int = env("RANKER_MAX_WAITING", 48, minimum=0, maximum=100_000,
                            help="requests allowed to wait for a slot; more are refused with "
                                 "RESOURCE_EXHAUSTED")
-    # Measured (bench/scale.py): ~3 KB per cached user with a 50-entry history, more with a long
-    # seen set; 200k users ~ 0.6 GB. The WatchUsers stream keeps entries exact, so the size only
-    # decides the hit rate.
-    user_cache_size: int = env("RANKER_USER_CACHE_SIZE", 200_000, minimum=0, maximum=100_000_000,
+    # Measured (bench/scale.py, tracemalloc): 16 KB per cached user with a 50-entry history and a
+    # 200-item seen set (a Beauty-like user with ~9 items: ~2 KB); 50k users ~ 0.8 GB at worst.
+    # WatchUsers keeps entries exact, so the size only decides the hit rate.
+    user_cache_size: int = env("RANKER_USER_CACHE_SIZE", 50_000, minimum=0, maximum=100_000_000,
                                help="users whose state this replica keeps (LRU; kept exact by the "
                                     "features.WatchUsers stream); 0 = read every request")
     user_cache_ttl_s: float = env("RANKER_USER_CACHE_TTL_S", 1.0, minimum=0.0, maximum=3600.0,
