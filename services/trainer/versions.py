@@ -72,6 +72,10 @@ def describe_version(row: VersionRow, published: bool) -> str:
             f"recall@10={metrics.get('recall_at_10', 0):.4f} ndcg@10={metrics.get('ndcg_at_10', 0):.4f}")
     if base:
         line += f"  (current: recall@10={base.get('recall_at_10', 0):.4f} ndcg@10={base.get('ndcg_at_10', 0):.4f})"
+    if row.anchor_metrics:
+        anchor = row.anchor_metrics
+        line += (f"  (last full v{row.anchor_version}: recall@10={anchor.get('recall_at_10', 0):.4f} "
+                 f"ndcg@10={anchor.get('ndcg_at_10', 0):.4f})")
     return line + f"  — {row.decision}"
 
 
