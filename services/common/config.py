@@ -60,8 +60,9 @@ def load(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
         name = meta.get("env")
         if not name:
             continue
-        if name in environ:
-            value = _convert(environ[name], field.type, name)
+        raw = _raw_value(name, environ)
+        if raw is not None:
+            value = _convert(raw, field.type, name)
         elif field.default is not dataclasses.MISSING:
             value = field.default
         else:
@@ -69,6 +70,21 @@ def load(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
         _check(name, value, meta)
         values[field.name] = value
     return cls(**values)
+
+
+def _raw_value(name: str, environ: Mapping[str, str]) -> str | None:
+    """The variable's value, or the contents of the file `<name>_FILE` names: secrets (a
+    database URL with its password) are mounted as files rather than put in the environment."""
+    path = environ.get(f"{name}_FILE")
+    if path is None:
+        return environ.get(name)
+    if name in environ:
+        raise ConfigError(f"{name} and {name}_FILE are both set: set one")
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip()
+    except OSError as error:
+        raise ConfigError(f"{name}_FILE={path!r}: cannot read ({error.strerror})") from None
 
 
 def _check(name: str, value: Any, meta: Mapping[str, Any]) -> None:
