@@ -10,7 +10,7 @@ DEPLOY_VENV := .venv-deploy
 TEST_INFRA_DIR := .run/test-infra
 RUN_INFRA_DIR := .run/infra
 
-.PHONY: all run test test-unit bench protos lint-protos system-deps venv deploy-tools infra-up infra-down clean lock
+.PHONY: all run test test-unit bench protos lint-protos system-deps venv deploy-tools node-example infra-up infra-down clean lock
 
 all: venv protos
 
@@ -18,11 +18,13 @@ all: venv protos
 # for `npx @bufbuild/buf` and the Node storefront example, and `prometheus` for promtool (the
 # alerting rules are checked by the tests). Only installed when missing.
 system-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || ! command -v npx >/dev/null \
-	    || ! command -v promtool >/dev/null; then \
-	  echo "installing Debian packages: postgresql nodejs npm prometheus"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    postgresql nodejs npm prometheus; \
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v npx >/dev/null || missing="$$missing nodejs npm"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 venv: $(VENV)/.installed
@@ -47,6 +49,14 @@ deploy-tools: $(DEPLOY_VENV)/.installed
 $(DEPLOY_VENV)/.installed: deploy/tools-requirements.txt
 	test -d $(DEPLOY_VENV) || $(PYTHON) -m venv $(DEPLOY_VENV)
 	$(DEPLOY_VENV)/bin/pip install -q --disable-pip-version-check -r deploy/tools-requirements.txt
+	touch $@
+
+# The Node.js storefront example's pinned packages (package-lock.json), installed by npm.
+NODE_EXAMPLE := examples/storefront-node
+node-example: $(NODE_EXAMPLE)/node_modules/.installed
+
+$(NODE_EXAMPLE)/node_modules/.installed: $(NODE_EXAMPLE)/package.json $(NODE_EXAMPLE)/package-lock.json | system-deps
+	cd $(NODE_EXAMPLE) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
 	touch $@
 
 # Python code for the protos is generated at build time into gen/ (git-ignored, never committed).
