@@ -29,12 +29,11 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import grpc
 import pytest
 import sqlalchemy as sa
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.deploy.manifests import (REPO_ROOT, container_environment, find, mount_secret_volumes, render,
+from services.status.collect import check_health
+from tests.deploy.manifests import (REPO_ROOT, container_environment, mount_secret_volumes, render,
                                     rewrite_paths, service_workloads)
 from tests.support import wait_until
 
@@ -65,17 +64,6 @@ def _config_variables(module: str) -> set[str]:
                and dataclasses.is_dataclass(value) and issubclass(value, CommonConfig)]
     assert classes, f"{module}.config has no config dataclass"
     return {row[0] for cls in classes for row in describe(cls)}
-
-
-def _health(address: str) -> str:
-    channel = grpc.insecure_channel(address)
-    try:
-        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-    except grpc.RpcError as error:
-        return error.code().name
-    finally:
-        channel.close()
 
 
 def _order(workloads, references) -> list:
@@ -168,7 +156,7 @@ def test_every_service_workload_starts_as_its_manifest_says(infra_env, database_
                 if processes[name].poll() is not None:
                     raise AssertionError(f"{name} exited with {processes[name].returncode}:\n"
                                          + logs[name].read_text(errors="replace")[-3000:])
-                return _health(address) == "SERVING"
+                return check_health(address) == "SERVING"
             # A hang guard, not a timing assertion: a loaded machine is slower than any startupProbe.
             wait_until(serving, f"{workload.name} SERVING on its gRPC port", timeout_s=600, interval_s=0.5)
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports[workload.name][1]}/metrics", timeout=10).read()
