@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from deltarec.v1 import (collector_pb2, collector_pb2_grpc, consistency_pb2, consistency_pb2_grpc,
                          features_pb2, features_pb2_grpc, ranker_pb2, ranker_pb2_grpc, trainer_pb2,
                          trainer_pb2_grpc)
-from services.common.channels import split_targets
+from services.common.channels import client_channel, split_targets
 from services.common.etcd import Etcd
 from services.contracts.etcd_keys import DATA_WATERMARK, MODEL_CANARY, MODEL_CURRENT, RANKERS_PREFIX
 
@@ -126,7 +126,7 @@ class Collector:
 
     def _channel(self, name: str) -> grpc.Channel | None:
         target = self.targets.get(name)
-        return grpc.insecure_channel(target) if target else None
+        return client_channel(target) if target else None
 
     def snapshot(self) -> Snapshot:
         snapshot = Snapshot()
