@@ -9,8 +9,11 @@ Service — and, where the machine has IPv6 loopback, by a real `dns:///localhos
 from __future__ import annotations
 
 import collections
+import os
 import re
 import socket
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -152,6 +155,27 @@ def test_dns_target_balances_over_every_address_of_the_name():
     finally:
         first.stop(0)
         second.stop(0)
+
+
+@pytest.mark.parametrize("resolver", ["native", "ares"])
+def test_a_dns_name_target_resolves_with_either_resolver(resolver):
+    """dns:///NAME:PORT resolves through gRPC's resolver (the ConfigMap picks `native`, which
+    follows the pod's DNS search path); a name with an address nobody listens on (::1 here) is
+    skipped while another answers."""
+    code = (
+        "import sys\n"
+        "from deltarec.v1 import ranker_pb2, ranker_pb2_grpc\n"
+        "from services.common.channels import client_channel\n"
+        "stub = ranker_pb2_grpc.RankerServiceStub(client_channel(sys.argv[1]))\n"
+        "print(stub.Status(ranker_pb2.RankerServiceStatusRequest(), timeout=10, wait_for_ready=True).replica_id)\n")
+    service = _server("one", ranker_pb2_grpc.add_RankerServiceServicer_to_server, NamedRanker("only"))
+    try:
+        result = subprocess.run([sys.executable, "-c", code, f"dns:///localhost:{service.port}"], capture_output=True,
+                                text=True, timeout=60, env={**os.environ, "GRPC_DNS_RESOLVER": resolver})
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip() == "only"
+    finally:
+        service.stop(0)
 
 
 @pytest.mark.parametrize("value, targets", [
