@@ -274,3 +274,13 @@ def test_prod_reaches_the_managed_datastores_only_by_address():
     assert all(re.fullmatch(r"[\d.]+/\d+", peer["ipBlock"]["cidr"]) for rule in rules for peer in rule["to"])
     kinds = {obj["kind"] for obj in render("prod")}
     assert "StatefulSet" not in kinds and "Secret" not in kinds   # the Secret is the DB owner's
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_autoscaler_alone_sets_the_rankers_count(overlay):
+    objects = render(overlay)
+    hpa = find(objects, "HorizontalPodAutoscaler", "ranker")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "ranker"}
+    assert "replicas" not in find(objects, "Deployment", "ranker")["spec"]
+    budget = find(objects, "PodDisruptionBudget", "ranker")["spec"]["minAvailable"]
+    assert budget < hpa["spec"]["minReplicas"]   # a node drain can always proceed
