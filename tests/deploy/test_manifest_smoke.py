@@ -84,6 +84,11 @@ def test_every_service_workload_starts_as_its_manifest_says(infra_env, database_
     base_names = {w.name for w in service_workloads(render("base"))}
     assert {w.name for w in workloads} == base_names == {"collector", "features", "trainer", "ranker", "consistency"}
 
+    # Every shared setting is read by some service (a misspelt key would silently do nothing).
+    read_by_any = set().union(*(_config_variables(w.module) for w in workloads)) | RUNTIME_VARIABLES
+    shared = {key for obj in objects if obj["kind"] == "ConfigMap" for key in obj.get("data", {})}
+    assert not shared - read_by_any, f"ConfigMap keys no service reads: {sorted(shared - read_by_any)}"
+
     services = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "Service"}
     local_db = sa.engine.make_url(database_url)
     ports = {w.name: (_free_port(), _free_port()) for w in workloads}
