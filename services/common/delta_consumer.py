@@ -64,6 +64,8 @@ from google.protobuf import json_format, struct_pb2
 
 from deltarec.v1 import collector_pb2, collector_pb2_grpc
 
+from services.common.channels import client_channel, split_targets
+
 log = logging.getLogger(__name__)
 
 # Errors that retrying will not fix: raised from run() instead of reconnecting forever.
@@ -95,8 +97,10 @@ class DeltaConsumer:
     UNAVAILABLE and every other transient failure (collector restart, failover to a standby
     collector, network). See the module docstring for what apply_batch must guarantee.
 
-    `collector_address` may list several collectors, comma-separated: each reconnect tries the
-    next one, so a consumer follows the group's slot when a standby collector takes it over.
+    `collector_address` is a gRPC target (services/common/channels.py): `dns:///collector:8080`
+    (every collector pod behind a headless Service, calls balanced round-robin) or a
+    comma-separated list of targets, each reconnect trying the next one, so a consumer follows
+    the group's slot when a standby collector takes it over.
     """
 
     def __init__(self, collector_address: str, group: str,
@@ -107,7 +111,7 @@ class DeltaConsumer:
                  idle_timeout_s: float = 60.0,
                  resume_lsn: Callable[[], int] | None = None,
                  channel_options: Sequence[tuple[str, object]] = ()) -> None:
-        self.addresses = [address.strip() for address in collector_address.split(",") if address.strip()]
+        self.addresses = split_targets(collector_address)
         if not self.addresses:
             raise ValueError("collector_address: empty")
         self.collector_address = collector_address
@@ -231,7 +235,7 @@ class DeltaConsumer:
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
                    ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
                    ("grpc.http2.max_pings_without_data", 0)] + self.channel_options
-        channel = grpc.insecure_channel(address, options=options)
+        channel = client_channel(address, options)
         last_message = [time.monotonic()]
         idle_stop = threading.Event()
         try:

@@ -33,22 +33,28 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 class GrpcService:
     def __init__(self, name: str, service_names: Iterable[str], *, port: int = 0,
                  metrics_port: int | None = 0, workers: int = 16, grace_s: float = 10.0,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", max_connection_age_s: float = 0.0) -> None:
         self.name = name
         self.service_names = list(service_names)
         self.grace_s = grace_s
         self._stopped = threading.Event()
         self._stopping_hooks: list[Callable[[], None]] = []
         self._shutdown_hooks: list[Callable[[], None]] = []
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.so_reuseport", 0)]
+        if max_connection_age_s > 0:
+            # GOAWAY after this age: clients reconnect and re-resolve their dns:/// target, so
+            # replicas added since (HPA) get their share. No grace limit: streams in flight (the
+            # delta stream, WatchItems) finish on the old connection.
+            options.append(("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-rpc"),
             interceptors=[ObservabilityInterceptor()],
             # Past this many calls in flight gRPC answers RESOURCE_EXHAUSTED itself: overload is
             # refused early instead of queueing without bound in front of the handler threads.
             maximum_concurrent_rpcs=workers * 4,
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.so_reuseport", 0)])
+            options=options)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -67,7 +73,8 @@ class GrpcService:
     def from_config(cls, name: str, service_names: Iterable[str], config) -> "GrpcService":
         """From a config carrying the CommonConfig fields (ports, workers, grace, host)."""
         return cls(name, service_names, port=config.grpc_port, metrics_port=config.metrics_port,
-                   workers=config.grpc_workers, grace_s=config.shutdown_grace_s, host=config.bind_host)
+                   workers=config.grpc_workers, grace_s=config.shutdown_grace_s, host=config.bind_host,
+                   max_connection_age_s=getattr(config, "max_connection_age_s", 0.0))
 
     def _set_health(self, status) -> None:
         self.health.set("", status)

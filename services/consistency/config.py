@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common.config import HOST_PORT, CommonConfig, env
+from services.common.config import GRPC_TARGET, CommonConfig, env
 
 
 @dataclasses.dataclass(frozen=True)
 class ConsistencyConfig(CommonConfig):
     instance_id: str = env("CONSISTENCY_INSTANCE_ID", "", pattern=r"[A-Za-z0-9._\-]{0,128}",
                            help="name of this instance (default: host name and pid)")
-    features_address: str = env("FEATURES_ADDRESS", "", pattern=f"({HOST_PORT})?",
-                                help="host:port of the features service (re-embedding and user rebuilds)")
-    collector_address: str = env("COLLECTOR_ADDRESS", "", pattern=f"({HOST_PORT})?",
-                                 help="host:port of the collector (dropping a named slot); "
+    features_address: str = env("FEATURES_ADDRESS", "", pattern=f"({GRPC_TARGET})?",
+                                help="gRPC target of the features service (re-embedding and user rebuilds)")
+    collector_address: str = env("COLLECTOR_ADDRESS", "", pattern=f"({GRPC_TARGET})?",
+                                 help="gRPC target of the collector (dropping a named slot); "
                                       "empty: dropped directly in Postgres")
     features_consumer: str = env("CONSISTENCY_FEATURES_CONSUMER", "features", pattern=r"[a-z][a-z0-9_]{0,40}",
                                  help="consumer group of the features service")

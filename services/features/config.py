@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common.config import HOST_PORT, CommonConfig, env
+from services.common.config import GRPC_TARGET, CommonConfig, env
 
 
 @dataclasses.dataclass(frozen=True)
 class FeaturesConfig(CommonConfig):
     # Required; the empty default only exists because dataclass fields with defaults (the
     # common ones) cannot be followed by one without. An empty value fails the pattern check.
-    collector_address: str = env("COLLECTOR_ADDRESS", "", pattern=HOST_PORT,
-                                 help="host:port of the collector whose delta stream we consume (required)")
+    collector_address: str = env("COLLECTOR_ADDRESS", "", pattern=GRPC_TARGET,
+                                 help="gRPC target of the collector whose delta stream we consume: host:port or "
+                                      "dns:///name:port (required)")
     consumer_group: str = env("FEATURES_CONSUMER_GROUP", "features", pattern=r"[a-z][a-z0-9_]{0,40}",
                               help="consumer group (replication slot) of the delta stream")
     delta_batch_size: int = env("FEATURES_DELTA_BATCH_SIZE", 500, minimum=1, maximum=100_000,

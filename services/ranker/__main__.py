@@ -71,7 +71,7 @@ def main(drop_feed_updates=None) -> int:
     ranker_pb2_grpc.add_RankerServiceServicer_to_server(
         RankerServicer(replica, IndexDigester(catalog), ReplicaRepair(catalog, feed, manager, watcher)),
         service.server)
-    replica.address = advertised_address(config.bind_host, service.port)
+    replica.address = advertised_address(config.bind_host, service.port, config.advertise_host)
     registration = Registration(etcd, replica_id, replica.status, ttl_s=config.lease_ttl_s,
                                 interval_s=config.register_interval_s)
     manager.on_change = registration.poke

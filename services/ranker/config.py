@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common.config import HOST_PORT, CommonConfig, ConfigError, env
+from services.common.config import GRPC_TARGET, CommonConfig, ConfigError, env
 from services.ranker.filters import EXCLUDE_POLICIES
 from services.ranker.index_structures import IndexOptions
 
@@ -18,9 +18,9 @@ class RankerConfig(CommonConfig):
     replica_id: str = env("RANKER_REPLICA_ID", "", pattern=r"[A-Za-z0-9._\-]{0,128}",
                           help="name of this replica under rankers/ in etcd (default: host-pid)")
     # Required; a default only because dataclass fields with defaults precede it (see check_settings()).
-    features_address: str = env("FEATURES_ADDRESS", "", pattern=f"({HOST_PORT})?",
-                                help="host:port of the features service (user histories, item feed, "
-                                     "EmbedText); required")
+    features_address: str = env("FEATURES_ADDRESS", "", pattern=f"({GRPC_TARGET})?",
+                                help="gRPC target (host:port, dns:///name:port) of the features service "
+                                     "(user histories, item feed, EmbedText); required")
     features_timeout_s: float = env("RANKER_FEATURES_TIMEOUT_S", 0.5, minimum=0.01, maximum=60.0,
                                     help="deadline of a GetUserFeatures call (capped by the request's)")
     query_encoder: str = env("RANKER_QUERY_ENCODER", "features", choices=("features", "local"),

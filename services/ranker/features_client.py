@@ -8,13 +8,14 @@ import numpy as np
 
 from deltarec.v1 import features_pb2, features_pb2_grpc
 
+from services.common.channels import client_channel
 from services.common.server import MAX_MESSAGE_BYTES
 from services.contracts.event_types import MODEL_INDEX_BY_PROTO, EventType
 from services.ranker.user_cache import FeaturesUnavailable, UserHistory
 
 
 def make_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=[
+    return client_channel(address, [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.keepalive_time_ms", 30_000),

@@ -191,6 +191,7 @@ class ModelManager:
         routing = self.state.routing
         metrics.MODEL_VERSION.labels("current").set(routing.current.version if routing.current else 0)
         metrics.MODEL_VERSION.labels("canary").set(routing.canary.version if routing.canary else 0)
+        metrics.CANARY_SHARE.set(routing.canary_share if routing.canary else 0.0)
 
     # ------------------------------------------------------------------ loading
     def _try_load(self, spec: ModelPointer, role: str) -> ModelBundle | None:

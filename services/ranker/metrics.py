@@ -4,6 +4,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 MODEL_VERSION = Gauge("deltarec_ranker_model_version", "model version served", ["variant"])
+CANARY_SHARE = Gauge("deltarec_ranker_canary_share", "share of users routed to the canary version (0 = none)")
 SWAPS = Counter("deltarec_ranker_swaps_total", "model swaps completed")
 SWAP_SECONDS = Histogram("deltarec_ranker_swap_seconds", "artifact read to swap, seconds",
                          buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))

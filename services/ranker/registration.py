@@ -21,11 +21,12 @@ log = logging.getLogger(__name__)
 _ANY_ADDRESS = ("0.0.0.0", "::", "[::]")
 
 
-def advertised_address(bind_host: str, port: int) -> str:
-    """The host:port other parts reach this replica at (registered, shown in Status): the host
-    name when the server listens on every interface."""
-    host = socket.gethostname() if bind_host in _ANY_ADDRESS else bind_host
-    return f"{host}:{port}"
+def advertised_address(bind_host: str, port: int, advertise_host: str = "") -> str:
+    """The host:port other parts reach this replica at (registered, shown in Status):
+    ADVERTISE_HOST when set (a pod's IP), else the host name when the server listens on every
+    interface. An IPv6 address gets its brackets."""
+    host = advertise_host or (socket.gethostname() if bind_host in _ANY_ADDRESS else bind_host)
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 class Registration:

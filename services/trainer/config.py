@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from services.common.config import CommonConfig, env
+from services.common.config import GRPC_TARGET, CommonConfig, env
 from services.model.network import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -22,8 +22,9 @@ GATE_METRICS = ("ndcg_at_10", "recall_at_10", "ndcg_at_5", "recall_at_5")
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig(CommonConfig):
     trainer_id: str = env("TRAINER_ID", "", help="id of this trainer (default: host-pid)")
-    collector_address: str = env("COLLECTOR_ADDRESS", "",
-                                 help="host:port of the collector's delta stream; empty = do not consume")
+    collector_address: str = env("COLLECTOR_ADDRESS", "", pattern=f"({GRPC_TARGET})?",
+                                 help="gRPC target (host:port, dns:///name:port) of the collector's delta "
+                                      "stream; empty = do not consume")
     artifact_uri: str = env("TRAINER_ARTIFACT_URI", DEFAULT_ARTIFACT_URI,
                             help="artifact store: file:///dir or postgres")
     seed: int = env("TRAINER_SEED", 0, minimum=0, help="default seed of trainings and updates")

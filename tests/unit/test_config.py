@@ -159,3 +159,19 @@ def test_a_service_with_a_bad_setting_exits_at_start_with_one_clear_line():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == "collector: configuration error: GRPC_PORT='not-a-port': expected int"
+
+
+def test_a_value_can_come_from_the_file_named_by_name_FILE(tmp_path):
+    """Kubernetes mounts the Secret as a file; DATABASE_URL_FILE points at it."""
+    secret = tmp_path / "DATABASE_URL"
+    secret.write_text("postgresql+psycopg2://u:p@db:5432/deltarec\n")
+    config = load(CommonConfig, {"DATABASE_URL_FILE": str(secret)})
+    assert config.database_url == "postgresql+psycopg2://u:p@db:5432/deltarec"
+
+
+def test_value_file_errors_name_the_variable(tmp_path):
+    with pytest.raises(ConfigError, match=r"DATABASE_URL_FILE=.*cannot read"):
+        load(CommonConfig, {"DATABASE_URL_FILE": str(tmp_path / "missing")})
+    both = {"DATABASE_URL": "x", "DATABASE_URL_FILE": str(tmp_path / "missing")}
+    with pytest.raises(ConfigError, match="both set"):
+        load(CommonConfig, both)
