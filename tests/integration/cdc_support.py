@@ -15,8 +15,10 @@ from services.common.delta_consumer import row_of
 
 
 def collector_env(service_env: dict, **extra: str) -> dict:
+    # The raw test streams read a whole snapshot (batches of 1) before they ack anything: they
+    # need more batches in flight than the default (4, sized for consumers that ack as they go).
     env = dict(service_env, COLLECTOR_HEARTBEAT_S="0.3", COLLECTOR_SLOT_LEASE_TTL_S="2",
-               COLLECTOR_SLOT_FENCE_S="3")
+               COLLECTOR_SLOT_FENCE_S="3", COLLECTOR_MAX_UNACKED_BATCHES="256")
     env.update(extra)
     return env
 
