@@ -118,6 +118,18 @@ class Etcd:
                                   success=[txn.delete(key)], failure=[])
         return bool(succeeded)
 
+    def transaction(self, compares: list[tuple[str, bytes | None]],
+                    operations: list[tuple[str, str, bytes | None]]) -> bool:
+        """All-or-nothing: applies `operations` (("put", name, value) or ("delete", name, None))
+        only if every key holds the expected value (None: the key must not exist)."""
+        txn = self._client.transactions
+        checks = [txn.create(self.full_key(name)) == 0 if expected is None
+                  else txn.value(self.full_key(name)) == expected for name, expected in compares]
+        writes = [txn.put(self.full_key(name), _encode(value)) if kind == "put"
+                  else txn.delete(self.full_key(name)) for kind, name, value in operations]
+        succeeded, _ = self._call(self._client.transaction, compare=checks, success=writes, failure=[])
+        return bool(succeeded)
+
     def current_revision(self) -> int:
         return self._call(lambda: self._client.get_response(self.full_key("__revision__")).header.revision)
 

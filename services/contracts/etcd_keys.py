@@ -34,6 +34,11 @@ CONSISTENCY_REPAIRER = "consistency/repairer"
 """Held under a lease by the one consistency instance allowed to repair and roll back (any
 instance may check); the value is the holder's id."""
 
+CANARY_DECIDER = "canary/decider"
+"""Held under a lease by the one canary decider allowed to promote or abort `model/canary`
+(services/feedback/decider.py); the value is the holder's id, and every decision's transaction
+compares it."""
+
 
 def ranker_key(replica_id: str) -> str:
     return RANKERS_PREFIX + replica_id
