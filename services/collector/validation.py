@@ -17,6 +17,8 @@ from deltarec.v1 import common_pb2
 from services.common.errors import InvalidArgument
 from services.contracts.event_row import EventRow
 from services.contracts.event_types import BY_PROTO
+from services.feedback.recommendation_id import EVENT_ATTRIBUTE, InvalidRecommendationId
+from services.feedback.recommendation_id import parse as parse_recommendation_id
 
 MAX_ID_BYTES = 128
 MAX_QUERY_BYTES = 1024
@@ -104,6 +106,14 @@ def validate_event(event: common_pb2.Event, now: datetime, max_clock_skew_s: flo
     else:
         occurred_at = now
     attributes = _attributes(event.attributes, MAX_ATTRIBUTES)
+    if EVENT_ATTRIBUTE in attributes:
+        raise Rejected(f"attributes[{EVENT_ATTRIBUTE}]: reserved; send it as recommendation_id")
+    if event.recommendation_id:
+        try:
+            parse_recommendation_id(event.recommendation_id)
+        except InvalidRecommendationId as error:
+            raise Rejected(str(error)) from None
+        attributes[EVENT_ATTRIBUTE] = event.recommendation_id
     return EventRow(event.event_id, type_name, event.user_id, event.item_id or None,
                     event.query or None, occurred_at, attributes)
 

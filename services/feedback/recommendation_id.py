@@ -17,6 +17,9 @@ from dataclasses import dataclass
 VARIANTS = ("current", "canary")
 KINDS = ("recommend", "search", "similar")
 LENGTH = 22
+EVENT_ATTRIBUTE = "deltarec.recommendation_id"
+"""Where the collector stores an event's recommendation_id: the events row's `attributes` (so it
+travels on the delta stream with the event); reserved, a client cannot set it as an attribute."""
 _LAYOUT = struct.Struct(">IBB10s")
 
 

@@ -18,6 +18,8 @@ import torch  # noqa: E402
 from deltarec.v1 import ranker_pb2, ranker_pb2_grpc  # noqa: E402
 
 from services.common.boot import Boot  # noqa: E402
+from services.feedback.attribution import Attribution  # noqa: E402
+from services.feedback.impressions import ImpressionBuffer, postgres_writer  # noqa: E402
 from services.ranker.admission import AdmissionControl  # noqa: E402
 from services.ranker.artifact_reader import ArtifactReader  # noqa: E402
 from services.ranker.catalog import Catalog  # noqa: E402
@@ -67,10 +69,17 @@ def main(drop_feed_updates=None) -> int:
     searcher = Searcher(catalog, state, path, encoder)
     replica = RankerReplica(replica_id, catalog, state, recommender, searcher)
 
+    attribution = None
+    if config.attribution:
+        impressions = ImpressionBuffer(postgres_writer(boot.database(pool_size=1)),
+                                       capacity=config.impression_queue).start()
+        attribution = Attribution(impressions)
     service = boot.grpc_service(ranker_pb2, "RankerService")
     ranker_pb2_grpc.add_RankerServiceServicer_to_server(
-        RankerServicer(replica, IndexDigester(catalog), ReplicaRepair(catalog, feed, manager, watcher)),
-        service.server)
+        RankerServicer(replica, IndexDigester(catalog), ReplicaRepair(catalog, feed, manager, watcher),
+                       attribution), service.server)
+    if attribution is not None:
+        service.on_shutdown(impressions.close)
     replica.address = advertised_address(config.bind_host, service.port, config.advertise_host)
     registration = Registration(etcd, replica_id, replica.status, ttl_s=config.lease_ttl_s,
                                 interval_s=config.register_interval_s)

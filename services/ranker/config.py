@@ -77,6 +77,10 @@ class RankerConfig(CommonConfig):
     artifact_retry_s: float = env("RANKER_ARTIFACT_RETRY_S", 10.0, minimum=0.1, maximum=3600.0,
                                   help="retry interval of an artifact that could not be read "
                                        "(missing, store down)")
+    attribution: bool = env("RANKER_ATTRIBUTION", True,
+                            help="stamp answers with a recommendation_id and record their impressions")
+    impression_queue: int = env("RANKER_IMPRESSION_QUEUE", 100_000, minimum=1, maximum=10_000_000,
+                                help="impressions buffered in memory before new ones are dropped (counted)")
 
     def index_options(self, text: bool = False) -> IndexOptions:
         """Options of the model-space item indexes, or (text=True) of the text index."""

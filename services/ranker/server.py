@@ -10,6 +10,7 @@ import time
 from deltarec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
 
 from services.common.errors import InvalidArgument, Unavailable, grpc_errors
+from services.feedback.attribution import Attribution
 from services.ranker import metrics
 from services.ranker.admission import Overloaded
 from services.ranker.answer import Answer
@@ -81,8 +82,12 @@ def refusals_reported(method):
 
 class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     def __init__(self, replica: RankerReplica, digester: IndexDigester | None = None,
-                 repair: ReplicaRepair | None = None) -> None:
+                 repair: ReplicaRepair | None = None, attribution: Attribution | None = None) -> None:
         self.replica, self.digester, self.repair = replica, digester, repair
+        self.attribution = attribution     # None: answers carry no recommendation_id
+
+    def _stamp(self, answer: Answer, kind: str, user_id: str) -> str:
+        return self.attribution.stamp(answer, kind, user_id) if self.attribution is not None else ""
 
     @grpc_errors
     @refusals_reported
@@ -93,7 +98,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             request.min_data_lsn, time_remaining(context), session=session_from(request))
         return ranker_pb2.RecommendResponse(
             items=_items(answer), freshness=_freshness(answer), cold_start=answer.cold_start,
-            variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version))
+            variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version),
+            recommendation_id=self._stamp(answer, "recommend", request.user_id))
 
     @grpc_errors
     @refusals_reported
@@ -103,14 +109,16 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             request.min_data_lsn, time_remaining(context))
         return ranker_pb2.SearchResponse(
             items=_items(answer), freshness=_freshness(answer),
-            variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version))
+            variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version),
+            recommendation_id=self._stamp(answer, "search", request.user_id))
 
     @grpc_errors
     @refusals_reported
     def SimilarItems(self, request, context):
         answer = self.replica.recommender.similar(
             request.item_id, request.k, filters_from(request, NO_FILTERS), time_remaining(context))
-        return ranker_pb2.SimilarItemsResponse(items=_items(answer), freshness=_freshness(answer))
+        return ranker_pb2.SimilarItemsResponse(items=_items(answer), freshness=_freshness(answer),
+                                               recommendation_id=self._stamp(answer, "similar", ""))
 
     @grpc_errors
     def Status(self, request, context):

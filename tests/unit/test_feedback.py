@@ -127,3 +127,39 @@ def test_impression_buffer_is_bounded_retries_and_counts_losses():
     fail[0] = False
     assert buffer.flush_once() == 2 and buffer.flush_once() == 1
     assert [i.recommendation_id for i in written] == ["r0", "r1", "r2"]
+
+
+def test_collector_validates_and_keeps_an_events_recommendation_id():
+    from datetime import datetime, timezone
+
+    from deltarec.v1 import common_pb2
+
+    from services.collector.validation import Rejected, validate_event
+    now = datetime.now(timezone.utc)
+    good = rid.new_id(3, "canary", "recommend").encode()
+    event = common_pb2.Event(event_id="e1", type=common_pb2.EVENT_TYPE_CLICK, user_id="u", item_id="i",
+                             recommendation_id=good)
+    assert validate_event(event, now, 60).attributes[rid.EVENT_ATTRIBUTE] == good
+    event.recommendation_id = "not-an-id"
+    with pytest.raises(Rejected, match="^recommendation_id:"):
+        validate_event(event, now, 60)
+    event.recommendation_id = ""
+    event.attributes[rid.EVENT_ATTRIBUTE] = good
+    with pytest.raises(Rejected, match="reserved"):
+        validate_event(event, now, 60)
+
+
+def test_attribution_stamps_answers_and_queues_their_impressions():
+    from services.feedback.attribution import Attribution
+    from services.ranker.answer import Answer, Scored
+    buffer = ImpressionBuffer(lambda batch: None)
+    answer = Answer([Scored("x", 0.9), Scored("y", 0.5)], model_version=9, data_lsn=1, variant="canary")
+    text = Attribution(buffer).stamp(answer, "recommend", "u7")
+    parsed = rid.parse(text)
+    assert (parsed.model_version, parsed.variant, parsed.kind) == (9, "canary", "recommend")
+    queued = buffer._queue[0]
+    assert (queued.recommendation_id, queued.user_id, queued.item_ids) == (text, "u7", ("x", "y"))
+    metrics = OnlineMetrics()
+    metrics.add_impression(queued)
+    assert metrics.add_event(text, "click", "y", queued.shown_at + 1)
+    assert metrics.window(queued.shown_at)[(9, "canary")].clicked == 1
