@@ -271,7 +271,6 @@ def train_full(
     device: torch.device | str = "cpu",
     patience: int | None = None,
     stop_after_epoch: int | None = None,
-    after_epoch: Callable[[int, DeltaRecModel], None] | None = None,
 ) -> tuple[DeltaRecModel, TrainingStats]:
     """Train from scratch on every next-item prefix of ``histories``.
 
@@ -282,8 +281,7 @@ def train_full(
     ``patience`` training stops after that many evaluations without a new best.
     ``stop_after_epoch`` ends the run there while keeping the learning-rate
     schedule of ``epochs``: a refit on more data then retraces exactly the
-    trajectory of the checkpoint validation picked. ``after_epoch(epoch, model)``
-    is called after each epoch (e.g. to keep checkpoints).
+    trajectory of the checkpoint validation picked.
     Training runs on ``device``; the model is returned on the CPU (artifacts,
     serving and the gate work there).
 
@@ -312,8 +310,6 @@ def train_full(
     def validate(epoch: int) -> bool:
         """Evaluate when due; False = stop (patience exhausted or the requested last epoch)."""
         nonlocal best_state
-        if after_epoch is not None:
-            after_epoch(epoch, model)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             return False
         if not validation or (epoch % eval_every and epoch != epochs):

@@ -108,7 +108,7 @@ def test_validation_and_test_inputs_are_built_alike() -> None:
     own (synthetic) time, so the recency buckets follow the same pattern (one step for the most
     recent event), the last position predicts "now", nothing is masked, and a training window
     ending at the same target sees exactly what evaluation sees."""
-    from services.trainer.data import BEAUTY_SYNTHETIC_STEP_SECONDS as step
+    from scripts.datasets import BEAUTY_SYNTHETIC_STEP_SECONDS as step
 
     history = _history(list(range(1, 13)), step=step)
     split = leave_one_out_split({1: history})
