@@ -220,6 +220,9 @@ def main() -> int:
         summary.update(_rounded(cold, "cold_start_"))
         summary.update(_rounded(cold_popularity, "cold_start_popularity_"))
         summary.update({"cold_start_items": int(len(cold_items)), "cold_start_cases": len(cold_cases)})
+        for metric in ("recall_at_10", "ndcg_at_10"):
+            summary[f"cold_start_ratio_{metric}_vs_popularity"] = (
+                _ratio(cold[metric], cold_popularity[metric]) if cold_popularity[metric] else None)
 
     print()
     _print_table([
@@ -230,6 +233,11 @@ def main() -> int:
     ])
     print(f"DeltaRec full training: {refit_stats.train_seconds:.0f}s ({refit_stats.epochs_run} epochs, "
           f"{torch.get_num_threads()} threads, {device}); selection run {stats.train_seconds:.0f}s")
+    if "cold_start_cases" in summary:
+        print(f"cold start, {summary['cold_start_cases']} test targets among {summary['cold_start_items']} items "
+              f"held out of training: DeltaRec R@10 {summary['cold_start_recall_at_10']:.4f} "
+              f"N@10 {summary['cold_start_ndcg_at_10']:.4f}; popularity R@10 "
+              f"{summary['cold_start_popularity_recall_at_10']:.4f} N@10 {summary['cold_start_popularity_ndcg_at_10']:.4f}")
     for metric in METRICS:
         name, best = _published_best(metric)
         summary[f"published_best_{metric}"] = best
