@@ -11,6 +11,7 @@ from pathlib import Path
 
 from services.common.config import GRPC_TARGET, CommonConfig, env
 from services.model.network import ModelConfig
+from services.trainer.training import DEVICE_SETTINGS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ARTIFACT_URI = (REPO_ROOT / ".run" / "artifacts").as_uri()
@@ -29,6 +30,9 @@ class TrainerConfig(CommonConfig):
                             help="artifact store: file:///dir or postgres")
     seed: int = env("TRAINER_SEED", 0, minimum=0, help="default seed of trainings and updates")
     torch_threads: int = env("TRAINER_TORCH_THREADS", 2, minimum=1, maximum=64)
+    device: str = env("TRAINER_DEVICE", "auto", choices=DEVICE_SETTINGS,
+                      help="where training and its validation run: auto = CUDA when present, else CPU; "
+                           "cuda without a CUDA device is refused at start")
     leader_ttl_s: int = env("TRAINER_LEADER_TTL_S", 10, minimum=1, maximum=300,
                             help="TTL of the etcd lease trainer/leader; a standby takes over after it")
 

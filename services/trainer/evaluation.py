@@ -55,12 +55,54 @@ def metrics_from_ranks(ranks: np.ndarray, cutoffs: Sequence[int] = DEFAULT_CUTOF
 def _mask_seen_items(scores: torch.Tensor, histories: Sequence[UserHistory], targets: torch.Tensor) -> None:
     """Push previously seen items (never the target itself) to the bottom, in place."""
     for row, history in enumerate(histories):
-        seen = torch.as_tensor(history.items, dtype=torch.long)
+        seen = torch.as_tensor(history.items, dtype=torch.long, device=scores.device)
         seen = seen[seen != targets[row]]
         scores[row, seen] = -math.inf
 
 
 @torch.no_grad()
+def rank_targets(
+    model: DeltaRecModel,
+    cases: Sequence[EvalCase],
+    item_text: np.ndarray | torch.Tensor,
+    batch_size: int = 1024,
+    mask_history: bool = False,
+) -> np.ndarray:
+    """0-based rank of each case's target among all items by the model's scores.
+
+    Inputs are built exactly as serving builds them (:func:`collate_histories`:
+    the last ``max_len`` events of the case's history, aged against the
+    target's time). Runs on the device the model is on.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    text_table = torch.as_tensor(item_text, dtype=torch.float32).to(device)
+    item_vectors = model.all_item_vectors(text_table)
+    ranks: list[np.ndarray] = []
+    for start in range(0, len(cases), batch_size):
+        chunk = cases[start : start + batch_size]
+        batch = collate_histories(
+            [case.history for case in chunk], [case.target_time for case in chunk], model.config.max_len
+        )
+        items = torch.from_numpy(batch.items).to(device)
+        user_vectors = model.user_vector(
+            items,
+            torch.from_numpy(batch.events).to(device),
+            torch.from_numpy(batch.ages).to(device),
+            history_item_vectors=item_vectors[items],
+            query_ages=torch.from_numpy(batch.query_ages).to(device),
+        )
+        scores = model.score(user_vectors, item_vectors)
+        scores[:, 0] = -math.inf  # padding row is not an item
+        targets = torch.tensor([case.target_item for case in chunk], dtype=torch.long, device=device)
+        if mask_history:
+            _mask_seen_items(scores, [case.history for case in chunk], targets)
+        ranks.append(target_ranks(scores, targets).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+
+
 def evaluate_model(
     model: DeltaRecModel,
     cases: Sequence[EvalCase],
@@ -70,32 +112,26 @@ def evaluate_model(
     cutoffs: Sequence[int] = DEFAULT_CUTOFFS,
 ) -> dict[str, float]:
     """Rank each case's target against all items with the model's dot-product scores."""
-    was_training = model.training
-    model.eval()
-    text_table = torch.as_tensor(item_text, dtype=torch.float32)
-    item_vectors = model.all_item_vectors(text_table)
-    ranks: list[np.ndarray] = []
-    for start in range(0, len(cases), batch_size):
-        chunk = cases[start : start + batch_size]
-        batch = collate_histories(
-            [case.history for case in chunk], [case.target_time for case in chunk], model.config.max_len
-        )
-        items = torch.from_numpy(batch.items)
-        user_vectors = model.user_vector(
-            items,
-            torch.from_numpy(batch.events),
-            torch.from_numpy(batch.ages),
-            history_item_vectors=item_vectors[items],
-            query_ages=torch.from_numpy(batch.query_ages),
-        )
-        scores = model.score(user_vectors, item_vectors)
-        scores[:, 0] = -math.inf  # padding row is not an item
-        targets = torch.tensor([case.target_item for case in chunk], dtype=torch.long)
-        if mask_history:
-            _mask_seen_items(scores, [case.history for case in chunk], targets)
-        ranks.append(target_ranks(scores, targets).numpy())
-    model.train(was_training)
-    return metrics_from_ranks(np.concatenate(ranks) if ranks else np.zeros(0), cutoffs)
+    return metrics_from_ranks(rank_targets(model, cases, item_text, batch_size, mask_history), cutoffs)
+
+
+def cold_start_items(num_items: int, share: float, seed: int = 0) -> np.ndarray:
+    """A seeded random ``share`` of item indexes 1..num_items, sorted: items to keep out of
+    training entirely so that they reach the model only through their text, as items created
+    after it was trained do."""
+    count = int(round(share * num_items))
+    chosen = np.random.default_rng(seed).choice(np.arange(1, num_items + 1), size=count, replace=False)
+    return np.sort(chosen).astype(np.int64)
+
+
+def without_items(histories: dict[int, UserHistory], items: np.ndarray) -> dict[int, UserHistory]:
+    """``histories`` with every interaction with ``items`` removed (users left empty dropped)."""
+    remaining: dict[int, UserHistory] = {}
+    for user, history in histories.items():
+        keep = ~np.isin(history.items, items)
+        if keep.any():
+            remaining[user] = UserHistory(history.items[keep], history.events[keep], history.timestamps[keep])
+    return remaining
 
 
 def popularity_counts(histories: Iterable[UserHistory], table_size: int) -> np.ndarray:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -32,12 +31,11 @@ import numpy as np
 import torch
 
 from services.contracts.event_types import EventType
-from services.trainer.batching import collate_histories
 from services.trainer.id_map import IdMap
 from services.trainer.interaction_data import InteractionData, UserHistory
 from services.trainer.leave_one_out import EvalCase
 from services.trainer.windows import TrainingExample
-from services.trainer.evaluation import evaluate_model, metrics_from_ranks, target_ranks
+from services.trainer.evaluation import evaluate_model, metrics_from_ranks, rank_targets
 from services.trainer.interaction_log import Interaction
 from services.model.network import DeltaRecModel, ModelConfig
 from services.trainer.strategies import NewInteraction
@@ -165,18 +163,20 @@ def examples_of(selected: Iterable[NewInteraction]) -> list[TrainingExample]:
 
 
 def run_full(prepared: Prepared, config: ModelConfig, seed: int, epochs: int | None = None,
-             progress: bool = False, on_epoch: EpochProgress | None = None) -> tuple[DeltaRecModel, TrainingStats]:
+             progress: bool = False, on_epoch: EpochProgress | None = None,
+             device: torch.device | str = "cpu") -> tuple[DeltaRecModel, TrainingStats]:
     return train_full(prepared.data, config, seed=seed, epochs=epochs, progress=progress,
-                      histories=prepared.train_histories, on_epoch=on_epoch)
+                      histories=prepared.train_histories, on_epoch=on_epoch, device=device)
 
 
 def run_incremental(model: DeltaRecModel, prepared: Prepared, examples: Sequence[TrainingExample],
                     replay_ratio: float, seed: int, epochs: int | None = None,
-                    progress: bool = False, on_epoch: EpochProgress | None = None) -> TrainingStats:
+                    progress: bool = False, on_epoch: EpochProgress | None = None,
+                    device: torch.device | str = "cpu") -> TrainingStats:
     """Warm-start fine-tune of `model` in place (its id table must be a prefix of the prepared
     one: see `remap_items`); grows the id table to the prepared item count."""
     return update_incremental(model, prepared.training_view(), examples, replay_ratio=replay_ratio,
-                              seed=seed, epochs=epochs, progress=progress, on_epoch=on_epoch)
+                              seed=seed, epochs=epochs, progress=progress, on_epoch=on_epoch, device=device)
 
 
 def evaluate(model: DeltaRecModel, prepared: Prepared) -> dict:
@@ -187,27 +187,10 @@ def evaluate(model: DeltaRecModel, prepared: Prepared) -> dict:
     return {**{name: float(figures[name]) for name in METRIC_NAMES}, "users": len(prepared.holdout)}
 
 
-@torch.no_grad()
-def holdout_ranks(model: DeltaRecModel, prepared: Prepared, batch_size: int = 1024) -> np.ndarray:
+def holdout_ranks(model: DeltaRecModel, prepared: Prepared) -> np.ndarray:
     """0-based rank of each held-out target among all items (the protocol of
     `evaluation.evaluate_model`, unmasked), per case: what a paired comparison needs."""
-    was_training = model.training
-    model.eval()
-    item_vectors = model.all_item_vectors(torch.as_tensor(prepared.data.item_text, dtype=torch.float32))
-    cases = prepared.holdout
-    ranks: list[np.ndarray] = []
-    for start in range(0, len(cases), batch_size):
-        chunk = cases[start:start + batch_size]
-        batch = collate_histories([c.history for c in chunk], [c.target_time for c in chunk], model.config.max_len)
-        items = torch.from_numpy(batch.items)
-        users = model.user_vector(items, torch.from_numpy(batch.events), torch.from_numpy(batch.ages),
-                                  history_item_vectors=item_vectors[items],
-                                  query_ages=torch.from_numpy(batch.query_ages))
-        scores = model.score(users, item_vectors)
-        scores[:, 0] = -math.inf
-        ranks.append(target_ranks(scores, torch.tensor([c.target_item for c in chunk], dtype=torch.long)).numpy())
-    model.train(was_training)
-    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+    return rank_targets(model, prepared.holdout, prepared.data.item_text)
 
 
 def metrics_of_ranks(ranks: np.ndarray) -> dict:
@@ -230,11 +213,11 @@ def per_case_gains(ranks: np.ndarray, metric: str) -> np.ndarray:
 
 def remap_items(model: DeltaRecModel, model_item_ids: Sequence[str], target: IdMap) -> DeltaRecModel:
     """A copy of `model` whose id table follows `target`'s indexes: rows of known items move to
-    their new index, unknown items get the zero row (text-only vector). The copy scores every item
+    their new index, unknown items get row 0 (text-only vector). The copy scores every item
     exactly like `model` does, so two versions with different id tables can be compared on one
     evaluation set. When `model_item_ids` is a prefix of `target`, the copy is `model` grown."""
     weights = model.item_id_embedding.weight.detach()
-    rows = torch.zeros(target.table_size, weights.shape[1], dtype=weights.dtype)
+    rows = weights[0].expand(target.table_size, -1).clone()   # row 0: "no learned id"
     for old_index, item_id in enumerate(model_item_ids, start=1):
         new_index = target.get(item_id)
         if new_index:

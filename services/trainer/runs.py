@@ -44,6 +44,7 @@ from services.trainer.config import TrainerConfig
 from services.trainer.interaction_log import InteractionLog
 from services.trainer.publisher import Current, Publisher
 from services.trainer.strategies import Strategy
+from services.trainer.training import resolve_device
 from services.trainer.versions import (CANDIDATE, PUBLISHED, REJECTED, Fenced, Run, VersionRow, VersionStore)
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class TrainerCore:
         self._artifacts: dict[str, ModelArtifact] = {}
         self.on_version: Callable[[VersionRow, bool], None] | None = None
         self.show_progress = False              # per-epoch progress bars on stderr (the CLI)
+        self.device = resolve_device(config.device)
 
     # ------------------------------------------------------------------------------ public
     def default_strategy(self) -> Strategy:
@@ -327,7 +329,8 @@ class TrainerCore:
         if run.kind == "full":
             model, stats = run_steps.run_full(prepared, self.config.model_config(), seed=seed,
                                              epochs=int(request.get("epochs") or self.config.epochs),
-                                             progress=self.show_progress, on_epoch=self._epoch_progress)
+                                             progress=self.show_progress, on_epoch=self._epoch_progress,
+                                             device=self.device)
         else:
             parent = inputs.parent
             model = run_steps.remap_items(parent.build_model(), parent.item_ids, prepared.data.item_ids)
@@ -338,7 +341,8 @@ class TrainerCore:
             strategy = Strategy.from_dict(request["strategy"])
             stats = run_steps.run_incremental(model, prepared, inputs.examples, strategy.replay_ratio, seed=seed,
                                              epochs=int(request.get("epochs") or self.config.incremental_epochs),
-                                             progress=self.show_progress, on_epoch=self._epoch_progress)
+                                             progress=self.show_progress, on_epoch=self._epoch_progress,
+                                             device=self.device)
             extra = {**inputs.selection.summary(), "examples": len(inputs.examples),
                      "replay_examples": stats.replay_examples,
                      "new_items": len(prepared.data.item_ids) - len(parent.item_ids)}

@@ -14,6 +14,7 @@ these functions to its storage.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -54,6 +55,26 @@ class TrainingStats:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+DEVICE_SETTINGS = ("auto", "cpu", "cuda")
+
+
+def resolve_device(setting: str, cuda_available: bool | None = None) -> torch.device:
+    """The torch device for a TRAINER_DEVICE value: ``auto`` = CUDA when present, else CPU.
+
+    ``cuda`` on a machine without a usable CUDA device is an error (a setting
+    that cannot be honoured must not silently fall back to a 50x slower path).
+    """
+    if setting not in DEVICE_SETTINGS:
+        raise ValueError(f"device must be one of {', '.join(DEVICE_SETTINGS)}, got {setting!r}")
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if setting == "cpu" or (setting == "auto" and not cuda_available):
+        return torch.device("cpu")
+    if not cuda_available:
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return torch.device("cuda")
 
 
 def seed_everything(seed: int) -> None:
@@ -103,27 +124,33 @@ def next_item_loss(
     item_text: torch.Tensor,
     sampler: CandidateSampler,
 ) -> torch.Tensor:
-    """Mean sampled-softmax cross-entropy over all target positions of a batch."""
+    """Mean sampled-softmax cross-entropy over all target positions of a batch.
+
+    Runs on the device of ``item_text`` (the model must be there too).
+    """
+    device = item_text.device
     batch = collate_windows(windows, histories)
-    items = torch.from_numpy(batch.items)
+    items = torch.from_numpy(batch.items).to(device)
     input_vectors = model.item_vectors(items, item_text[items])
     outputs = model.encode_sequence(
         input_vectors,
-        torch.from_numpy(batch.events),
-        torch.from_numpy(batch.ages),
-        torch.from_numpy(batch.query_ages),
+        torch.from_numpy(batch.events).to(device),
+        torch.from_numpy(batch.ages).to(device),
+        torch.from_numpy(batch.query_ages).to(device),
         items == 0,
     )
-    targets = torch.from_numpy(batch.targets)
+    targets = torch.from_numpy(batch.targets).to(device)
     is_target = targets > 0
     queries = outputs[is_target]
     flat_targets = targets[is_target]
-    candidates, log_included = sampler.candidates(flat_targets)
+    candidates, log_included = sampler.candidates(flat_targets.cpu())
+    candidates, log_included = candidates.to(device), log_included.to(device)
     candidate_vectors = model.item_vectors(candidates, item_text[candidates])
-    logits = queries @ candidate_vectors.T - log_included
+    logits = queries @ candidate_vectors.T / model.config.temperature - log_included
     labels = torch.searchsorted(candidates, flat_targets)
     if model.config.history_negatives:
-        logits = torch.cat([logits, _own_history_logits(outputs, input_vectors, items, targets)[is_target]], 1)
+        history_logits = _own_history_logits(outputs, input_vectors, items, targets)[is_target]
+        logits = torch.cat([logits, history_logits / model.config.temperature], 1)
     return F.cross_entropy(logits, labels)
 
 
@@ -138,7 +165,7 @@ def _own_history_logits(
     """
     scores = torch.einsum("bjd,bsd->bjs", outputs, input_vectors)
     length = items.shape[1]
-    not_yet_seen = torch.ones(length, length, dtype=torch.bool).triu(1).unsqueeze(0)
+    not_yet_seen = torch.ones(length, length, dtype=torch.bool, device=items.device).triu(1).unsqueeze(0)
     excluded = not_yet_seen | (items == 0).unsqueeze(1) | (items.unsqueeze(1) == targets.unsqueeze(2))
     return scores.masked_fill(excluded, float("-inf"))
 
@@ -156,7 +183,7 @@ def _run_epochs(
     stats: TrainingStats,
     progress: bool,
     lr_schedule: str = "constant",
-    after_epoch: Callable[[int], None] | None = None,
+    after_epoch: Callable[[int], bool | None] | None = None,
     on_epoch: EpochProgress | None = None,
 ) -> None:
     model.train()
@@ -180,8 +207,10 @@ def _run_epochs(
         if on_epoch is not None:
             on_epoch(epoch, epochs)
         if after_epoch is not None:
-            after_epoch(epoch)
+            keep_going = after_epoch(epoch)
             model.train()
+            if keep_going is False:
+                break
 
 
 def _learning_rate_scheduler(
@@ -208,6 +237,27 @@ def _target_counts(histories: dict[int, UserHistory], table_size: int) -> np.nda
     return counts
 
 
+def _occurrence_counts(histories: dict[int, UserHistory], table_size: int) -> np.ndarray:
+    """Interactions per item index, inputs and targets alike (index 0 counts as seen)."""
+    counts = np.zeros(table_size, np.int64)
+    for history in histories.values():
+        np.add.at(counts, history.items, 1)
+    counts[0] = 1
+    return counts
+
+
+@contextlib.contextmanager
+def _unseen_ids_reset(model: DeltaRecModel, never_seen: torch.Tensor):
+    """Evaluate as the finished model will score: unseen items through their text only."""
+    saved = model.item_id_embedding.weight.detach().clone()
+    model.reset_item_ids(never_seen.to(saved.device))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            model.item_id_embedding.weight.copy_(saved)
+
+
 def train_full(
     data: InteractionData,
     config: ModelConfig,
@@ -218,20 +268,34 @@ def train_full(
     validation: Sequence[EvalCase] | None = None,
     eval_every: int = 4,
     on_epoch: EpochProgress | None = None,
+    device: torch.device | str = "cpu",
+    patience: int | None = None,
+    stop_after_epoch: int | None = None,
 ) -> tuple[DeltaRecModel, TrainingStats]:
     """Train from scratch on every next-item prefix of ``histories``.
 
     ``histories`` defaults to ``data.histories``; pass the training part of a
     split to hold targets out. If ``validation`` cases are given the model is
     evaluated every ``eval_every`` epochs and the best state by validation
-    NDCG@10 is returned (early stopping on validation, never on test).
+    NDCG@10 is returned (early stopping on validation, never on test); with
+    ``patience`` training stops after that many evaluations without a new best.
+    ``stop_after_epoch`` ends the run there while keeping the learning-rate
+    schedule of ``epochs``: a refit on more data then retraces exactly the
+    trajectory of the checkpoint validation picked.
+    Training runs on ``device``; the model is returned on the CPU (artifacts,
+    serving and the gate work there).
+
+    Items that never occur in ``histories`` end with id row 0 ("no learned
+    id"): they only ever met the loss as negatives, so their own row would just
+    push them down; row 0 scores them by text, the path id dropout trained.
     """
     seed_everything(seed)
+    device = torch.device(device)
     epochs = config.epochs if epochs is None else epochs
     histories = data.histories if histories is None else histories
     data.ensure_item_text_rows()
-    item_text = torch.as_tensor(data.item_text, dtype=torch.float32)
-    model = DeltaRecModel(config, num_items=data.num_items)
+    item_text = torch.as_tensor(data.item_text, dtype=torch.float32).to(device)
+    model = DeltaRecModel(config, num_items=data.num_items).to(device)
     examples = all_next_item_examples(histories)
     windows = group_into_windows(examples, config.max_len)
     sampler = CandidateSampler(_target_counts(histories, data.item_ids.table_size), config.num_negatives)
@@ -241,12 +305,18 @@ def train_full(
     stats = TrainingStats(examples=len(examples), windows=len(windows))
     best_state: dict | None = None
 
-    def validate(epoch: int) -> None:
+    never_seen = torch.from_numpy(_occurrence_counts(histories, data.item_ids.table_size) == 0)
+
+    def validate(epoch: int) -> bool:
+        """Evaluate when due; False = stop (patience exhausted or the requested last epoch)."""
         nonlocal best_state
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            return False
         if not validation or (epoch % eval_every and epoch != epochs):
-            return
+            return True
         evaluation_started = time.perf_counter()
-        figures = evaluate_model(model, validation, item_text)
+        with _unseen_ids_reset(model, never_seen):
+            figures = evaluate_model(model, validation, item_text)
         stats.validation_seconds += time.perf_counter() - evaluation_started
         stats.validation_history.append({"epoch": epoch, **figures})
         if progress:
@@ -255,6 +325,8 @@ def train_full(
         if best is None or figures[SELECTION_METRIC] > best[SELECTION_METRIC]:
             stats.best_validation, stats.best_epoch = figures, epoch
             best_state = copy.deepcopy(model.state_dict())
+        since_best = sum(1 for entry in stats.validation_history if entry["epoch"] > stats.best_epoch)
+        return patience is None or since_best < patience
 
     started = time.perf_counter()
     _run_epochs(
@@ -263,9 +335,10 @@ def train_full(
     )
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.reset_item_ids(never_seen.to(device))
     stats.train_seconds = time.perf_counter() - started
     model.eval()
-    return model, stats
+    return model.cpu(), stats
 
 
 def update_incremental(
@@ -278,16 +351,18 @@ def update_incremental(
     learning_rate: float | None = None,
     progress: bool = False,
     on_epoch: EpochProgress | None = None,
+    device: torch.device | str = "cpu",
 ) -> TrainingStats:
     """Warm-start fine-tune ``model`` in place on new data plus a replay sample.
 
     * The item-id table is grown first to ``all_data``'s item count; new rows
-      start at zero, i.e. at the text-only vector of the new item. (The model
+      start as copies of row 0, i.e. at the text-only vector of the new item. (The model
       has no per-user parameters: new users only need their history.)
     * ``selected_new_examples`` are next-item targets in ``all_data.histories``
       chosen by the caller (e.g. events since the last run, filtered).
     * ``replay_ratio`` old examples per new one are sampled uniformly from all
       other prefixes, which limits forgetting of what the model already knew.
+    * Trains on ``device`` and leaves the model on the CPU.
     """
     config = model.config
     seed_everything(seed)
@@ -295,7 +370,8 @@ def update_incremental(
     all_data.ensure_item_text_rows()
     new_items = all_data.num_items - model.num_items
     model.grow_items(new_items)
-    item_text = torch.as_tensor(all_data.item_text, dtype=torch.float32)
+    device = torch.device(device)
+    item_text = torch.as_tensor(all_data.item_text, dtype=torch.float32).to(device)
 
     selected = {(e.user, e.target_position) for e in selected_new_examples}
     old_examples = [
@@ -310,6 +386,7 @@ def update_incremental(
     )
     if not windows:
         return stats
+    model.to(device)
     sampler = CandidateSampler(
         _target_counts(all_data.histories, all_data.item_ids.table_size), config.num_negatives
     )
@@ -326,6 +403,7 @@ def update_incremental(
     )
     stats.train_seconds = time.perf_counter() - started
     model.eval()
+    model.cpu()
     return stats
 
 

@@ -16,9 +16,15 @@ from services.trainer.batching import collate_histories, collate_windows
 from services.trainer.interaction_data import InteractionData
 from services.trainer.leave_one_out import leave_one_out_split
 from services.trainer.windows import TrainingExample, group_into_windows
-from services.trainer.evaluation import evaluate_model, evaluate_popularity, popularity_counts
+from services.trainer.evaluation import (
+    cold_start_items,
+    evaluate_model,
+    evaluate_popularity,
+    popularity_counts,
+    without_items,
+)
 from services.model.network import DeltaRecModel, ModelConfig
-from services.trainer.training import CandidateSampler, train_full, update_incremental
+from services.trainer.training import CandidateSampler, resolve_device, train_full, update_incremental
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BEAUTY_DIR = Path(os.environ.get("DELTAREC_BEAUTY_DIR", REPO_ROOT.parent / "shared" / "data" / "amazon-beauty"))
@@ -61,6 +67,31 @@ def test_grow_items_keeps_old_rows_and_new_items_use_text_path() -> None:
     text_only = model.item_vectors(torch.zeros(3, dtype=torch.long), text[6:])
     assert torch.allclose(model.item_vectors(new_items, text[6:]), text_only)
     assert text_only.abs().sum() > 0  # the text path gives new items a real vector
+
+
+def test_items_never_seen_in_training_are_scored_by_text() -> None:
+    """An item of the catalogue without a single training interaction ends with row 0 (its
+    own row only ever learned "be a negative"), and row 0 itself is learned, not left at zero."""
+    data = _synthetic_data()
+    unseen = data.item_ids.add("never-bought")
+    data.ensure_item_text_rows()
+    data.item_text[unseen] = data.item_text[1]
+    model, _ = train_full(data, TINY, seed=0, epochs=2, progress=False)
+    rows = model.item_id_embedding.weight
+    assert torch.equal(rows[unseen], rows[0])
+    assert rows[0].abs().sum() > 0
+    assert not torch.equal(rows[1], rows[0])
+
+
+def test_device_setting_resolution() -> None:
+    assert resolve_device("auto", cuda_available=False) == torch.device("cpu")
+    assert resolve_device("auto", cuda_available=True) == torch.device("cuda")
+    assert resolve_device("cpu", cuda_available=True) == torch.device("cpu")
+    assert resolve_device("cuda", cuda_available=True) == torch.device("cuda")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda", cuda_available=False)
+    with pytest.raises(ValueError, match="auto, cpu, cuda"):
+        resolve_device("gpu", cuda_available=True)
 
 
 def test_items_unknown_to_the_model_fall_back_to_text() -> None:
@@ -182,14 +213,19 @@ def _beauty_slice_text(data: InteractionData, titles: list[str]) -> np.ndarray:
     return np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors])
 
 
-def test_beats_popularity_on_a_beauty_slice() -> None:
+def _beauty_slice(max_users: int = 2000):
     if not (BEAUTY_DIR / "sequences.txt").is_file():
         pytest.skip(f"Beauty data not available at {BEAUTY_DIR}")
-    data, titles = load_beauty_interactions(BEAUTY_DIR, max_users=2000)
+    data, titles = load_beauty_interactions(BEAUTY_DIR, max_users=max_users)
     data.item_text = _beauty_slice_text(data, titles)
-    split = leave_one_out_split(data.histories)
-    config = ModelConfig()
-    model, _ = train_full(data, config, seed=0, epochs=10, progress=False, histories=split.train)
+    return data, leave_one_out_split(data.histories)
+
+
+# a real training on 2000 users: minutes on a loaded 2-core machine
+@pytest.mark.timeout(900)
+def test_beats_popularity_on_a_beauty_slice() -> None:
+    data, split = _beauty_slice()
+    model, _ = train_full(data, ModelConfig(), seed=0, epochs=10, progress=False, histories=split.train)
     model_figures = evaluate_model(model, split.validation, data.item_text)
     counts = popularity_counts((case.history for case in split.validation), data.item_ids.table_size)
     popularity_figures = evaluate_popularity(split.validation, counts)
@@ -197,3 +233,24 @@ def test_beats_popularity_on_a_beauty_slice() -> None:
         model_figures,
         popularity_figures,
     )
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "missed target (README, Accuracy): items held out of training reach the model only through "
+    "their text, which does not yet beat popularity on them (2000 users: Recall@10 0.0 vs 0.05; "
+    "all users: 0.0085 vs 0.0264); strict, so this test fails once the text path wins"))
+@pytest.mark.timeout(900)
+def test_items_held_out_of_training_are_retrievable_by_text() -> None:
+    """Cold start: 5% of the items never occur in training; on the validation and test targets
+    that are such items the model (text path only) should beat popularity, which does count their
+    interactions visible at prediction time."""
+    data, split = _beauty_slice()
+    cold = cold_start_items(data.num_items, 0.05, seed=0)
+    model, _ = train_full(data, ModelConfig(), seed=0, epochs=10, progress=False,
+                          histories=without_items(split.train, cold))
+    cases = [case for case in split.validation + split.test if np.isin(case.target_item, cold)]
+    assert len(cases) >= 100
+    model_figures = evaluate_model(model, cases, data.item_text)
+    counts = popularity_counts((case.history for case in split.test), data.item_ids.table_size)
+    popularity_figures = evaluate_popularity(cases, counts)
+    assert model_figures["recall_at_10"] > popularity_figures["recall_at_10"], (model_figures, popularity_figures)

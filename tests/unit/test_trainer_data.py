@@ -100,3 +100,29 @@ def test_collate_histories_for_inference() -> None:
     assert batch.items.tolist() == [[2, 3], [0, 0]]
     assert batch.ages[0].tolist() == [90.0, 80.0]
     assert batch.query_ages[0].tolist() == [80.0, 0.0]
+
+
+def test_validation_and_test_inputs_are_built_alike() -> None:
+    """The validation-vs-test gap on Beauty is not in how the inputs are built: both cases of a
+    user see the last max_len events strictly before their target, aged against the target's
+    own (synthetic) time, so the recency buckets follow the same pattern (one step for the most
+    recent event), the last position predicts "now", nothing is masked, and a training window
+    ending at the same target sees exactly what evaluation sees."""
+    from scripts.datasets import BEAUTY_SYNTHETIC_STEP_SECONDS as step
+
+    history = _history(list(range(1, 13)), step=step)
+    split = leave_one_out_split({1: history})
+    (validation,), (test,) = split.validation, split.test
+    max_len = 5
+    batches = [collate_histories([case.history], [case.target_time], max_len) for case in (validation, test)]
+    for case, batch in zip((validation, test), batches):
+        assert case.history.timestamps.max() < case.target_time
+        assert batch.items[0].tolist() == case.history.items[-max_len:].tolist()
+        assert batch.ages[0].tolist() == [step * k for k in range(max_len, 0, -1)]
+        assert batch.query_ages[0].tolist() == [step * k for k in range(max_len - 1, -1, -1)]
+    # a training window whose last target is the validation target sees the same inputs
+    window = group_into_windows([TrainingExample(1, len(history) - 2)], max_len)[0]
+    trained = collate_windows([window], {1: history})
+    assert trained.items.tolist() == batches[0].items.tolist()
+    assert trained.ages.tolist() == batches[0].ages.tolist()
+    assert trained.query_ages.tolist() == batches[0].query_ages.tolist()
