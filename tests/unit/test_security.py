@@ -221,14 +221,15 @@ def test_auth_settings_are_validated_and_errors_never_show_a_token(pki, tmp_path
 
 
 def test_a_credentials_file_wins_and_both_forms_with_different_values_are_refused(tmp_path, monkeypatch):
-    """X and X_FILE: set one — but a loader that resolves X_FILE into X (same content) is fine,
-    and then the watched file stays the source, so a token removed from it stops working."""
+    """X and X_FILE: set one; with X_FILE the watched file is the source (config.load also
+    reads it into X once), so a token removed from it stops working."""
     monkeypatch.setattr(auth, "TOKEN_FILE_RECHECK_S", 0.0)
     path = tmp_path / "tokens"
     path.write_text(TOKEN_SETTING + "\n")
     with pytest.raises(ConfigError, match="set one"):
         security(AUTH_ENABLED="true", AUTH_TOKENS="storefront:x:another-token-0123456789", AUTH_TOKENS_FILE=str(path))
-    config = security(AUTH_ENABLED="true", AUTH_TOKENS=TOKEN_SETTING, AUTH_TOKENS_FILE=str(path))
+    # config.load resolves AUTH_TOKENS_FILE into AUTH_TOKENS too (every X_FILE): the file still decides.
+    config = security(AUTH_ENABLED="true", AUTH_TOKENS_FILE=str(path))
     authorizer = Authorizer.from_config(config)
     method, storefront = "/deltarec.v1.RankerService/Recommend", (("authorization", f"Bearer {TOKENS[STOREFRONT]}"),)
     assert authorizer.check(method, storefront, None)
@@ -241,8 +242,11 @@ def test_a_credentials_file_wins_and_both_forms_with_different_values_are_refuse
     token_file.write_text("client-token-in-file-0123456789\n")
     with pytest.raises(ConfigError, match="set one"):
         security(AUTH_CLIENT_TOKEN="client-token-inline-0123456789", AUTH_CLIENT_TOKEN_FILE=str(token_file))
-    client = security(AUTH_CLIENT_TOKEN="client-token-in-file-0123456789", AUTH_CLIENT_TOKEN_FILE=str(token_file))
+    client = security(AUTH_CLIENT_TOKEN_FILE=str(token_file))
     assert auth.ClientToken.from_config(client).value() == "client-token-in-file-0123456789"
+    token_file.with_name("t2").write_text("client-token-rotated-0123456789")
+    token_file.with_name("t2").replace(token_file)
+    assert auth.ClientToken.from_config(client).value() == "client-token-rotated-0123456789"
 
 
 def test_services_refuse_to_start_on_bad_security_settings():
