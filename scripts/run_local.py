@@ -11,6 +11,8 @@ that folder is absent.
 Interactive (a terminal): services stay up until Ctrl-C. Otherwise (CI, pipes) it
 stops everything after the job. DELTAREC_RUN_USERS limits the replay to N users.
 Each run starts from an empty store under .run/infra; DELTAREC_RUN_KEEP=1 keeps it.
+DELTAREC_RUN_SECURE=1 runs the suite over mutual TLS with roles (scripts/pki.DevPki under .run/pki:
+a CA, a certificate per service, role tokens); this script calls it as an operator.
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, consiste
 from scripts import infra
 from scripts.launch import REPO_ROOT, ServiceProcess
 from scripts import datasets
-from services.common import db
+from scripts.pki import DevPki
+from services.common import channels, db
+from services.common.config import SecurityConfig, load
 from services.consistency.findings import plain_words
 
 RUN_DIR = REPO_ROOT / ".run"
@@ -48,6 +52,8 @@ class LocalSuite:
     def __init__(self) -> None:
         self.processes: list[ServiceProcess] = []
         self.env: dict[str, str] = {}
+        self.pki = DevPki(RUN_DIR / "pki") if os.environ.get("DELTAREC_RUN_SECURE") == "1" else None
+        self.client = load(SecurityConfig, self.pki.client_env("operator", "operator")) if self.pki else None
 
     def start_infra(self) -> None:
         state = RUN_DIR / "infra"
@@ -62,11 +68,19 @@ class LocalSuite:
         print(f"    postgres 127.0.0.1:{env.pg_port}  etcd {env.etcd_endpoint}  logs {RUN_DIR / 'logs'}")
 
     def start(self, module: str, name: str, extra: dict[str, str] | None = None) -> ServiceProcess:
-        process = ServiceProcess(module, {**self.env, **(extra or {})}, name=name,
+        security = self.pki.service_env(name) if self.pki else {}
+        process = ServiceProcess(module, {**self.env, **security, **(extra or {})}, name=name,
                                  log_dir=RUN_DIR / "logs").start(timeout_s=600)
         self.processes.append(process)
         print(f"    {name:<12} grpc 127.0.0.1:{process.port}  metrics :{process.metrics_port}")
         return process
+
+    def channel(self, address: str, service: str):
+        """This script's channel to a service: plaintext, or mTLS with the operator's token."""
+        return channels.make_channel(address, service, security=self.client)
+
+    def grpcurl_flags(self) -> str:
+        return self.pki.grpcurl_flags("operator") if self.pki else "-plaintext"
 
     def stop_all(self) -> None:
         for process in reversed(self.processes):
@@ -171,8 +185,8 @@ def wait_for_first_model(trainer_stub, printer: VersionPrinter) -> None:
         time.sleep(2)
 
 
-def demo(ranker_address: str, dataset: datasets.Dataset) -> None:
-    stub = ranker_pb2_grpc.RankerServiceStub(grpc.insecure_channel(ranker_address))
+def demo(ranker_channel, dataset: datasets.Dataset) -> None:
+    stub = ranker_pb2_grpc.RankerServiceStub(ranker_channel)
     user = next(iter(dataset.sequences))
     titles = {item.item_id: item.title for item in dataset.items}
     say(f"Recommend for user {user} (last bought: {titles.get(dataset.sequences[user][-1], '?')[:60]})")
@@ -208,9 +222,9 @@ def main() -> int:
         suite.start_infra()
         say("starting services")
         collector = suite.start("services.collector", "collector")
-        stub = collector_pb2_grpc.CollectorServiceStub(grpc.insecure_channel(collector.address))
+        stub = collector_pb2_grpc.CollectorServiceStub(suite.channel(collector.address, channels.COLLECTOR))
         features = suite.start("services.features", "features", {"COLLECTOR_ADDRESS": collector.address})
-        features_stub = features_pb2_grpc.FeaturesServiceStub(grpc.insecure_channel(features.address))
+        features_stub = features_pb2_grpc.FeaturesServiceStub(suite.channel(features.address, channels.FEATURES))
 
         users = os.environ.get("DELTAREC_RUN_USERS")
         dataset = datasets.load_default(max_users=int(users) if users else None)
@@ -242,7 +256,7 @@ def main() -> int:
         trainer = suite.start("services.trainer", "trainer", {
             "COLLECTOR_ADDRESS": collector.address,
             "TRAINER_STRATEGY_THRESHOLD": os.environ.get("TRAINER_STRATEGY_THRESHOLD", str(step_size))})
-        trainer_stub = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(trainer.address))
+        trainer_stub = trainer_pb2_grpc.TrainerServiceStub(suite.channel(trainer.address, channels.TRAINER))
         printer = VersionPrinter(trainer_stub)
         wait_for_first_model(trainer_stub, printer)
 
@@ -267,7 +281,7 @@ def main() -> int:
 
         say("replicas")
         for ranker in rankers:
-            ranker_stub = ranker_pb2_grpc.RankerServiceStub(grpc.insecure_channel(ranker.address))
+            ranker_stub = ranker_pb2_grpc.RankerServiceStub(suite.channel(ranker.address, channels.RANKER))
             status = ranker_stub.Status(ranker_pb2.RankerServiceStatusRequest(), timeout=10)
             print(f"    {status.replica_id}: model v{status.freshness.model_version}, data LSN "
                   f"{status.freshness.data_lsn}, {status.index_size} items, index {status.index_checksum[:12]}")
@@ -277,22 +291,24 @@ def main() -> int:
                           "--trainer", trainer.address]
         say("the suite at a glance: " + " ".join(["python"] + status_command[1:]))
         subprocess.run(status_command, cwd=REPO_ROOT, timeout=120)
-        demo(rankers[0].address, dataset)
+        demo(suite.channel(rankers[0].address, channels.RANKER), dataset)
 
         say("consistency check (every part against the source)")
         consistency = suite.start("services.consistency", "consistency", {
             "FEATURES_ADDRESS": features.address, "COLLECTOR_ADDRESS": collector.address})
-        print_consistency(consistency_pb2_grpc.ConsistencyServiceStub(grpc.insecure_channel(consistency.address)))
+        print_consistency(consistency_pb2_grpc.ConsistencyServiceStub(
+            suite.channel(consistency.address, channels.CONSISTENCY)))
 
         a, user = rankers[0].address, next(iter(dataset.sequences))
+        flags = suite.grpcurl_flags()
         print("\nTry it (no proto files needed: every server speaks reflection):")
-        print(f"  .venv/bin/grpcurl -plaintext {a} list")
-        print(f"  .venv/bin/grpcurl -plaintext -d '{{\"user_id\":\"{user}\",\"k\":5}}' {a} deltarec.v1.RankerService/Recommend")
-        print(f"  .venv/bin/grpcurl -plaintext -d '{{\"query\":\"nail polish\",\"k\":5}}' {a} deltarec.v1.RankerService/Search")
-        print(f"  .venv/bin/grpcurl -plaintext -d '{{}}' {trainer.address} deltarec.v1.TrainerService/ListVersions")
-        print(f"  .venv/bin/grpcurl -plaintext -d '{{\"dry_run\":true}}' {consistency.address} "
+        print(f"  .venv/bin/grpcurl {flags} {a} list")
+        print(f"  .venv/bin/grpcurl {flags} -d '{{\"user_id\":\"{user}\",\"k\":5}}' {a} deltarec.v1.RankerService/Recommend")
+        print(f"  .venv/bin/grpcurl {flags} -d '{{\"query\":\"nail polish\",\"k\":5}}' {a} deltarec.v1.RankerService/Search")
+        print(f"  .venv/bin/grpcurl {flags} -d '{{}}' {trainer.address} deltarec.v1.TrainerService/ListVersions")
+        print(f"  .venv/bin/grpcurl {flags} -d '{{\"dry_run\":true}}' {consistency.address} "
               "deltarec.v1.ConsistencyService/Reconcile")
-        print(f"  .venv/bin/grpcurl -plaintext -d '{{\"events\":[{{\"event_id\":\"demo-1\",\"type\":\"EVENT_TYPE_PURCHASE\","
+        print(f"  .venv/bin/grpcurl {flags} -d '{{\"events\":[{{\"event_id\":\"demo-1\",\"type\":\"EVENT_TYPE_PURCHASE\","
               f"\"user_id\":\"{user}\",\"item_id\":\"42\"}}]}}' {collector.address} deltarec.v1.CollectorService/IngestEvents")
         if interactive:
             say("running; Ctrl-C stops everything")

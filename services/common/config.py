@@ -105,8 +105,52 @@ _ONE_TARGET = rf"(dns:///{HOST_PORT}|ipv[46]:{HOST_PORT}(,{HOST_PORT})*|{HOST_PO
 GRPC_TARGET = rf"{_ONE_TARGET}(,{_ONE_TARGET})*"
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SecurityConfig:
+    """TLS, authentication and message limits: every server and every internal client reads these
+    (services/common/tls.py, auth.py, channels.py, limits.py; the README's Security section).
+    Empty = off: plaintext without authentication is the default, for local runs only."""
+    tls_cert_file: str = env("TLS_CERT_FILE", "", help="PEM certificate chain this process serves "
+                             "(and presents as a client certificate to the services it calls)")
+    tls_key_file: str = env("TLS_KEY_FILE", "", help="PEM private key of TLS_CERT_FILE")
+    tls_client_ca_file: str = env("TLS_CLIENT_CA_FILE", "", help="PEM CA bundle: when set, the "
+                                  "server requires a client certificate signed by it (mutual TLS)")
+    tls_ca_file: str = env("TLS_CA_FILE", "", help="PEM CA bundle the internal clients verify servers "
+                           "with; when set, every internal client connects over TLS")
+    tls_server_name: str = env("TLS_SERVER_NAME", "", pattern=r"[A-Za-z0-9.\-]{0,253}",
+                               help="name internal clients expect in server certificates "
+                                    "(default: the host of the address dialled)")
+    auth_enabled: bool = env("AUTH_ENABLED", False, help="check every call's credentials against "
+                             "the role table (services/common/auth.py); health stays open")
+    auth_tokens: str = env("AUTH_TOKENS", "", help="bearer tokens, comma-separated role:name:token")
+    auth_tokens_file: str = env("AUTH_TOKENS_FILE", "", help="bearer tokens, one role:name:token "
+                                "a line (# comments); re-read when the file changes")
+    auth_identities: str = env("AUTH_IDENTITIES", "", help="mTLS identities, comma-separated "
+                               "identity=role (identity: a certificate SAN or subject CN)")
+    auth_client_token: str = env("AUTH_CLIENT_TOKEN", "", help="bearer token the internal clients send")
+    auth_client_token_file: str = env("AUTH_CLIENT_TOKEN_FILE", "", help="file holding the token the "
+                                      "internal clients send; re-read when it changes")
+    reflection_access: str = env("REFLECTION_ACCESS", "open",
+                                 choices=("open", "authenticated", "operator", "off"),
+                                 help="who may use server reflection (grpcurl list/describe)")
+    grpc_max_receive_bytes: int = env("GRPC_MAX_RECEIVE_BYTES", 0, minimum=0, maximum=2**31 - 1,
+                                      help="largest request this server accepts; 0 = the "
+                                           "service's deliberate default (README limits table)")
+    grpc_max_send_bytes: int = env("GRPC_MAX_SEND_BYTES", 0, minimum=0, maximum=2**31 - 1,
+                                   help="largest response this server sends; 0 = the service's default")
+    grpc_max_metadata_bytes: int = env("GRPC_MAX_METADATA_BYTES", 16384, minimum=1024,
+                                       maximum=1 << 20, help="largest header/trailer block, "
+                                                             "servers and clients")
+
+    def __post_init__(self) -> None:
+        # Cross-field checks; the token/identity syntax is checked by the module that owns it.
+        from services.common import auth, tls
+        tls.check_config(self)
+        auth.check_config(self)
+
+
 @dataclasses.dataclass(frozen=True)
-class CommonConfig:
+class CommonConfig(SecurityConfig):
     """Settings every service shares; services embed these fields in their own config."""
     database_url: str = env("DATABASE_URL", help="SQLAlchemy URL of the Postgres database")
     etcd_endpoint: str = env("ETCD_ENDPOINT", "127.0.0.1:2379", pattern=HOST_PORT,

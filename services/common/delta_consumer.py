@@ -64,14 +64,16 @@ from google.protobuf import json_format, struct_pb2
 
 from deltarec.v1 import collector_pb2, collector_pb2_grpc
 
-from services.common.channels import client_channel, split_targets
+from services.common import channels
+from services.common.channels import split_targets
 
 log = logging.getLogger(__name__)
 
 # Errors that retrying will not fix: raised from run() instead of reconnecting forever.
+# (UNAUTHENTICATED / PERMISSION_DENIED are retried: tokens and certificates are re-read from
+# their files, so a rotation done in the wrong order heals without a restart.)
 PERMANENT = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED,
-             grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
-             grpc.StatusCode.UNAUTHENTICATED}
+             grpc.StatusCode.FAILED_PRECONDITION}
 MAX_BACKOFF_S = 10.0
 
 
@@ -110,7 +112,8 @@ class DeltaConsumer:
                  reconnect_backoff_s: float = 0.5,
                  idle_timeout_s: float = 60.0,
                  resume_lsn: Callable[[], int] | None = None,
-                 channel_options: Sequence[tuple[str, object]] = ()) -> None:
+                 channel_options: Sequence[tuple[str, object]] = (),
+                 security=channels.FROM_ENVIRONMENT) -> None:
         self.addresses = split_targets(collector_address)
         if not self.addresses:
             raise ValueError("collector_address: empty")
@@ -132,6 +135,7 @@ class DeltaConsumer:
         # substitute: when apply_batch skipped batches, the mark is above it.)
         self.resume_lsn = resume_lsn
         self.channel_options = list(channel_options)
+        self.security = security                # TLS / token settings (channels.make_channel)
         self.connected = threading.Event()      # set while a stream is live (not standing by)
         self.standby = threading.Event()        # set while the collector waits for the group's slot
         self.last_acked_lsn = 0
@@ -232,10 +236,10 @@ class DeltaConsumer:
                 yield item
 
         progressed = False
-        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                   ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+        options = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
                    ("grpc.http2.max_pings_without_data", 0)] + self.channel_options
-        channel = client_channel(address, options)
+        # A channel per subscription: each reconnect also picks up rotated TLS files.
+        channel = channels.make_channel(address, channels.COLLECTOR, security=self.security, options=options)
         last_message = [time.monotonic()]
         idle_stop = threading.Event()
         try:

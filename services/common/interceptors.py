@@ -90,10 +90,16 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                     record(context, started, failure)
             return wrapped
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
-        return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
+        return wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour wrapped: `wrap_unary` for unary responses, `wrap_stream`
+    (a generator wrapper) for streamed responses."""
+    if handler.unary_unary:
+        return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
+    if handler.stream_unary:
+        return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
+    if handler.unary_stream:
+        return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
+    return handler._replace(stream_stream=wrap_stream(handler.stream_stream))

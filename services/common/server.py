@@ -19,6 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from services.common import limits, tls
+from services.common.auth import AuthInterceptor, Authorizer
 from services.common.interceptors import ObservabilityInterceptor
 
 log = logging.getLogger(__name__)
@@ -26,23 +28,32 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-# Large enough for a batch of item vectors; the default 4 MiB is too small for bulk loads.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The largest message any DeltaRec service sends or accepts (per-service limits: limits.py).
+MAX_MESSAGE_BYTES = limits.LARGEST_MESSAGE_BYTES
 
 
 class GrpcService:
     def __init__(self, name: str, service_names: Iterable[str], *, port: int = 0,
                  metrics_port: int | None = 0, workers: int = 16, grace_s: float = 10.0,
-                 host: str = "127.0.0.1", max_connection_age_s: float = 0.0) -> None:
+                 host: str = "127.0.0.1", max_connection_age_s: float = 0.0, security=None) -> None:
+        """`security`: a SecurityConfig (TLS, mutual TLS, authentication, limits); None serves
+        plaintext without authentication and with the services' default limits."""
         self.name = name
         self.service_names = list(service_names)
         self.grace_s = grace_s
         self._stopped = threading.Event()
         self._stopping_hooks: list[Callable[[], None]] = []
         self._shutdown_hooks: list[Callable[[], None]] = []
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.so_reuseport", 0)]
+        interceptors = [ObservabilityInterceptor()]
+        if security is not None and security.auth_enabled:
+            interceptors.append(AuthInterceptor(Authorizer.from_config(security)))
+            if not tls.server_tls_enabled(security):
+                log.warning("authentication without TLS: tokens cross the network in clear")
+        self.limits = limits.server_limits(
+            self.service_names, *((security.grpc_max_receive_bytes, security.grpc_max_send_bytes)
+                                  if security is not None else ()))
+        metadata_bytes = security.grpc_max_metadata_bytes if security is not None else limits.METADATA_BYTES
+        options = limits.server_options(self.limits, metadata_bytes) + [("grpc.so_reuseport", 0)]
         if max_connection_age_s > 0:
             # GOAWAY after this age: clients reconnect and re-resolve their dns:/// target, so
             # replicas added since (HPA) get their share. No grace limit: streams in flight (the
@@ -50,18 +61,24 @@ class GrpcService:
             options.append(("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-rpc"),
-            interceptors=[ObservabilityInterceptor()],
+            interceptors=interceptors,
             # Past this many calls in flight gRPC answers RESOURCE_EXHAUSTED itself: overload is
             # refused early instead of queueing without bound in front of the handler threads.
             maximum_concurrent_rpcs=workers * 4,
             options=options)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            self.service_names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                  reflection.SERVICE_NAME], self.server)
+        if security is None or security.reflection_access != "off":
+            reflection.enable_server_reflection(
+                self.service_names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                      reflection.SERVICE_NAME], self.server)
         self._set_health(NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.certificates = None     # the TLS certificate fetcher (reloads on file change)
+        if tls.server_tls_enabled(security):
+            credentials, self.certificates = tls.server_credentials(security)
+            self.port = self.server.add_secure_port(f"{host}:{port}", credentials)
+        else:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind gRPC port {host}:{port}")
         self.metrics_port = None
@@ -71,10 +88,10 @@ class GrpcService:
 
     @classmethod
     def from_config(cls, name: str, service_names: Iterable[str], config) -> "GrpcService":
-        """From a config carrying the CommonConfig fields (ports, workers, grace, host)."""
+        """From a config carrying the CommonConfig fields (ports, workers, grace, host, security)."""
         return cls(name, service_names, port=config.grpc_port, metrics_port=config.metrics_port,
                    workers=config.grpc_workers, grace_s=config.shutdown_grace_s, host=config.bind_host,
-                   max_connection_age_s=getattr(config, "max_connection_age_s", 0.0))
+                   max_connection_age_s=getattr(config, "max_connection_age_s", 0.0), security=config)
 
     def _set_health(self, status) -> None:
         self.health.set("", status)

@@ -17,7 +17,7 @@ from typing import Callable
 import grpc
 
 from deltarec.v1 import collector_pb2, collector_pb2_grpc, features_pb2, features_pb2_grpc
-from services.common.channels import client_channel
+from services.common import channels
 from services.common.errors import DeltaRecError
 from services.common.etcd import Etcd
 from services.consistency import findings as fn
@@ -107,7 +107,7 @@ class Repairer:
     def _features(self) -> features_pb2_grpc.FeaturesServiceStub:
         if not self.features_address:
             raise RuntimeError("no FEATURES_ADDRESS configured: cannot ask features to repair")
-        return features_pb2_grpc.FeaturesServiceStub(client_channel(self.features_address))
+        return features_pb2_grpc.FeaturesServiceStub(channels.make_channel(self.features_address, channels.FEATURES))
 
     def _registration(self, replica_id: str):
         for registration in self.replicas.registrations():
@@ -166,7 +166,8 @@ class Repairer:
         group = ""
         if self.collector_address:
             # The collector knows which group the slot belongs to and removes its bookkeeping too.
-            stub = collector_pb2_grpc.CollectorServiceStub(client_channel(self.collector_address))
+            stub = collector_pb2_grpc.CollectorServiceStub(
+                channels.make_channel(self.collector_address, channels.COLLECTOR))
             groups = stub.ListConsumerGroups(collector_pb2.ListConsumerGroupsRequest(),
                                              timeout=self.timeout_s).groups
             group = next((g.name for g in groups if g.slot_name == slot), "")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from deltarec.v1 import ranker_pb2, ranker_pb2_grpc
+from services.common import channels
 from services.common.etcd import Etcd
 from services.contracts import digest as dg
 from services.contracts.etcd_keys import RANKERS_PREFIX, ranker_key
@@ -73,7 +74,7 @@ class Replicas:
     def _stub(self, address: str) -> ranker_pb2_grpc.RankerServiceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.insecure_channel(address)
+            channel = self._channels[address] = channels.make_channel(address, channels.RANKER)
         return ranker_pb2_grpc.RankerServiceStub(channel)
 
     def index_digest(self, registration: Registration,

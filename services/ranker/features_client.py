@@ -8,16 +8,13 @@ import numpy as np
 
 from deltarec.v1 import features_pb2, features_pb2_grpc
 
-from services.common.channels import client_channel
-from services.common.server import MAX_MESSAGE_BYTES
+from services.common import channels
 from services.contracts.event_types import MODEL_INDEX_BY_PROTO, EventType
 from services.ranker.user_cache import FeaturesUnavailable, UserHistory
 
 
 def make_channel(address: str) -> grpc.Channel:
-    return client_channel(address, [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    return channels.make_channel(address, channels.FEATURES, options=[
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),

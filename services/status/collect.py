@@ -106,7 +106,7 @@ def addresses(target: str) -> list[str]:
 
 
 def check_health(address: str, timeout_s: float = 2.0) -> str:
-    channel = grpc.insecure_channel(address)
+    channel = client_channel(address)         # TLS and credentials from the environment, like every client
     try:
         response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
@@ -179,7 +179,7 @@ class Collector:
                         source="etcd")
         if not address:
             return row
-        channel = grpc.insecure_channel(address)
+        channel = client_channel(address, service="deltarec.v1.RankerService")
         try:
             status = ranker_pb2_grpc.RankerServiceStub(channel).Status(
                 ranker_pb2.RankerServiceStatusRequest(), timeout=self.timeout_s)

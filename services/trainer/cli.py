@@ -26,6 +26,8 @@ import grpc
 
 from deltarec.v1 import trainer_pb2, trainer_pb2_grpc
 
+from services.common import channels
+
 
 def _status_name(value: int) -> str:
     return trainer_pb2.VersionStatus.Name(value).removeprefix("VERSION_STATUS_").lower()
@@ -70,7 +72,7 @@ def _watch_progress(stub, done: threading.Event) -> None:
 
 def _remote(args, call):
     address = args.address or os.environ.get("TRAINER_ADDRESS", "127.0.0.1:50053")
-    channel = grpc.insecure_channel(address)
+    channel = channels.make_channel(address, channels.TRAINER)   # TLS / token from the environment
     stub = trainer_pb2_grpc.TrainerServiceStub(channel)
     done = threading.Event()
     watcher = threading.Thread(target=_watch_progress, args=(stub, done), daemon=True)
