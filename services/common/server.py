@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from services.common.interceptors import ObservabilityInterceptor
+from services.common.reflection_pool import MethodResolvingPool
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class GrpcService:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             self.service_names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                  reflection.SERVICE_NAME], self.server)
+                                  reflection.SERVICE_NAME], self.server, pool=MethodResolvingPool())
         self._set_health(NOT_SERVING)
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
