@@ -93,6 +93,10 @@ class RunHooks:
         """The candidate of `version` was trained and is about to be evaluated by the gate."""
 
 
+class RunCancelled(Exception):
+    """The caller of a synchronous Train/Update went away; the run stopped at an epoch boundary."""
+
+
 class TrainerCore:
     def __init__(self, config: TrainerConfig, engine, publisher: Publisher, trainer_id: str,
                  is_leader: Callable[[], bool] = lambda: True, leader_id: Callable[[], str] = lambda: "",
@@ -105,6 +109,7 @@ class TrainerCore:
         self.catalog = Catalog(engine, config.text_fallback)
         self.job_lock = threading.Lock()
         self.progress: Progress | None = None
+        self._cancelled: Callable[[], bool] | None = None   # the running job's caller went away
         self.last_update: float | None = None   # wall clock of the last finished run
         self._artifacts: dict[str, ModelArtifact] = {}
         self.on_version: Callable[[VersionRow, bool], None] | None = None
@@ -115,9 +120,11 @@ class TrainerCore:
         c = self.config
         return Strategy(c.window_seconds, c.threshold_events, c.priority, c.top_share, c.replay_ratio)
 
-    def train(self, seed: int = 0, epochs: int = 0, publish: bool = False) -> Outcome:
-        """Full training on every recorded interaction."""
-        with self._job("full"):
+    def train(self, seed: int = 0, epochs: int = 0, publish: bool = False,
+              cancelled: Callable[[], bool] | None = None) -> Outcome:
+        """Full training on every recorded interaction. `cancelled` (the caller went away) is
+        asked at each epoch: when true the run stops and is recorded rejected."""
+        with self._job("full", cancelled):
             current = self.publisher.current()
             lsn_to = self.log.high_water()
             if self.log.count(0, lsn_to) == 0:
@@ -133,14 +140,15 @@ class TrainerCore:
                 baseline_value=current.raw, holder=self.trainer_id)
             return self._execute(run, inputs)
 
-    def update(self, strategy: Strategy | None = None, publish: bool = False, seed: int = 0) -> Outcome:
+    def update(self, strategy: Strategy | None = None, publish: bool = False, seed: int = 0,
+               cancelled: Callable[[], bool] | None = None) -> Outcome:
         """Incremental update from the current version with `strategy` (default: configured)."""
         strategy = (strategy or self.default_strategy())
         try:
             strategy.validate()
         except ValueError as error:
             raise InvalidArgument(f"strategy.{error}") from None
-        with self._job("update"):
+        with self._job("update", cancelled):
             current = self.publisher.current()
             if current.pointer is None:
                 raise FailedPrecondition("no current model version to update: run Train first")
@@ -194,15 +202,17 @@ class TrainerCore:
 
     # ------------------------------------------------------------------------------ runs
     @contextlib.contextmanager
-    def _job(self, kind: str = ""):
+    def _job(self, kind: str = "", cancelled: Callable[[], bool] | None = None):
         self._require_leader()
         with self.job_lock:
             self._require_leader()      # a run waited for may outlive the lease it was asked under
             self.progress = Progress(0, kind) if kind else None
+            self._cancelled = cancelled
             try:
                 yield
             finally:
                 self.progress = None
+                self._cancelled = None
 
     def _require_leader(self) -> None:
         if not self.is_leader():
@@ -246,6 +256,17 @@ class TrainerCore:
         except Fenced as error:
             log.warning("run taken over by another trainer; stopping", extra={"error": str(error)})
             return Outcome(self.versions.get(run.version), reason=str(error))
+        except Exception as error:
+            # A run that failed (or whose caller went away) is decided now, not left a candidate
+            # "training" until the next election's recovery.
+            reason = ("cancelled: the caller went away" if isinstance(error, RunCancelled)
+                      else f"failed: {type(error).__name__}")
+            try:
+                self.versions.finish(run, REJECTED, reason)
+            except Exception:  # noqa: BLE001 - store down: recovery decides the run later
+                log.warning("could not record the failed run", extra={"version": run.version})
+            log.warning("run ended without a model", extra={"version": run.version, "reason": reason})
+            raise
 
     def _train_gate_store_publish(self, run: Run, inputs: "_Inputs | None") -> Outcome:
         self.hooks.at("training", run.version)
@@ -319,9 +340,13 @@ class TrainerCore:
         return model, stats, extra
 
     def _epoch_progress(self, done: int, epochs: int) -> None:
-        """training.py's progress callback: the epoch counts that Status shows while training."""
+        """training.py's progress callback: the epoch counts that Status shows while training;
+        also where a run whose caller went away (a synchronous Train/Update) stops."""
         if self.progress is not None:
             self.progress.epoch, self.progress.epochs = done, epochs
+        cancelled = getattr(self, "_cancelled", None)
+        if cancelled is not None and done < epochs and cancelled():
+            raise RunCancelled(f"cancelled after epoch {done} of {epochs}")
 
     def _publish(self, run: Run, uri: str, sha: str, metrics: dict, gate_reason: str) -> Outcome:
         self._phase("publishing")
