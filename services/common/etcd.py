@@ -275,8 +275,9 @@ class Leadership:
             try:
                 if self.try_acquire():
                     return True
-            except EtcdUnavailable:
-                pass
+            except Exception as error:  # noqa: BLE001 - etcd down, or etcd3's "failed node" ValueError:
+                # a campaign never ends by itself on an outage (the role would stay unheld).
+                log.debug("campaign attempt failed", extra={"key": self.name, "error": str(error)[:200]})
             stop.wait(poll_s)
         return False
 

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import sqlalchemy as sa
 import torch
 
 from services.common.artifacts import read_verified
@@ -174,6 +175,36 @@ class TrainerCore:
                 request=request, publish=publish, baseline_version=current.version, baseline_value=current.raw,
                 holder=self.trainer_id)
             return self._execute(run, inputs)
+
+    def restore_current(self) -> VersionRow | None:
+        """etcd lost `model/current` (its data was lost, or a new cluster) while `model_versions`
+        says a version was published: publish that version again — the newest published one,
+        its artifact verified first — by compare-and-swap on the key's absence, so that rankers
+        keep serving it instead of waiting for a new training. Returns it, or None.
+
+        Which version was current: the newest published one, unless a rollback happened after
+        it was published (the newest rollback is from a version at least as new): then the
+        version rolled back to."""
+        with self.engine.connect() as connection:
+            newest = connection.execute(sa.text(
+                "SELECT max(version) FROM model_versions WHERE status = 'published'")).scalar()
+            rollback = connection.execute(sa.text(
+                "SELECT version, rolled_back_to FROM model_versions WHERE status = 'rolled_back' "
+                "AND rolled_back_to IS NOT NULL ORDER BY rolled_back_at DESC LIMIT 1")).first()
+        if rollback is not None and (newest is None or newest <= rollback[0]):
+            newest = rollback[1]
+        published = self.versions.get(int(newest)) if newest else None
+        if published is None or not published.sha256 or not published.artifact_uri:
+            return None
+        read_verified(published.artifact_uri, published.sha256, self.engine)
+        result = self.publisher.publish(version=published.version, uri=published.artifact_uri,
+                                        sha256=published.sha256, data_lsn=published.lsn_to,
+                                        metrics=published.metrics or {}, expected=None)
+        if not result.published:
+            return None
+        log.warning("model/current was missing from etcd: restored from model_versions",
+                    extra={"version": published.version, "data_lsn": published.lsn_to})
+        return published
 
     def recover(self) -> list[Outcome]:
         """Finishes or abandons the runs a crash left open (see the module docstring)."""
