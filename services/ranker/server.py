@@ -105,6 +105,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             request.min_data_lsn, time_remaining(context), session=session_from(request))
         return ranker_pb2.RecommendResponse(
             items=_items(answer), freshness=_freshness(answer), cold_start=answer.cold_start,
+            degraded=answer.degraded,
             variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version))
 
     @grpc_errors
@@ -114,7 +115,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             request.query, request.user_id, request.k, filters_from(request, NO_FILTERS),
             request.min_data_lsn, time_remaining(context))
         return ranker_pb2.SearchResponse(
-            items=_items(answer), freshness=_freshness(answer),
+            items=_items(answer), freshness=_freshness(answer), degraded=answer.degraded,
             variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version))
 
     @grpc_errors
