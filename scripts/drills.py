@@ -72,9 +72,10 @@ class DrillStack:
     restarted process must be found where its peers expect it)."""
 
     def __init__(self, state_dir: Path, *, items: int = 120, trainer_loop: bool = False,
-                 extra_env: dict[str, str] | None = None, service_env: dict[str, dict] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, service_env: dict[str, dict] | None = None,
+                 log_dir: Path | None = None) -> None:
         self.state = Path(state_dir).resolve()
-        self.logs = self.state / "logs"
+        self.logs = Path(log_dir) if log_dir else self.state / "logs"
         self.items = item_ids(items)
         self.trainer_loop = trainer_loop
         self.extra_env = extra_env or {}

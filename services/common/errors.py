@@ -5,6 +5,7 @@ status codes, so no handler ever leaks a stack trace to a client.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import logging
@@ -69,6 +70,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     # etcd unreachable (every service that reads or writes a key on a request's path)
     if isinstance(exc, EtcdUnavailable):
         return grpc.StatusCode.UNAVAILABLE, f"etcd unavailable: {str(exc)[:200]}"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "storage full (artifact store or disk); nothing was published"
     if isinstance(exc, grpc.RpcError):   # a call this handler made to another service failed
         return grpc.StatusCode.UNAVAILABLE, "a service this call depends on is unavailable; retry"
     # A value Postgres refuses (out of range, NUL in text) that an edge check missed: still the

@@ -145,6 +145,12 @@ class Etcd:
             return function(*args, **kwargs)
         except (etcd3.exceptions.ConnectionFailedError, etcd3.exceptions.ConnectionTimeoutError) as exc:
             raise EtcdUnavailable(str(exc) or type(exc).__name__) from exc
+        except ValueError as exc:
+            # The client's way of saying its only endpoint is marked failed (for ENDPOINT_RETRY_S
+            # after an error): an outage like any other, not a bug of the caller.
+            if "failed node" in str(exc) or "no endpoint" in str(exc).lower():
+                raise EtcdUnavailable(str(exc)) from exc
+            raise
         except Exception as exc:  # grpc errors from the client's stubs
             if exc.__class__.__name__ in ("_InactiveRpcError", "_MultiThreadedRendezvous"):
                 raise EtcdUnavailable(str(exc)) from exc

@@ -58,7 +58,8 @@ def main(hooks: RunHooks | None = None) -> int:
     # Health follows progress: NOT_SERVING while the store, the leader's delta stream, the loop
     # or the artifact store's free space stops it from doing its job (SERVING again by itself).
     readiness = (Readiness(service).add("postgres", store_reachable(engine))
-                 .add("delta stream", lambda: recorder.progress_problem(config.stall_after_s)).add("training loop", loop.progress_problem)
+                 .add("delta stream", lambda: recorder.progress_problem(config.stall_after_s))
+                 .add("training loop", loop.progress_problem)
                  .add("artifact store", store.space_problem))
     # A training still running in a worker thread must not hold the process past the shutdown
     # grace: every run is crash-safe (the next leader finishes or redoes it), so exit at once.

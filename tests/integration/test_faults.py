@@ -29,9 +29,9 @@ RECOVERY: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def drill():
+def drill(tmp_path_factory):
     state = REPO_ROOT / ".run" / f"test-faults-{uuid.uuid4().hex[:8]}"
-    stack = DrillStack(state, items=80)
+    stack = DrillStack(state, items=80, log_dir=tmp_path_factory.mktemp("logs"))
     try:
         stack.start()
         stack.wait_serving()

@@ -129,9 +129,10 @@ def message_of(draw, message_type: descriptor.Descriptor, depth: int = 0):
 
 
 @pytest.fixture(scope="module")
-def stack():
+def stack(tmp_path_factory):
     state = REPO_ROOT / ".run" / f"test-fuzz-{uuid.uuid4().hex[:8]}"
-    stack = DrillStack(state, items=30, service_env={"trainer": {"TRAINER_MAX_EPOCHS": "3"}})
+    stack = DrillStack(state, items=30, service_env={"trainer": {"TRAINER_MAX_EPOCHS": "3"}},
+                       log_dir=tmp_path_factory.mktemp("logs"))
     try:
         stack.start()
         stack.wait_serving()
