@@ -385,12 +385,12 @@ def fill_disk(directory: Path, size_mb: int = 4) -> bool:
                             capture_output=True)
     if result.returncode != 0:
         return False
-    with open(directory / ".filler", "wb") as filler:
-        try:
+    try:
+        with open(directory / ".filler", "wb") as filler:
             while True:
                 filler.write(b"\0" * 65536)
-        except OSError:
-            pass
+    except OSError:
+        pass                          # ENOSPC: full
     return True
 
 
