@@ -97,7 +97,9 @@ def main() -> int:
     duration = 60.0 * (args.minutes if args.minutes is not None else (1.0 if args.quick else 30.0))
     swap_every = args.swap_every or (15.0 if args.quick else 120.0)
     state = Path(__file__).resolve().parent.parent / ".run" / f"bench-soak-{uuid.uuid4().hex[:8]}"
-    stack = DrillStack(state, items=300, service_env={"trainer": {"TRAINER_MODEL_EPOCHS": "3"}})
+    # Threshold 1: every Update makes a version (the gate of the tiny model lets it publish).
+    stack = DrillStack(state, items=300, service_env={"trainer": {"TRAINER_MODEL_EPOCHS": "3",
+                                                                  "TRAINER_STRATEGY_THRESHOLD": "1"}})
     try:
         say("starting the stack")
         stack.start()
@@ -127,7 +129,7 @@ def main() -> int:
         started = time.monotonic()
         for load in loads:
             load.start()
-        swaps, swap_errors, published = 0, 0, 0
+        swaps, swap_errors, published, skipped = 0, 0, 0, 0
         say(f"soaking for {duration:.0f} s")
         while time.monotonic() - started < duration:
             time.sleep(min(swap_every, max(0.0, duration - (time.monotonic() - started))))
@@ -137,6 +139,7 @@ def main() -> int:
                 outcome = trainer.Update(trainer_pb2.UpdateRequest(publish=True), timeout=300)
                 swaps += 1
                 published += int(outcome.published)
+                skipped += int(outcome.skipped)
             except grpc.RpcError as error:
                 swap_errors += 1
                 say(f"update failed: {error.code().name}")
@@ -166,7 +169,7 @@ def main() -> int:
                        "errors": sum(stream.ledger.errors.values()), "error_codes": dict(stream.ledger.errors),
                        "p99_ms": round(percentile(ingest_latencies, 0.99) * 1000, 2)},
             **per_op,
-            "model_swaps": {"updates": swaps, "published": published, "failed": swap_errors,
+            "model_swaps": {"updates": swaps, "published": published, "skipped": skipped, "failed": swap_errors,
                             "ranker_swaps": served.swaps, "serving_version": served.freshness.model_version},
             "errors_total": sum(sum(load.errors.values()) for load in loads) + sum(stream.ledger.errors.values())
             + swap_errors,
