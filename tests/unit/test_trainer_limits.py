@@ -70,7 +70,7 @@ def test_get_version_beyond_a_bigint_is_invalid_argument():
 
 
 def test_a_failing_run_is_recorded_rejected_at_once():
-    from services.trainer.core import RunCancelled, TrainerCore
+    from services.trainer.runs import RunCancelled, TrainerCore
     finished = []
     core = TrainerCore.__new__(TrainerCore)
     core.progress = None
