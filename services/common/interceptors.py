@@ -2,8 +2,9 @@
 that turns a request the server cannot even parse into INVALID_ARGUMENT.
 
 Log levels follow whose fault a call's end was: OK and the caller's own outcomes (bad request,
-not found, cancelled, deadline passed, ...) are INFO; UNAVAILABLE (a dependency down) is WARNING;
-INTERNAL / UNKNOWN / DATA_LOSS / UNIMPLEMENTED are ERROR. A cancelled, expired or malformed call
+not found, cancelled, deadline passed, ...) are INFO; UNAVAILABLE (a dependency down) and
+UNIMPLEMENTED (a method of the proto this build does not serve: a client newer than the server)
+are WARNING; INTERNAL / UNKNOWN / DATA_LOSS are ERROR. A cancelled, expired or malformed call
 is never logged as a server error; it is counted (`deltarec_grpc_errors_total{code}` and
 `deltarec_grpc_client_ended_total{reason}`).
 """
@@ -27,7 +28,8 @@ LATENCY = Histogram("deltarec_grpc_latency_seconds", "gRPC call duration", ["ser
                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                              1.0, 2.5, 5.0, 10.0, 30.0))
 
-SERVER_FAULTS = {"INTERNAL", "UNKNOWN", "DATA_LOSS", "UNIMPLEMENTED"}
+SERVER_FAULTS = {"INTERNAL", "UNKNOWN", "DATA_LOSS"}
+DEGRADED = {"UNAVAILABLE", "UNIMPLEMENTED"}
 CLIENT_ENDINGS = {"CANCELLED": "cancelled", "DEADLINE_EXCEEDED": "deadline_exceeded"}
 
 
@@ -61,7 +63,7 @@ def _status_of(context: grpc.ServicerContext) -> str:
 def level_of(code: str) -> int:
     if code in SERVER_FAULTS:
         return logging.ERROR
-    if code == "UNAVAILABLE":
+    if code in DEGRADED:
         return logging.WARNING
     return logging.INFO
 
@@ -133,6 +135,11 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                     reject(context, request)
                 yield request
 
+        def unimplemented(context):
+            # The generated base servicer raises NotImplementedError (grpc would log it with a
+            # traceback as an application error): answer UNIMPLEMENTED plainly instead.
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{service}/{method} is not served by this build")
+
         def wrap_unary(behaviour, streaming_request: bool):
             def wrapped(request, context):
                 started, failure, malformed = time.perf_counter(), None, [False]
@@ -142,7 +149,10 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                     elif isinstance(request, Malformed):
                         malformed[0] = True
                         reject(context, request)
-                    return behaviour(request, context)
+                    try:
+                        return behaviour(request, context)
+                    except NotImplementedError:
+                        unimplemented(context)
                 except BaseException as exc:
                     failure = exc
                     raise
@@ -159,7 +169,10 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                     elif isinstance(request, Malformed):
                         malformed[0] = True
                         reject(context, request)
-                    yield from behaviour(request, context)
+                    try:
+                        yield from behaviour(request, context)
+                    except NotImplementedError:
+                        unimplemented(context)
                 except BaseException as exc:
                     failure = exc
                     raise
