@@ -22,7 +22,6 @@ import argparse
 import json
 import shutil
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
