@@ -77,6 +77,16 @@ class SlowConsumer:
                 self.seen.add(event_id)
 
 
+def model_load_floor_s() -> float:
+    """Seconds a bare process takes to import torch and load MiniLM: the floor under the
+    recovery of a killed features service (the reference for its restart time)."""
+    import subprocess
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "from services.common.text_encoder import TextEncoder; TextEncoder()"],
+                   check=True, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    return round(time.monotonic() - started, 2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -94,6 +104,7 @@ def main() -> int:
         artifacts_mounted = fill_disk(stack.artifacts, size_mb=32)
         if artifacts_mounted:
             free_disk(stack.artifacts)
+        details["reference_features_model_load_s"] = model_load_floor_s()
         say("starting the stack")
         stack.start()
         stack.wait_serving()
