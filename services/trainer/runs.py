@@ -37,7 +37,7 @@ import sqlalchemy as sa
 import torch
 
 from services.common.artifacts import read_verified
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from services.trainer import gate, run_steps, strategies
 from services.model.artifact import ModelArtifact, deserialize
 from services.trainer.catalog import Catalog
@@ -122,10 +122,11 @@ class TrainerCore:
         return Strategy(c.window_seconds, c.threshold_events, c.priority, c.top_share, c.replay_ratio)
 
     def train(self, seed: int = 0, epochs: int = 0, publish: bool = False,
-              cancelled: Callable[[], bool] | None = None) -> Outcome:
+              cancelled: Callable[[], bool] | None = None, wait_s: float | None = None) -> Outcome:
         """Full training on every recorded interaction. `cancelled` (the caller went away) is
-        asked at each epoch: when true the run stops and is recorded rejected."""
-        with self._job("full", cancelled):
+        asked at each epoch: when true the run stops and is recorded rejected. `wait_s`: how long
+        to wait for a running job (None: as long as it takes), else ABORTED."""
+        with self._job("full", cancelled, wait_s):
             current = self.publisher.current()
             lsn_to = self.log.high_water()
             if self.log.count(0, lsn_to) == 0:
@@ -142,14 +143,14 @@ class TrainerCore:
             return self._execute(run, inputs)
 
     def update(self, strategy: Strategy | None = None, publish: bool = False, seed: int = 0,
-               cancelled: Callable[[], bool] | None = None) -> Outcome:
+               cancelled: Callable[[], bool] | None = None, wait_s: float | None = None) -> Outcome:
         """Incremental update from the current version with `strategy` (default: configured)."""
         strategy = (strategy or self.default_strategy())
         try:
             strategy.validate()
         except ValueError as error:
             raise InvalidArgument(f"strategy.{error}") from None
-        with self._job("update", cancelled):
+        with self._job("update", cancelled, wait_s):
             current = self.publisher.current()
             if current.pointer is None:
                 raise FailedPrecondition("no current model version to update: run Train first")
@@ -233,9 +234,16 @@ class TrainerCore:
 
     # ------------------------------------------------------------------------------ runs
     @contextlib.contextmanager
-    def _job(self, kind: str = "", cancelled: Callable[[], bool] | None = None):
+    def _job(self, kind: str = "", cancelled: Callable[[], bool] | None = None, wait_s: float | None = None):
         self._require_leader()
-        with self.job_lock:
+        # A request waits for a running job only as long as its caller does (its deadline):
+        # one long training must not pile up handler threads that nobody waits for any more.
+        if not self.job_lock.acquire(timeout=-1 if wait_s is None else max(wait_s, 0.0)):
+            running = self.progress
+            raise Aborted("busy: a training is running"
+                          + (f" (version {running.version}, {running.kind})" if running else "")
+                          + "; retry later")
+        try:
             self._require_leader()      # a run waited for may outlive the lease it was asked under
             self.progress = Progress(0, kind) if kind else None
             self._cancelled = cancelled
@@ -244,6 +252,8 @@ class TrainerCore:
             finally:
                 self.progress = None
                 self._cancelled = None
+        finally:
+            self.job_lock.release()
 
     def _require_leader(self) -> None:
         if not self.is_leader():

@@ -56,6 +56,12 @@ MAX_WINDOW_SECONDS = 100 * 365 * 86400
 MAX_PRIORITY_BYTES = 64
 
 
+def caller_wait(context) -> float | None:
+    """How long the caller still waits (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e6 else remaining
+
+
 def check_seed(value: int) -> int:
     return check_int("seed", value, 0, MAX_SEED)
 
@@ -89,7 +95,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         epochs = check_int("epochs", request.epochs, 0, self.core.config.max_epochs)
         # Synchronous: a caller that goes away (cancel, deadline) stops the run at the next epoch.
         outcome = self.core.train(seed=seed, epochs=epochs, publish=request.publish,
-                                  cancelled=lambda: not context.is_active())
+                                  cancelled=lambda: not context.is_active(), wait_s=caller_wait(context))
         return trainer_pb2.TrainResponse(version=version_message(outcome.version), published=outcome.published)
 
     @grpc_errors
@@ -97,7 +103,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         strategy = strategy_from_request(request.strategy) if request.HasField("strategy") else None
         seed = check_seed(request.seed)
         outcome = self.core.update(strategy, publish=request.publish, seed=seed,
-                                   cancelled=lambda: not context.is_active())
+                                   cancelled=lambda: not context.is_active(), wait_s=caller_wait(context))
         response = trainer_pb2.UpdateResponse(published=outcome.published, skipped=outcome.skipped,
                                               reason=outcome.reason)
         if outcome.version is not None:

@@ -84,3 +84,22 @@ def test_a_failing_run_is_recorded_rejected_at_once():
         with pytest.raises(type(error)):
             core._execute(run)
         assert finished[-1] == ("rejected", reason)
+
+
+def test_a_request_waits_for_a_running_job_only_as_long_as_its_caller():
+    import threading
+
+    from services.common.errors import Aborted
+    from services.trainer.runs import Progress, TrainerCore
+    core = TrainerCore.__new__(TrainerCore)
+    core.job_lock, core.progress = threading.Lock(), Progress(7, "full")
+    core.is_leader = lambda: True
+    core.job_lock.acquire()                  # a training is running
+    try:
+        with pytest.raises(Aborted, match=r"busy: a training is running \(version 7, full\)"):
+            with core._job("update", wait_s=0.05):
+                pass
+    finally:
+        core.job_lock.release()
+    with core._job("update", wait_s=0.05):   # free again: the job runs
+        assert core.progress.kind == "update"
