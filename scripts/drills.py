@@ -73,7 +73,7 @@ class DrillStack:
 
     def __init__(self, state_dir: Path, *, items: int = 120, trainer_loop: bool = False,
                  extra_env: dict[str, str] | None = None, service_env: dict[str, dict] | None = None,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, consistency: bool = False) -> None:
         self.state = Path(state_dir).resolve()
         self.logs = Path(log_dir) if log_dir else self.state / "logs"
         self.items = item_ids(items)
@@ -81,7 +81,9 @@ class DrillStack:
         self.extra_env = extra_env or {}
         self.service_env = service_env or {}
         self.processes: dict[str, ServiceProcess] = {}
-        self.ports = {name: infra.free_port() for name in SERVICES}
+        # The consistency service is optional (the fuzz suite calls it; the drills do not).
+        self.names = SERVICES + (("consistency",) if consistency else ())
+        self.ports = {name: infra.free_port() for name in self.names}
         self.artifacts = self.state / "artifacts"
         self.prefix = f"/drill-{uuid.uuid4().hex[:8]}/"
         self.database_url = ""
@@ -133,6 +135,9 @@ class DrillStack:
             env.update({**TINY_TRAINER, "COLLECTOR_ADDRESS": collector, "TRAINER_ID": "drill-trainer",
                         "TRAINER_ARTIFACT_URI": self.artifacts.as_uri(),
                         "TRAINER_LOOP": "1" if self.trainer_loop else "0"})
+        elif name == "consistency":
+            env.update({"FEATURES_ADDRESS": f"127.0.0.1:{self.ports['features']}", "COLLECTOR_ADDRESS": collector,
+                        "CONSISTENCY_INSTANCE_ID": "drill-consistency", "CONSISTENCY_CHECK_INTERVAL_S": "3600"})
         elif name == "ranker":
             env.update({"FEATURES_ADDRESS": f"127.0.0.1:{self.ports['features']}", "RANKER_REPLICA_ID": "drill-r1",
                         "RANKER_LEASE_TTL_S": "3", "RANKER_ARTIFACT_RETRY_S": "2"})
@@ -154,7 +159,7 @@ class DrillStack:
             common_pb2.Item(item_id=item, title=title_of(n), category=["Beauty > Lips", "Beauty > Skin"][n % 2],
                             brand="Drill", active=True, price=common_pb2.Money(currency_code="EUR", units=5 + n % 30))
             for n, item in enumerate(self.items)]), timeout=60)
-        for name in ("features", "trainer", "ranker"):
+        for name in self.names[1:]:
             self.start_service(name)
         return self
 

@@ -20,7 +20,7 @@ from google.protobuf import descriptor, message_factory
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from deltarec.v1 import collector_pb2, features_pb2, ranker_pb2, trainer_pb2
+from deltarec.v1 import collector_pb2, consistency_pb2, features_pb2, ranker_pb2, trainer_pb2
 from scripts.drills import DrillStack
 from tests.conftest import REPO_ROOT
 
@@ -38,6 +38,7 @@ SERVICES = {  # proto service -> (which process serves it, the _pb2 module)
     "deltarec.v1.FeaturesService": ("features", features_pb2),
     "deltarec.v1.TrainerService": ("trainer", trainer_pb2),
     "deltarec.v1.RankerService": ("ranker", ranker_pb2),
+    "deltarec.v1.ConsistencyService": ("consistency", consistency_pb2),
 }
 METHODS = [(service, method) for service, (_, module) in SERVICES.items()
            for method in (m.name for m in module.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]].methods)]
@@ -133,7 +134,7 @@ def message_of(draw, message_type: descriptor.Descriptor, depth: int = 0):
 def stack(tmp_path_factory):
     state = REPO_ROOT / ".run" / f"test-fuzz-{uuid.uuid4().hex[:8]}"
     stack = DrillStack(state, items=30, service_env={"trainer": {"TRAINER_MAX_EPOCHS": "3"}},
-                       log_dir=tmp_path_factory.mktemp("logs"))
+                       log_dir=tmp_path_factory.mktemp("logs"), consistency=True)
     try:
         stack.start()
         stack.wait_serving()
