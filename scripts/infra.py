@@ -210,14 +210,19 @@ def _etcd_healthy(port: int) -> bool:
         return False
 
 
-def start_etcd(state: Path) -> int:
+def start_etcd(state: Path, _retried: bool = False) -> int:
     data = state / "etcd"
     pid_file, port_file = state / "etcd.pid", state / "etcd.port"
     if pid_file.exists() and port_file.exists():
         pid, port = int(pid_file.read_text()), int(port_file.read_text())
         if _pid_alive(pid) and _etcd_healthy(port):
             return port
-    client_port, peer_port = free_port(), free_port()
+    # A restart (after a stop, or a drill that wiped the data) keeps the ports: clients keep
+    # their ETCD_ENDPOINT.
+    peer_file = state / "etcd.peer_port"
+    client_port = int(port_file.read_text()) if port_file.exists() else free_port()
+    peer_port = int(peer_file.read_text()) if peer_file.exists() else free_port()
+    peer_file.write_text(str(peer_port))
     client_url, peer_url = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
     data.mkdir(parents=True, exist_ok=True)
     log = open(state / "etcd.log", "ab")
@@ -231,6 +236,11 @@ def start_etcd(state: Path) -> int:
     pid_file.write_text(str(process.pid))
     port_file.write_text(str(client_port))
     _wait(lambda: _etcd_healthy(client_port) or process.poll() is not None, "etcd to become healthy")
+    if process.poll() is not None and (port_file.exists() or peer_file.exists()) and not _retried:
+        # A remembered port may have been taken meanwhile: once more on fresh ports.
+        port_file.unlink(missing_ok=True)
+        peer_file.unlink(missing_ok=True)
+        return start_etcd(state, _retried=True)
     if process.poll() is not None:
         raise RuntimeError(f"etcd exited with {process.returncode}; see {state / 'etcd.log'}")
     return client_port

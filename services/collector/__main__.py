@@ -11,6 +11,7 @@ from services.collector.ingest import Ingestor
 from services.collector.server import CollectorServicer
 from services.collector.store import CollectorStore
 from services.common.boot import Boot
+from services.common.readiness import Readiness, store_reachable
 
 
 def main() -> int:
@@ -28,7 +29,8 @@ def main() -> int:
         service.on_stopping(delta_stream.close)
     collector_pb2_grpc.add_CollectorServiceServicer_to_server(CollectorServicer(ingestor, delta_stream),
                                                               service.server)
-    return boot.run()
+    # NOT_SERVING while Postgres is unreachable (every write would be UNAVAILABLE), back by itself.
+    return boot.run(ready_check=Readiness(service).add("postgres", store_reachable(engine)).start)
 
 
 if __name__ == "__main__":

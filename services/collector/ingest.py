@@ -14,6 +14,7 @@ from prometheus_client import Counter
 from deltarec.v1 import collector_pb2, common_pb2
 
 from services.collector.store import CollectorStore, Rejection
+from services.common.validation import MAX_ID_BYTES, check_ids
 from services.collector.validation import (Rejected, check_batch_size, event_payload, validate_event,
                                            validate_item)
 
@@ -76,7 +77,8 @@ class Ingestor:
             else:
                 status, reason = DUPLICATE, "event_id already stored"
                 report.duplicates += 1
-            report.results.append(collector_pb2.EventResult(index=index, event_id=event.event_id,
+            # A rejected id may be the over-long one: never echo more than an id's worth.
+            report.results.append(collector_pb2.EventResult(index=index, event_id=event.event_id[:MAX_ID_BYTES],
                                                             status=status, reason=reason))
         EVENTS.labels("accepted").inc(report.accepted)
         EVENTS.labels("duplicate").inc(report.duplicates)
@@ -92,7 +94,7 @@ class Ingestor:
             try:
                 row = validate_item(item)
             except Rejected as reason:
-                response.results.add(index=index, item_id=item.item_id, ok=False, reason=str(reason))
+                response.results.add(index=index, item_id=item.item_id[:MAX_ID_BYTES], ok=False, reason=str(reason))
                 response.rejected += 1
                 continue
             rows_by_id[row.item_id] = row   # the last version of an item in a batch wins
@@ -102,12 +104,8 @@ class Ingestor:
         return response
 
     def delete_items(self, item_ids: Sequence[str]) -> collector_pb2.DeleteItemsResponse:
-        check_batch_size(len(item_ids), self.max_batch, "item_ids")
-        for position, item_id in enumerate(item_ids):
-            if not item_id:
-                from services.common.errors import InvalidArgument
-                raise InvalidArgument(f"item_ids[{position}]: must not be empty")
-        deleted, commit_lsn = self.store.delete_items(list(item_ids))
+        item_ids = check_ids("item_ids", item_ids, self.max_batch)
+        deleted, commit_lsn = self.store.delete_items(item_ids)
         ITEMS.labels("delete").inc(len(deleted))
         return collector_pb2.DeleteItemsResponse(
             deleted=len(deleted), not_found=sorted(set(item_ids) - deleted), commit_lsn=commit_lsn)

@@ -15,12 +15,12 @@ from decimal import Decimal
 from deltarec.v1 import common_pb2
 
 from services.common.errors import InvalidArgument
+from services.common.validation import MAX_ID_BYTES, quote, text_problem
 from services.contracts.event_row import EventRow
 from services.contracts.event_types import BY_PROTO
 from services.feedback.recommendation_id import EVENT_ATTRIBUTE, InvalidRecommendationId
 from services.feedback.recommendation_id import parse as parse_recommendation_id
 
-MAX_ID_BYTES = 128
 MAX_QUERY_BYTES = 1024
 MAX_TITLE_BYTES = 1024
 MAX_DESCRIPTION_BYTES = 16384
@@ -58,14 +58,14 @@ def check_batch_size(count: int, limit: int, field_name: str) -> None:
         raise InvalidArgument(f"{field_name}: {count} entries, more than the limit of {limit}")
 
 
-def _text(name: str, value: str, limit: int, *, required: bool) -> None:
-    if required and (not value or value.isspace()):
-        raise Rejected(f"{name}: required")
-    # (A character is at most 4 bytes in UTF-8: short strings need no encoding to be measured.)
-    if len(value) * 4 > limit and len(value.encode()) > limit:
-        raise Rejected(f"{name}: {len(value.encode())} bytes, more than {limit}")
-    if "\x00" in value:
-        raise Rejected(f"{name}: contains a NUL character")
+def _text(name: str, value: str, limit: int, *, required: bool, identifier: bool = False) -> None:
+    problem = text_problem(value, limit, required=required, identifier=identifier)
+    if problem:
+        raise Rejected(f"{name}: {problem}")
+
+
+def _id(name: str, value: str) -> None:
+    _text(name, value, MAX_ID_BYTES, required=True, identifier=True)
 
 
 def _attributes(attributes, limit: int) -> dict[str, str]:
@@ -79,18 +79,18 @@ def _attributes(attributes, limit: int) -> dict[str, str]:
 
 
 def validate_event(event: common_pb2.Event, now: datetime, max_clock_skew_s: float) -> EventRow:
-    _text("event_id", event.event_id, MAX_ID_BYTES, required=True)
+    _id("event_id", event.event_id)
     kind = BY_PROTO.get(event.type)
     if kind is None:
         raise Rejected(f"type: unknown event type {event.type}")
     type_name = kind.name
-    _text("user_id", event.user_id, MAX_ID_BYTES, required=True)
+    _id("user_id", event.user_id)
     if not kind.has_item:
         if event.item_id:
             raise Rejected(f"item_id: not allowed for {kind.proto_name}")
         _text("query", event.query, MAX_QUERY_BYTES, required=True)
     else:
-        _text("item_id", event.item_id, MAX_ID_BYTES, required=True)
+        _id("item_id", event.item_id)
         if event.query:
             raise Rejected(f"query: only allowed for EVENT_TYPE_SEARCH, not {kind.proto_name}")
     if event.HasField("timestamp"):
@@ -120,7 +120,7 @@ def validate_event(event: common_pb2.Event, now: datetime, max_clock_skew_s: flo
 
 def money_to_decimal(money: common_pb2.Money) -> tuple[Decimal, str]:
     if not CURRENCY.fullmatch(money.currency_code):
-        raise Rejected(f"price.currency_code: {money.currency_code!r} is not an ISO 4217 code")
+        raise Rejected(f"price.currency_code: {quote(money.currency_code)} is not an ISO 4217 code")
     if not -999_999_999 <= money.nanos <= 999_999_999:
         raise Rejected("price.nanos: must be within +-999,999,999")
     if (money.units > 0 and money.nanos < 0) or (money.units < 0 and money.nanos > 0):
@@ -134,7 +134,7 @@ def money_to_decimal(money: common_pb2.Money) -> tuple[Decimal, str]:
 
 
 def validate_item(item: common_pb2.Item) -> ItemRow:
-    _text("item_id", item.item_id, MAX_ID_BYTES, required=True)
+    _id("item_id", item.item_id)
     # A title is not required: real catalogs have items without one (7 of Amazon Beauty's 12,101),
     # and they still sell. Features gives them a deterministic fallback vector.
     _text("title", item.title, MAX_TITLE_BYTES, required=False)

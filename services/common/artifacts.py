@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -48,17 +49,32 @@ class ArtifactStore:
         else:
             raise ValueError(f"unsupported artifact store URI {root_uri!r} (file:///dir or postgres)")
 
+    def space_problem(self, min_free_bytes: int = 1 << 20) -> str | None:
+        """Why the next artifact would not fit (a readiness check), or None. At least the size of
+        the last artifact written must be free (a model does not shrink between versions)."""
+        if self.kind != "file":
+            return None
+        need = max(min_free_bytes, getattr(self, "last_size", 0))
+        free = shutil.disk_usage(self.directory).free
+        return None if free >= need else f"artifact store full: {free} bytes free, {need} needed"
+
     def write(self, name: str, data: bytes) -> tuple[str, str]:
         """Stores `data` under `name`; returns (uri, sha256)."""
         digest = sha256_hex(data)
         if self.kind == "file":
             target = self.directory / name
             fd, temp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, target)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temp, target)
+                self.last_size = len(data)
+            except BaseException:
+                # A full disk must not keep the partial file: it would hold the space it lacked.
+                Path(temp).unlink(missing_ok=True)
+                raise
             return target.as_uri(), digest
         with self.engine.begin() as connection:
             connection.execute(sa.text(

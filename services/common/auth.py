@@ -394,13 +394,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
                                                 "reason": refused.reason, "peer": context.peer()})
                 context.abort(refused.code, refused.message)
 
-        def wrap_unary(behaviour):
+        def wrap_unary(behaviour, _streaming_request: bool):
             def wrapped(request, context):
                 admit(context)
                 return behaviour(request, context)
             return wrapped
 
-        def wrap_stream(behaviour):
+        def wrap_stream(behaviour, _streaming_request: bool):
             def wrapped(request, context):
                 admit(context)
                 yield from behaviour(request, context)

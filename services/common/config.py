@@ -172,6 +172,8 @@ class CommonConfig(SecurityConfig):
                                    "default: BIND_HOST, or the host name when that is 0.0.0.0")
     shutdown_grace_s: float = env("SHUTDOWN_GRACE_S", 10.0, minimum=0.0, maximum=600.0)
     log_level: str = env("LOG_LEVEL", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    stall_after_s: float = env("STALL_AFTER_S", 15.0, minimum=1.0, maximum=3600.0,
+                               help="health turns NOT_SERVING once a service cannot make progress this long")
 
 
 def describe(cls: type) -> list[tuple[str, str, str]]:

@@ -145,6 +145,11 @@ class DeltaConsumer:
         self.deltas = 0
         self.reconnects = 0
         self.error: BaseException | None = None  # a permanent error that ended run()
+        # Progress: since when the consumer has been unable to make progress (disconnected,
+        # standing by, or apply_batch failing), None while it is fine. See progress_problem().
+        self._trouble_since: float | None = time.monotonic()
+        self._trouble = "not connected yet"
+        self._apply_failing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._call_lock = threading.Lock()
@@ -164,6 +169,29 @@ class DeltaConsumer:
             self.run(self._stop)
         except Exception as error:  # noqa: BLE001 - kept in .error
             log.error("delta consumer stopped", extra={"group": self.group, "error": str(error)[:300]})
+
+    # ------------------------------------------------------------------ health
+    def progress_problem(self, stall_after_s: float = 15.0) -> str | None:
+        """Why this consumer cannot make progress, once that has lasted `stall_after_s`; None
+        while it can (a service turns its health NOT_SERVING on a reason, SERVING again on None).
+        A short reconnect after a collector restart is not a problem; a store that refuses every
+        batch, a collector gone for good, or a consumer thread that ended are."""
+        if self.error is not None:
+            return f"delta consumer stopped: {str(self.error)[:200]}"
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            return "delta consumer thread ended"
+        since = self._trouble_since
+        if since is not None and time.monotonic() - since >= stall_after_s:
+            return f"delta stream of {self.group}: {self._trouble} for {time.monotonic() - since:.0f}s"
+        return None
+
+    def _troubled(self, what: str) -> None:
+        if self._trouble_since is None:
+            self._trouble_since = time.monotonic()
+        self._trouble = what
+
+    def _progressing(self) -> None:
+        self._trouble_since = None
 
     def stop(self, timeout_s: float = 10) -> None:
         self._stop.set()
@@ -197,14 +225,24 @@ class DeltaConsumer:
                 if code in PERMANENT:
                     self.error = error
                     raise
+                self._troubled(f"stream {code.name if code is not None else 'error'}")
                 log.info("delta stream interrupted; reconnecting",
                          extra={"group": self.group, "address": address, "code": str(code),
                                 "details": (error.details() or "")[:200] if hasattr(error, "details") else ""})
             except _ApplyFailed as failure:
+                self._apply_failing = True
+                self._troubled(f"apply_batch failing ({type(failure.__cause__).__name__})")
                 log.warning("apply_batch failed; the batch will come again",
                             extra={"group": self.group, "error": str(failure.__cause__)[:300]})
             except _Idle:
+                self._troubled("idle stream")
                 log.warning("delta stream idle too long; reconnecting", extra={"group": self.group, "address": address})
+            except Exception as error:  # noqa: BLE001 - e.g. the store refusing resume_lsn while Postgres is down
+                # Anything else is transient too: a store error while (re)connecting must never
+                # end the consumer (it did: features stopped consuming for good after an outage).
+                self._troubled(f"{type(error).__name__}")
+                log.warning("delta consumer error; retrying",
+                            extra={"group": self.group, "error": f"{type(error).__name__}: {error}"[:300]})
             finally:
                 self.connected.clear()
                 self.standby.clear()
@@ -269,14 +307,19 @@ class DeltaConsumer:
                     self.batches += 1
                     self.deltas += len(batch.deltas)
                     progressed = True
+                    self._apply_failing = False
+                    self._progressing()
                 elif kind == "heartbeat":
                     heartbeat = response.heartbeat
                     if heartbeat.standby:
                         self.standby.set()
                         self.connected.clear()
+                        self._troubled("standing by (another collector holds the slot)")
                     else:
                         self.standby.clear()
                         self.connected.set()
+                        if not self._apply_failing:
+                            self._progressing()
                     if heartbeat.server_lsn:
                         self.server_lsn = heartbeat.server_lsn
                     if heartbeat.caught_up_lsn:

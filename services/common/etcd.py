@@ -157,6 +157,12 @@ class Etcd:
             return function(*args, **kwargs)
         except (etcd3.exceptions.ConnectionFailedError, etcd3.exceptions.ConnectionTimeoutError) as exc:
             raise EtcdUnavailable(str(exc) or type(exc).__name__) from exc
+        except ValueError as exc:
+            # The client's way of saying its only endpoint is marked failed (for ENDPOINT_RETRY_S
+            # after an error): an outage like any other, not a bug of the caller.
+            if "failed node" in str(exc) or "no endpoint" in str(exc).lower():
+                raise EtcdUnavailable(str(exc)) from exc
+            raise
         except Exception as exc:  # grpc errors from the client's stubs
             if exc.__class__.__name__ in ("_InactiveRpcError", "_MultiThreadedRendezvous"):
                 raise EtcdUnavailable(str(exc)) from exc
@@ -287,8 +293,9 @@ class Leadership:
             try:
                 if self.try_acquire():
                     return True
-            except EtcdUnavailable:
-                pass
+            except Exception as error:  # noqa: BLE001 - etcd down, or etcd3's "failed node" ValueError:
+                # a campaign never ends by itself on an outage (the role would stay unheld).
+                log.debug("campaign attempt failed", extra={"key": self.name, "error": str(error)[:200]})
             stop.wait(poll_s)
         return False
 

@@ -22,6 +22,7 @@ from prometheus_client import start_http_server
 from services.common import limits, tls
 from services.common.auth import AuthInterceptor, Authorizer
 from services.common.interceptors import ObservabilityInterceptor
+from services.common.reflection_pool import MethodResolvingPool
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class GrpcService:
         if security is None or security.reflection_access != "off":
             reflection.enable_server_reflection(
                 self.service_names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                      reflection.SERVICE_NAME], self.server)
+                                      reflection.SERVICE_NAME], self.server, pool=MethodResolvingPool())
         self._set_health(NOT_SERVING)
         self.certificates = None     # the TLS certificate fetcher (reloads on file change)
         if tls.server_tls_enabled(security):

@@ -23,6 +23,7 @@ import sys
 from deltarec.v1 import features_pb2, features_pb2_grpc
 
 from services.common.boot import Boot
+from services.common.readiness import Readiness, store_reachable
 from services.common.delta_consumer import DeltaConsumer, row_of
 from services.contracts.item_text import is_usable
 from services.features.applier import ApplierSettings, FeatureApplier
@@ -100,7 +101,11 @@ def main() -> int:
     service.on_shutdown(batcher.close)
     service.on_shutdown(publisher.close)
     consumer.start()
-    return boot.run()
+    # Health follows progress: NOT_SERVING while the delta stream cannot be applied (Postgres
+    # down, collector gone) for STALL_AFTER_S or the store is unreachable; SERVING again by itself.
+    readiness = (Readiness(service).add("delta stream", lambda: consumer.progress_problem(config.stall_after_s))
+                 .add("feature store", store_reachable(engine)))
+    return boot.run(ready_check=readiness.start)
 
 
 if __name__ == "__main__":

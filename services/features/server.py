@@ -94,16 +94,18 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     @grpc_errors
     def GetUserFeatures(self, request, context):
         user_id = validation.check_id("user_id", request.user_id)
+        history_limit = validation.max_history(request.max_history)
         state, data_lsn = self.store.read_user(user_id)
-        return features_pb2.GetUserFeaturesResponse(features=self._user(user_id, state, request.max_history),
+        return features_pb2.GetUserFeaturesResponse(features=self._user(user_id, state, history_limit),
                                                     data_lsn=data_lsn)
 
     @grpc_errors
     def BatchGetUserFeatures(self, request, context):
         user_ids = validation.check_ids("user_ids", request.user_ids, validation.MAX_USER_IDS)
+        history_limit = validation.max_history(request.max_history)
         states, data_lsn = self.store.read_users(user_ids)
         return features_pb2.BatchGetUserFeaturesResponse(
-            users=[self._user(user_id, states[user_id], request.max_history)
+            users=[self._user(user_id, states[user_id], history_limit)
                    for user_id in user_ids if user_id in states], data_lsn=data_lsn)
 
     @grpc_errors
@@ -111,7 +113,8 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         if self.users_feed is None:
             raise Unavailable("WatchUsers: not enabled on this server")
         batch_size = validation.watch_users_batch_size(request.max_batch_size)
-        for page in self.users_feed.pages(request.after_lsn, batch_size, context.is_active):
+        after = validation.after_lsn(request.after_lsn)
+        for page in self.users_feed.pages(after, batch_size, context.is_active):
             yield features_pb2.WatchUsersResponse(
                 changes=[features_pb2.UserChange(user_id=user_id, lsn=lsn) for user_id, lsn in page.changes],
                 watermark=page.watermark)
@@ -140,7 +143,8 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     @grpc_errors
     def WatchItems(self, request, context):
         batch_size = validation.watch_batch_size(request.max_batch_size)
-        for page in self.feed.pages(request.after_lsn, batch_size, context.is_active):
+        after = validation.after_lsn(request.after_lsn)
+        for page in self.feed.pages(after, batch_size, context.is_active):
             response = features_pb2.WatchItemsResponse(watermark=page.watermark)
             for change in page.changes:
                 if change.kind == UPSERT:

@@ -60,7 +60,7 @@ def main(drop_feed_updates=None) -> int:
     manager = ModelManager(catalog, state, reader, config.index_options(), retry_s=config.artifact_retry_s)
     etcd = boot.etcd()
     watcher = EtcdModelWatcher(etcd, manager)
-    users = UserCache(features, config.user_cache_ttl_s, config.user_cache_size)
+    users = UserCache(features, config.user_cache_ttl_s, config.user_cache_size, stale_s=config.user_stale_s)
     encoder = CachedEncoder(LocalEncoder() if config.query_encoder == "local" else features)
     admission = AdmissionControl(config.max_running, config.max_waiting)
     path = RequestPath(catalog, users, admission, history_length=config.history_length,

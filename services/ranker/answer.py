@@ -19,3 +19,4 @@ class Answer:
     data_lsn: int
     variant: str = "current"
     cold_start: bool = False
+    degraded: bool = False      # features could not answer: cached user state, or none

@@ -1,6 +1,7 @@
 """Argument checks shared by the ranker's requests: each failure is INVALID_ARGUMENT naming the field."""
 from __future__ import annotations
 
+from services.common import validation
 from services.common.errors import InvalidArgument
 
 MAX_K = 200
@@ -17,14 +18,8 @@ def check_k(k: int) -> int:
 
 
 def check_id(name: str, value: str, required: bool = True) -> str:
-    if required and not value:
-        raise InvalidArgument(f"{name}: required")
-    if len(value.encode()) > 128:
-        raise InvalidArgument(f"{name}: at most 128 bytes")
-    return value
+    return validation.check_id(name, value, required=required)
 
 
 def check_query(query: str) -> str:
-    if not 1 <= len(query.encode()) <= MAX_QUERY_BYTES or not query.strip():
-        raise InvalidArgument(f"query: must be 1..{MAX_QUERY_BYTES} bytes of text")
-    return query
+    return validation.check_text("query", query, MAX_QUERY_BYTES, required=True)

@@ -57,6 +57,9 @@ class RankerConfig(CommonConfig):
                                   help="only while the WatchUsers stream is down: how long a user's state "
                                        "read from features is reused (0 = always read); min_data_lsn "
                                        "always reads through")
+    user_stale_s: float = env("RANKER_USER_STALE_S", 3600.0, minimum=0.0, maximum=86_400.0,
+                              help="how old a cached user state may be to serve a degraded answer while "
+                                   "features cannot answer (0 = never)")
     default_exclude: str = env("RANKER_DEFAULT_EXCLUDE", "seen", choices=EXCLUDE_POLICIES,
                                help="what Recommend leaves out when the request's filters do not say: "
                                     "seen (every item the user interacted with; suits a storefront's "

@@ -9,6 +9,7 @@ import numpy as np
 from deltarec.v1 import features_pb2, features_pb2_grpc
 
 from services.common import channels
+from services.common.errors import InvalidArgument
 from services.contracts.event_types import MODEL_INDEX_BY_PROTO, EventType
 from services.ranker.user_cache import FeaturesUnavailable, UserHistory
 
@@ -53,6 +54,8 @@ class FeaturesClient:
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return UserHistory()
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:   # the caller's value, not an outage
+                raise InvalidArgument(f"user_id: refused by features: {(error.details() or '')[:200]}") from None
             raise FeaturesUnavailable(f"GetUserFeatures: {error.code().name}") from None
         return user_history_of(response.features, response.data_lsn)
 

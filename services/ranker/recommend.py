@@ -69,6 +69,7 @@ class Recommender:
             bundle, variant = self.state.route(user_id)
             version = bundle.version if bundle is not None else 0
             cached = self.path.user(user_id, min_data_lsn, time_left) if user_id else None
+            degraded = cached is not None and cached.degraded
             if session:
                 cached = with_session(cached, session, watermark)
             history = cached.history if cached is not None else UserHistory()
@@ -77,9 +78,9 @@ class Recommender:
             if bundle is not None and cached is not None:
                 personal = self._personal(bundle, cached, k, filters, excluded)
                 if personal:
-                    return Answer(personal, version, data_lsn, variant, cold_start=False)
+                    return Answer(personal, version, data_lsn, variant, cold_start=False, degraded=degraded)
             items = self.cold_start(bundle, k, filters, excluded)
-            return Answer(items, version, data_lsn, variant, cold_start=True)
+            return Answer(items, version, data_lsn, variant, cold_start=True, degraded=degraded)
 
     def _personal(self, bundle: ModelBundle, cached: CachedUser, k: int, filters: FilterSpec,
                   excluded: set[int]) -> list[Scored]:

@@ -19,7 +19,7 @@ from services.ranker import metrics
 from services.ranker.admission import AdmissionControl
 from services.ranker.catalog import Catalog
 from services.ranker.read_your_writes import wait_for_lsn
-from services.ranker.user_cache import CachedUser, FeaturesUnavailable, UserCache
+from services.ranker.user_cache import CachedUser, FeaturesUnavailable, UserCache, UserHistory
 
 
 class RequestPath:
@@ -40,17 +40,21 @@ class RequestPath:
         with self.admission.admit(_left(deadline)):
             yield _left(deadline)
 
-    def user(self, user_id: str, min_lsn: int, timeout_s: float | None) -> CachedUser | None:
-        """The user's history (through the cache), or None when features is unreachable: the
-        answer degrades to one without the user, unless the request asked to read its own writes
-        (min_lsn), which an answer without the user's history would not honour: UNAVAILABLE."""
+    def user(self, user_id: str, min_lsn: int, timeout_s: float | None) -> CachedUser:
+        """The user's history (through the cache). When features is unreachable: the replica's
+        last known state of the user, or an empty one, both marked `degraded` (the answer says
+        so), unless the request asked to read its own writes (min_lsn) and the cache has nothing
+        that recent, which an answer would not honour: UNAVAILABLE."""
         try:
-            return self.users.get(user_id, self.history_length, min_lsn, timeout_s)
+            cached = self.users.get(user_id, self.history_length, min_lsn, timeout_s)
         except FeaturesUnavailable as error:
             if min_lsn:
                 raise Unavailable(f"user features unavailable: {error}") from None
             metrics.DEGRADED.inc()
-            return None
+            return CachedUser(UserHistory(), time.monotonic(), degraded=True)
+        if cached.degraded:
+            metrics.DEGRADED.inc()
+        return cached
 
 
 def _left(deadline: float | None) -> float | None:

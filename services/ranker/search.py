@@ -60,9 +60,10 @@ class Searcher:
             version = bundle.version if bundle is not None else 0
             data_lsn = self.catalog.watermark
             excluded = self.catalog.known_iids(filters.exclude_item_ids)
-            user = None
+            user, degraded = None, False
             if user_id and bundle is not None:
                 cached = self.path.user(user_id, min_data_lsn, time_left)
+                degraded = cached.degraded
                 if cached is not None:
                     if cached.history.data_lsn:
                         data_lsn = min(data_lsn, cached.history.data_lsn)
@@ -70,7 +71,7 @@ class Searcher:
                     if state is not None:
                         user = state.vector
             items = self._rank(query, k, filters, excluded, bundle if user is not None else None, user)
-            return Answer(items, version, data_lsn, variant)
+            return Answer(items, version, data_lsn, variant, degraded=degraded)
 
     def _rank(self, query: str, k: int, filters: FilterSpec, excluded: set[int], bundle,
               user) -> list[Scored]:

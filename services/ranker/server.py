@@ -10,6 +10,7 @@ import time
 from deltarec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
 
 from services.common.errors import InvalidArgument, Unavailable, grpc_errors
+from services.common.validation import check_count, check_id, check_ids, check_texts
 from services.feedback.attribution import Attribution
 from services.ranker import metrics
 from services.ranker.admission import Overloaded
@@ -23,6 +24,12 @@ from services.ranker.session import SessionEvent
 
 WATERMARK_METADATA = "deltarec-data-lsn"
 MAX_DETAIL_BUCKETS = 64
+
+# Request limits of the filters and the session (documented in ranker.proto).
+MAX_CATEGORIES = 64
+MAX_CATEGORY_BYTES = 256
+MAX_EXCLUDED = 10_000
+MAX_SESSION_EVENTS = 200
 
 
 def time_remaining(context) -> float | None:
@@ -42,12 +49,17 @@ def filters_from(request, default: FilterSpec) -> FilterSpec:
     # Exclusions left unset keep the default (the deployment's policy for Recommend).
     purchased = f.exclude_purchased if f.HasField("exclude_purchased") else default.exclude_purchased
     seen = f.exclude_seen if f.HasField("exclude_seen") else default.exclude_seen
+    categories = check_texts("filters.categories", f.categories, MAX_CATEGORIES, MAX_CATEGORY_BYTES)
+    excluded = check_ids("filters.exclude_item_ids", f.exclude_item_ids, MAX_EXCLUDED, allow_empty=True)
     return FilterSpec(exclude_purchased=purchased, exclude_seen=seen,
-                      categories=tuple(c for c in f.categories if c), min_price=low, max_price=high,
-                      exclude_item_ids=tuple(f.exclude_item_ids))
+                      categories=tuple(c for c in categories if c), min_price=low, max_price=high,
+                      exclude_item_ids=tuple(excluded))
 
 
 def session_from(request) -> tuple[SessionEvent, ...]:
+    check_count("session", len(request.session), MAX_SESSION_EVENTS)
+    for position, event in enumerate(request.session):
+        check_id(f"session[{position}].item_id", event.item_id)
     return tuple(SessionEvent(event.item_id, event.type,
                               event.timestamp.seconds + event.timestamp.nanos / 1e9
                               if event.HasField("timestamp") else None)
@@ -98,6 +110,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             request.min_data_lsn, time_remaining(context), session=session_from(request))
         return ranker_pb2.RecommendResponse(
             items=_items(answer), freshness=_freshness(answer), cold_start=answer.cold_start,
+            degraded=answer.degraded,
             variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version),
             recommendation_id=self._stamp(answer, "recommend", request.user_id))
 
@@ -108,7 +121,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             request.query, request.user_id, request.k, filters_from(request, NO_FILTERS),
             request.min_data_lsn, time_remaining(context))
         return ranker_pb2.SearchResponse(
-            items=_items(answer), freshness=_freshness(answer),
+            items=_items(answer), freshness=_freshness(answer), degraded=answer.degraded,
             variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version),
             recommendation_id=self._stamp(answer, "search", request.user_id))
 

@@ -20,7 +20,9 @@ contention).
 When the stream is not live (features down, stream broken, a features service without
 `WatchUsers`), the cache cannot know what changed: entries then serve only for `fallback_ttl_s`
 after they were read (the old short-lived cache), and a request with min_data_lsn above an entry's
-LSN always reads through. When the feature store was rebuilt from a new snapshot (the stream says
+LSN always reads through. When that read fails (features unreachable), an entry read within
+`stale_s` is served marked `degraded`: the answer says so, and says the LSN it reflects.
+When the feature store was rebuilt from a new snapshot (the stream says
 so), everything is forgotten.
 
 Memory: at most `capacity` entries (LRU), each a user's recent history (FEATURES_HISTORY_LENGTH,
@@ -40,7 +42,8 @@ from services.ranker import metrics
 
 
 # The labelled counters, looked up once (a labels() call per request costs a lock and a dict).
-_HIT, _HIT_FALLBACK, _MISS = (metrics.USER_CACHE.labels(result) for result in ("hit", "hit_fallback", "miss"))
+_HIT, _HIT_FALLBACK, _MISS, _STALE = (metrics.USER_CACHE.labels(result)
+                                      for result in ("hit", "hit_fallback", "miss", "stale"))
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class CachedUser:
     vectors: dict = field(default_factory=dict)
     # memo of the filters' exclusion sets (seen_filter.py), same lifetime
     exclusions: dict = field(default_factory=dict)
+    # features could not answer: this is the replica's last known state (or none at all)
+    degraded: bool = False
 
     def as_of(self, lsn: int) -> "CachedUser":
         """The same entry (sharing its memos) stating that it is exact as of `lsn`."""
@@ -154,8 +159,12 @@ class UserCache:
     user-change stream is live; see the module docstring."""
 
     def __init__(self, source: UserSource, ttl_s: float = 1.0, capacity: int = 50_000, *,
-                 change_memory: int = 100_000, max_batch: int = 64, max_in_flight: int = 2) -> None:
+                 change_memory: int = 100_000, max_batch: int = 64, max_in_flight: int = 2,
+                 stale_s: float = 0.0) -> None:
         self.source, self.fallback_ttl_s, self.capacity = source, ttl_s, capacity
+        # Degraded reads: when features cannot answer, an entry read at most stale_s ago is
+        # served anyway, marked degraded (what the replica knew beats popular items).
+        self.stale_s = stale_s
         self.change_memory = change_memory
         self._entries: OrderedDict[str, CachedUser] = OrderedDict()
         self._recent: OrderedDict[str, int] = OrderedDict()
@@ -183,7 +192,14 @@ class UserCache:
                 _HIT_FALLBACK.inc()
                 return entry
         _MISS.inc()
-        history = self._misses.fetch(user_id, max_history, timeout_s)
+        try:
+            history = self._misses.fetch(user_id, max_history, timeout_s)
+        except FeaturesUnavailable:
+            if (entry is not None and time.monotonic() - entry.fetched_at < self.stale_s
+                    and entry.history.data_lsn >= min_lsn):
+                _STALE.inc()
+                return dataclasses.replace(entry, degraded=True)
+            raise
         fresh = CachedUser(history, time.monotonic())
         if self.capacity > 0:
             self._store(user_id, fresh)

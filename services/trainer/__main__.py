@@ -13,6 +13,7 @@ from deltarec.v1 import trainer_pb2, trainer_pb2_grpc
 
 from services.common.artifacts import ArtifactStore
 from services.common.boot import Boot
+from services.common.readiness import Readiness, store_reachable
 from services.trainer.config import TrainerConfig
 from services.trainer.leader import LeaderElector
 from services.trainer.publisher import Publisher
@@ -55,9 +56,15 @@ def main(hooks: RunHooks | None = None) -> int:
                                         "loop": config.loop_enabled, "strategy": core.default_strategy().to_dict()})
     loop.start()
     elector.start()
+    # Health follows progress: NOT_SERVING while the store, the leader's delta stream, the loop
+    # or the artifact store's free space stops it from doing its job (SERVING again by itself).
+    readiness = (Readiness(service).add("postgres", store_reachable(engine))
+                 .add("delta stream", lambda: recorder.progress_problem(config.stall_after_s))
+                 .add("training loop", loop.progress_problem)
+                 .add("artifact store", store.space_problem))
     # A training still running in a worker thread must not hold the process past the shutdown
     # grace: every run is crash-safe (the next leader finishes or redoes it), so exit at once.
-    return boot.run(exit_at_once=True)
+    return boot.run(ready_check=readiness.start, exit_at_once=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ class TrainerConfig(CommonConfig):
                                       "stream; empty = do not consume")
     artifact_uri: str = env("TRAINER_ARTIFACT_URI", DEFAULT_ARTIFACT_URI,
                             help="artifact store: file:///dir or postgres")
-    seed: int = env("TRAINER_SEED", 0, minimum=0, help="default seed of trainings and updates")
+    seed: int = env("TRAINER_SEED", 0, minimum=0, maximum=2 ** 32 - 1, help="default seed of trainings and updates")
+    max_epochs: int = env("TRAINER_MAX_EPOCHS", 200, minimum=1, maximum=100_000,
+                          help="most epochs one Train request may ask for (more: INVALID_ARGUMENT)")
     torch_threads: int = env("TRAINER_TORCH_THREADS", 2, minimum=1, maximum=64)
     device: str = env("TRAINER_DEVICE", "auto", choices=DEVICE_SETTINGS,
                       help="where training and its validation run: auto = CUDA when present, else CPU; "

@@ -33,10 +33,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import sqlalchemy as sa
 import torch
 
 from services.common.artifacts import read_verified
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from services.trainer import gate, run_steps, strategies
 from services.model.artifact import ModelArtifact, deserialize
 from services.trainer.catalog import Catalog
@@ -95,6 +96,10 @@ class RunHooks:
         """The candidate of `version` was trained and is about to be evaluated by the gate."""
 
 
+class RunCancelled(Exception):
+    """The caller of a synchronous Train/Update went away; the run stopped at an epoch boundary."""
+
+
 class TrainerCore:
     def __init__(self, config: TrainerConfig, engine, publisher: Publisher, trainer_id: str,
                  is_leader: Callable[[], bool] = lambda: True, leader_id: Callable[[], str] = lambda: "",
@@ -107,6 +112,7 @@ class TrainerCore:
         self.catalog = Catalog(engine, config.text_fallback)
         self.job_lock = threading.Lock()
         self.progress: Progress | None = None
+        self._cancelled: Callable[[], bool] | None = None   # the running job's caller went away
         self.last_update: float | None = None   # wall clock of the last finished run
         self._artifacts: dict[str, ModelArtifact] = {}
         self.on_version: Callable[[VersionRow, bool], None] | None = None
@@ -118,11 +124,15 @@ class TrainerCore:
         c = self.config
         return Strategy(c.window_seconds, c.threshold_events, c.priority, c.top_share, c.replay_ratio)
 
-    def train(self, seed: int = 0, epochs: int = 0, publish: bool = False, *, shadow_of: int = 0) -> Outcome:
+    def train(self, seed: int = 0, epochs: int = 0, publish: bool = False, *, shadow_of: int = 0,
+              cancelled: Callable[[], bool] | None = None, wait_s: float | None = None) -> Outcome:
         """Full training on every recorded interaction. With `shadow_of`, a shadow full retrain of
         that incremental version: on the same data (its lsn_to) and slice, compared with it; published
-        only when the version is more than TRAINER_DRIFT_BOUND below it (see scheduler.py)."""
-        with self._job("full"):
+        only when the version is more than TRAINER_DRIFT_BOUND below it (see scheduler.py).
+        `cancelled` (the caller went away) is asked at each epoch: when true the run stops and is
+        recorded rejected. `wait_s`: how long to wait for a running job (None: as long as it
+        takes), else ABORTED."""
+        with self._job("full", cancelled, wait_s):
             current = self.publisher.current()
             lsn_to, holdout_after = self.log.high_water(), current.data_lsn if current.pointer else None
             if shadow_of:
@@ -150,14 +160,15 @@ class TrainerCore:
                 baseline_value=current.raw, holder=self.trainer_id)
             return self._execute(run, inputs)
 
-    def update(self, strategy: Strategy | None = None, publish: bool = False, seed: int = 0) -> Outcome:
+    def update(self, strategy: Strategy | None = None, publish: bool = False, seed: int = 0,
+               cancelled: Callable[[], bool] | None = None, wait_s: float | None = None) -> Outcome:
         """Incremental update from the current version with `strategy` (default: configured)."""
         strategy = (strategy or self.default_strategy())
         try:
             strategy.validate()
         except ValueError as error:
             raise InvalidArgument(f"strategy.{error}") from None
-        with self._job("update"):
+        with self._job("update", cancelled, wait_s):
             current = self.publisher.current()
             if current.pointer is None:
                 raise FailedPrecondition("no current model version to update: run Train first")
@@ -186,6 +197,36 @@ class TrainerCore:
                 holder=self.trainer_id)
             return self._execute(run, inputs)
 
+    def restore_current(self) -> VersionRow | None:
+        """etcd lost `model/current` (its data was lost, or a new cluster) while `model_versions`
+        says a version was published: publish that version again — the newest published one,
+        its artifact verified first — by compare-and-swap on the key's absence, so that rankers
+        keep serving it instead of waiting for a new training. Returns it, or None.
+
+        Which version was current: the newest published one, unless a rollback happened after
+        it was published (the newest rollback is from a version at least as new): then the
+        version rolled back to."""
+        with self.engine.connect() as connection:
+            newest = connection.execute(sa.text(
+                "SELECT max(version) FROM model_versions WHERE status = 'published'")).scalar()
+            rollback = connection.execute(sa.text(
+                "SELECT version, rolled_back_to FROM model_versions WHERE status = 'rolled_back' "
+                "AND rolled_back_to IS NOT NULL ORDER BY rolled_back_at DESC LIMIT 1")).first()
+        if rollback is not None and (newest is None or newest <= rollback[0]):
+            newest = rollback[1]
+        published = self.versions.get(int(newest)) if newest else None
+        if published is None or not published.sha256 or not published.artifact_uri:
+            return None
+        read_verified(published.artifact_uri, published.sha256, self.engine)
+        result = self.publisher.publish(version=published.version, uri=published.artifact_uri,
+                                        sha256=published.sha256, data_lsn=published.lsn_to,
+                                        metrics=published.metrics or {}, expected=None)
+        if not result.published:
+            return None
+        log.warning("model/current was missing from etcd: restored from model_versions",
+                    extra={"version": published.version, "data_lsn": published.lsn_to})
+        return published
+
     def recover(self) -> list[Outcome]:
         """Finishes or abandons the runs a crash left open (see the module docstring)."""
         outcomes = []
@@ -213,15 +254,26 @@ class TrainerCore:
 
     # ------------------------------------------------------------------------------ runs
     @contextlib.contextmanager
-    def _job(self, kind: str = ""):
+    def _job(self, kind: str = "", cancelled: Callable[[], bool] | None = None, wait_s: float | None = None):
         self._require_leader()
-        with self.job_lock:
+        # A request waits for a running job only as long as its caller does (its deadline):
+        # one long training must not pile up handler threads that nobody waits for any more.
+        if not self.job_lock.acquire(timeout=-1 if wait_s is None else max(wait_s, 0.0)):
+            running = self.progress
+            raise Aborted("busy: a training is running"
+                          + (f" (version {running.version}, {running.kind})" if running else "")
+                          + "; retry later")
+        try:
             self._require_leader()      # a run waited for may outlive the lease it was asked under
             self.progress = Progress(0, kind) if kind else None
+            self._cancelled = cancelled
             try:
                 yield
             finally:
                 self.progress = None
+                self._cancelled = None
+        finally:
+            self.job_lock.release()
 
     def _require_leader(self) -> None:
         if not self.is_leader():
@@ -268,6 +320,17 @@ class TrainerCore:
         except Fenced as error:
             log.warning("run taken over by another trainer; stopping", extra={"error": str(error)})
             return Outcome(self.versions.get(run.version), reason=str(error))
+        except Exception as error:
+            # A run that failed (or whose caller went away) is decided now, not left a candidate
+            # "training" until the next election's recovery.
+            reason = ("cancelled: the caller went away" if isinstance(error, RunCancelled)
+                      else f"failed: {type(error).__name__}")
+            try:
+                self.versions.finish(run, REJECTED, reason)
+            except Exception:  # noqa: BLE001 - store down: recovery decides the run later
+                log.warning("could not record the failed run", extra={"version": run.version})
+            log.warning("run ended without a model", extra={"version": run.version, "reason": reason})
+            raise
 
     def _train_gate_store_publish(self, run: Run, inputs: "_Inputs | None") -> Outcome:
         self.hooks.at("training", run.version)
@@ -349,9 +412,13 @@ class TrainerCore:
         return model, stats, extra
 
     def _epoch_progress(self, done: int, epochs: int) -> None:
-        """training.py's progress callback: the epoch counts that Status shows while training."""
+        """training.py's progress callback: the epoch counts that Status shows while training;
+        also where a run whose caller went away (a synchronous Train/Update) stops."""
         if self.progress is not None:
             self.progress.epoch, self.progress.epochs = done, epochs
+        cancelled = getattr(self, "_cancelled", None)
+        if cancelled is not None and done < epochs and cancelled():
+            raise RunCancelled(f"cancelled after epoch {done} of {epochs}")
 
     def _publish(self, run: Run, uri: str, sha: str, metrics: dict, gate_reason: str) -> Outcome:
         self._phase("publishing")

@@ -3,6 +3,8 @@ stream is recorded meanwhile by stream_recorder.py, started on election).
 
 Training, every TRAINER_LOOP_INTERVAL_S:
 * first, once after each election, `recover()` finishes or abandons runs a crash left open;
+* etcd has no `model/current` but `model_versions` has a published version (etcd lost its data):
+  `restore_current()` publishes that version again (CAS on absence), whether the loop trains or not;
 * no current version yet: a QUICK full training of TRAINER_FIRST_EPOCHS epochs (published: a new
   deployment serves personalised answers within minutes), then, as the next version, the full
   training of TRAINER_MODEL_EPOCHS (a hot swap); both as soon as the log holds
@@ -63,6 +65,10 @@ class TrainingLoop:
         self._thread.start()
         return self
 
+    def progress_problem(self) -> str | None:
+        """A readiness check: the loop thread must live until stopped."""
+        return None if self._thread.is_alive() or self._stop.is_set() else "training loop ended"
+
     def elected(self) -> None:
         """Called on election: record the delta stream, recover first, then resume the strategy."""
         if self.recorder is not None:
@@ -88,6 +94,10 @@ class TrainingLoop:
                     for outcome in self.core.recover():
                         log.info("recovered run", extra={"version": outcome.version.version if outcome.version else 0,
                                                          "published": outcome.published, "reason": outcome.reason})
+                # etcd lost model/current (data loss) but model_versions knows what was
+                # published: publish it again, loop or no loop, before any new training.
+                if self.core.publisher.current().raw is None and self.core.restore_current() is not None:
+                    continue
                 if self.enabled:
                     self.tick()
             except Exception as error:  # noqa: BLE001 - keep looping; the next tick retries

@@ -9,8 +9,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from deltarec.v1 import trainer_pb2, trainer_pb2_grpc
 
 from services.common.errors import InvalidArgument, grpc_errors
+from services.common.validation import MAX_INT64, check_choice, check_id, check_int
 from services.trainer.runs import TrainerCore
-from services.trainer.strategies import Strategy
+from services.trainer.strategies import PRIORITIES, Strategy
 from services.trainer.versions import VersionRow
 
 STATUS = {"candidate": trainer_pb2.VERSION_STATUS_CANDIDATE, "published": trainer_pb2.VERSION_STATUS_PUBLISHED,
@@ -48,11 +49,33 @@ def version_message(row: VersionRow) -> trainer_pb2.ModelVersion:
     return message
 
 
+# Request ranges (documented in trainer.proto). torch seeds are 32-bit; a window longer than a
+# century or a threshold beyond a bigint means nothing and would overflow date arithmetic.
+MAX_SEED = 2 ** 32 - 1
+MAX_WINDOW_SECONDS = 100 * 365 * 86400
+MAX_PRIORITY_BYTES = 64
+
+
+def caller_wait(context) -> float | None:
+    """How long the caller still waits (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e6 else remaining
+
+
+def check_seed(value: int) -> int:
+    return check_int("seed", value, 0, MAX_SEED)
+
+
 def strategy_from_request(message: trainer_pb2.UpdateStrategy) -> Strategy:
     """Zero top_share / replay_ratio mean their documented default (1.0)."""
     for name in ("top_share", "replay_ratio"):
         if math.isnan(getattr(message, name)):
             raise InvalidArgument(f"strategy.{name}: must be a number")
+    check_int("strategy.window_seconds", message.window_seconds, 0, MAX_WINDOW_SECONDS)
+    check_int("strategy.threshold_events", message.threshold_events, 0, MAX_INT64)
+    if message.priority:
+        check_id("strategy.priority", message.priority, max_bytes=MAX_PRIORITY_BYTES)
+        check_choice("strategy.priority", message.priority, PRIORITIES)
     strategy = Strategy(window_seconds=message.window_seconds, threshold_events=message.threshold_events,
                         priority=message.priority, top_share=message.top_share or 1.0,
                         replay_ratio=message.replay_ratio or 1.0)
@@ -68,13 +91,19 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @grpc_errors
     def Train(self, request, context):
-        outcome = self.core.train(seed=request.seed, epochs=request.epochs, publish=request.publish)
+        seed = check_seed(request.seed)
+        epochs = check_int("epochs", request.epochs, 0, self.core.config.max_epochs)
+        # Synchronous: a caller that goes away (cancel, deadline) stops the run at the next epoch.
+        outcome = self.core.train(seed=seed, epochs=epochs, publish=request.publish,
+                                  cancelled=lambda: not context.is_active(), wait_s=caller_wait(context))
         return trainer_pb2.TrainResponse(version=version_message(outcome.version), published=outcome.published)
 
     @grpc_errors
     def Update(self, request, context):
         strategy = strategy_from_request(request.strategy) if request.HasField("strategy") else None
-        outcome = self.core.update(strategy, publish=request.publish, seed=request.seed)
+        seed = check_seed(request.seed)
+        outcome = self.core.update(strategy, publish=request.publish, seed=seed,
+                                   cancelled=lambda: not context.is_active(), wait_s=caller_wait(context))
         response = trainer_pb2.UpdateResponse(published=outcome.published, skipped=outcome.skipped,
                                               reason=outcome.reason)
         if outcome.version is not None:
@@ -92,6 +121,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def GetVersion(self, request, context):
         if request.version == 0:
             raise InvalidArgument("version: required (versions start at 1)")
+        check_int("version", request.version, 1, MAX_INT64)
         return trainer_pb2.GetVersionResponse(version=version_message(self.core.get_version(request.version)))
 
     @grpc_errors

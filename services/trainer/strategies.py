@@ -43,7 +43,7 @@ class Strategy:
         if self.threshold_events < 0:
             raise ValueError("threshold_events: must be >= 0")
         if self.priority and self.priority not in PRIORITIES:
-            raise ValueError(f"priority: must be empty or one of {', '.join(PRIORITIES)}, not {self.priority!r}")
+            raise ValueError(f"priority: must be empty or one of {', '.join(PRIORITIES)}, not {self.priority[:40]!r}")
         if not (0.0 < self.top_share <= 1.0) or math.isnan(self.top_share):
             raise ValueError("top_share: must be in (0, 1]")
         if not (0.0 <= self.replay_ratio <= 100.0) or math.isnan(self.replay_ratio):

@@ -46,6 +46,12 @@ class StreamRecorder:
         consumer = self.consumer
         return consumer is not None and bool(consumer.caught_up_lsn)
 
+    def progress_problem(self, stall_after_s: float = 15.0) -> str | None:
+        """Why recording cannot make progress (a readiness check); None also on a standby,
+        which records nothing by design."""
+        consumer = self.consumer
+        return None if consumer is None else consumer.progress_problem(stall_after_s)
+
     def stop(self) -> None:
         with self._lock:
             consumer, self.consumer = self.consumer, None

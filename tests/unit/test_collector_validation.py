@@ -339,6 +339,12 @@ def _text(max_bytes: int, min_size: int = 1):
             .filter(lambda s: len(s.encode()) <= max_bytes and (min_size == 0 or s.strip())))
 
 
+def _id():
+    """Ids: any printable text (control characters are refused in ids, kept in free text)."""
+    alphabet = st.characters(blacklist_categories=("Cs", "Cc"))
+    return st.text(alphabet, min_size=1, max_size=128).filter(lambda s: len(s.encode()) <= 128 and s.strip())
+
+
 _times = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2024, 6, 1, 12, 5),
                       timezones=st.just(timezone.utc))
 _attributes = st.dictionaries(_text(64), _text(1024, min_size=0), max_size=v.MAX_ATTRIBUTES)
@@ -347,12 +353,12 @@ _attributes = st.dictionaries(_text(64), _text(1024, min_size=0), max_size=v.MAX
 @st.composite
 def valid_events(draw):
     event_type = draw(st.sampled_from(sorted(NAME_BY_PROTO)))
-    event = common_pb2.Event(event_id=draw(_text(128)), type=event_type, user_id=draw(_text(128)),
+    event = common_pb2.Event(event_id=draw(_id()), type=event_type, user_id=draw(_id()),
                               attributes=draw(_attributes))
     if event_type == common_pb2.EVENT_TYPE_SEARCH:
         event.query = draw(_text(1024))
     else:
-        event.item_id = draw(_text(128))
+        event.item_id = draw(_id())
     when = draw(st.none() | _times)
     if when is not None:
         event.timestamp.FromDatetime(when)

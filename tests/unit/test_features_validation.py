@@ -31,7 +31,7 @@ def test_texts():
         validation.check_texts(["a"] * 257)
     with pytest.raises(InvalidArgument, match=r"texts\[1\]: 2049 bytes"):
         validation.check_texts(["a", "x" * 2049])
-    with pytest.raises(InvalidArgument, match=r"texts\[0\]: must not be blank"):
+    with pytest.raises(InvalidArgument, match=r"texts\[0\]: required"):
         validation.check_texts(["  "])
 
 

@@ -17,6 +17,7 @@ from services.collector.cdc.group_stats import GroupStats
 from services.collector.cdc.slots import GROUP_NAME, SlotStore
 from services.collector.cdc.subscription import Subscription
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.common.validation import MAX_INT64, check_count, check_int, quote
 from services.common.etcd import Etcd, EtcdUnavailable, Leadership
 from services.contracts.etcd_keys import collector_slot_key
 
@@ -90,10 +91,12 @@ class CdcHub:
             raise InvalidArgument("consumer_group: must match [a-z][a-z0-9_]{0,40}")
         if max_batch_size > MAX_BATCH:
             raise InvalidArgument(f"max_batch_size: at most {MAX_BATCH}")
+        check_int("resume_after_lsn", resume_after_lsn, 0, MAX_INT64)
+        check_count("tables", len(tables), 64)
         requested = tuple(dict.fromkeys(tables))
         unknown = [table for table in requested if table not in self.tables]
         if unknown:
-            raise InvalidArgument(f"tables: {', '.join(unknown)} not published "
+            raise InvalidArgument(f"tables: {', '.join(map(quote, unknown[:5]))} not published "
                                   f"(published: {', '.join(self.tables)})")
         subscription = Subscription(self, group, requested, max_batch_size or DEFAULT_BATCH, resume_after_lsn)
         with self._lock:

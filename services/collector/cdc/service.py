@@ -14,7 +14,7 @@ from deltarec.v1 import collector_pb2
 
 from services.collector.cdc.slots import SlotStore, default_slot_prefix, ensure_publication, libpq_dsn
 from services.collector.cdc.hub import CdcHub, StreamSettings
-from services.common.errors import InvalidArgument, status_for
+from services.common.errors import InvalidArgument, bounded, client_gone, status_for
 from services.common.etcd import Etcd
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,14 @@ class DeltaStreamService:
                              name=f"cdc-acks-{start.consumer_group}", daemon=True).start()
             yield from subscription.responses()
         except Exception as error:  # noqa: BLE001 - the edge answers every failure with a status
+            if type(error) is Exception and not error.args:
+                raise   # context.abort() from the interceptor (an unparsable message)
+            if client_gone(context):
+                return
             code, message = status_for(error)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("Subscribe failed")
-            context.abort(code, message)
+            context.abort(code, bounded(message))
         finally:
             if subscription is not None:
                 subscription.close()
