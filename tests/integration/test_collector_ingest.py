@@ -149,18 +149,34 @@ NASTY = ['quote"inside', "back\\slash", "ends with backslash\\", '\\"', "{braces
          " padded ", "new\nline", "tab\tbed", "'single'", "$$dollar$$", "ü—漢字🙂", "%(events)s", "{\"a\": 1}"]
 
 
+def _as_id(text: str) -> str:
+    """Ids refuse control characters (services/common/validation.py); free text keeps them."""
+    return text.replace("\n", " ").replace("\t", " ")
+
+
 def test_any_text_round_trips_exactly(stub, engine, prefix):
     batch = []
     for i, text in enumerate(NASTY):
-        batch.append(event(f"{prefix}{i}{text}", user=text, item=text, note=text, **{text: "key"}))
-        batch.append(event(f"{prefix}{i}s{text}", "search", user=text, item=None, query=text))
+        ident = _as_id(text)
+        batch.append(event(f"{prefix}{i}{ident}", user=ident, item=ident, note=text, **{ident: "key"}))
+        batch.append(event(f"{prefix}{i}s{ident}", "search", user=ident, item=None, query=text))
     response = ingest(stub, batch)
     assert response.accepted == len(batch), [r.reason for r in response.results if r.reason]
     stored = stored_events(engine, prefix)
     for i, text in enumerate(NASTY):
-        row = stored[f"{prefix}{i}{text}"]
-        assert (row["user_id"], row["item_id"], row["attributes"]) == (text, text, {"note": text, text: "key"})
-        assert stored[f"{prefix}{i}s{text}"]["query"] == text
+        ident = _as_id(text)
+        row = stored[f"{prefix}{i}{ident}"]
+        assert (row["user_id"], row["item_id"], row["attributes"]) == (ident, ident, {"note": text, ident: "key"})
+        assert stored[f"{prefix}{i}s{ident}"]["query"] == text
+
+
+def test_an_id_with_a_control_character_is_rejected_naming_the_field(stub, engine, prefix):
+    response = ingest(stub, [event(f"{prefix}ok", user="new\nline"), event(f"{prefix}tab\tbed")])
+    assert response.accepted == 0
+    reasons = [r.reason for r in response.results]
+    assert reasons[0].startswith("user_id: contains a control character (U+000A)"), reasons
+    assert reasons[1].startswith("event_id: contains a control character (U+0009)"), reasons
+    assert stored_events(engine, prefix) == {}
 
 
 def _text(max_chars: int):
@@ -168,8 +184,14 @@ def _text(max_chars: int):
                    min_size=1, max_size=max_chars).filter(lambda s: s.strip())
 
 
+def _id(max_chars: int):
+    """Ids: any character but control characters (and surrogates), at most 4 bytes each."""
+    return st.text(st.characters(blacklist_categories=("Cs", "Cc")),
+                   min_size=1, max_size=max_chars).filter(lambda s: s.strip())
+
+
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(_text(32), _text(32), _text(200), st.dictionaries(_text(16), _text(200), max_size=3)),
+@given(st.lists(st.tuples(_id(32), _id(32), _text(200), st.dictionaries(_id(16), _text(200), max_size=3)),
                 min_size=1, max_size=20))
 def test_generated_events_round_trip_exactly(stub, engine, fields):
     prefix = f"h{uuid.uuid4().hex[:10]}-"
