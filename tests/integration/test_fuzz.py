@@ -26,10 +26,11 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 
-# UNIMPLEMENTED is precise too: a method of the proto that a server of this build does not serve.
+# UNIMPLEMENTED is precise too (a method of the proto that a server of this build does not
+# serve), and so is ABORTED (the trainer is busy with a job an earlier example started).
 PRECISE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED}
+           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.ABORTED}
 MAX_DETAIL = 1024
 GROUP_NAME = re.compile(r"[a-z][a-z0-9_]{0,40}")
 
