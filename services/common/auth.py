@@ -69,7 +69,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     **_methods("RankerService", _STOREFRONT, "Recommend", "Search", "SimilarItems"),
     **_methods("RankerService", _SERVICE, "Status", "IndexDigest"),
     **_methods("RankerService", _OPERATOR, "Reload"),
-    **_methods("ConsistencyService", _SERVICE, "Check", "History"),
+    **_methods("ConsistencyService", _SERVICE, "Check", "History", "OnlineMetrics"),
     **_methods("ConsistencyService", _OPERATOR, "Reconcile", "Rollback"),
 }
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
