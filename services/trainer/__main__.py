@@ -14,7 +14,7 @@ from deltarec.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.artifacts import ArtifactStore
 from services.common.boot import Boot
 from services.common.readiness import Readiness, store_reachable
-from services.trainer.config import TrainerConfig
+from services.trainer.config import TrainerConfig, check_settings
 from services.trainer.leader import LeaderElector
 from services.trainer.publisher import Publisher
 from services.trainer.runs import RunHooks, TrainerCore, set_torch_threads
@@ -28,7 +28,7 @@ log = logging.getLogger("deltarec.trainer")
 
 def main(hooks: RunHooks | None = None) -> int:
     """`hooks`: the failure drills' (tests/trainer_drills.py); the service itself runs without."""
-    boot = Boot.load("trainer", TrainerConfig)
+    boot = Boot.load("trainer", TrainerConfig, check=check_settings)
     config = boot.config
     set_torch_threads(config.torch_threads)
     engine = boot.database(pool_size=4)

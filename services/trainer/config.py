@@ -9,15 +9,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from services.common.config import GRPC_TARGET, CommonConfig, env
+from services.common.config import GRPC_TARGET, CommonConfig, ConfigError, env
 from services.model.network import ModelConfig
-from services.trainer.training import DEVICE_SETTINGS
+from services.trainer.training import DEVICE_SETTINGS, IncrementalPolicy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ARTIFACT_URI = (REPO_ROOT / ".run" / "artifacts").as_uri()
 _MODEL = ModelConfig()
 PRIORITIES = ("", "recency", "item_novelty", "user_activity")
 GATE_METRICS = ("ndcg_at_10", "recall_at_10", "ndcg_at_5", "recall_at_5")
+PUBLISH_TARGETS = ("current", "canary")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,16 @@ class TrainerConfig(CommonConfig):
     learning_rate: float = env("TRAINER_MODEL_LR", _MODEL.learning_rate, minimum=0.0)
     incremental_learning_rate: float = env("TRAINER_MODEL_INCREMENTAL_LR", _MODEL.incremental_learning_rate,
                                            minimum=0.0)
+    # drift limits of a warm-start update (training.IncrementalPolicy; README "Incremental vs full")
+    incremental_anchor: float = env("TRAINER_INCREMENTAL_ANCHOR", 0.0, minimum=0.0, maximum=0.999,
+                                    help="after each optimizer step of an update, every weight moves this fraction "
+                                         "of its distance back toward the parent version's (0 = no pull)")
+    incremental_parent_weight: float = env("TRAINER_INCREMENTAL_PARENT_WEIGHT", 0.0, minimum=0.0, maximum=0.999,
+                                           help="an update's weights end as this share of the parent's plus the "
+                                                "rest of the fine-tuned ones (0 = fine-tuned only)")
+    incremental_freeze_items: bool = env("TRAINER_INCREMENTAL_FREEZE_ITEMS", False,
+                                         help="an update moves only the id rows of new items and of the items "
+                                              "in its new interactions")
 
     # --- data ---------------------------------------------------------------------------------
     text_fallback: str = env("TRAINER_TEXT_FALLBACK", "minilm", choices=("minilm", "hash"),
@@ -95,6 +106,15 @@ class TrainerConfig(CommonConfig):
                             help="the loop's first model: a quick full training of this many epochs, then the full "
                                  "one (TRAINER_MODEL_EPOCHS) as the next version (0 = the full one at once)")
 
+    # --- where a gated candidate goes (issue 14) -------------------------------------------------
+    publish_as: str = env("TRAINER_PUBLISH_AS", "current", choices=PUBLISH_TARGETS,
+                          help="publish a gated candidate to model/current, or to model/canary for a share of "
+                               "users (the canary decider then promotes or aborts it); the first version, "
+                               "with no model/current yet, always goes to model/current")
+    canary_share: float = env("TRAINER_CANARY_SHARE", 0.1, minimum=0.0, maximum=1.0,
+                              help="with TRAINER_PUBLISH_AS=canary: the share of users routed to the canary, "
+                                   "0 < share < 1")
+
     # --- strategy of the background loop (and the default of Update) --------------------------
     loop_enabled: bool = env("TRAINER_LOOP", True, help="run the strategy by itself in the background")
     loop_interval_s: float = env("TRAINER_LOOP_INTERVAL_S", 5.0, minimum=0.1,
@@ -109,9 +129,22 @@ class TrainerConfig(CommonConfig):
     replay_ratio: float = env("TRAINER_STRATEGY_REPLAY_RATIO", 1.0, minimum=0.0, maximum=100.0,
                               help="older interactions replayed per new one, against forgetting")
 
+    def incremental_policy(self) -> IncrementalPolicy:
+        return IncrementalPolicy(anchor=self.incremental_anchor, parent_weight=self.incremental_parent_weight,
+                                 freeze_items=self.incremental_freeze_items).validate()
+
     def model_config(self) -> ModelConfig:
         return dataclasses.replace(
             ModelConfig(), epochs=self.epochs, incremental_epochs=self.incremental_epochs, dim=self.dim,
             num_layers=self.num_layers, num_heads=self.num_heads, max_len=self.max_len,
             num_negatives=self.num_negatives, batch_size=self.batch_size, learning_rate=self.learning_rate,
             incremental_learning_rate=self.incremental_learning_rate)
+
+
+def check_settings(config: TrainerConfig) -> None:
+    """What `env()` cannot express; a failure stops the start like a bad variable (exit 2)."""
+    if config.publish_as == "canary" and not 0.0 < config.canary_share < 1.0:
+        # share 0 routes nobody (model/canary with share 0 means "no canary"); share 1 routes
+        # everybody, leaving no current traffic to compare the canary with.
+        raise ConfigError(f"TRAINER_CANARY_SHARE={config.canary_share!r}: must be > 0 and < 1 "
+                          "with TRAINER_PUBLISH_AS=canary")

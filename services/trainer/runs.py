@@ -13,7 +13,13 @@ A run, step by step (each step durable before the next):
 4. write the artifact (content-addressed, sha256) and record metrics, sha256, URI and the
    decision: phase 'trained' (or 'done' + status 'rejected' when the gate refused);
 5. CAS `model/current` from the value read in step 1; record 'published', or 'rejected' with
-   the lost race.
+   the lost race. With TRAINER_PUBLISH_AS=canary (and a model/current to compare with) step 5
+   puts `model/canary` instead, in a transaction that also compares `model/current`
+   (publisher.py); the version stays 'candidate' with `published_as` 'canary' until its
+   decision, which `settle_canaries` records ('published' once promoted, 'rejected' once
+   aborted). While a canary is undecided, a gated candidate is kept, not published (status
+   'candidate', the decision says which canary it waits behind): an experiment in flight is
+   never thrown away by the next update.
 
 Recovery (`recover`, run by a new leader before anything else) looks at every run not 'done':
 already in etcd -> recorded as published (nothing written again); 'trained' -> step 5 (the CAS
@@ -60,6 +66,7 @@ class Outcome:
     skipped: bool = False
     reason: str = ""
     drift_exceeded: bool = False      # refused on the cumulative bound: the loop retrains from scratch
+    canary: bool = False              # published to model/canary (not model/current)
 
 
 @dataclass
@@ -118,6 +125,7 @@ class TrainerCore:
         self.on_version: Callable[[VersionRow, bool], None] | None = None
         self.show_progress = False              # per-epoch progress bars on stderr (the CLI)
         self.device = resolve_device(config.device)
+        self.held = ""                          # why the loop is not training (set by scheduler.py)
 
     # ------------------------------------------------------------------------------ public
     def default_strategy(self) -> Strategy:
@@ -153,6 +161,7 @@ class TrainerCore:
             inputs = self._inputs("full", lsn_to, parent=None, parent_lsn=0, request=request)
             request["as_of"] = self._as_of(inputs.prepared)
             parameters = {name: value for name, value in request.items() if name != "holdout_events"}
+            request["publish_as"] = self._publish_target(current)
             request["holdout_events"] = run_steps.held_out_events(inputs.prepared)
             run = self.versions.allocate(
                 kind="full", parent_version=0, strategy="full", parameters=parameters, lsn_from=0,
@@ -190,12 +199,44 @@ class TrainerCore:
                 return Outcome(None, skipped=True, reason=inputs.selection.reason)
             request["as_of"] = inputs.selection_as_of
             request["holdout_events"] = run_steps.held_out_events(inputs.prepared)
+            request["publish_as"] = self._publish_target(current)
             run = self.versions.allocate(
                 kind="update", parent_version=current.version, strategy=strategy.name,
                 parameters={**strategy.to_dict(), "seed": seed}, lsn_from=current.data_lsn, lsn_to=lsn_to,
                 request=request, publish=publish, baseline_version=current.version, baseline_value=current.raw,
                 holder=self.trainer_id)
             return self._execute(run, inputs)
+
+    def _publish_target(self, current: Current) -> str:
+        """Where this run publishes (recorded with the run, so that recovery publishes to the same
+        key): the canary when so configured and there is a current version to compare it with."""
+        return "canary" if self.config.publish_as == "canary" and current.pointer is not None else "current"
+
+    def settle_canaries(self) -> list[tuple[int, str]]:
+        """Records the outcome of canaries a decider (or an operator) has decided: a canary that is
+        `model/current` now was promoted ('published'); one gone from `model/canary` and not current
+        was aborted ('rejected'); the decider's recorded decision (canary_decision) wins when there
+        is one. Reads model/canary before model/current: a promotion moves the version from the
+        first to the second in one transaction, so it is never seen in neither. Returns
+        (version, status) of what it recorded."""
+        settled = []
+        for row in self.versions.canaries_in_flight():
+            canary = self.publisher.canary()
+            if canary.pointer is not None and canary.pointer.version == row.version and not row.canary_decision:
+                continue                                   # still in flight
+            current = self.publisher.current()
+            if row.canary_decision == "promote" or current.version == row.version:
+                status, note = PUBLISHED, f"canary promoted to model/current ({row.canary_decision or 'by etcd'})"
+            elif canary.pointer is not None and canary.pointer.version == row.version:
+                continue                                   # decided but the write has not landed: next look
+            else:
+                status = REJECTED
+                note = ("canary aborted by the decider" if row.canary_decision == "abort"
+                        else "canary removed from model/canary without being promoted")
+            if self.versions.settle_canary(row.version, status, note):
+                log.info("canary settled", extra={"version": row.version, "status": status, "note": note})
+                settled.append((row.version, status))
+        return settled
 
     def restore_current(self) -> VersionRow | None:
         """etcd lost `model/current` (its data was lost, or a new cluster) while `model_versions`
@@ -240,8 +281,11 @@ class TrainerCore:
 
     def status(self) -> dict:
         current = self.publisher.current()
+        canary = self.publisher.canary()
         recorded = self.log.high_water()
         return {"leader": self.is_leader(), "leader_id": self.leader_id() or "", "current_version": current.version,
+                "canary_version": canary.pointer.version if canary.pointer and canary.pointer.share > 0 else 0,
+                "held": self.held,
                 "recorded_lsn": recorded, "pending": self.log.count(current.data_lsn, recorded) if current.pointer else
                 self.log.count(0, recorded), "busy": self.progress is not None, "progress": self.progress,
                 "last_update": self.last_update, "latest_version": self.versions.latest_version()}
@@ -405,7 +449,7 @@ class TrainerCore:
             stats = run_steps.run_incremental(model, prepared, inputs.examples, strategy.replay_ratio, seed=seed,
                                              epochs=int(request.get("epochs") or self.config.incremental_epochs),
                                              progress=self.show_progress, on_epoch=self._epoch_progress,
-                                             device=self.device)
+                                             device=self.device, policy=self.config.incremental_policy())
             extra = {**inputs.selection.summary(), "examples": len(inputs.examples),
                      "replay_examples": stats.replay_examples,
                      "new_items": len(prepared.data.item_ids) - len(parent.item_ids)}
@@ -425,18 +469,40 @@ class TrainerCore:
         if not self.is_leader():
             self.versions.set_decision(run, gate_reason + "; waiting: leadership lost before publishing")
             return Outcome(self.versions.get(run.version), reason="leadership lost before publishing")
+        if run.request.get("publish_as") == "canary":
+            return self._publish_canary(run, uri, sha, metrics, gate_reason)
         result = self.publisher.publish(version=run.version, uri=uri, sha256=sha, data_lsn=run.lsn_to,
                                         metrics=metrics, expected=run.baseline_value)
         self.hooks.at("published_etcd", run.version)
         if result.published:
             pointer = result.current.pointer
             self.versions.finish(run, PUBLISHED, f"{gate_reason}; {result.reason}",
-                                 sha256=pointer.sha256 if pointer else sha, artifact_uri=pointer.uri if pointer else uri)
+                                 sha256=pointer.sha256 if pointer else sha, artifact_uri=pointer.uri if pointer else uri,
+                                 published_as="current")
             return self._done(run, True, result.reason)
         self.versions.finish(run, REJECTED, result.reason)
         return self._done(run, False, result.reason)
 
-    def _done(self, run: Run, published: bool, reason: str, drift_exceeded: bool = False) -> Outcome:
+    def _publish_canary(self, run: Run, uri: str, sha: str, metrics: dict, gate_reason: str) -> Outcome:
+        share = self.config.canary_share
+        result = self.publisher.publish_canary(version=run.version, uri=uri, sha256=sha, data_lsn=run.lsn_to,
+                                               metrics=metrics, share=share, expected_current=run.baseline_value)
+        self.hooks.at("published_etcd", run.version)
+        if result.published:
+            pointer = result.current.pointer
+            self.versions.finish(run, CANDIDATE, f"{gate_reason}; {result.reason}; awaiting the canary decision",
+                                 published_as="canary", canary_share=pointer.share if pointer else share)
+            return self._done(run, True, result.reason, canary=True)
+        if result.canary_busy:
+            # Gated and kept: a candidate with its artifact, not published (see the module docstring).
+            reason = f"{gate_reason}; {result.reason}"
+            self.versions.finish(run, CANDIDATE, reason)
+            return self._done(run, False, result.reason)
+        self.versions.finish(run, REJECTED, result.reason)
+        return self._done(run, False, result.reason)
+
+    def _done(self, run: Run, published: bool, reason: str, drift_exceeded: bool = False,
+              canary: bool = False) -> Outcome:
         self.last_update = time.time()
         row = self.versions.get(run.version)
         if self.on_version is not None and row is not None:
@@ -444,7 +510,7 @@ class TrainerCore:
                 self.on_version(row, published)
             except Exception:  # noqa: BLE001 - reporting must not fail a run
                 log.exception("on_version hook failed")
-        return Outcome(row, published=published, reason=reason, drift_exceeded=drift_exceeded)
+        return Outcome(row, published=published, reason=reason, drift_exceeded=drift_exceeded, canary=canary)
 
     def _gate(self, run: Run, model, prepared: run_steps.Prepared) -> tuple[gate.GateDecision, int]:
         """The gate's decision for the run's candidate, and the anchor version it was bounded by (0: none).
@@ -479,9 +545,18 @@ class TrainerCore:
             run = self.versions.take_over(run, self.trainer_id)
             pointer = current.pointer
             self.versions.finish(run, PUBLISHED, "published before a restart; recorded by recovery",
-                                 sha256=pointer.sha256, artifact_uri=pointer.uri)
+                                 sha256=pointer.sha256, artifact_uri=pointer.uri,
+                                 published_as=run.request.get("publish_as") or "current")
             log.info("recovery: run was already published", extra={"version": run.version})
             return self._done(run, True, "already published")
+        canary = self.publisher.canary()
+        if canary.pointer is not None and canary.pointer.version == run.version:
+            run = self.versions.take_over(run, self.trainer_id)
+            self.versions.finish(run, CANDIDATE, "published as model/canary before a restart; recorded by recovery; "
+                                 "awaiting the canary decision", published_as="canary",
+                                 canary_share=canary.pointer.share)
+            log.info("recovery: run was already the canary", extra={"version": run.version})
+            return self._done(run, True, "already the canary", canary=True)
         row = self.versions.get(run.version)
         if run.phase == "trained":
             run = self.versions.take_over(run, self.trainer_id)

@@ -31,7 +31,14 @@ Training, every TRAINER_LOOP_INTERVAL_S:
   the one it replaced 'rolled_back'), updates are held until a threshold's worth of interactions
   arrived after the data the rolled-back version was trained on (its lsn_to): the next version
   is then trained from the restored one on data the rolled-back version never saw, instead of
-  re-learning it at once (VersionStore.rollback_hold_lsn).
+  re-learning it at once (VersionStore.rollback_hold_lsn);
+* with TRAINER_PUBLISH_AS=canary, every gated candidate (update, full or shadow retrain) after the
+  first version goes to `model/canary`; while a canary is undecided the loop trains nothing (a
+  candidate could not be published: an undecided canary is never replaced, see runs.py) and says
+  so in Status (`held`). Each iteration records decided canaries (`TrainerCore.settle_canaries`):
+  after a promotion the next update warm-starts from the promoted version; after an abort,
+  updates are held like after a rollback, until a threshold's worth of interactions arrived after
+  the data the aborted canary was trained on.
 """
 from __future__ import annotations
 
@@ -98,6 +105,8 @@ class TrainingLoop:
                 # published: publish it again, loop or no loop, before any new training.
                 if self.core.publisher.current().raw is None and self.core.restore_current() is not None:
                     continue
+                for version, status in self.core.settle_canaries():
+                    log.info("loop: canary decided", extra={"version": version, "status": status})
                 if self.enabled:
                     self.tick()
             except Exception as error:  # noqa: BLE001 - keep looping; the next tick retries
@@ -122,6 +131,13 @@ class TrainingLoop:
             log.info("loop: first full training", extra={"interactions": total, "quick": quick})
             core.train(epochs=self.first_epochs if quick else 0, publish=True)
             return
+        core.held = ""
+        if core.config.publish_as == "canary":
+            canary = core.publisher.canary()
+            if canary.pointer is not None and canary.pointer.share > 0:
+                core.held = f"waiting for the decision on canary version {canary.pointer.version}"
+                self._said("loop: training held while a canary is undecided", canary_version=canary.pointer.version)
+                return
         if self._after_quick_first():
             return
         if self.full_retrain_growth > 0 and self._full_retrain_due(recorded):
@@ -131,6 +147,8 @@ class TrainingLoop:
         threshold = max(1, core.config.threshold_events)
         held_until = core.versions.rollback_hold_lsn(current.version)
         if held_until > current.data_lsn and core.log.count(held_until, recorded) < threshold:
+            core.held = (f"updates held until {threshold} interactions arrived after LSN {held_until} (a version "
+                         f"rolled back to, or a canary aborted from, version {current.version} learned up to it)")
             self._waiting_after_rollback(current.version, held_until)
             return
         pending = core.log.count(current.data_lsn, recorded)
@@ -188,6 +206,11 @@ class TrainingLoop:
             self._said_waiting = time.monotonic()
             log.info("loop: updates held after a rollback until new data arrives",
                      extra={"current_version": version, "after_lsn": held_until})
+
+    def _said(self, message: str, **extra) -> None:
+        if time.monotonic() - self._said_waiting > 30:
+            self._said_waiting = time.monotonic()
+            log.info(message, extra=extra)
 
     def _waiting(self, what: str, **extra) -> None:
         if time.monotonic() - self._said_waiting > 30:

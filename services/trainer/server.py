@@ -43,7 +43,14 @@ def version_message(row: VersionRow) -> trainer_pb2.ModelVersion:
         metrics=metrics_message(row.metrics), baseline_metrics=metrics_message(row.baseline_metrics),
         train_seconds=row.train_seconds, sha256=row.sha256, artifact_uri=row.artifact_uri,
         status=STATUS.get(row.status, trainer_pb2.VERSION_STATUS_UNSPECIFIED), decision=row.decision,
-        interactions=row.interactions, items=row.items, baseline_version=row.baseline_version)
+        interactions=row.interactions, items=row.items, baseline_version=row.baseline_version,
+        published_as=row.published_as, canary_share=row.canary_share, canary_decision=row.canary_decision,
+        gate_evidence=row.gate_evidence, anchor_version=row.anchor_version, full_version=row.full_version,
+        full_train_seconds=row.full_train_seconds, shadow_of=row.shadow_of)
+    if row.anchor_metrics:
+        message.anchor_metrics.CopyFrom(metrics_message(row.anchor_metrics))
+    if row.full_metrics:
+        message.full_metrics.CopyFrom(metrics_message(row.full_metrics))
     if row.created_at is not None:
         message.created_at.FromDatetime(row.created_at)
     return message
@@ -132,7 +139,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             recorded_lsn=status["recorded_lsn"], pending_interactions=status["pending"],
             strategy=strategy_message(self.core.default_strategy()), busy=status["busy"],
             trainer_id=self.core.trainer_id, leader_id=status["leader_id"],
-            latest_version=status["latest_version"])
+            latest_version=status["latest_version"], canary_version=status["canary_version"],
+            held=status["held"])
         if status["last_update"]:
             stamp = Timestamp()
             stamp.FromNanoseconds(int(status["last_update"] * 1e9))

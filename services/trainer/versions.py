@@ -56,6 +56,15 @@ class VersionRow:
     full_metrics: dict = field(default_factory=dict)
     full_train_seconds: float = 0.0
     shadow_of: int = 0                 # on a shadow full retrain: the incremental version it measured
+    # where it was published (migration 0010): "current", "canary" (TRAINER_PUBLISH_AS), "" = not
+    published_as: str = ""
+    canary_share: float = 0.0
+    canary_decision: str = ""          # the decider's promote | abort (migration 0009), "" = none
+
+    @property
+    def canary_in_flight(self) -> bool:
+        """Published as model/canary and not decided yet (its status stays 'candidate' until then)."""
+        return self.published_as == "canary" and self.status == CANDIDATE
 
     @property
     def kind(self) -> str:
@@ -68,7 +77,7 @@ def describe_version(row: VersionRow, published: bool) -> str:
     base = row.baseline_metrics or {}
     line = (f"trainer: version {row.version} ({row.strategy}, parent {row.parent_version or '-'}, "
             f"{row.interactions} interactions, {row.train_seconds:.1f}s) "
-            f"{'PUBLISHED' if published else row.status.upper()}  "
+            f"{_outcome(row, published)}  "
             f"recall@10={metrics.get('recall_at_10', 0):.4f} ndcg@10={metrics.get('ndcg_at_10', 0):.4f}")
     if base:
         line += f"  (current: recall@10={base.get('recall_at_10', 0):.4f} ndcg@10={base.get('ndcg_at_10', 0):.4f})"
@@ -77,6 +86,12 @@ def describe_version(row: VersionRow, published: bool) -> str:
         line += (f"  (last full v{row.anchor_version}: recall@10={anchor.get('recall_at_10', 0):.4f} "
                  f"ndcg@10={anchor.get('ndcg_at_10', 0):.4f})")
     return line + f"  — {row.decision}"
+
+
+def _outcome(row: VersionRow, published: bool) -> str:
+    if row.canary_in_flight:
+        return f"PUBLISHED AS CANARY (share {row.canary_share:g})"
+    return "PUBLISHED" if published else row.status.upper()
 
 
 @dataclass
@@ -101,7 +116,8 @@ _VERSION_COLUMNS = ("v.version, COALESCE(v.parent_version, 0), v.strategy, v.par
                     "COALESCE(v.artifact_uri, ''), v.status, v.decision, v.interactions, v.items, v.created_at, "
                     "COALESCE(r.baseline_version, 0), COALESCE(v.anchor_version, 0), v.anchor_metrics, "
                     "COALESCE(v.gate_evidence, ''), COALESCE(v.full_version, 0), v.full_metrics, "
-                    "COALESCE(v.full_train_seconds, 0), COALESCE(v.shadow_of, 0)")
+                    "COALESCE(v.full_train_seconds, 0), COALESCE(v.shadow_of, 0), COALESCE(v.published_as, ''), "
+                    "COALESCE(v.canary_share, 0), COALESCE(v.canary_decision, '')")
 _RUN_COLUMNS = ("r.version, r.kind, r.request, r.publish, r.baseline_version, r.baseline_value, r.phase, "
                 "r.attempt, r.holder, COALESCE(v.parent_version, 0), v.lsn_from, v.lsn_to")
 
@@ -116,7 +132,7 @@ def _version(row) -> VersionRow:
     return VersionRow(int(row[0]), int(row[1]), row[2], _json(row[3]), int(row[4]), int(row[5]), _json(row[6]),
                       _json(row[7]), float(row[8]), row[9], row[10], row[11], row[12], int(row[13]),
                       int(row[14]), row[15], int(row[16]), int(row[17]), _json(row[18]), row[19], int(row[20]),
-                      _json(row[21]), float(row[22]), int(row[23]))
+                      _json(row[21]), float(row[22]), int(row[23]), row[24], float(row[25]), row[26])
 
 
 def _run(row) -> Run:
@@ -230,14 +246,36 @@ class VersionStore:
         return None if row is None else _version(row)
 
     def finish(self, run: Run, status: str, decision: str, *, sha256: str | None = None,
-               artifact_uri: str | None = None) -> None:
-        """Terminal state of a run: published, rejected, or left a candidate (record-only)."""
+               artifact_uri: str | None = None, published_as: str | None = None,
+               canary_share: float | None = None) -> None:
+        """Terminal state of a run: published, rejected, or left a candidate (record-only, held,
+        or published as the canary: `published_as` 'canary', decided later by `settle_canary`)."""
         with self.engine.begin() as connection:
             self._fenced_update(connection, run, "done")
             connection.execute(sa.text(
                 "UPDATE model_versions SET status = :s, decision = :d, "
-                "sha256 = COALESCE(:sha, sha256), artifact_uri = COALESCE(:uri, artifact_uri) WHERE version = :v"),
-                {"s": status, "d": decision, "sha": sha256, "uri": artifact_uri, "v": run.version})
+                "sha256 = COALESCE(:sha, sha256), artifact_uri = COALESCE(:uri, artifact_uri), "
+                "published_as = COALESCE(:pa, published_as), canary_share = COALESCE(:cs, canary_share) "
+                "WHERE version = :v"),
+                {"s": status, "d": decision, "sha": sha256, "uri": artifact_uri, "pa": published_as,
+                 "cs": canary_share, "v": run.version})
+
+    def canaries_in_flight(self) -> list[VersionRow]:
+        """Versions published as model/canary whose decision the trainer has not recorded yet."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(sa.text(
+                f"SELECT {_VERSION_COLUMNS} FROM model_versions v LEFT JOIN trainer_runs r USING (version) "
+                "WHERE v.published_as = 'canary' AND v.status = 'candidate' ORDER BY v.version")).all()
+        return [_version(row) for row in rows]
+
+    def settle_canary(self, version: int, status: str, note: str) -> bool:
+        """A canary's outcome: 'published' (it became model/current) or 'rejected' (aborted);
+        only while it is still undecided (two trainers settling it write once)."""
+        with self.engine.begin() as connection:
+            return connection.execute(sa.text(
+                "UPDATE model_versions SET status = :s, decision = decision || :note "
+                "WHERE version = :v AND published_as = 'canary' AND status = 'candidate'"),
+                {"s": status, "note": f"; {note}", "v": version}).rowcount == 1
 
     def set_decision(self, run: Run, decision: str) -> None:
         with self.engine.begin() as connection:
@@ -262,12 +300,14 @@ class VersionStore:
         return [_version(row) for row in rows]
 
     def rollback_hold_lsn(self, version: int) -> int:
-        """The newest data a version rolled back to `version` was trained on (0: none): the loop
-        waits for new interactions past it before updating again (see scheduler.py)."""
+        """The newest data a version rolled back to `version`, or a canary of `version` that was
+        aborted, was trained on (0: none): the loop waits for new interactions past it before
+        updating again (see scheduler.py), instead of re-learning at once what was turned down."""
         with self.engine.connect() as connection:
             return int(connection.execute(sa.text(
-                "SELECT COALESCE(max(lsn_to), 0) FROM model_versions "
-                "WHERE status = 'rolled_back' AND rolled_back_to = :v"), {"v": version}).scalar_one())
+                "SELECT COALESCE(max(v.lsn_to), 0) FROM model_versions v LEFT JOIN trainer_runs r USING (version) "
+                "WHERE (v.status = 'rolled_back' AND v.rolled_back_to = :v) OR (v.published_as = 'canary' "
+                "AND v.status = 'rejected' AND r.baseline_version = :v)"), {"v": version}).scalar_one())
 
     def latest_version(self) -> int:
         with self.engine.connect() as connection:

@@ -13,17 +13,21 @@ def version(number: int, kind: str, status: str = "published", epochs: int = 16,
 
 
 class FakeCore:
-    def __init__(self, rows: list, current: int | None, pending: int = 0, drift_exceeded: bool = False) -> None:
+    def __init__(self, rows: list, current: int | None, pending: int = 0, drift_exceeded: bool = False,
+                 publish_as: str = "current", canary: int = 0) -> None:
         self.rows = sorted(rows, key=lambda r: -r.version)
         self.trains: list[dict] = []
         self.updates = 0
         self.drift_exceeded = drift_exceeded
         pointer = SimpleNamespace(version=current) if current else None
+        canary_pointer = SimpleNamespace(version=canary, share=0.5) if canary else None
         self.publisher = SimpleNamespace(current=lambda: SimpleNamespace(pointer=pointer, version=current or 0,
-                                                                         data_lsn=100))
+                                                                         data_lsn=100),
+                                         canary=lambda: SimpleNamespace(pointer=canary_pointer))
+        self.held = ""
         self.log = SimpleNamespace(high_water=lambda: 100 + pending,
                                    count=lambda after, upto: max(0, upto - after) if after else 5000)
-        self.config = SimpleNamespace(threshold_events=10, epochs=16)
+        self.config = SimpleNamespace(threshold_events=10, epochs=16, publish_as=publish_as)
         self.catalog = SimpleNamespace(text_coverage=lambda: (0, 0))
         self.versions = SimpleNamespace(list=lambda limit: self.rows, rollback_hold_lsn=lambda v: 0,
                                         get=lambda v: next((r for r in self.rows if r.version == v), None))
@@ -78,3 +82,16 @@ def test_crossing_the_cumulative_bound_schedules_a_full_retrain():
     core = FakeCore([version(1, "full"), version(2, "update")], current=2, pending=10, drift_exceeded=True)
     loop(core).tick()
     assert core.updates == 1 and core.trains == [{"publish": True}]
+
+
+def test_with_publish_as_canary_nothing_is_trained_while_a_canary_is_undecided():
+    rows = [version(1, "full"), version(2, "update", status="candidate")]
+    core = FakeCore(rows, current=1, pending=10, publish_as="canary", canary=2)
+    loop(core).tick()
+    assert core.updates == 0 and core.trains == [] and "canary version 2" in core.held
+    core = FakeCore(rows, current=1, pending=10, publish_as="canary", canary=0)
+    loop(core).tick()
+    assert core.updates == 1 and core.held == ""                           # decided: updates resume
+    core = FakeCore(rows, current=1, pending=10, publish_as="current", canary=2)
+    loop(core).tick()
+    assert core.updates == 1                      # publishing to current: an operator's canary holds nothing
