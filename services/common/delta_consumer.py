@@ -54,6 +54,7 @@ numbers up to 2**53-1 (strings beyond). `row_of(struct)` turns one into a plain 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -295,11 +296,17 @@ class DeltaConsumer:
                     batch = response.batch
                     self.standby.clear()
                     self.connected.set()
+                    # Applying is not idleness: a batch whose apply outlasts idle_timeout_s (a model
+                    # embedding items on loaded cores) must not be taken for a silent stream, or
+                    # every such batch costs a reconnect and its ack.
+                    last_message[0] = math.inf
                     try:
                         self.apply_batch(batch)
                     except Exception as error:  # noqa: BLE001 - not acked; redelivered after reconnect
                         call.cancel()
                         raise _ApplyFailed() from error
+                    finally:
+                        last_message[0] = time.monotonic()
                     if batch.commit_lsn:
                         requests.put(collector_pb2.SubscribeRequest(ack=collector_pb2.SubscribeAck(lsn=batch.commit_lsn)))
                         # Not max(): a new snapshot (snapshot_begin) starts positions over.

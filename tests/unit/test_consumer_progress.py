@@ -107,3 +107,27 @@ def test_store_errors_while_reconnecting_are_retried_and_health_follows_progress
         consumer.stop()
         channel.close()
         service.stop(0)
+
+
+def test_an_apply_longer_than_the_idle_timeout_is_not_an_idle_stream(collector):
+    """The stream is idle when no message comes, not while a batch is being applied: an apply
+    that outlasts idle_timeout_s (MiniLM embedding a batch on loaded cores) keeps the stream,
+    and its ack, instead of reconnecting after every such batch."""
+    fake, address = collector
+    applied: list[int] = []
+
+    def slow_apply(batch) -> None:
+        time.sleep(1.2)
+        applied.append(batch.commit_lsn)
+
+    consumer = DeltaConsumer(address, "features", slow_apply, resume_lsn=lambda: applied[-1] if applied else 0,
+                             reconnect_backoff_s=0.05, idle_timeout_s=0.4)
+    consumer.start()
+    try:
+        wait_for(lambda: applied, "the slow batch to be applied")
+        time.sleep(0.6)     # heartbeats flow again: more than the idle timeout, no reconnect
+        assert consumer.reconnects == 0
+        assert fake.subscriptions == 1
+        assert consumer.last_acked_lsn == applied[0]
+    finally:
+        consumer.stop()
