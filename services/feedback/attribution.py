@@ -6,7 +6,7 @@ import time
 
 from services.feedback.impressions import ImpressionBuffer
 from services.feedback.online_metrics import Impression
-from services.feedback.recommendation_id import new_id
+from services.feedback.recommendation_id import new_text
 
 
 class Attribution:
@@ -15,7 +15,7 @@ class Attribution:
 
     def stamp(self, answer, kind: str, user_id: str) -> str:
         """The answer's recommendation_id; its impression is queued for the impressions table."""
-        text = new_id(answer.model_version, answer.variant, kind).encode()
+        text = new_text(answer.model_version, answer.variant, kind)
         self.buffer.offer(Impression(text, answer.model_version, answer.variant, user_id,
                                      tuple(item.item_id for item in answer.items), time.time(), kind))
         return text
