@@ -91,7 +91,7 @@ def main() -> int:
     features_pb2_grpc.add_FeaturesServiceServicer_to_server(
         FeaturesServicer(store, applier, queries, feed, model_name=encoder.model_name, dim=encoder.dim,
                          monitor=monitor, connected=consumer.connected.is_set, users_feed=users_feed,
-                         rebuilder=UserRebuilder(store, applier.settings)),
+                         rebuilder=UserRebuilder(applier)),
         service.server)
 
     # After in-flight calls: the consumer finishes (and acks) the batch it is applying, then

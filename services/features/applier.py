@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Callable, Collection, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
@@ -54,9 +55,10 @@ APPLIED_LSN = Gauge("deltarec_features_applied_lsn", "Highest LSN applied to the
 
 RESYNC_CHUNK = 1000
 PROGRESS_LOG_INTERVAL_S = 10.0
-# Resync writes are stamped just above the current watermark (see `resync`). The next commit
-# in the WAL ends at least one heap record plus a commit record (~100 bytes) later, so a few
-# stamps always stay below it; past this many without new stream data, Resync refuses.
+# Writes that do not come from the stream (Resync, RebuildUsers) are stamped just above the
+# current watermark (see `stamped_write`). The next commit in the WAL ends at least one heap
+# record plus a commit record (~100 bytes) later, so a few stamps always stay below it; past
+# this many without new stream data, such writes are refused.
 MAX_RESYNC_STAMPS = 32
 
 Encode = Callable[[list[str]], np.ndarray]
@@ -80,6 +82,13 @@ class ApplyReport:
     fallbacks: int = 0
     items_written: int = 0
     users_written: int = 0
+
+
+@dataclass(frozen=True)
+class StampedWrite:
+    connection: Any          # the open transaction (progress row locked)
+    progress: Progress       # the stored progress, as locked
+    stamp: int               # the LSN the written rows carry and the watermark moves to
 
 
 @dataclass
@@ -321,13 +330,8 @@ class FeatureApplier:
         tasks = {item_id: embedding_task(item_id, entry.text) for item_id, entry in catalog.items()}
         vectors = self._compute_vectors(list(tasks.values()))
         report = ResyncReport(not_found=not_found)
-        with self._lock, self.store.engine.begin() as connection:
-            progress = self.store.lock_progress(connection)
-            if progress.applied_lsn - progress.stream_lsn >= MAX_RESYNC_STAMPS:
-                raise FailedPrecondition(
-                    f"{MAX_RESYNC_STAMPS} resyncs since the last change from the stream; "
-                    "retry once new data has been applied")
-            stamp = progress.applied_lsn + 1
+        with self.stamped_write("resyncs") as write:
+            connection, stamp = write.connection, write.stamp
             ids = sorted(catalog)
             for start in range(0, len(ids), RESYNC_CHUNK):
                 chunk = ids[start:start + RESYNC_CHUNK]
@@ -355,15 +359,37 @@ class FeatureApplier:
             for record in removed.values():
                 fold_removal(record, stamp)
             self.store.save_items(connection, removed.values())
-            new_progress = replace(progress, applied_lsn=stamp)
-            self.store.save_progress(connection, new_progress)
-        self.progress = new_progress
         self.embeddings_computed += report.re_embedded
         EMBEDDINGS.labels("computed").inc(report.re_embedded)
-        APPLIED_LSN.set(stamp)
-        if self.on_commit is not None:
-            self.on_commit(stamp, self.latest_commit_time)
         return report
+
+    @contextmanager
+    def stamped_write(self, what: str) -> Iterator["StampedWrite"]:
+        """One transaction of a write that does not come from the stream (Resync, RebuildUsers).
+
+        Such writes have no WAL position of their own. The rows written are stamped
+        `write.stamp` = applied_lsn + 1 and the watermark moves there in the same transaction,
+        so that WatchItems / WatchUsers send them like any change (watchers compare LSNs; a
+        row stamped at or below a watcher's position would never be announced). That is safe
+        because the next commit in the WAL ends well above: stream batches keep comparing
+        correctly against the watermark. Holds the applier's lock (no batch commits
+        meanwhile); the in-memory progress and the watchers follow after the commit. `what`
+        names the writes in the refusal when too many stamps piled up without stream data."""
+        with self._lock:
+            with self.store.engine.begin() as connection:
+                progress = self.store.lock_progress(connection)
+                if progress.applied_lsn - progress.stream_lsn >= MAX_RESYNC_STAMPS:
+                    raise FailedPrecondition(
+                        f"{MAX_RESYNC_STAMPS} {what} since the last change from the stream; "
+                        "retry once new data has been applied")
+                write = StampedWrite(connection, progress, progress.applied_lsn + 1)
+                yield write
+                new_progress = replace(progress, applied_lsn=write.stamp)
+                self.store.save_progress(connection, new_progress)
+            self.progress = new_progress
+        APPLIED_LSN.set(write.stamp)
+        if self.on_commit is not None:
+            self.on_commit(write.stamp, self.latest_commit_time)
 
     # ------------------------------------------------------------------ reading
     def popularity(self, stats: item_stats.ItemStats) -> float:

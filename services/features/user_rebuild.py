@@ -9,6 +9,13 @@ event visible in the snapshot is folded in, but the stream may still deliver som
 visible in the snapshot (`visible_in`) and folds the others, committed after it, as usual. So
 each event counts once whether it was in flight or not, and a repeated rebuild gives the same
 state (idempotent). A new snapshot of the consumer group resets user state and the marks with it.
+
+The rewritten rows must reach the rankers' user caches through WatchUsers, which announces a
+row when its updated_lsn passes a watcher's position. So the rebuild is one of the applier's
+stamped writes (`FeatureApplier.stamped_write`, as Resync): its rows carry applied_lsn + 1 and
+the watermark moves there with them. A user left without events keeps a row with an empty
+state (the same as no row for every reader: GetUserFeatures, the consistency digests) instead
+of being deleted — a deleted row is never announced, and a cache would keep the old state.
 """
 from __future__ import annotations
 
@@ -71,16 +78,22 @@ def fold_from_scratch(user_id: str, events: list[EventRow], lsn: int, settings) 
     return state
 
 
+def is_empty(state: UserState) -> bool:
+    """A state no event contributed to: what an unknown user reads as."""
+    return not (state.history or state.counters or state.recent_queries or state.seen)
+
+
 class UserRebuilder:
-    def __init__(self, store, settings) -> None:
-        """`settings`: the applier's ApplierSettings (history length, recent queries, ...)."""
-        self.store, self.settings = store, settings
+    def __init__(self, applier) -> None:
+        """`applier`: the FeatureApplier (its store, settings and stamped writes)."""
+        self.applier = applier
+        self.store, self.settings = applier.store, applier.settings
 
     def rebuild(self, user_ids: list[str]) -> RebuildReport:
         ids = sorted(set(user_ids))
         report = RebuildReport()
-        with self.store.engine.begin() as connection:
-            progress = self.store.lock_progress(connection)
+        with self.applier.stamped_write("resyncs or user rebuilds") as write:
+            connection, progress, stamp = write.connection, write.progress, write.stamp
             if not progress.snapshot_done:
                 raise FailedPrecondition("the consumer group's initial snapshot is not applied yet; "
                                          "rebuild once it is")
@@ -96,13 +109,18 @@ class UserRebuilder:
                         event_id=row.event_id, event_type=row.event_type, user_id=row.user_id,
                         item_id=row.item_id, query=row.query, occurred_at=row.occurred_at,
                         row_id=int(row.id)))
-            states = [fold_from_scratch(user_id, user_events, progress.applied_lsn, self.settings)
+            states = [fold_from_scratch(user_id, user_events, stamp, self.settings)
                       for user_id, user_events in sorted(events.items())]
-            self.store.save_users(connection, states)
-            if states:
-                self.store.mark_rebuilt(connection, [state.user_id for state in states], snapshot)
+            # Users without events that still have a (non-empty) state: emptied, not deleted.
             gone = [user_id for user_id in ids if user_id not in events]
-            report.removed = self.store.delete_users(connection, gone) if gone else 0
-            report.rebuilt, report.events = len(states), sum(map(len, events.values()))
-            report.data_lsn = progress.applied_lsn
+            emptied = [UserState(user_id, updated_lsn=stamp)
+                       for user_id, state in sorted(self.store.load_users(connection, gone, lock=True).items())
+                       if not is_empty(state)]
+            written = states + emptied
+            self.store.save_users(connection, written)
+            if written:
+                self.store.mark_rebuilt(connection, [state.user_id for state in written], snapshot)
+            report.rebuilt, report.removed = len(states), len(emptied)
+            report.events = sum(map(len, events.values()))
+            report.data_lsn = stamp
         return report

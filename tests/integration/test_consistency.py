@@ -266,17 +266,27 @@ def test_a_change_in_flight_is_lag_not_drift(stack):
 def test_a_user_whose_applied_history_was_deleted_is_rebuilt(stack):
     with stack.engine.begin() as connection:
         connection.execute(sa.text("DELETE FROM user_features WHERE user_id = 'user-3'"))
+        # A state without any event: the rebuild empties it (keeps the row, so that WatchUsers
+        # announces it), and an empty row counts as no row.
+        connection.execute(sa.text(
+            "INSERT INTO user_features (user_id, history, counters, recent_queries, updated_lsn) "
+            "SELECT 'user-ghost', history, counters, recent_queries, updated_lsn FROM user_features "
+            "WHERE user_id = 'user-4'"))
         connection.execute(sa.text(
             "UPDATE user_features SET counters = jsonb_set(counters, '{view}', "
             "to_jsonb(COALESCE((counters->>'view')::int, 0) + 1)) WHERE user_id = 'user-4'"))
     report = stack.check()
     finding = only(report)
-    assert (finding.check, list(finding.keys)) == ("user_events", ["user-3", "user-4"])
+    assert (finding.check, list(finding.keys)) == ("user_events", ["user-3", "user-4", "user-ghost"])
     assert "never applied" in finding.detail and "applied twice" in finding.detail
     assert finding.lsn_to >= finding.lsn_from > 0
     response = stack.reconcile()
     assert [a.done for a in response.actions] == [True] and "rebuilt 2 user" in response.actions[0].action
     assert_clean(stack.check())
+    with stack.engine.connect() as connection:
+        assert connection.execute(sa.text(
+            "SELECT history::text || counters::text FROM user_features WHERE user_id = 'user-ghost'")).scalar() == "[]{}"
+
     # The rebuild is exact under the stream's rules: new events are counted once.
     stack.collector.IngestEvents(collector_pb2.IngestEventsRequest(events=[common_pb2.Event(
         event_id="after-rebuild", type=common_pb2.EVENT_TYPE_VIEW, user_id="user-3", item_id="item-1")]),

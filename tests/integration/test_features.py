@@ -18,11 +18,15 @@ from datetime import datetime, timedelta, timezone
 import grpc
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from deltarec.v1 import collector_pb2, collector_pb2_grpc, common_pb2, features_pb2, features_pb2_grpc
 from scripts.launch import ServiceProcess
 from services.common.etcd import Etcd
 from services.contracts.item_text import ItemText, embedding_text
+from services.ranker.features_client import FeaturesClient
+from services.ranker.user_cache import UserCache
+from services.ranker.user_feed import UserFeed
 from tests.support import channel_to, wait_until, wal_lsn
 
 pytestmark = pytest.mark.integration
@@ -360,3 +364,51 @@ def test_status_and_the_watermark_in_etcd(features, engine, infra_env, etcd_pref
     finally:
         etcd.close()
     assert published["consumer"] == "features" and isinstance(json.dumps(published), str)
+
+
+# ------------------------------------------------------------------------------ RebuildUsers
+
+def test_rebuild_users_reaches_a_ranker_user_cache_through_watch_users(collector, features, suite, engine, ids):
+    """A replica's user cache holds drifted states; RebuildUsers rewrites one user's state and
+    removes one with no events, and WatchUsers announces both, so the cache drops what it held."""
+    user, ghost = f"{ids}-user", f"{ids}-ghost"
+    ingest(collector, event(f"{ids}-1", "view", user, f"{ids}-a", when=T0),
+           event(f"{ids}-2", "purchase", user, f"{ids}-b", when=T0 + timedelta(seconds=1)))
+    caught_up(features, engine)
+    # Drift written behind the stream's back (updated_lsn unchanged, so nothing is announced):
+    # `ghost` gets a state without any event, `user` loses its latest history entry.
+    with engine.begin() as connection:
+        connection.execute(sa.text(
+            "INSERT INTO user_features (user_id, history, counters, recent_queries, updated_lsn, seen_items, "
+            "seen_truncated) SELECT :g, history, counters, recent_queries, updated_lsn, seen_items, seen_truncated "
+            "FROM user_features WHERE user_id = :u"), {"u": user, "g": ghost})
+        connection.execute(sa.text(
+            "UPDATE user_features SET history = history - (jsonb_array_length(history) - 1) WHERE user_id = :u"),
+            {"u": user})
+    client = FeaturesClient(suite[1].address, timeout_s=10)
+    cache = UserCache(client, ttl_s=0.0)
+    feed = UserFeed(client, cache).start()
+    try:
+        wait_until(feed.connected.is_set, "the ranker's user feed to connect", timeout_s=60)
+        assert cache.get(user, 50, 0, 10).history.item_ids == (f"{ids}-a",)
+        assert cache.get(ghost, 50, 0, 10).history.item_ids == (f"{ids}-a", f"{ids}-b")
+        before = status(features).applied_lsn
+        response = features.RebuildUsers(features_pb2.RebuildUsersRequest(user_ids=[user, ghost]), timeout=60)
+        assert (response.rebuilt, response.removed, response.events) == (1, 1, 2)
+        # The rewritten rows are stamped above the watermark they were written at, and the
+        # watermark moves there: a change like any other for watchers.
+        assert response.data_lsn > before and status(features).applied_lsn >= response.data_lsn
+        wait_until(lambda: cache.stream_lsn >= response.data_lsn, "the user feed to pass the rebuild",
+                   timeout_s=30)
+        rebuilt = cache.get(user, 50, 0, 10).history
+        assert rebuilt.item_ids == (f"{ids}-a", f"{ids}-b") and rebuilt.updated_lsn == response.data_lsn
+        assert cache.get(ghost, 50, 0, 10).history.item_ids == ()
+        assert cache.invalidations >= 2
+        # A removed user reads as unknown; rebuilding it again changes nothing.
+        gone = features.GetUserFeatures(features_pb2.GetUserFeaturesRequest(user_id=ghost), timeout=10)
+        assert list(gone.features.history) == [] and dict(gone.features.counters) == {}
+        again = features.RebuildUsers(features_pb2.RebuildUsersRequest(user_ids=[ghost]), timeout=60)
+        assert (again.rebuilt, again.removed) == (0, 0)
+    finally:
+        feed.stop()
+        client.close()
