@@ -18,7 +18,7 @@ class CollectorConfig(CommonConfig):
                             help="serve the delta stream (Subscribe) and consumer-group admin")
     cdc_publication: str = env("COLLECTOR_PUBLICATION", "deltarec_cdc", pattern=r"[a-z_][a-z0-9_]{0,62}",
                                help="Postgres publication the slots decode (created if missing)")
-    cdc_tables: str = env("COLLECTOR_CDC_TABLES", "items,events",
+    cdc_tables: str = env("COLLECTOR_CDC_TABLES", "items,events,impressions",
                           pattern=r"[a-z_][a-z0-9_.]*(,[a-z_][a-z0-9_.]*)*",
                           help="comma-separated tables in the publication")
     slot_prefix: str = env("COLLECTOR_SLOT_PREFIX", "", pattern=r"([a-z_][a-z0-9_]{0,30})?",

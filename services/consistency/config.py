@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common.config import GRPC_TARGET, CommonConfig, env
+from services.common.config import GRPC_TARGET, CommonConfig, ConfigError, env
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,3 +47,38 @@ class ConsistencyConfig(CommonConfig):
                             help="TTL of the repairer lease (consistency/repairer)")
     history_keep: int = env("CONSISTENCY_HISTORY_KEEP", 10_000, minimum=10,
                             help="history rows kept (older ones are pruned)")
+    # ---- the feedback loop (issue 14): the delta-stream join, the online metrics, the decider loop
+    feedback_enabled: bool = env("FEEDBACK_ENABLED", True,
+                                 help="consume impressions and events into the online metrics "
+                                      "(needs COLLECTOR_ADDRESS; OnlineMetrics says so without it)")
+    feedback_consumer: str = env("CONSISTENCY_FEEDBACK_CONSUMER", "feedback", pattern=r"[a-z][a-z0-9_]{0,40}",
+                                 help="consumer group of the feedback join (one stream at a time: a "
+                                      "second consistency instance stands by)")
+    feedback_window_s: float = env("FEEDBACK_WINDOW_S", 3600.0, minimum=60.0, maximum=7 * 86400.0,
+                                   help="the sliding window of the online metrics")
+    feedback_bucket_s: float = env("FEEDBACK_BUCKET_S", 60.0, minimum=1.0, maximum=3600.0,
+                                   help="time bucket of the window (its resolution)")
+    feedback_attribution_s: float = env("FEEDBACK_ATTRIBUTION_S", 1800.0, minimum=1.0, maximum=7 * 86400.0,
+                                        help="how long after an answer an event is attributed to it")
+    feedback_hold_s: float = env("FEEDBACK_HOLD_S", 30.0, minimum=0.0, maximum=3600.0,
+                                 help="how long an event waits for its impression (flushed ~1 s after the "
+                                      "answer) before it counts as unattributable")
+    feedback_max_held: int = env("FEEDBACK_MAX_HELD", 100_000, minimum=1, maximum=10_000_000,
+                                 help="most events waiting for their impression (the oldest hold ends early)")
+    feedback_max_open_impressions: int = env("FEEDBACK_MAX_OPEN_IMPRESSIONS", 500_000, minimum=1,
+                                             maximum=50_000_000,
+                                             help="most impressions kept attributable in memory")
+    feedback_stall_s: float = env("FEEDBACK_STALL_S", 30.0, minimum=1.0, maximum=3600.0,
+                                  help="how long the feedback stream may fail before health says NOT_SERVING")
+    feedback_export_interval_s: float = env("FEEDBACK_EXPORT_INTERVAL_S", 5.0, minimum=0.1, maximum=600.0,
+                                            help="period of the online-metrics Prometheus gauges' refresh")
+    canary_decide_interval_s: float = env("CANARY_DECIDE_INTERVAL_S", 30.0, minimum=0.0, maximum=86400.0,
+                                          help="period of the canary decider loop; 0 = off")
+    canary_decider_ttl_s: int = env("CANARY_DECIDER_TTL_S", 10, minimum=2, maximum=3600,
+                                    help="TTL of the decider lease (canary/decider)")
+
+
+def check_consistency_config(config: ConsistencyConfig) -> None:
+    """Settings that only make sense together."""
+    if config.feedback_bucket_s > config.feedback_window_s:
+        raise ConfigError("FEEDBACK_BUCKET_S: larger than FEEDBACK_WINDOW_S")

@@ -8,7 +8,10 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-KINDS = ("check", "reconcile", "rollback")
+from services.feedback.history_writer import CANARY_KIND
+
+# CANARY_KIND: the canary decider's decisions (services/feedback/history_writer.py writes them).
+KINDS = ("check", "reconcile", "rollback", CANARY_KIND)
 
 
 @dataclass(frozen=True)

@@ -17,3 +17,31 @@ ROLLBACKS = Counter("deltarec_consistency_rollbacks_total", "Rollbacks", ["outco
 REPAIRER = Gauge("deltarec_consistency_repairer", "1 while this instance holds the repair lease")
 DRIFTED_KEYS = Gauge("deltarec_consistency_drifted_keys", "Items or users named by the last check's findings",
                      ["check"])
+
+# ---- the feedback loop: online metrics per (model version, variant) over FEEDBACK_WINDOW_S
+_VERSION_VARIANT = ["model_version", "variant"]
+ONLINE_IMPRESSIONS = Gauge("deltarec_online_impressions", "Answers shown in the window", _VERSION_VARIANT)
+ONLINE_CLICKS = Gauge("deltarec_online_clicks", "Attributed clicks on distinct shown items in the window",
+                      _VERSION_VARIANT)
+ONLINE_CTR = Gauge("deltarec_online_click_through_rate", "Share of the window's impressions with an attributed click",
+                   _VERSION_VARIANT)
+ONLINE_ADD_TO_CART_RATE = Gauge("deltarec_online_add_to_cart_rate",
+                                "Share of the window's impressions followed by an attributed add-to-cart",
+                                _VERSION_VARIANT)
+ONLINE_PURCHASE_RATE = Gauge("deltarec_online_purchase_rate",
+                             "Share of the window's impressions followed by an attributed purchase", _VERSION_VARIANT)
+ONLINE_GAIN = Gauge("deltarec_online_position_weighted_gain",
+                    "Mean NDCG-style gain per impression (1/log2(position+2) per clicked item)", _VERSION_VARIANT)
+ONLINE_GAUGES = (ONLINE_IMPRESSIONS, ONLINE_CLICKS, ONLINE_CTR, ONLINE_ADD_TO_CART_RATE, ONLINE_PURCHASE_RATE,
+                 ONLINE_GAIN)
+FEEDBACK_EVENTS = Gauge("deltarec_feedback_events",
+                        "Events with a recommendation_id by outcome (attributed, no_impression, ...), since the "
+                        "last rebuild of the window", ["outcome"])
+FEEDBACK_HELD = Gauge("deltarec_feedback_held_events", "Events waiting for their impression")
+FEEDBACK_APPLIED_LSN = Gauge("deltarec_feedback_applied_lsn", "Commit LSN of the feedback stream's last batch")
+FEEDBACK_REBUILDS = Counter("deltarec_feedback_rebuilds_total", "Rebuilds of the window from the tables")
+CANARY_DECIDER_RUNNING = Gauge("deltarec_canary_decider_running", "1 while the canary decider loop runs here")
+CANARY_P_VALUE = Gauge("deltarec_canary_always_valid_p_value",
+                       "The canary's always-valid p-value at the last evaluation", ["canary_version"])
+CANARY_DECISIONS = Counter("deltarec_canary_decisions_total", "Canary decisions reached, and whether written",
+                           ["action", "written"])

@@ -44,3 +44,12 @@ class ModelVersions:
                 "UPDATE model_versions SET status = 'published', rolled_back_to = NULL, "
                 "rolled_back_at = NULL, decision = decision || :note WHERE version = :v"),
                 {"v": to_version, "note": f"; current again by a rollback from v{from_version}"})
+
+    def last_canary_decision(self) -> dict | None:
+        """The most recent promote/abort a canary decider wrote (services/feedback/decider.py)."""
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.text(
+                "SELECT version, canary_decision, canary_decided_at, canary_evidence FROM model_versions "
+                "WHERE canary_decision IS NOT NULL ORDER BY canary_decided_at DESC, version DESC LIMIT 1"
+            )).mappings().first()
+        return None if row is None else dict(row)

@@ -20,6 +20,15 @@ from services.feedback.sequential import Arm
 CLICK_TYPES = {"click", "view"}
 RATE_TYPES = {"add_to_cart": "carts", "purchase": "purchases"}
 
+# Why an event was not attributed (OnlineMetrics.attribute; FeedbackJoin adds NO_IMPRESSION for
+# one whose impression never came).
+ATTRIBUTED = "attributed"
+NO_IMPRESSION = "no_impression"
+ITEM_NOT_SHOWN = "item_not_shown"
+OUTSIDE_WINDOW = "outside_attribution_window"
+OTHER_TYPE = "other_event_type"
+UNATTRIBUTED_REASONS = (NO_IMPRESSION, ITEM_NOT_SHOWN, OUTSIDE_WINDOW, OTHER_TYPE)
+
 
 def position_gain(position: int) -> float:
     return 1.0 / math.log2(position + 2)
@@ -43,6 +52,7 @@ class Counters:
     carts: int = 0              # impressions with an attributed add-to-cart
     purchases: int = 0
     gain: float = 0.0
+    clicks: int = 0             # attributed clicks on distinct shown items
     clicks_at: dict = field(default_factory=lambda: defaultdict(int))   # position -> clicks
 
     def add(self, other: "Counters") -> None:
@@ -51,6 +61,7 @@ class Counters:
         self.carts += other.carts
         self.purchases += other.purchases
         self.gain += other.gain
+        self.clicks += other.clicks
         for position, n in other.clicks_at.items():
             self.clicks_at[position] += n
 
@@ -58,7 +69,7 @@ class Counters:
         n = self.impressions
         return {"impressions": n, "clicked": self.clicked, "carts": self.carts, "purchases": self.purchases,
                 "ctr": self.clicked / n if n else 0.0, "add_to_cart_rate": self.carts / n if n else 0.0,
-                "purchase_rate": self.purchases / n if n else 0.0, "ndcg": self.gain / n if n else 0.0,
+                "purchase_rate": self.purchases / n if n else 0.0, "ndcg": self.gain / n if n else 0.0, "clicks": self.clicks,
                 "clicks_at": {str(p): c for p, c in sorted(self.clicks_at.items())}}
 
     def arm(self, metric: str) -> Arm:
@@ -101,22 +112,36 @@ class OnlineMetrics:
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)
 
+    def knows(self, recommendation_id: str) -> bool:
+        """Whether the impression is here (still attributable)."""
+        return recommendation_id in self._open
+
     def add_event(self, recommendation_id: str, event_type: str, item_id: str | None, at: float) -> bool:
         """Attributes one event; False when it cannot be (unknown impression, item not shown,
         outside the attribution window)."""
+        return self.attribute(recommendation_id, event_type, item_id, at) == ATTRIBUTED
+
+    def attribute(self, recommendation_id: str, event_type: str, item_id: str | None, at: float) -> str:
+        """Attributes one event: ATTRIBUTED, or the reason it cannot be (NO_IMPRESSION,
+        ITEM_NOT_SHOWN, OUTSIDE_WINDOW, OTHER_TYPE). An event of a type the metrics do not use is
+        OTHER_TYPE before anything else (a search event names no shown item)."""
         with self._lock:
+            if event_type not in CLICK_TYPES and event_type not in RATE_TYPES:
+                return OTHER_TYPE
             shown = self._open.get(recommendation_id)
             impression = shown.impression if shown else None
-            if (impression is None or item_id not in impression.item_ids
-                    or not 0 <= at - impression.shown_at <= self.attribution_s):
+            reason = (NO_IMPRESSION if impression is None else ITEM_NOT_SHOWN if item_id not in impression.item_ids
+                      else OUTSIDE_WINDOW if not 0 <= at - impression.shown_at <= self.attribution_s else None)
+            if reason is not None:
                 self.unattributed += 1
-                return False
+                return reason
             counters = self._counters(shown)
             if event_type in CLICK_TYPES:
                 if item_id not in shown.clicked_items:
                     shown.clicked_items.add(item_id)
                     position = impression.item_ids.index(item_id)
                     counters.clicks_at[position] += 1
+                    counters.clicks += 1
                     counters.gain += position_gain(position)
                     if "clicked" not in shown.counted:
                         shown.counted.add("clicked")
@@ -126,9 +151,7 @@ class OnlineMetrics:
                 if name not in shown.counted:
                     shown.counted.add(name)
                     setattr(counters, name, getattr(counters, name) + 1)
-            else:
-                return False
-            return True
+            return ATTRIBUTED
 
     def expire(self, now: float) -> None:
         """Drops buckets older than the window and impressions past their attribution window."""
@@ -143,9 +166,11 @@ class OnlineMetrics:
                     break
                 self._open.popitem(last=False)
 
-    def window(self, now: float) -> dict[tuple[int, str], Counters]:
-        """The window's totals per (model version, variant)."""
-        oldest = self._bucket(now - self.window_s)
+    def window(self, now: float, window_s: float | None = None) -> dict[tuple[int, str], Counters]:
+        """The window's totals per (model version, variant): the last `window_s` (at most the
+        window kept; default all of it), in whole buckets."""
+        span = self.window_s if window_s is None else min(window_s, self.window_s)
+        oldest = self._bucket(now - span)
         with self._lock:
             totals = {}
             for key, buckets in self._buckets.items():

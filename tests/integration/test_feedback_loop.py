@@ -1,0 +1,239 @@
+"""The feedback loop end to end: real collector, features, ranker and consistency processes, real
+Postgres and etcd. Recommend -> IngestEvents with the answer's recommendation_id -> the
+consistency service's delta-stream join counts it for that version and variant (OnlineMetrics and
+Prometheus), the figures survive a restart of the consistency service, and its decider loop
+promotes a clearly better canary and aborts a clearly worse one, each decision landing in etcd,
+model_versions and History.
+
+Tests run in file order on one stack (module scope).
+"""
+from __future__ import annotations
+
+import json
+import random
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, consistency_pb2, consistency_pb2_grpc,
+                         ranker_pb2, ranker_pb2_grpc)
+from scripts.launch import ServiceProcess
+from services.common.artifacts import ArtifactStore
+from services.common.etcd import Etcd
+from services.contracts.etcd_keys import MODEL_CANARY, MODEL_CURRENT
+from services.contracts.model_pointer import ModelPointer
+from tests import fakes
+from tests.integration.test_service_plumbing import metric_samples
+from tests.support import channel_to, wait_until
+
+pytestmark = pytest.mark.integration
+
+N_ITEMS = 80
+ITEM_IDS = [f"item-{n}" for n in range(N_ITEMS)]
+CLICK, PURCHASE = common_pb2.EVENT_TYPE_CLICK, common_pb2.EVENT_TYPE_PURCHASE
+MIN_IMPRESSIONS = 120
+
+
+def title_of(n: int) -> str:
+    return f"{['Rose', 'Amber', 'Cedar', 'Mint'][n % 4]} {['Balm', 'Cream', 'Oil', 'Serum'][n % 3]} {n}"
+
+
+class Stack:
+    def __init__(self, env, engine, etcd, store, collector, ranker, logs):
+        self.env, self.engine, self.etcd, self.store = env, engine, etcd, store
+        self.collector, self.ranker, self.logs = collector, ranker, logs
+        self.text = fakes.text_vectors([title_of(n) for n in range(N_ITEMS)])
+        self.consistency_process: ServiceProcess | None = None
+        self.consistency = None
+        self.events = 0
+
+    def start_consistency(self) -> None:
+        self.consistency_process = ServiceProcess("services.consistency", {
+            **self.env, "COLLECTOR_ADDRESS": self.collector_address, "CONSISTENCY_CHECK_INTERVAL_S": "0",
+            "CANARY_DECIDE_INTERVAL_S": "0.5", "CANARY_MIN_IMPRESSIONS": str(MIN_IMPRESSIONS),
+            "FEEDBACK_HOLD_S": "20", "FEEDBACK_EXPORT_INTERVAL_S": "0.2"}, name="consistency",
+            log_dir=self.logs).start(timeout_s=120)
+        self.consistency = consistency_pb2_grpc.ConsistencyServiceStub(channel_to(self.consistency_process))
+
+    def artifact(self, version: int) -> dict:
+        spec = fakes.store_artifact(self.store, fakes.make_artifact(version, ITEM_IDS, self.text, dim=16,
+                                                                    popular=ITEM_IDS[:40]))
+        with self.engine.begin() as connection:     # the lineage row the trainer writes
+            connection.execute(sa.text(
+                "INSERT INTO model_versions (version, strategy, status, sha256, artifact_uri) "
+                "VALUES (:v, 'full', 'published', :sha, :uri)"), {"v": version, "sha": spec["sha256"],
+                                                                   "uri": spec["uri"]})
+        return spec
+
+    def publish_canary(self, version: int, share: float = 0.5) -> None:
+        spec = self.artifact(version)
+        self.etcd.put(MODEL_CANARY, {**spec, "share": share})
+        wait_until(lambda: self.status().canary_version == version, f"the ranker to load canary v{version}")
+
+    def status(self):
+        return self.ranker.Status(ranker_pb2.RankerServiceStatusRequest(), timeout=10)
+
+    def metrics(self, **fields) -> consistency_pb2.OnlineMetricsResponse:
+        return self.consistency.OnlineMetrics(consistency_pb2.OnlineMetricsRequest(**fields), timeout=30)
+
+    def figures(self, version: int, variant: str):
+        for row in self.metrics().variants:
+            if row.model_version == version and row.variant == variant:
+                return row
+        return None
+
+    def shop(self, users: list[str], click_rate: dict[str, float], seed: int) -> dict[str, int]:
+        """Each user asks for recommendations once and clicks the answer's third item with the
+        variant's probability (sometimes buys it too); returns the impressions per variant."""
+        rng, shown, events = random.Random(seed), {"current": 0, "canary": 0}, []
+        for user in users:
+            answer = self.ranker.Recommend(ranker_pb2.RecommendRequest(user_id=user, k=5), timeout=30)
+            assert answer.recommendation_id
+            shown[answer.variant.name] += 1
+            if rng.random() < click_rate[answer.variant.name]:
+                self.events += 1
+                item = answer.items[2].item_id
+                events.append(common_pb2.Event(event_id=f"fb-{self.events}", type=CLICK, user_id=user,
+                                               item_id=item, recommendation_id=answer.recommendation_id))
+        for start in range(0, len(events), 500):
+            self.collector.IngestEvents(collector_pb2.IngestEventsRequest(events=events[start:start + 500]),
+                                        timeout=60)
+        return shown
+
+
+@pytest.fixture(scope="module")
+def stack(infra_env, database_url, tmp_path_factory):
+    prefix = f"/test-{uuid.uuid4().hex[:10]}/"
+    logs = tmp_path_factory.mktemp("logs")
+    env = {"DATABASE_URL": database_url, "ETCD_ENDPOINT": infra_env.etcd_endpoint, "ETCD_PREFIX": prefix,
+           "GRPC_PORT": "0", "METRICS_PORT": "0", "LOG_LEVEL": "INFO", "SHUTDOWN_GRACE_S": "2",
+           "COLLECTOR_HEARTBEAT_S": "0.5"}
+    processes: list[ServiceProcess] = []
+    etcd = Etcd(infra_env.etcd_endpoint, prefix)
+    engine = sa.create_engine(database_url)
+    store = ArtifactStore(tmp_path_factory.mktemp("artifacts").as_uri())
+    stack = None
+    try:
+        collector_process = ServiceProcess("services.collector", env, log_dir=logs).start()
+        processes.append(collector_process)
+        collector = collector_pb2_grpc.CollectorServiceStub(channel_to(collector_process))
+        collector.UpsertItems(collector_pb2.UpsertItemsRequest(items=[
+            common_pb2.Item(item_id=ITEM_IDS[n], title=title_of(n), category="Beauty", brand="Belle", active=True)
+            for n in range(N_ITEMS)]), timeout=60)
+        features_process = ServiceProcess("services.features", {
+            **env, "COLLECTOR_ADDRESS": collector_process.address, "FEATURES_TORCH_THREADS": "1"},
+            log_dir=logs).start(timeout_s=240)
+        processes.append(features_process)
+        stack = Stack(env, engine, etcd, store, collector, None, logs)
+        stack.collector_address = collector_process.address
+        fakes.publish(etcd, stack.artifact(1))
+        ranker_process = ServiceProcess("services.ranker", {
+            **env, "FEATURES_ADDRESS": features_process.address, "RANKER_REPLICA_ID": "ranker-fb",
+            "RANKER_REGISTER_INTERVAL_S": "0.5"}, name="ranker", log_dir=logs).start(timeout_s=240)
+        processes.append(ranker_process)
+        stack.ranker = ranker_pb2_grpc.RankerServiceStub(channel_to(ranker_process))
+        wait_until(lambda: stack.status().freshness.model_version == 1, "the ranker to serve v1")
+        stack.start_consistency()
+        yield stack
+    finally:
+        if stack is not None and stack.consistency_process is not None:
+            stack.consistency_process.stop(timeout_s=20)
+        for process in reversed(processes):
+            process.stop(timeout_s=20)
+        etcd.close()
+        engine.dispose()
+
+
+def test_an_event_with_the_answers_id_is_counted_for_its_version_and_variant(stack):
+    answer = stack.ranker.Recommend(ranker_pb2.RecommendRequest(user_id="alice", k=5), timeout=30)
+    assert answer.variant.name == "current" and answer.variant.model_version == 1
+    shown = [item.item_id for item in answer.items]
+    # At once: the ranker flushes the impression about a second later, so the event usually
+    # reaches the join first and is held until its impression comes.
+    stack.collector.IngestEvents(collector_pb2.IngestEventsRequest(events=[
+        common_pb2.Event(event_id="alice-1", type=CLICK, user_id="alice", item_id=shown[1],
+                         recommendation_id=answer.recommendation_id),
+        common_pb2.Event(event_id="alice-2", type=PURCHASE, user_id="alice", item_id=shown[1],
+                         recommendation_id=answer.recommendation_id),
+        common_pb2.Event(event_id="alice-3", type=CLICK, user_id="alice", item_id="item-not-shown",
+                         recommendation_id=answer.recommendation_id)]), timeout=30)
+    wait_until(lambda: (stack.figures(1, "current") or consistency_pb2.VariantMetrics()).purchase_impressions == 1,
+               "the purchase to be attributed to v1 current", timeout_s=60)
+    row = stack.figures(1, "current")
+    assert row.impressions == 1 and row.clicked_impressions == 1 and row.clicks == 1
+    assert row.click_through_rate == 1.0 and row.purchase_rate == 1.0
+    assert list(row.clicks_at_position) == [0, 1]
+    assert row.position_weighted_gain == pytest.approx(1 / 1.584962500721156)   # 1/log2(3)
+    response = stack.metrics()
+    assert response.consumer_running and response.applied_lsn > 0
+    assert response.attributed_events == 2 and response.unattributed.item_not_shown == 1
+    assert response.pending_events == 0
+    assert response.canary.state == "no_canary" and response.canary.decider_running
+    # Prometheus, with the version and the variant as labels.
+    labels = (("model_version", "1"), ("variant", "current"))
+    wait_until(lambda: metric_samples(stack.consistency_process).get(("deltarec_online_impressions", labels)) == 1,
+               "the gauges to be exported")
+    samples = metric_samples(stack.consistency_process)
+    assert samples[("deltarec_online_click_through_rate", labels)] == 1.0
+    assert samples[("deltarec_online_purchase_rate", labels)] == 1.0
+
+
+def test_requests_are_checked_naming_the_field(stack):
+    import grpc
+    for fields, name in (({"window_s": -1}, "window_s"), ({"window_s": 10 ** 7}, "window_s"),
+                         ({"variant": "blue"}, "variant")):
+        with pytest.raises(grpc.RpcError) as error:
+            stack.metrics(**fields)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and name in error.value.details()
+
+
+def test_the_window_is_the_same_after_a_restart(stack):
+    before = stack.figures(1, "current")
+    stack.consistency_process.stop(timeout_s=20)
+    assert stack.consistency_process.process.returncode == 0          # graceful shutdown
+    stack.start_consistency()
+    wait_until(lambda: stack.metrics().consumer_running, "the feedback stream to resume")
+    after = stack.figures(1, "current")
+    assert after == before
+    assert stack.metrics().attributed_events == 2
+
+
+def test_the_loop_promotes_a_clearly_better_canary(stack):
+    stack.publish_canary(2)
+    users = [f"shopper-{n}" for n in range(4 * MIN_IMPRESSIONS)]
+    shown = stack.shop(users, {"current": 0.05, "canary": 0.6}, seed=1)
+    assert min(shown.values()) >= MIN_IMPRESSIONS, shown
+    wait_until(lambda: stack.etcd.get(MODEL_CANARY) is None, "the decider loop to decide", timeout_s=120)
+    current = ModelPointer.from_json(stack.etcd.get(MODEL_CURRENT).value)
+    assert current.version == 2
+    _assert_recorded(stack, 2, "promote")
+    response = stack.metrics()
+    assert response.canary.last_decision.canary_model_version == 2
+    assert response.canary.last_decision.action == "promote"
+    # The decision may come before the last impressions do: every one is counted in the end.
+    wait_until(lambda: stack.figures(2, "canary").impressions == shown["canary"], "every impression to be counted")
+    assert stack.figures(2, "canary").click_through_rate > 0.4
+
+
+def test_the_loop_aborts_a_clearly_worse_canary(stack):
+    wait_until(lambda: stack.status().freshness.model_version == 2, "the ranker to serve v2")
+    stack.publish_canary(3)
+    users = [f"buyer-{n}" for n in range(4 * MIN_IMPRESSIONS)]
+    shown = stack.shop(users, {"current": 0.6, "canary": 0.05}, seed=2)
+    assert min(shown.values()) >= MIN_IMPRESSIONS, shown
+    wait_until(lambda: stack.etcd.get(MODEL_CANARY) is None, "the decider loop to decide", timeout_s=120)
+    assert ModelPointer.from_json(stack.etcd.get(MODEL_CURRENT).value).version == 2
+    _assert_recorded(stack, 3, "abort")
+
+
+def _assert_recorded(stack, version: int, action: str) -> None:
+    with stack.engine.connect() as connection:
+        row = connection.execute(sa.text(
+            "SELECT canary_decision, canary_evidence FROM model_versions WHERE version = :v"), {"v": version}).one()
+    assert row.canary_decision == action
+    test = row.canary_evidence["evidence"]["test"]
+    assert test["significant"] and test["p_value"] < 0.05
+    history = stack.consistency.History(consistency_pb2.HistoryRequest(kind="canary"), timeout=30).entries
+    mine = [entry for entry in history if json.loads(entry.detail_json)["canary_version"] == version]
+    assert len(mine) == 1 and mine[0].kind == "canary" and action in mine[0].detail
