@@ -44,6 +44,7 @@ from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, features
 
 TARGET_P95_MS = 300.0
 PROBE_TIMEOUT_S = 5.0
+EMBED_TIMEOUT_S = 1800.0
 POLL_S = 0.005          # the ranker is asked every 5 ms (figures carry up to that much)
 FEATURES_POLL_S = 0.01  # features every 10 ms: its reads compete with its apply work
 VIEW, PURCHASE, SEARCH = common_pb2.EVENT_TYPE_VIEW, common_pb2.EVENT_TYPE_PURCHASE, common_pb2.EVENT_TYPE_SEARCH
@@ -114,7 +115,13 @@ def probe_purchase(collector, ranker, features, user: str) -> tuple[float | None
     checker.start()
     seen = None
     while time.perf_counter() - began < PROBE_TIMEOUT_S:
-        answer = ranker.Recommend(ranker_pb2.RecommendRequest(user_id=user, k=10), timeout=5)
+        try:
+            answer = ranker.Recommend(ranker_pb2.RecommendRequest(user_id=user, k=10),
+                                      timeout=max(began + PROBE_TIMEOUT_S - time.perf_counter(), 0.01))
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            break
         ids = [item.item_id for item in answer.items]
         if bought not in ids and ids != ids_before:
             seen = time.perf_counter() - began
@@ -124,15 +131,21 @@ def probe_purchase(collector, ranker, features, user: str) -> tuple[float | None
     return seen, (reference[0] if reference else None)
 
 
-def probe_read_your_writes(collector, ranker, user: str) -> float:
+def probe_read_your_writes(collector, ranker, user: str) -> tuple[float | None, str | None]:
+    """(seconds to the answer, None), or (None, why there was none): a deadline or a stale answer
+    is counted and reported (a stale one is a correctness failure), not the end of the run."""
     response = ingest(collector, [event(user, SEARCH, query=f"gift idea {random.randrange(10**6)}")])
     began = time.perf_counter()
-    answer = ranker.Recommend(ranker_pb2.RecommendRequest(user_id=user, k=10, min_data_lsn=response.commit_lsn),
-                              timeout=PROBE_TIMEOUT_S)
+    try:
+        answer = ranker.Recommend(ranker_pb2.RecommendRequest(user_id=user, k=10, min_data_lsn=response.commit_lsn),
+                                  timeout=PROBE_TIMEOUT_S)
+    except grpc.RpcError as error:
+        return None, error.code().name
     elapsed = time.perf_counter() - began
     if answer.freshness.data_lsn < response.commit_lsn:
-        raise RuntimeError(f"answer data_lsn {answer.freshness.data_lsn} < min_data_lsn {response.commit_lsn}")
-    return elapsed
+        progress(f"stale answer: data_lsn {answer.freshness.data_lsn} < min_data_lsn {response.commit_lsn}")
+        return None, "stale"
+    return elapsed, None
 
 
 def figures_ms(values: list[float]) -> dict:
@@ -165,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         item_ids = [item.item_id for item in items]
         progress(f"loading {len(items)} items")
         _harness.upsert_catalog(collector, _harness.catalog_messages(items))
-        _harness.wait_embedded(features, len(items))
+        # Set-up, not a figure: MiniLM on two cores shared with other work can take many minutes.
+        _harness.wait_embedded(features, len(items), timeout_s=EMBED_TIMEOUT_S)
         vectors = {}
         for start in range(0, len(item_ids), 1000):
             found = features.GetItemFeatures(features_pb2.GetItemFeaturesRequest(
@@ -202,9 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                 reference.append(features_seen)
             time.sleep(rng.uniform(0.02, 0.08))
         progress(f"ingest -> changed recommendation: {figures_ms(changed)}; features visible: {figures_ms(reference)}")
-        read_your_writes = []
+        read_your_writes, read_failures = [], {}
         for n in range(probes):
-            read_your_writes.append(probe_read_your_writes(collector, ranker, probe_users[n % len(probe_users)]))
+            elapsed, failure = probe_read_your_writes(collector, ranker, probe_users[n % len(probe_users)])
+            if failure is None:
+                read_your_writes.append(elapsed)
+            else:
+                read_failures[failure] = read_failures.get(failure, 0) + 1
             time.sleep(rng.uniform(0.02, 0.08))
         progress(f"read-your-writes: {figures_ms(read_your_writes)}")
         sender.stop.set()
@@ -216,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "e2e_freshness", "quick": args.quick, "items": n_items, "users": n_users,
         "background_rate_target": args.rate, "background_rate_achieved": rate, "probes": probes,
         "ingest_to_changed_recommendation": e2e | {"timeouts": timeouts},
-        "read_your_writes": ryw,
+        "read_your_writes": ryw | {"failures": read_failures},
         "reference_features_visible": ref,
         "ratio_p95": ratio(e2e["p95_ms"], ref["p95_ms"]),
         "ratio_p50": ratio(e2e["p50_ms"], ref["p50_ms"]),
@@ -224,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_p95_vs_before": ratio(QUOTED_BEFORE["ingest_to_changed_recommendation_p95_ms"], e2e["p95_ms"]),
         "target_p95_ms": TARGET_P95_MS,
         "meets_target": bool(e2e["p95_ms"] is not None and e2e["p95_ms"] < TARGET_P95_MS and not timeouts
-                             and ryw["p95_ms"] is not None and ryw["p95_ms"] < TARGET_P95_MS),
+                             and ryw["p95_ms"] is not None and ryw["p95_ms"] < TARGET_P95_MS
+                             and not read_failures),
     }
     _harness.print_summary(summary)
     return 0

@@ -47,6 +47,9 @@ from _harness import progress, ratio
 MEMORY_LIMIT_GB = 8.0
 SWAP_LIMIT_S = 60.0
 P99_LIMIT_MS = 25.0
+# Users that get their events through the real path in one row; past this the rest of the row's
+# users are preloaded into user_features (the apply rate is measured on this slice).
+SLICE_USERS = 100_000
 
 
 def rss_gb(pid: int) -> float:
@@ -71,6 +74,28 @@ def wait_serving(etcd, replica_id: str, version: int, timeout_s: float) -> float
             return time.perf_counter() - began
         time.sleep(0.2)
     return None
+
+
+def wait_start_phases(etcd, replica_id: str, n_items: int, began: float, deadline: float) -> dict:
+    """Seconds from `began` to each phase of a replica's start, from its registration: the whole
+    catalog in its text index (`catalog_loaded_s`), the first model serving (flat while HNSW
+    builds: `first_model_s`), and every index built (`indexes_built_s`); a phase not reached
+    before `deadline` is absent, so a row that runs out of time still says how far it got."""
+    phases: dict = {}
+    while time.perf_counter() < deadline:
+        value = registration(etcd, replica_id)
+        elapsed = round(time.perf_counter() - began, 1)
+        if "catalog_loaded_s" not in phases and value.get("text_index_size", 0) >= n_items:
+            phases["catalog_loaded_s"] = elapsed
+        if "first_model_s" not in phases and value.get("model_version") == 1:
+            phases["first_model_s"] = elapsed
+        if "catalog_loaded_s" in phases and value.get("model_version") == 1 and not value.get("rebuilding"):
+            phases["indexes_built_s"] = elapsed
+            break
+        time.sleep(0.5)
+    phases["last_registration"] = {key: value.get(key) for key in (
+        "index_kind", "index_size", "text_index_kind", "text_index_size", "rebuilding")}
+    return phases
 
 
 def recommend_load(address: str, users: list[str], concurrency: int, duration_s: float) -> dict:
@@ -128,24 +153,33 @@ def items_row(suite, etcd, n_items: int, budget_s: float, duration_s: float) -> 
     row: dict = {"items": n_items, "mean_title_chars": round(float(np.mean([len(i.title) for i in dataset.items])), 1)}
     replica_id = f"scale-{uuid.uuid4().hex[:6]}"
     processes = []
+    specs = {}
+    for version in (1, 2):
+        artifact = fakes.make_artifact(version, item_ids, vectors, dim=64, max_len=50, num_layers=2,
+                                       popular=item_ids[:200])
+        specs[version] = fakes.store_artifact(suite.artifact_store(), artifact)
+        del artifact
+    del vectors     # 1.5 GB at 1M items, needed only for the artifacts (the stand-in has its own)
     try:
         for version in (1, 2):
-            artifact = fakes.make_artifact(version, item_ids, vectors, dim=64, max_len=50, num_layers=2,
-                                           popular=item_ids[:200])
-            spec_json = fakes.store_artifact(suite.artifact_store(), artifact)
-            del artifact
+            spec_json = specs[version]
             if version == 1:
                 fakes.publish(etcd, spec_json)
                 began = time.perf_counter()
                 stand_in = suite.start_features_stand_in(spec)
                 processes.append(stand_in)
+                # RANKER_STARTUP_TIMEOUT_S (300 s by default) bounds the catalog load; at 1M items
+                # on loaded cores that alone can take longer, and this row measures it instead.
                 ranker = suite.start_ranker(stand_in.address, replica_id, name=f"ranker-scale-{n_items}",
-                                            database=False, timeout_s=budget_s)
+                                            database=False, timeout_s=budget_s,
+                                            RANKER_STARTUP_TIMEOUT_S=str(budget_s))
                 processes.append(ranker)
-                served = wait_serving(etcd, replica_id, 1, budget_s)
-                row["start_to_serving_s"] = round(time.perf_counter() - began, 1) if served is not None else None
-                if served is None:
-                    row["limit"] = f"not serving within {budget_s:.0f} s"
+                row |= wait_start_phases(etcd, replica_id, n_items, began, began + budget_s)
+                row["start_to_serving_s"] = row.get("indexes_built_s")
+                if row["start_to_serving_s"] is None:
+                    row["limit"] = f"indexes not built within {budget_s:.0f} s of the start"
+                    row["ranker_rss_gb"] = rss_gb(ranker.process.pid)
+                    progress(f"items {n_items}: {row}")
                     return row
                 row["index_kind"] = registration(etcd, replica_id).get("index_kind")
                 row["ranker_rss_gb"] = rss_gb(ranker.process.pid)
@@ -168,16 +202,71 @@ def items_row(suite, etcd, n_items: int, budget_s: float, duration_s: float) -> 
             suite.stop(process, timeout_s=20)
 
 
-def users_row(suite, collector, features, features_pid: int, n_users: int, budget_s: float) -> dict:
-    """Every one of `n_users` new users gets 2 events; how fast features applies them."""
+def preload_users(suite, prefix: str, count: int, below_lsn: int, chunk: int = 50_000) -> dict:
+    """Puts `count` users into user_features with COPY, each with the state features' own fold
+    (user_state.apply_event) makes of 2 view events, stamped below the applied watermark: a store
+    of that many users without pushing their events through the pipeline, whose ~2k events/s
+    would take most of an hour for 1M users. Their events are not in `events` (a COPY there would
+    stream to features through CDC all the same)."""
+    import csv
+    import io
+    from datetime import datetime, timezone
+
+    from services.contracts.event_row import EventRow
+    from services.features import user_state
+    rng = random.Random(count)
+    connection = suite.connect()
+    began = time.perf_counter()
+    when = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    with connection.cursor() as cursor:
+        for start in range(0, count, chunk):
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            for u in range(start, min(start + chunk, count)):
+                user_id = f"{prefix}-pre-{u:07d}"
+                state = user_state.UserState(user_id)
+                for n in range(2):
+                    row = EventRow(event_id=f"{prefix}-pre-{u}-{n}", event_type="view", user_id=user_id,
+                                   item_id=f"S{rng.randrange(10_000):05d}", query=None, occurred_at=when,
+                                   row_id=u * 2 + n + 1)
+                    user_state.apply_event(state, row, below_lsn, history_length=50, recent_queries=20)
+                writer.writerow([user_id, json.dumps([e.to_json() for e in state.history]),
+                                 json.dumps(state.counters, sort_keys=True),
+                                 json.dumps([q.to_json() for q in state.recent_queries]), state.updated_lsn,
+                                 json.dumps(state.seen_to_json()), state.seen_truncated])
+            buffer.seek(0)
+            cursor.copy_expert("COPY user_features (user_id, history, counters, recent_queries, updated_lsn, "
+                               "seen_items, seen_truncated) FROM STDIN WITH (FORMAT csv)", buffer)
+            connection.commit()
+            progress(f"preloaded {min(start + chunk, count)} of {count} users")
+    elapsed = time.perf_counter() - began
+    connection.close()
+    return {"preloaded_users": count, "preload_s": round(elapsed, 1)}
+
+
+def users_row(suite, collector, features, features_pid: int, n_users: int, budget_s: float,
+              slice_users: int) -> dict:
+    """A store of `n_users` users; `slice_users` of them (all, for the smaller rows) are new users
+    getting 2 events each through the real path (IngestEvents -> Postgres -> CDC -> features),
+    the rest preloaded (`preload_users`); how fast features applies the slice."""
     import io
 
     from deltarec.v1 import collector_pb2, common_pb2, features_pb2
     rng = random.Random(n_users)
     prefix = uuid.uuid4().hex[:6]
+    row: dict = {"users": n_users}
+    if n_users > slice_users:
+        status = features.Status(features_pb2.FeaturesServiceStatusRequest(), timeout=30)
+        row |= preload_users(suite, prefix, n_users - slice_users, max(status.applied_lsn, 1))
+        # features reads a preloaded row as the state it folded itself
+        check = features.GetUserFeatures(features_pb2.GetUserFeaturesRequest(user_id=f"{prefix}-pre-0000000"),
+                                         timeout=30)
+        if len(check.features.history) != 2:
+            raise RuntimeError(f"a preloaded user reads back with {len(check.features.history)} history entries")
+    live_users = min(n_users, slice_users)
     events = [common_pb2.Event(event_id=f"{prefix}-{u}-{n}", type=common_pb2.EVENT_TYPE_VIEW,
                                user_id=f"{prefix}-user-{u:07d}", item_id=f"S{rng.randrange(10_000):05d}")
-              for u in range(n_users) for n in range(2)]
+              for u in range(live_users) for n in range(2)]
     began = time.perf_counter()
     last = 0
     for start in range(0, len(events), 1000):
@@ -192,7 +281,7 @@ def users_row(suite, collector, features, features_pid: int, n_users: int, budge
             applied_at = time.perf_counter() - began
             break
         time.sleep(0.5)
-    row = {"users": n_users, "events": len(events), "ingest_s": round(ingest_s, 1)}
+    row |= {"live_users": live_users, "events": len(events), "ingest_s": round(ingest_s, 1)}
     if applied_at is None:
         row["limit"] = f"features did not apply {len(events)} events within {budget_s:.0f} s"
     else:
@@ -257,8 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the 10k and 100k rows only")
     parser.add_argument("--only", choices=("items", "users"), default=None)
+    parser.add_argument("--sizes", default=None, help="comma-separated sizes instead of the run's (development)")
+    parser.add_argument("--slice-users", type=int, default=SLICE_USERS,
+                        help="users per row through the real path; the rest are preloaded")
     args = parser.parse_args(argv)
     sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
+    if args.sizes:
+        sizes = [int(size) for size in args.sizes.split(",")]
     budget_s = 600.0 if args.quick else 2400.0
     duration_s = 3.0 if args.quick else 10.0
     from services.ranker.config import RankerConfig
@@ -281,13 +375,15 @@ def main(argv: list[str] | None = None) -> int:
             collector = collector_pb2_grpc.CollectorServiceStub(grpc.insecure_channel(collector_process.address))
             features = features_pb2_grpc.FeaturesServiceStub(grpc.insecure_channel(features_process.address))
             for n in sizes:
-                row = users_row(suite, collector, features, features_process.process.pid, n, budget_s)
+                row = users_row(suite, collector, features, features_process.process.pid, n, budget_s,
+                                args.slice_users)
                 row["ranker_user_cache_mb"] = round(per_user * min(n, cache_size) / 1024 / 1024, 1)
                 users_rows.append(row)
                 if row.get("limit"):
                     break
             summary["ranker_cache_bytes_per_user"] = per_user
             summary["ranker_user_cache_size"] = cache_size
+            summary["users_slice"] = args.slice_users
     summary["items"] = items_rows
     summary["users"] = users_rows
     summary["first_limit"] = first_limit(items_rows, users_rows)
