@@ -8,6 +8,16 @@ can call, and what the consistency service finds, in plain words. Data: Amazon B
 from ../shared/data (DELTAREC_DATA_DIR to change), or a small synthetic data set when
 that folder is absent.
 
+During the live part the trainer publishes as a canary (TRAINER_PUBLISH_AS=canary, share
+TRAINER_CANARY_SHARE, 0.5 here: an even split gives the test the most evidence for the traffic):
+the first version goes to model/current, the next gated one to model/canary. The replay plays a
+storefront that shows recommendations (`Storefront`): before a user's replayed interaction it
+shows that user a Recommend answer (the items and its recommendation_id); when the replayed next
+item is among them, a click event carrying that recommendation_id is sent first (then the
+replayed purchase as usual). The consistency service joins those events with the impressions and
+its decider promotes or aborts the canary; the run prints the online metrics per variant and the
+canary's state (ConsistencyService.OnlineMetrics) after each live step and at the end.
+
 Interactive (a terminal): services stay up until Ctrl-C. Otherwise (CI, pipes) it
 stops everything after the job. DELTAREC_RUN_USERS limits the replay to N users.
 Each run starts from an empty store under .run/infra; DELTAREC_RUN_KEEP=1 keeps it.
@@ -22,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import grpc
@@ -102,16 +113,73 @@ def load_catalog(stub, dataset: datasets.Dataset) -> None:
             bar.update(len(chunk))
 
 
+class Storefront:
+    """What a storefront does with the answers it shows, for the live replay: each user is shown
+    a Recommend answer before the interaction the data set has next for them (the replicas take
+    turns); a replayed item that was among the items shown is a click on it, sent with the
+    answer's recommendation_id (timestamped now: after the answer was shown, inside the
+    attribution window), before the replayed purchase. A user's answer is used once: after the
+    interaction the storefront shows a new one (at the user's next interaction)."""
+
+    def __init__(self, ranker_stubs, k: int = 10, threads: int = 8) -> None:
+        self.stubs, self.k = ranker_stubs, k
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="storefront")
+        self.shown: dict[str, tuple[set, str]] = {}     # user -> (item ids shown, recommendation_id)
+        self.answers = self.clicks = self.failed = 0
+        self.by_variant: dict[str, int] = {}
+
+    def _show(self, turn: int, user: str):
+        try:
+            response = self.stubs[turn % len(self.stubs)].Recommend(
+                ranker_pb2.RecommendRequest(user_id=user, k=self.k), timeout=10)
+        except grpc.RpcError:
+            return user, None
+        return user, response
+
+    def show(self, users: list[str]) -> None:
+        """Shows an answer to every user in `users` that has none pending (in parallel)."""
+        waiting = [user for user in dict.fromkeys(users) if user not in self.shown]
+        for user, response in self.pool.map(self._show, range(self.answers, self.answers + len(waiting)), waiting):
+            if response is None:
+                self.failed += 1
+                continue
+            self.answers += 1
+            self.by_variant[response.variant.name] = self.by_variant.get(response.variant.name, 0) + 1
+            if response.recommendation_id:
+                self.shown[user] = ({item.item_id for item in response.items}, response.recommendation_id)
+
+    def click(self, user: str, item: str, event_id: str) -> common_pb2.Event | None:
+        """The click on `item` if the user's last answer showed it (the answer is used up)."""
+        shown = self.shown.pop(user, None)
+        if shown is None or item not in shown[0]:
+            return None
+        self.clicks += 1
+        stamp = Timestamp()
+        stamp.FromDatetime(datetime.now(timezone.utc))
+        return common_pb2.Event(event_id=event_id, user_id=user, item_id=item, type=common_pb2.EVENT_TYPE_CLICK,
+                                timestamp=stamp, recommendation_id=shown[1])
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
 def replay(stub, name: str, order: list[tuple[str, str]], begin: int, end: int, start_time: datetime,
-           on_progress=None) -> int:
+           on_progress=None, storefront: Storefront | None = None) -> int:
     """Sends order[begin:end] as purchases; timestamps increase by one second per interaction
-    and end about now (the data carries order, not time)."""
+    and end about now (the data carries order, not time). With a storefront, each user is shown
+    an answer first and a purchase of a shown item follows a click carrying its recommendation_id."""
     accepted = 0
     with tqdm(total=end - begin, unit="event", file=sys.stdout) as bar:
         for offset in range(begin, end, BATCH):
             events = []
-            for position in range(offset, min(offset + BATCH, end)):
+            positions = range(offset, min(offset + BATCH, end))
+            if storefront is not None:
+                storefront.show([order[position][0] for position in positions])
+            for position in positions:
                 user, item = order[position]
+                click = storefront.click(user, item, f"{name}-{position}-click") if storefront else None
+                if click is not None:
+                    events.append(click)
                 stamp = Timestamp()
                 stamp.FromDatetime(start_time + timedelta(seconds=position))
                 events.append(common_pb2.Event(event_id=f"{name}-{position}", user_id=user, item_id=item,
@@ -147,6 +215,9 @@ def wait_for_embeddings(features_stub, expected: int) -> None:
 
 def version_line(version) -> str:
     status = trainer_pb2.VersionStatus.Name(version.status).replace("VERSION_STATUS_", "").lower()
+    if version.published_as == "canary":
+        status = (f"canary (share {version.canary_share:g})" if version.status == trainer_pb2.VERSION_STATUS_CANDIDATE
+                  else f"{status} (was the canary{': ' + version.canary_decision if version.canary_decision else ''})")
     m = version.metrics
     return (f"v{version.version:<3} {version.strategy:<18} parent v{version.parent_version:<3} "
             f"Recall@10 {m.recall_at_10:.4f}  NDCG@10 {m.ndcg_at_10:.4f}  "
@@ -155,7 +226,7 @@ def version_line(version) -> str:
 
 
 class VersionPrinter:
-    """Prints each model version once, as the trainer records it."""
+    """Prints each model version as the trainer records it (a canary again once it is decided)."""
 
     def __init__(self, trainer_stub) -> None:
         self.stub, self.seen = trainer_stub, set()
@@ -163,8 +234,10 @@ class VersionPrinter:
     def poll(self, write=print) -> int:
         response = self.stub.ListVersions(trainer_pb2.ListVersionsRequest(limit=50), timeout=10)
         for version in sorted(response.versions, key=lambda v: v.version):
-            if version.version not in self.seen and version.status != trainer_pb2.VERSION_STATUS_CANDIDATE:
-                self.seen.add(version.version)
+            key = (version.version, version.status)
+            if key not in self.seen and (version.status != trainer_pb2.VERSION_STATUS_CANDIDATE
+                                         or version.published_as == "canary"):
+                self.seen.add(key)
                 write("    " + version_line(version))
         return response.current_version
 
@@ -185,6 +258,42 @@ def wait_for_first_model(trainer_stub, printer: VersionPrinter) -> None:
         time.sleep(2)
 
 
+def wait_for_trainer(trainer_stub, printer: VersionPrinter, limit_s: float) -> None:
+    """Waits (at most `limit_s`) for what the trainer does after the first model (the full
+    training after the quick one: with TRAINER_PUBLISH_AS=canary, the canary of the live part)."""
+    status = trainer_stub.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=10)
+    if not status.busy:
+        return
+    say("trainer: the next version (the full training after the quick first model) before the live traffic")
+    deadline, last = time.monotonic() + limit_s, ""
+    while time.monotonic() < deadline:
+        printer.poll()
+        status = trainer_stub.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=10)
+        if not status.busy:
+            return
+        progress = status.progress
+        line = f"    {progress.kind} v{progress.version}: {progress.phase} epoch {progress.epoch}/{progress.epochs}"
+        if line != last:
+            print(line, flush=True)
+            last = line
+        time.sleep(2)
+    print(f"    still training after {limit_s:.0f} s (DELTAREC_RUN_TRAINER_WAIT_S): the live traffic starts anyway")
+
+
+def wait_for_feedback(stub, decide_interval_s: float, limit_s: float = 60.0) -> None:
+    """Until the consistency service has joined what was sent (no event waiting for its
+    impression), then one decider interval, so that the printed state follows the last traffic."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            if stub.OnlineMetrics(consistency_pb2.OnlineMetricsRequest(), timeout=10).pending_events == 0:
+                break
+        except grpc.RpcError:
+            pass
+        time.sleep(1)
+    time.sleep(decide_interval_s + 1)
+
+
 def demo(ranker_channel, dataset: datasets.Dataset) -> None:
     stub = ranker_pb2_grpc.RankerServiceStub(ranker_channel)
     user = next(iter(dataset.sequences))
@@ -199,6 +308,41 @@ def demo(ranker_channel, dataset: datasets.Dataset) -> None:
     say(f"Search {query[:60]!r}")
     for item in stub.Search(ranker_pb2.SearchRequest(query=query, k=5), timeout=10).items:
         print(f"    {item.score:7.3f}  {item.title[:70]}")
+
+
+def print_online_metrics(stub, write=print) -> consistency_pb2.OnlineMetricsResponse | None:
+    """The online metrics per (version, variant) and the canary's state, from the consistency
+    service (ConsistencyService.OnlineMetrics)."""
+    try:
+        response = stub.OnlineMetrics(consistency_pb2.OnlineMetricsRequest(), timeout=10)
+    except grpc.RpcError as error:
+        write(f"    online metrics unavailable: {error.code().name} {error.details()}")
+        return None
+    for row in sorted(response.variants, key=lambda v: (v.variant != "current", v.model_version)):
+        positions = " ".join(str(n) for n in list(row.clicks_at_position)[:5])
+        write(f"    {row.variant:<7} v{row.model_version:<3} {row.impressions:6d} impressions  "
+              f"CTR {row.click_through_rate:.4f} ({row.clicked_impressions} clicked)  "
+              f"gain {row.position_weighted_gain:.4f}  purchase rate {row.purchase_rate:.4f}  "
+              f"clicks at positions 1-5: {positions or '-'}")
+    canary = response.canary
+    line = f"    canary: {canary.state}"
+    if canary.canary_model_version:
+        line += f" (v{canary.canary_model_version} vs current v{canary.current_model_version})"
+    if canary.reason:
+        line += f": {canary.reason}"
+    if canary.tested:
+        line += (f"  [{canary.metric} effect {canary.effect:+.4f}, always-valid p "
+                 f"{canary.always_valid_p_value:.3g}, alpha {canary.alpha:g}]")
+    write(line)
+    if canary.HasField("last_decision"):
+        decision = canary.last_decision
+        write(f"    last decision: {decision.action} canary v{decision.canary_model_version}: {decision.reason}")
+    unattributed = response.unattributed
+    write(f"    {response.attributed_events} events attributed; unattributed: {unattributed.no_impression} without "
+          f"impression, {unattributed.item_not_shown} item not shown, {unattributed.outside_attribution_window} "
+          f"outside the window; {response.pending_events} waiting for their impression"
+          + ("" if response.consumer_running else f"; consumer: {response.consumer_detail}"))
+    return response
 
 
 def print_consistency(stub) -> None:
@@ -255,7 +399,9 @@ def main() -> int:
         step_size = max((len(order) - split) // steps, 1)
         trainer = suite.start("services.trainer", "trainer", {
             "COLLECTOR_ADDRESS": collector.address,
-            "TRAINER_STRATEGY_THRESHOLD": os.environ.get("TRAINER_STRATEGY_THRESHOLD", str(step_size))})
+            "TRAINER_STRATEGY_THRESHOLD": os.environ.get("TRAINER_STRATEGY_THRESHOLD", str(step_size)),
+            "TRAINER_PUBLISH_AS": os.environ.get("TRAINER_PUBLISH_AS", "canary"),
+            "TRAINER_CANARY_SHARE": os.environ.get("TRAINER_CANARY_SHARE", "0.5")})
         trainer_stub = trainer_pb2_grpc.TrainerServiceStub(suite.channel(trainer.address, channels.TRAINER))
         printer = VersionPrinter(trainer_stub)
         wait_for_first_model(trainer_stub, printer)
@@ -265,18 +411,43 @@ def main() -> int:
                                {"FEATURES_ADDRESS": features.address, "RANKER_REPLICA_ID": f"ranker-{name}"})
                    for name in ("a", "b")]
 
-        say(f"replaying the last {len(order) - split} interactions as live traffic; the trainer keeps "
-            "the model current by itself")
+        # The consistency service joins attributed events with impressions (online metrics) and
+        # runs the canary decider; started before the live traffic so that it sees all of it.
+        consistency = suite.start("services.consistency", "consistency", {
+            "FEATURES_ADDRESS": features.address, "COLLECTOR_ADDRESS": collector.address,
+            "CANARY_DECIDE_INTERVAL_S": os.environ.get("CANARY_DECIDE_INTERVAL_S", "5")})
+        consistency_stub = consistency_pb2_grpc.ConsistencyServiceStub(
+            suite.channel(consistency.address, channels.CONSISTENCY))
+        wait_for_trainer(trainer_stub, printer, float(os.environ.get("DELTAREC_RUN_TRAINER_WAIT_S", "1800")))
+
+        say(f"replaying the last {len(order) - split} interactions as live traffic through a storefront that "
+            "shows recommendations (a shown item bought next is a click on the answer); the trainer keeps the "
+            "model current by itself, its next versions go to model/canary")
+        storefront = Storefront([ranker_pb2_grpc.RankerServiceStub(suite.channel(r.address, channels.RANKER))
+                                 for r in rankers])
         for step_start in range(split, len(order), step_size):
             replay(stub, dataset.name, order, step_start, min(step_start + step_size, len(order)), start_time,
-                   on_progress=show_lag)
+                   on_progress=show_lag, storefront=storefront)
             deadline = time.monotonic() + 120
+            held = ""
             while time.monotonic() < deadline:
                 status = trainer_stub.Status(trainer_pb2.TrainerServiceStatusRequest(), timeout=10)
                 printer.poll()
-                if not status.busy and status.pending_interactions < status.strategy.threshold_events:
+                if status.held and status.held != held:
+                    held = status.held
+                    print(f"    trainer: {held}")
+                if not status.busy and (status.pending_interactions < status.strategy.threshold_events
+                                        or status.held):
                     break
                 time.sleep(2)
+            print(f"    storefront: {storefront.answers} answers shown "
+                  f"({', '.join(f'{n} {v}' for v, n in sorted(storefront.by_variant.items()))}), "
+                  f"{storefront.clicks} clicks on them" + (f", {storefront.failed} failed" if storefront.failed else ""))
+            print_online_metrics(consistency_stub)
+        storefront.close()
+        say("online metrics per variant and the canary decision (ConsistencyService.OnlineMetrics)")
+        wait_for_feedback(consistency_stub, float(os.environ.get("CANARY_DECIDE_INTERVAL_S", "5")))
+        print_online_metrics(consistency_stub)
         printer.poll()
 
         say("replicas")
@@ -288,16 +459,13 @@ def main() -> int:
         print(f"    consumer groups  {group_lag_line(stub)}")
         status_command = [sys.executable, "-m", "services.status", "--etcd", suite.env["ETCD_ENDPOINT"],
                           "--collector", collector.address, "--features", features.address,
-                          "--trainer", trainer.address]
+                          "--trainer", trainer.address, "--consistency", consistency.address]
         say("the suite at a glance: " + " ".join(["python"] + status_command[1:]))
         subprocess.run(status_command, cwd=REPO_ROOT, timeout=120)
         demo(suite.channel(rankers[0].address, channels.RANKER), dataset)
 
         say("consistency check (every part against the source)")
-        consistency = suite.start("services.consistency", "consistency", {
-            "FEATURES_ADDRESS": features.address, "COLLECTOR_ADDRESS": collector.address})
-        print_consistency(consistency_pb2_grpc.ConsistencyServiceStub(
-            suite.channel(consistency.address, channels.CONSISTENCY)))
+        print_consistency(consistency_stub)
 
         a, user = rankers[0].address, next(iter(dataset.sequences))
         flags = suite.grpcurl_flags()
