@@ -2,11 +2,12 @@
 
 The store is the feed: each item row carries `updated_lsn`, the commit LSN of its last change of
 catalog data or vector, and the applied watermark commits with it. A watcher's position is a
-watermark W; a round reads the current watermark U and sends every item with W < updated_lsn <= U
-(keyset pages in (updated_lsn, item_id) order), then waits. Because the latest state of an item
-replaces what the receiver has, sending each changed item once per round, in its latest state,
-is exactly "the changes after W"; an item changed again during a round has an updated_lsn above
-U and goes out in the next round. The in-process `LsnNotifier` wakes watchers as soon as a batch
+watermark W; a round sends every item with updated_lsn > W (keyset pages in (updated_lsn, item_id)
+order, each read in one statement with the watermark U of its snapshot), the page ending the
+round carrying U, then waits. Because the latest state of an item replaces what the receiver has,
+sending each changed item once per round, in its latest state, is exactly "the changes up to U";
+an item changed again during a round goes out in that round at its later LSN (its row moved ahead
+of the cursor), never after the position passed its first change. The in-process `LsnNotifier` wakes watchers as soon as a batch
 commits; a periodic re-read (`poll_s`) covers writers in other processes.
 """
 from __future__ import annotations
@@ -88,41 +89,39 @@ class ItemChangeFeed:
         watermark = after_lsn
         first_round = True
         last_sent = time.monotonic()
-        woken_at = None
         while active() and not self.notifier.closed:
-            # Woken by a commit of this process: its LSN, without a query (a round per commit per
-            # watcher). After a quiet poll interval: the store's (other writers, a rebuilt store).
-            applied = woken_at if woken_at is not None else self.store.applied_lsn()
-            if applied < watermark:
-                # Watermarks only come from this store, which only moves forward — except when a
-                # snapshot started over rebuilt it: the receiver must start again from 0.
-                raise FailedPrecondition(
-                    f"after_lsn: {watermark} is ahead of the feature store ({applied}); it was rebuilt "
-                    "from a new snapshot: watch again from after_lsn=0")
-            upper = applied
-            if first_round or upper > watermark:
-                cursor: tuple[int, str | None] = (watermark, None)
-                while True:
-                    rows = self.store.read_changes(cursor, upper, max_batch)
-                    full = len(rows) == max_batch
-                    # A full page may leave rows with the same LSN for the next page.
-                    page_watermark = max(watermark, rows[-1].updated_lsn - 1) if full else upper
-                    changes = [as_change(row) for row in rows]
-                    if after_lsn == 0 and first_round:
-                        changes = [change for change in changes if change.kind == UPSERT]
-                    last_page = not full
-                    heartbeat_due = time.monotonic() - last_sent >= self.heartbeat_s
-                    bare_watermark_due = page_watermark > watermark and heartbeat_due
-                    if changes or (last_page and (first_round or bare_watermark_due)):
-                        yield Page(changes, page_watermark)
+            # A round: every item whose row is past the position, in keyset pages, each page read
+            # with the watermark of its snapshot (one statement). Only the page ending the round
+            # claims a position (that watermark): an item changed again while the round runs has
+            # moved its row ahead of the cursor, so it is still sent in this round, in its latest
+            # state, before the position passes its earlier change — a full page claiming its
+            # last row's LSN could pass a change whose row moved beyond the page.
+            notified = self.notifier.lsn      # committed before this round's reads
+            cursor: tuple[int, str | None] = (watermark, None)
+            while True:
+                rows, applied = self.store.read_changes(cursor, max_batch)
+                if applied < watermark:
+                    # Watermarks only come from this store, which only moves forward — except
+                    # when a snapshot started over rebuilt it: the receiver must start again from 0.
+                    raise FailedPrecondition(
+                        f"after_lsn: {watermark} is ahead of the feature store ({applied}); it was rebuilt "
+                        "from a new snapshot: watch again from after_lsn=0")
+                changes = [as_change(row) for row in rows]
+                if after_lsn == 0 and first_round:
+                    changes = [change for change in changes if change.kind == UPSERT]
+                if len(rows) == max_batch:
+                    if changes:
+                        yield Page(changes, watermark)
                         last_sent = time.monotonic()
-                        watermark = page_watermark
-                    elif full:
-                        watermark = page_watermark
-                    if last_page:
-                        break
                     cursor = (rows[-1].updated_lsn, rows[-1].item_id)
-                first_round = False
-            target = watermark if upper <= watermark else upper
-            latest = self.notifier.wait_beyond(target, self.poll_s)
-            woken_at = latest if latest > target else None
+                    continue
+                heartbeat_due = time.monotonic() - last_sent >= self.heartbeat_s
+                if changes or first_round or (applied > watermark and heartbeat_due):
+                    yield Page(changes, applied)
+                    last_sent = time.monotonic()
+                    watermark = applied
+                break
+            first_round = False
+            # Woken by a commit of this process; after a quiet poll interval, a round anyway
+            # (other writers, a rebuilt store).
+            self.notifier.wait_beyond(max(watermark, notified), self.poll_s)

@@ -272,17 +272,22 @@ class FeatureStore:
         data_lsn = rows[0].data_lsn if rows else 0
         return {row.user_id: _user_from_row(row) for row in rows if row.user_id is not None}, data_lsn
 
-    def read_user_changes(self, after: tuple[int, str | None], upper_lsn: int, limit: int) -> list[tuple[str, int]]:
-        """(user id, updated_lsn) of users changed after `after` = (lsn, user_id) and at or below
-        `upper_lsn`, in (updated_lsn, user_id) order (keyset pages on user_features_updated_lsn_idx;
-        a None user id starts after every user of that LSN)."""
+    def read_user_changes(self, after: tuple[int, str | None], limit: int) -> tuple[list[tuple[str, int]], int]:
+        """(user id, updated_lsn) of users changed after `after` = (lsn, user_id), in
+        (updated_lsn, user_id) order (keyset pages on user_features_updated_lsn_idx; a None user
+        id starts after every user of that LSN), with the applied watermark of the SAME snapshot
+        (one statement): every user changed at or below it has its row in the snapshot at an LSN
+        between that change and it, so no row can have moved past the page unseen."""
         with self.engine.connect() as connection:
             rows = connection.execute(sa.text(
-                "SELECT user_id, updated_lsn FROM user_features "
-                "WHERE (updated_lsn, user_id) > (:lsn, :user) AND updated_lsn <= :upper "
-                "ORDER BY updated_lsn, user_id LIMIT :limit"),
-                {"lsn": after[0], "user": after[1], "upper": upper_lsn, "limit": limit})
-            return [(row.user_id, row.updated_lsn) for row in rows]
+                "SELECT coalesce((SELECT applied_lsn FROM consumer_offsets WHERE consumer = :c), 0) "
+                "AS applied, u.user_id, u.updated_lsn FROM (SELECT 1) AS one LEFT JOIN "
+                "(SELECT user_id, updated_lsn FROM user_features "
+                " WHERE (updated_lsn, user_id) > (:lsn, :user) ORDER BY updated_lsn, user_id LIMIT :limit) u "
+                "ON true ORDER BY u.updated_lsn, u.user_id"),
+                {"c": self.consumer, "lsn": after[0], "user": after[1], "limit": limit}).all()
+        applied = int(rows[0].applied) if rows else 0
+        return [(row.user_id, row.updated_lsn) for row in rows if row.user_id is not None], applied
 
     def read_items(self, item_ids: list[str]) -> tuple[dict[str, ItemRecord], int]:
         with self.engine.connect() as connection:
@@ -294,17 +299,22 @@ class FeatureStore:
         data_lsn = rows[0].data_lsn if rows else 0
         return {row.item_id: _item_from_row(row) for row in rows if row.item_id is not None}, data_lsn
 
-    def read_changes(self, after: tuple[int, str], upper_lsn: int, limit: int) -> list[ItemRecord]:
-        """Items whose catalog data or vector changed after `after` = (lsn, item_id) and at or
-        below `upper_lsn`, in (updated_lsn, item_id) order: keyset pagination, each page its own
-        short statement, so a slow watcher never holds a snapshot open."""
+    def read_changes(self, after: tuple[int, str | None], limit: int) -> tuple[list[ItemRecord], int]:
+        """Items whose catalog data or vector changed after `after` = (lsn, item_id), in
+        (updated_lsn, item_id) order, with the applied watermark of the SAME snapshot (one
+        statement: an item changed at or below it has its row there at an LSN between that change
+        and it). Keyset pagination, each page its own short statement, so a slow watcher never
+        holds a snapshot open."""
         with self.engine.connect() as connection:
             rows = connection.execute(sa.text(
-                f"SELECT {ITEM_COLUMNS} FROM item_features "
-                f"WHERE (updated_lsn, item_id) > (:lsn, :item) AND updated_lsn <= :upper "
-                f"ORDER BY updated_lsn, item_id LIMIT :limit"),
-                {"lsn": after[0], "item": after[1], "upper": upper_lsn, "limit": limit})
-            return [_item_from_row(row) for row in rows]
+                f"SELECT coalesce((SELECT applied_lsn FROM consumer_offsets WHERE consumer = :c), 0) "
+                f"AS data_lsn, f.* FROM (SELECT 1) AS one LEFT JOIN "
+                f"(SELECT {ITEM_COLUMNS} FROM item_features WHERE (updated_lsn, item_id) > (:lsn, :item) "
+                f" ORDER BY updated_lsn, item_id LIMIT :limit) f "
+                f"ON true ORDER BY f.updated_lsn, f.item_id"),
+                {"c": self.consumer, "lsn": after[0], "item": after[1], "limit": limit}).all()
+        applied = int(rows[0].data_lsn) if rows else 0
+        return [_item_from_row(row) for row in rows if row.item_id is not None], applied
 
     def current_wal_lsn(self) -> int:
         with self.engine.connect() as connection:

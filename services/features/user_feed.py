@@ -51,27 +51,30 @@ class UserChangeFeed:
                 "new snapshot: watch again from after_lsn=0")
         else:
             watermark = after_lsn
-        woken_at = None
         while active() and not self.notifier.closed:
-            # Woken by a commit of this process: its LSN is the upper bound (no query). After a
-            # quiet poll interval, the store's (writers in other processes; a rebuilt store).
-            upper = woken_at if woken_at is not None else self.store.applied_lsn()
-            if upper < watermark:
-                raise FailedPrecondition(
-                    f"after_lsn: {watermark} is ahead of the feature store ({upper}); it was rebuilt from a "
-                    "new snapshot: watch again from after_lsn=0")
-            if upper > watermark:
-                cursor: tuple[int, str | None] = (watermark, None)
-                while True:
-                    rows = self.store.read_user_changes(cursor, upper, max_batch)
-                    full = len(rows) == max_batch
-                    # A full page may leave users with the same LSN for the next page.
-                    page_watermark = max(watermark, rows[-1][1] - 1) if full else upper
-                    if rows or page_watermark > watermark:
-                        yield UserPage(rows, page_watermark)
-                        watermark = page_watermark
-                    if not full:
-                        break
+            # A round: every user whose row is past the position, in keyset pages. A page and the
+            # watermark it may claim come from one statement (one snapshot), and only the page that
+            # ends a round claims one: a user that changes again while a round runs moves its row
+            # ahead of the cursor (rows only move forward), so it is still sent in this round, at
+            # its latest LSN, before the position passes its earlier change. Pages that do not end
+            # the round keep the position where it was (claiming the last row's LSN would pass a
+            # change whose row has moved beyond the page).
+            notified = self.notifier.lsn      # committed before this round's reads
+            cursor: tuple[int, str | None] = (watermark, None)
+            while True:
+                rows, applied = self.store.read_user_changes(cursor, max_batch)
+                if applied < watermark:
+                    raise FailedPrecondition(
+                        f"after_lsn: {watermark} is ahead of the feature store ({applied}); it was rebuilt "
+                        "from a new snapshot: watch again from after_lsn=0")
+                if len(rows) == max_batch:
+                    yield UserPage(rows, watermark)
                     cursor = (rows[-1][1], rows[-1][0])
-            latest = self.notifier.wait_beyond(watermark, self.poll_s)
-            woken_at = latest if latest > watermark else None
+                    continue
+                if rows or applied > watermark:
+                    yield UserPage(rows, applied)
+                    watermark = applied
+                break
+            # Woken by a commit of this process; after a quiet poll interval, a round anyway
+            # (writers in other processes; a rebuilt store).
+            self.notifier.wait_beyond(max(watermark, notified), self.poll_s)

@@ -22,3 +22,8 @@ USER_CHANGES = Counter("deltarec_ranker_user_changes_total", "user changes recei
 USER_FEED_RECONNECTS = Counter("deltarec_ranker_user_feed_reconnects_total", "WatchUsers stream reconnects")
 USER_STREAM_LSN = Gauge("deltarec_ranker_user_stream_lsn", "position of the user-change stream applied")
 USER_CACHE_ENTRIES = Gauge("deltarec_ranker_user_cache_entries", "users held by the user cache")
+CONSISTENCY_WAIT = Histogram("deltarec_ranker_consistency_wait_seconds",
+                             "time an answer waited for the items to reach the user's latest change",
+                             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5))
+INCONSISTENT_ANSWERS = Counter("deltarec_ranker_inconsistent_answers_total",
+                               "answers whose items never reached the user's latest change in time (degraded)")

@@ -29,7 +29,7 @@ from services.ranker.retrieval import retrieve
 from services.ranker.routing import ServingState
 from services.ranker.seen_filter import excluded_items
 from services.ranker.session import SessionEvent, check_session, with_session
-from services.ranker.user_cache import CachedUser, UserHistory
+from services.ranker.user_cache import CachedUser
 from services.ranker.user_vector import user_vector
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,8 @@ class Recommender:
             degraded = cached is not None and cached.degraded
             if session:
                 cached = with_session(cached, session, watermark)
-            history = cached.history if cached is not None else UserHistory()
-            data_lsn = min(watermark, history.data_lsn) if history.data_lsn else watermark
+            data_lsn, consistent = self.path.data_lsn(watermark, cached, min_data_lsn, time_left)
+            degraded = degraded or not consistent
             excluded = excluded_items(self.catalog, cached, filters)
             if bundle is not None and cached is not None:
                 personal = self._personal(bundle, cached, k, filters, excluded)

@@ -3,9 +3,10 @@
 In this order: its arguments are checked (by the caller, `arguments.py`), then the
 read-your-writes wait for `min_data_lsn` (`read_your_writes.py`), then admission control
 (`admission.py`), then its own work, which reads the user's history through the short-lived
-cache or, when features is unreachable, degrades to an answer without it. The wait comes before
-admission because waiting for the data costs no CPU: it must not hold a slot that other requests
-could compute in. The gRPC edge only translates messages; a caller in the same process gets the
+cache or, when features is unreachable, degrades to an answer without it, and states the
+answer's data_lsn (`data_lsn`). The wait comes before admission because waiting for the data
+costs no CPU: it must not hold a slot that other requests could compute in. (The one wait inside
+a slot is data_lsn's: items one feed round behind a user read fresher than them, milliseconds.) The gRPC edge only translates messages; a caller in the same process gets the
 same behaviour.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from services.common.errors import Unavailable
 from services.ranker import metrics
 from services.ranker.admission import AdmissionControl
 from services.ranker.catalog import Catalog
-from services.ranker.read_your_writes import wait_for_lsn
+from services.ranker.read_your_writes import answer_lsn, check_read_your_writes, wait_for_lsn
 from services.ranker.user_cache import CachedUser, FeaturesUnavailable, UserCache, UserHistory
 
 
@@ -55,6 +56,22 @@ class RequestPath:
         if cached.degraded:
             metrics.DEGRADED.inc()
         return cached
+
+
+    def data_lsn(self, item_lsn: int, cached: CachedUser | None, min_lsn: int,
+                 timeout_s: float | None) -> tuple[int, bool]:
+        """(data_lsn, consistent) of an answer over the items at `item_lsn` (the catalog's
+        watermark read before the answer used it) and the user's state `cached` (None: no user
+        part); the rule is in `read_your_writes.py`. Waits for the items when the user's state is
+        fresher than them; DataBehind when the user's state is older than min_lsn."""
+        if cached is None:
+            return item_lsn, True
+        history = cached.history
+        lsn, consistent = answer_lsn(self.catalog, item_lsn, history.data_lsn, history.updated_lsn,
+                                     timeout_s, self.max_wait_s)
+        if not cached.degraded:
+            check_read_your_writes(lsn, min_lsn)
+        return lsn, consistent
 
 
 def _left(deadline: float | None) -> float | None:

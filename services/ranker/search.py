@@ -63,10 +63,9 @@ class Searcher:
             user, degraded = None, False
             if user_id and bundle is not None:
                 cached = self.path.user(user_id, min_data_lsn, time_left)
-                degraded = cached.degraded
+                data_lsn, consistent = self.path.data_lsn(data_lsn, cached, min_data_lsn, time_left)
+                degraded = cached.degraded or not consistent
                 if cached is not None:
-                    if cached.history.data_lsn:
-                        data_lsn = min(data_lsn, cached.history.data_lsn)
                     state = user_vector(self.catalog, bundle, cached)
                     if state is not None:
                         user = state.vector

@@ -22,11 +22,12 @@ class Store:
     def applied_lsn(self) -> int:
         return self.applied
 
-    def read_user_changes(self, after, upper, limit):
+    def read_user_changes(self, after, limit):
+        """One statement: the page and the watermark of the same snapshot."""
         lsn, user = after
         rows = sorted((l, u) for u, l in self.users.items()
-                      if (l > lsn or (l == lsn and user is not None and u > user)) and l <= upper)
-        return [(u, l) for l, u in rows[:limit]]
+                      if l > lsn or (l == lsn and user is not None and u > user))
+        return [(u, l) for l, u in rows[:limit]], self.applied
 
 
 def take(pages, count):
