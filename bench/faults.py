@@ -2,6 +2,7 @@
 
     python bench/faults.py            # outages of 20 s, pauses of 12 s (about 10 minutes)
     python bench/faults.py --quick    # outages of 6 s, pauses of 4 s (a few minutes)
+    python bench/faults.py --only kill_9_features      # one drill (or several, comma-separated)
 
 On a Postgres and etcd of its own (scripts/drills.py), with the four services and a stream of
 item events at --rate per second, one after the other: kill -9 of each service (restarted at
@@ -87,11 +88,36 @@ def model_load_floor_s() -> float:
     return round(time.monotonic() - started, 2)
 
 
+DRILLS = ([f"kill_9_{name}" for name in SERVICES] + [f"sigstop_{name}" for name in SERVICES]
+          + ["postgres_restart", "etcd_restart", "etcd_data_loss", "slow_consumer", "artifact_disk_full"])
+
+
+def features_restart_details(stack, restarted_at: float, applied_before: int) -> dict:
+    """After a features restart: when it applied events again (its applied LSN passed where it
+    was killed) and when its text model was ready — it serves and applies before the model."""
+    applying = wait(lambda: stack.features_status().applied_lsn > applied_before, "features to apply again", 300)
+    applying_s = round(time.monotonic() - restarted_at, 2)
+    wait(lambda: stack.features_status().text_model_ready, "the features text model", 600)
+    status = stack.features_status()
+    return {"applying_again_after_restart_s": applying_s, "applied_lsn_then": applying and status.applied_lsn,
+            "text_model_ready_after_restart_s": round(time.monotonic() - restarted_at, 2),
+            "text_model_load_s": round(status.text_model_load_seconds, 2)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--only", default="", help="comma-separated drills to run (default: all): "
+                        + ", ".join(DRILLS))
     args = parser.parse_args()
+    only = [name for name in args.only.split(",") if name]
+    unknown = sorted(set(only) - set(DRILLS))
+    if unknown:
+        parser.error(f"--only: unknown drills {unknown}; known: {', '.join(DRILLS)}")
+
+    def chosen(name: str) -> bool:
+        return not only or name in only
     pause_s, outage_s = (4.0, 6.0) if args.quick else (12.0, 20.0)
     state = Path(__file__).resolve().parent.parent / ".run" / f"bench-faults-{uuid.uuid4().hex[:8]}"
     stack = DrillStack(state, items=150, service_env={"trainer": {"TRAINER_MODEL_EPOCHS": "3"}})
@@ -122,7 +148,10 @@ def main() -> int:
         def drill(name: str, fault, end, *, restart: bool = False) -> None:
             """`restart`: the fault ends when the process is started again (as an orchestrator
             would at once), so its start-up is part of the recovery time."""
+            if not chosen(name):
+                return
             say(f"drill {name}")
+            applied_before = stack.features_status().applied_lsn if name == "kill_9_features" else 0
             fault()
             ended = time.monotonic()
             end()
@@ -130,6 +159,10 @@ def main() -> int:
                 ended = time.monotonic()
             stack.wait_serving(timeout_s=300)
             recovery[name] = round(time.monotonic() - ended, 2)
+            if name == "kill_9_features":
+                details["kill_9_features"] = features_restart_details(stack, ended, applied_before)
+                details["kill_9_features"]["ratio_recovery_to_bare_model_load"] = round(
+                    recovery[name] / details["reference_features_model_load_s"], 3)
             start = len(stream.ledger.acknowledged)
             wait(lambda: len(stream.ledger.acknowledged) > start + 20, f"the stream to flow after {name}")
             say(f"  recovered in {recovery[name]} s")
@@ -149,31 +182,36 @@ def main() -> int:
         drill("etcd_restart", lambda: (stack.stop_etcd(), time.sleep(outage_s)), stack.start_etcd)
 
         # etcd data lost: model/current must come back from model_versions, same version.
-        current_before = current_model_version(stack)
-        lost_at = [0.0]
+        if chosen("etcd_data_loss"):
+            current_before = current_model_version(stack)
+            lost_at = [0.0]
 
-        def etcd_lost():
-            stack.stop_etcd(wipe=True)
-            time.sleep(outage_s / 2)
-            lost_at[0] = time.monotonic()
-        drill("etcd_data_loss", etcd_lost, stack.start_etcd)
-        restored = wait(lambda: current_model_version(stack) or None, "model/current to be restored", 120)
-        details["etcd_data_loss"] = {"version_before": current_before, "version_restored": restored,
-                                     "restore_s": round(time.monotonic() - lost_at[0], 2),
-                                     "ranker_version": ranker.Status(ranker_pb2.RankerServiceStatusRequest(),
-                                                                     timeout=5).freshness.model_version}
+            def etcd_lost():
+                stack.stop_etcd(wipe=True)
+                time.sleep(outage_s / 2)
+                lost_at[0] = time.monotonic()
+            drill("etcd_data_loss", etcd_lost, stack.start_etcd)
+            restored = wait(lambda: current_model_version(stack) or None, "model/current to be restored", 120)
+            details["etcd_data_loss"] = {"version_before": current_before, "version_restored": restored,
+                                         "restore_s": round(time.monotonic() - lost_at[0], 2),
+                                         "ranker_version": ranker.Status(ranker_pb2.RankerServiceStatusRequest(),
+                                                                         timeout=5).freshness.model_version}
 
         # A slow consumer: its own group, 0.2 s per batch of 20; the others must not slow down.
-        say("drill slow_consumer")
-        slow = SlowConsumer(stack.address("collector"), stream.event_prefix, 0.2)
-        slow.consumer.start()
-        lags = []
-        for _ in range(int(outage_s * 2)):
-            time.sleep(0.5)
-            lags.append(stack.features_status().lag_seconds)
-        details["slow_consumer"] = {"features_lag_s_max_meanwhile": round(max(lags), 3)}
+        slow = None
+        if chosen("slow_consumer"):
+            say("drill slow_consumer")
+            slow = SlowConsumer(stack.address("collector"), stream.event_prefix, 0.2)
+            slow.consumer.start()
+            lags = []
+            for _ in range(int(outage_s * 2)):
+                time.sleep(0.5)
+                lags.append(stack.features_status().lag_seconds)
+            details["slow_consumer"] = {"features_lag_s_max_meanwhile": round(max(lags), 3)}
 
-        if artifacts_mounted:
+        if not chosen("artifact_disk_full"):
+            pass
+        elif artifacts_mounted:
             say("drill artifact_disk_full")
             try:
                 with open(stack.artifacts / ".filler", "wb") as filler:
@@ -203,14 +241,16 @@ def main() -> int:
         stack.wait_caught_up(timeout_s=300)
         counts = account(stack, stream)
         acked = stream.ledger.acknowledged
-        wait(lambda: acked <= slow.seen, "the slow consumer to receive every event", 600)
-        details["slow_consumer"].update({"received": len(slow.seen & acked), "lost": len(acked - slow.seen),
-                                         "redelivered": slow.deliveries - len(slow.seen)})
-        slow.consumer.stop()
+        if slow is not None:
+            wait(lambda: acked <= slow.seen, "the slow consumer to receive every event", 600)
+            details["slow_consumer"].update({"received": len(slow.seen & acked), "lost": len(acked - slow.seen),
+                                             "redelivered": slow.deliveries - len(slow.seen)})
+            slow.consumer.stop()
         errors = stack.log_errors()
         worst = max(recovery.values())
         result = {
             "benchmark": "faults", "quick": args.quick, "rate_events_per_s": args.rate,
+            "drills": only or "all",
             "pause_s": pause_s, "outage_s": outage_s,
             **{key: counts[key] for key in ("sent", "acknowledged", "stored", "reflected_in_features",
                                             "recorded_by_trainer", "lost", "doubled")},

@@ -1,12 +1,14 @@
 """python -m services.features — the features service.
 
-Start-up: configuration, logs, schema migration, the embedding model (loaded once, owned by one
-thread: embedder.MicroBatcher), the stored progress, then the delta stream consumer (group
-`features`) and the gRPC server.
+Start-up: configuration, logs, schema migration, the embedding model's load started in the
+background (text_model.py; once there it is owned by one thread: embedder.MicroBatcher), the
+stored progress, then the delta stream consumer (group `features`) and the gRPC server.
 
-Readiness: the service reports SERVING (and prints its ready line) as soon as the model is
-loaded, the feature store is migrated and reachable and the delta consumer is started — not
-when it has caught up. A feature store that lags is still the best answer there is, and every
+Readiness: the service reports SERVING (and prints its ready line) as soon as the feature store
+is migrated and reachable and the delta consumer is started — not when it has caught up, and not
+when the text model has loaded: events and reads need no model (until it is there EmbedText is
+UNAVAILABLE, a batch with item text to embed waits for it, Status.text_model_state says so).
+A feature store that lags is still the best answer there is, and every
 response says how fresh it is (`data_lsn`, Status.lag_*, the etcd key `data/watermark`), so
 callers that need a given write can wait for its LSN; holding the whole service back during a
 catalog bulk load or a long initial snapshot would only turn freshness into an outage.
@@ -36,6 +38,7 @@ from services.features.store import FeatureStore
 from services.features.user_rebuild import UserRebuilder
 from services.features.stream_handler import CommitFanout, StreamHandler
 from services.features.stream_monitor import StreamMonitor
+from services.features.text_model import TextModel, load_minilm
 from services.features.watermark import WatermarkPublisher
 
 log = logging.getLogger("deltarec.features")
@@ -45,19 +48,15 @@ def main() -> int:
     boot = Boot.load("features", FeaturesConfig)
     config = boot.config
 
-    import torch
-    torch.set_num_threads(config.torch_threads)
-    from services.common.text_encoder import TextEncoder
-
     engine = boot.database(pool_size=min(config.grpc_workers, 16) + 2)
-    encoder = TextEncoder(num_threads=config.torch_threads)
-    log.info("model loaded", extra={"model": encoder.model_name, "dim": encoder.dim,
-                                    "torch_threads": config.torch_threads})
-    batcher = MicroBatcher(lambda texts: encoder.encode(texts, batch_size=len(texts)),
-                           max_batch_size=config.embed_batch_size,
+    # The model loads on a thread of its own (torch is imported there too): events
+    # and reads need none of it, so a restarted service resumes before it is there (text_model.py).
+    encoder = TextModel(lambda: load_minilm(config.torch_threads), retry_s=config.text_model_retry_s).start()
+    batcher = MicroBatcher(encoder.encode, max_batch_size=config.embed_batch_size,
                            max_wait_s=config.embed_max_wait_ms / 1000.0, dim=encoder.dim)
     queries = QueryEmbedder(batcher, LruCache(config.embed_cache_size), usable=is_usable,
-                            fallback=lambda text: encoder.fallback_vector(f"query:{text}"))
+                            fallback=lambda text: encoder.fallback_vector(f"query:{text}"),
+                            model_ready=encoder.require_ready)
 
     store = FeatureStore(engine, config.consumer_group)
     notifier = LsnNotifier()
@@ -91,6 +90,7 @@ def main() -> int:
     features_pb2_grpc.add_FeaturesServiceServicer_to_server(
         FeaturesServicer(store, applier, queries, feed, model_name=encoder.model_name, dim=encoder.dim,
                          monitor=monitor, connected=consumer.connected.is_set, users_feed=users_feed,
+                         text_model=encoder,
                          rebuilder=UserRebuilder(applier)),
         service.server)
 
@@ -98,6 +98,7 @@ def main() -> int:
     # the rest closes in dependency order (etcd and the database last, by boot.run).
     service.on_shutdown(consumer.stop)
     service.on_shutdown(notifier.close)
+    service.on_shutdown(encoder.close)          # a batch waiting for the model stops waiting
     service.on_shutdown(batcher.close)
     service.on_shutdown(publisher.close)
     consumer.start()

@@ -35,6 +35,9 @@ class FeaturesConfig(CommonConfig):
                                 help="query embeddings kept in memory (LRU)")
     torch_threads: int = env("FEATURES_TORCH_THREADS", 2, minimum=1, maximum=256,
                              help="CPU threads of the embedding model")
+    text_model_retry_s: float = env("FEATURES_TEXT_MODEL_RETRY_S", 5.0, minimum=0.1, maximum=600.0,
+                                    help="first wait before loading the text model again after a failed "
+                                         "load (doubles, at most 120 s); events are applied meanwhile")
     watermark_interval_s: float = env("FEATURES_WATERMARK_INTERVAL_S", 0.2, minimum=0.0, maximum=60.0,
                                       help="least time between two publications of data/watermark")
     watch_poll_s: float = env("FEATURES_WATCH_POLL_S", 1.0, minimum=0.05, maximum=60.0,

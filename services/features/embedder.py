@@ -179,8 +179,11 @@ class QueryEmbedder:
     Texts without a letter or digit get `fallback(text)` instead of model noise."""
 
     def __init__(self, batcher: MicroBatcher, cache: LruCache, *, usable: Callable[[str], bool],
-                 fallback: Callable[[str], np.ndarray]) -> None:
+                 fallback: Callable[[str], np.ndarray], model_ready: Callable[[], None] | None = None) -> None:
+        """`model_ready()` raises (UNAVAILABLE) while the model is not loaded: a query must not
+        queue behind bulk work that waits for the model (text_model.py)."""
         self.batcher, self.cache, self.usable, self.fallback = batcher, cache, usable, fallback
+        self.model_ready = model_ready
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         output = np.empty((len(texts), self.batcher.dim), dtype=np.float32)
@@ -196,6 +199,8 @@ class QueryEmbedder:
                 CACHE_HITS.labels("miss").inc()
                 misses.setdefault(text, []).append(position)
         if misses:
+            if self.model_ready is not None:
+                self.model_ready()
             unique = list(misses)
             vectors = self.batcher.embed(unique, kind="query")
             for text, vector in zip(unique, vectors):

@@ -24,6 +24,7 @@ from services.features.item_feed import UPSERT, ItemChangeFeed
 from services.features.items import ItemRecord
 from services.features.store import FeatureStore
 from services.features.stream_monitor import StreamMonitor
+from services.features.text_model import TextModel
 from services.features.user_feed import UserChangeFeed
 from services.features.user_rebuild import MAX_REBUILD_USERS, UserRebuilder
 from services.features.user_state import trim_history
@@ -50,11 +51,12 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     def __init__(self, store: FeatureStore, applier: FeatureApplier, queries: QueryEmbedder,
                  feed: ItemChangeFeed, *, model_name: str, dim: int, monitor: StreamMonitor,
                  connected: Callable[[], bool], users_feed: UserChangeFeed | None = None,
-                 rebuilder: UserRebuilder | None = None) -> None:
+                 rebuilder: UserRebuilder | None = None, text_model: TextModel | None = None) -> None:
         self.store, self.applier, self.queries, self.feed = store, applier, queries, feed
         self.users_feed, self.rebuilder = users_feed, rebuilder
         self.model_name, self.dim = model_name, dim
         self.monitor, self.connected = monitor, connected
+        self.text_model = text_model
 
     # ------------------------------------------------------------------ conversions
     def _item(self, record: ItemRecord, include_embedding: bool) -> features_pb2.ItemFeatures:
@@ -158,6 +160,8 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
 
     @grpc_errors
     def Resync(self, request, context):
+        if self.text_model is not None:
+            self.text_model.require_ready()      # it re-embeds: UNAVAILABLE while the model loads
         if request.all:
             report = self.applier.resync(None)
         else:
@@ -181,10 +185,14 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         applied = applier.progress.applied_lsn
         lag = self.monitor.lag(applied, self.store.current_wal_lsn(), applier.latest_commit_time)
         counts = self.store.counts()
+        model = self.text_model
         return features_pb2.FeaturesServiceStatusResponse(
             applied_lsn=applied, server_lsn=lag.server_lsn, lag_bytes=lag.lag_bytes,
             lag_seconds=lag.lag_seconds, items=counts["items"], active_items=counts["active_items"],
             users=counts["users"], embeddings_computed=applier.embeddings_computed,
             embeddings_skipped=applier.embeddings_skipped, fallback_embeddings=applier.fallback_embeddings,
             model_name=self.model_name, connected=self.connected(),
-            snapshot_done=applier.progress.snapshot_done)
+            snapshot_done=applier.progress.snapshot_done,
+            text_model_ready=model is None or model.ready,
+            text_model_state="ready" if model is None else model.state,
+            text_model_load_seconds=0.0 if model is None else model.load_seconds)

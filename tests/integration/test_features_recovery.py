@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 
@@ -183,3 +184,77 @@ def test_kill_9_mid_batch_and_restart_loses_and_duplicates_nothing(infra_env, da
         assert (item.stats.views, item.stats.clicks, item.stats.add_to_carts, item.stats.purchases) == \
             (want["view"], want["click"], want["add_to_cart"], want["purchase"]), item.item_id
         assert item.title == titles[item.item_id] and len(item.embedding.values) == 384 * 4
+
+
+def test_events_apply_while_the_text_model_cannot_load_and_items_wait_for_it(
+        infra_env, database_url, etcd_prefix, start_service, engine, tmp_path):
+    """A features service whose text model is not there (DELTAREC_MINILM_PATH names a directory
+    that does not exist yet: every load fails and is retried) is SERVING, applies events and
+    answers reads; EmbedText is UNAVAILABLE; an item change (text to embed) waits for the model
+    with everything after it in the stream — the order is kept. Once the model appears it loads,
+    the item gets its vector and the events behind it follow."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    import grpc
+    from services.common.text_encoder import locate_minilm_dir
+
+    env = {"DATABASE_URL": database_url, "ETCD_ENDPOINT": infra_env.etcd_endpoint, "ETCD_PREFIX": etcd_prefix,
+           "GRPC_PORT": "0", "METRICS_PORT": "0", "LOG_LEVEL": "INFO", "SHUTDOWN_GRACE_S": "2",
+           "COLLECTOR_HEARTBEAT_S": "0.5"}
+    collector_process = start_service("services.collector", env)
+    collector = collector_pb2_grpc.CollectorServiceStub(channel_to(collector_process))
+    model_dir = tmp_path / "minilm"
+    process = start_service("services.features", {
+        **env, "COLLECTOR_ADDRESS": collector_process.address, "FEATURES_TORCH_THREADS": "1",
+        "DELTAREC_MINILM_PATH": str(model_dir), "FEATURES_TEXT_MODEL_RETRY_S": "0.5"})
+    channel = channel_to(process)
+    features = features_pb2_grpc.FeaturesServiceStub(channel)
+
+    def status():
+        return features.Status(features_pb2.FeaturesServiceStatusRequest(), timeout=10)
+
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert not status().text_model_ready
+    wait_until(lambda: status().text_model_state.startswith("failed: FileNotFoundError"), "the load to fail")
+
+    def user_events(user: str, item: str, n: int):
+        return collector_pb2.IngestEventsRequest(events=[common_pb2.Event(
+            event_id=f"nomodel-{user}-{n}", user_id=user, item_id=item, type=common_pb2.EVENT_TYPE_PURCHASE)])
+
+    def counters(user: str) -> dict:
+        got = features.GetUserFeatures(features_pb2.GetUserFeaturesRequest(user_id=user), timeout=10)
+        return dict(got.features.counters)
+
+    # Events need no model: applied and readable.
+    ingested = collector.IngestEvents(user_events("nm-user", "nm-item", 1), timeout=30)
+    wait_until(lambda: status().applied_lsn >= ingested.commit_lsn, "the event to be applied")
+    assert counters("nm-user") == {"purchase": 1}
+    with pytest.raises(grpc.RpcError) as refused:
+        features.EmbedText(features_pb2.EmbedTextRequest(texts=["rose lip balm"]), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "text model" in refused.value.details()
+
+    # An item to embed, then an event: both wait (one stream, in commit order, nothing acked).
+    upsert = collector.UpsertItems(collector_pb2.UpsertItemsRequest(items=[common_pb2.Item(
+        item_id="nm-new-item", title="Rose Lip Balm", category="Beauty", active=True)]), timeout=30)
+    behind = collector.IngestEvents(user_events("nm-user", "nm-item", 2), timeout=30)
+    assert behind.commit_lsn > upsert.commit_lsn
+    time.sleep(3.0)            # the collector sends within milliseconds (heartbeat 0.5 s)
+    held = status()
+    assert held.applied_lsn < upsert.commit_lsn and counters("nm-user") == {"purchase": 1}
+
+    # The model appears (atomically: a staged directory renamed into place) and loads.
+    staging = tmp_path / "minilm-staging"
+    staging.mkdir()
+    for source in locate_minilm_dir().iterdir():
+        (staging / source.name).symlink_to(source)
+    staging.rename(model_dir)
+    wait_until(lambda: status().text_model_ready, "the text model to load", timeout_s=300)
+    wait_until(lambda: status().applied_lsn >= behind.commit_lsn, "the held batches to be applied")
+    assert counters("nm-user") == {"purchase": 2}
+    item = features.GetItemFeatures(features_pb2.GetItemFeaturesRequest(
+        item_ids=["nm-new-item"], include_embedding=True), timeout=10).items[0]
+    assert len(item.embedding.values) == 384 * 4 and not item.fallback_embedding
+    assert status().text_model_state == "ready" and status().text_model_load_seconds > 0
+    embedded = features.EmbedText(features_pb2.EmbedTextRequest(texts=["rose lip balm"]), timeout=30)
+    assert len(embedded.vectors) == 1
+    channel.close()
