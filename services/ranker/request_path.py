@@ -67,8 +67,9 @@ class RequestPath:
         if cached is None:
             return item_lsn, True
         history = cached.history
+        # A degraded answer (features unreachable, so is its item feed) does not wait for items.
         lsn, consistent = answer_lsn(self.catalog, item_lsn, history.data_lsn, history.updated_lsn,
-                                     timeout_s, self.max_wait_s)
+                                     0.0 if cached.degraded else timeout_s, self.max_wait_s)
         if not cached.degraded:
             check_read_your_writes(lsn, min_lsn)
         return lsn, consistent
