@@ -75,6 +75,7 @@ def online_message(report: OnlineReport) -> consistency_pb2.OnlineMetricsRespons
         canary.log_likelihood_ratio = evaluation.log_lambda
         canary.always_valid_p_value = evaluation.p_value
         canary.tested = evaluation.tested
+        canary.decision_written = evaluation.written
         canary.evidence_json = evaluation.evidence_json()
         canary.evaluated_at.CopyFrom(_timestamp(evaluation.at))
     last = report.last_decision

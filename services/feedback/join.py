@@ -31,16 +31,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable
 
-from services.feedback.online_metrics import (ATTRIBUTED, CLICK_TYPES, NO_IMPRESSION, OTHER_TYPE, RATE_TYPES,
-                                              Impression, OnlineMetrics)
+from services.feedback.online_metrics import (ATTRIBUTED, CLICK_TYPES, ITEM_NOT_SHOWN, NO_IMPRESSION, OTHER_TYPE,
+                                              OUTSIDE_WINDOW, RATE_TYPES, Impression, OnlineMetrics)
 from services.feedback.recommendation_id import EVENT_ATTRIBUTE, VARIANTS
 
 IMPRESSIONS_TABLE, EVENTS_TABLE = "impressions", "events"
 BEFORE_WINDOW = "before_window"      # older than the window: outside what is measured, not a loss
 DUPLICATE = "duplicate"              # delivered again (stream redelivery or overlap with the rebuild)
 MALFORMED = "malformed"              # a row the join cannot read (counted, never raised)
-OUTCOMES = (ATTRIBUTED, NO_IMPRESSION, "item_not_shown", "outside_attribution_window", OTHER_TYPE,
-            BEFORE_WINDOW, DUPLICATE, MALFORMED)
+IMPRESSION_BEFORE_WINDOW = "impression_before_window"
+OUTCOMES = (ATTRIBUTED, NO_IMPRESSION, ITEM_NOT_SHOWN, OUTSIDE_WINDOW, OTHER_TYPE,
+            BEFORE_WINDOW, DUPLICATE, MALFORMED, IMPRESSION_BEFORE_WINDOW)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ class FeedbackJoin:
 
     def __init__(self, metrics: OnlineMetrics, *, hold_s: float = 30.0, max_held: int = 100_000) -> None:
         self.metrics, self.hold_s, self.max_held = metrics, hold_s, max_held
-        self.counts: collections.Counter = collections.Counter()
+        # Every key from the start: readers on other threads copy it while the consumer counts.
+        self.counts: collections.Counter = collections.Counter({outcome: 0 for outcome in OUTCOMES})
         self.applied_lsn = 0                     # commit_lsn of the last stream batch applied
         self._held: collections.OrderedDict[str, _Held] = collections.OrderedDict()   # by event_id, oldest first
         self._waiting: dict[str, list[str]] = {}                # recommendation_id -> held event ids
@@ -203,7 +205,7 @@ class FeedbackJoin:
             self.counts[MALFORMED] += 1
             return
         if impression.shown_at < self.cutoff(now):
-            self.counts["impression_" + BEFORE_WINDOW] += 1
+            self.counts[IMPRESSION_BEFORE_WINDOW] += 1
             return
         if self._duplicate(IMPRESSIONS_TABLE, impression.recommendation_id, remember):
             return
