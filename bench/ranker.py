@@ -26,6 +26,22 @@ features that remained. Requests draw users uniformly. Search queries are the fi
 of item titles, with a user; SimilarItems asks for random items.
 The load generator is one asyncio gRPC client process (this one) for both servers.
 
+Attribution on vs off (issue 14): two replicas of the same catalog and model, one with
+RANKER_ATTRIBUTION=true (each answer gets a recommendation_id and queues its impression, which a
+background thread writes to the run's Postgres `impressions` table in batches), one with false,
+measured in interleaved rounds (on/off, then off/on, ...: the load of the shared machine drifts
+over a run, alternating spreads it over both; quick: 8 rounds of 1.5 s, full: 12 of 5 s) at
+concurrency 8 and 32 with Recommend. Each variant's req/s is its requests over its measured
+seconds summed over the rounds; the ratio is on / off (target >= 0.95), with the median of the
+per-round ratios beside it. The impressions written (rows in the table) and dropped (the replica's
+deltarec_impressions_dropped_total) are reported: the "on" replica really did the work. And the
+CPU per answer of the impression path measured in this process (stamp, and the flush's encoding of
+the batch), as a share of the "off" replica's CPU per Recommend. Beside
+throughput, each replica's CPU per request (its process's user + system time over each load, its
+warm-up and the 1.5 s after it, where the last impressions are flushed; the Postgres side of the
+inserts is not in it): far less sensitive to the machine's load than req/s. With
+--profile, py-spy samples both replicas in the first round (c=8).
+
 Crossover: single-query search latency (k=30) of IndexFlatIP vs IndexHNSWFlat (M=32,
 efSearch=128) on random unit vectors, one thread, with HNSW recall@10 and build time.
 
@@ -53,6 +69,8 @@ import _profile  # noqa: E402
 from _harness import progress  # noqa: E402
 
 TARGET_RATIO = 0.5
+TARGET_ATTRIBUTION_RATIO = 0.95
+ATTRIBUTION_LEVELS = (8, 32)
 TARGET_P99_MS = 25.0
 LEVELS = (1, 8, 32)
 
@@ -331,6 +349,147 @@ def wait_settled(etcd, replica_id: str, spec: str, timeout_s: float = 900.0) -> 
         time.sleep(0.5)
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def impression_path_cpu_us(answers: int = 20_000) -> dict:
+    """CPU per answer of the impression path itself, in this process: Attribution.stamp (id +
+    queued impression) and the flush's encoding of the batch (postgres_writer without the
+    database), both process time, so far less sensitive to the machine's load than req/s."""
+    import json as json_module
+    from types import SimpleNamespace
+
+    from services.feedback.attribution import Attribution
+    from services.feedback.impressions import ImpressionBuffer
+    answer = SimpleNamespace(model_version=1, variant="current",
+                             items=[SimpleNamespace(item_id=f"B00{n:07d}") for n in range(10)])
+    buffer = ImpressionBuffer(lambda batch: None, capacity=answers + 1)
+    attribution = Attribution(buffer)
+    began = time.process_time()
+    for _ in range(answers):
+        attribution.stamp(answer, "recommend", "A3NHUQ33CFH3VM")
+    stamp_s = time.process_time() - began
+    batch = list(buffer._queue)
+    began = time.process_time()
+    for start in range(0, len(batch), 1000):
+        json_module.dumps([(i.recommendation_id, i.shown_at, i.user_id, i.model_version, i.variant, i.kind,
+                            i.item_ids) for i in batch[start:start + 1000]], ensure_ascii=False, check_circular=False)
+    encode_s = time.process_time() - began
+    return {"stamp_us": round(stamp_s / answers * 1e6, 2), "flush_encoding_us": round(encode_s / answers * 1e6, 2)}
+
+
+def bench_attribution(suite, spec: str, etcd, levels, duration_s: float, warmup_s: float, rounds: int,
+                      max_users: int | None = None, extra_env: dict | None = None, profile: bool = False) -> dict:
+    """Recommend req/s with attribution on and off, interleaved rounds (see the module docstring)."""
+    import urllib.request
+
+    import grpc
+
+    from deltarec.v1 import ranker_pb2, ranker_pb2_grpc
+    from tests import fakes
+
+    dataset, vectors = _harness.bench_catalog(spec)
+    item_ids = [item.item_id for item in dataset.items]
+    users = list(dataset.sequences)
+    if max_users is not None and len(users) > max_users:
+        users = random.Random(5).sample(users, max_users)
+    artifact = fakes.make_artifact(1, item_ids, vectors, dim=64, max_len=50, num_layers=2, popular=item_ids[:200])
+    fakes.publish(etcd, fakes.store_artifact(suite.artifact_store(), artifact))
+    del artifact
+    processes = []
+    try:
+        stand_in = suite.start_features_stand_in(spec, name="features-stand-in-attribution")
+        processes.append(stand_in)
+        replicas = {}
+        for variant, setting in (("on", "true"), ("off", "false")):
+            replica_id = f"bench-attr-{variant}-{uuid.uuid4().hex[:4]}"
+            replicas[variant] = suite.start_ranker(stand_in.address, replica_id, name=f"ranker-attribution-{variant}",
+                                                   database=True, RANKER_ATTRIBUTION=setting, **(extra_env or {}))
+            processes.append(replicas[variant])
+            wait_settled(etcd, replica_id, f"attribution {variant}")
+        requests = requests_for("Recommend", users, item_ids, [])
+        for variant, replica in replicas.items():
+            with grpc.insecure_channel(replica.address) as channel:
+                answer = ranker_pb2_grpc.RankerServiceStub(channel).Recommend(requests[0], timeout=30)
+            assert bool(answer.recommendation_id) == (variant == "on"), f"attribution {variant}: recommendation_id"
+            progress(f"attribution {variant}: user cache warmed in {warm_users(replica.address, users):.1f}s")
+        totals = {variant: {str(level): {"requests": 0, "seconds": 0.0, "rounds_rps": [], "cpu_s": 0.0,
+                                         "cpu_requests": 0.0} for level in levels}
+                  for variant in replicas}
+        round_ratios: dict[str, list] = {str(level): [] for level in levels}
+        profiles: dict = {}
+        for round_number in range(rounds):
+            order = ("on", "off") if round_number % 2 == 0 else ("off", "on")
+            for level in levels:
+                measured = {}
+                for variant in order:
+                    sampler = None
+                    if profile and round_number == 0 and level == levels[0]:
+                        raw = suite.work_dir / f"profile-attribution-{variant}-c{level}.txt"
+                        sampler = _profile.record(replicas[variant].process.pid, duration_s + warmup_s, raw)
+                    cpu_before = process_cpu_s(replicas[variant].process.pid)
+                    figures = run_load(replicas[variant].address, "Recommend", requests, level, duration_s, warmup_s)
+                    if sampler is not None:
+                        sampler.wait(timeout=60)
+                        profiles[variant] = {"concurrency": level, **_profile.summarise(raw)}
+                        progress(f"attribution {variant} profile: {profiles[variant].get('share_pct')}")
+                    measured[variant] = figures
+                    entry = totals[variant][str(level)]
+                    entry["requests"] += figures["requests"]
+                    entry["seconds"] += duration_s
+                    entry["rounds_rps"].append(figures["rps"])
+                    time.sleep(1.5)     # the "on" replica's last impressions are flushed before the next load
+                    # CPU of the load, its warm-up and the flush after it; the warm-up's requests
+                    # are not counted by run_load: scaled in at the measured rate.
+                    entry["cpu_s"] += process_cpu_s(replicas[variant].process.pid) - cpu_before
+                    entry["cpu_requests"] += figures["requests"] * (duration_s + warmup_s) / duration_s
+                round_ratios[str(level)].append(_harness.ratio(measured["on"]["rps"], measured["off"]["rps"]))
+                progress(f"attribution round {round_number + 1}/{rounds} c={level}: on {measured['on']['rps']} req/s "
+                         f"(p99 {measured['on']['p99_ms']} ms), off {measured['off']['rps']} req/s "
+                         f"(p99 {measured['off']['p99_ms']} ms)")
+        time.sleep(2.0)
+        with suite.connect() as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM impressions")
+            written = int(cursor.fetchone()[0])
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{replicas['on'].metrics_port}/metrics",
+                                         timeout=10).read().decode()
+        dropped = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                      if line.startswith("deltarec_impressions_dropped_total{"))
+        result = {"catalog": spec, "users": len(users), "rounds": rounds, "duration_s_per_round": duration_s,
+                  "impressions_written": written, "impressions_dropped": int(dropped), "levels": {}}
+        for level in levels:
+            on, off = totals["on"][str(level)], totals["off"][str(level)]
+            on_rps, off_rps = round(on["requests"] / on["seconds"], 1), round(off["requests"] / off["seconds"], 1)
+            on_cpu_us = round(on["cpu_s"] / max(on["cpu_requests"], 1) * 1e6, 1)
+            off_cpu_us = round(off["cpu_s"] / max(off["cpu_requests"], 1) * 1e6, 1)
+            result["levels"][str(level)] = {"on_rps": on_rps, "off_rps": off_rps, "ratio": _harness.ratio(on_rps, off_rps),
+                                            "on_cpu_us_per_request": on_cpu_us, "off_cpu_us_per_request": off_cpu_us,
+                                            "cpu_per_request_ratio": _harness.ratio(on_cpu_us, off_cpu_us),
+                                            "median_round_ratio": round(float(np.median(round_ratios[str(level)])), 3),
+                                            "round_ratios": round_ratios[str(level)],
+                                            "on_rounds_rps": on["rounds_rps"], "off_rounds_rps": off["rounds_rps"]}
+        path = impression_path_cpu_us()
+        off_cpu = min(level["off_cpu_us_per_request"] for level in result["levels"].values())
+        result["impression_path_cpu_us_per_answer"] = {
+            **path, "share_of_recommend_cpu": _harness.ratio(path["stamp_us"] + path["flush_encoding_us"], off_cpu)}
+        progress(f"attribution: impression path {path} us per answer, vs {off_cpu} us of ranker CPU per Recommend")
+        if profiles:
+            result["profile"] = profiles
+        result["ratio_min"] = min(level["ratio"] for level in result["levels"].values())
+        result["target_ratio"] = TARGET_ATTRIBUTION_RATIO
+        result["meets_target"] = result["ratio_min"] >= TARGET_ATTRIBUTION_RATIO
+        ratios = ", ".join(f"c={level} {figures['ratio']}" for level, figures in result["levels"].items())
+        progress(f"attribution: on/off {ratios}, {written} impressions written, {int(dropped)} dropped")
+        return result
+    finally:
+        for process in reversed(processes):
+            suite.stop(process, timeout_s=20)
+
+
 def bench_echo(suite, payloads: dict[str, bytes], requests: dict[str, list], levels, duration_s: float,
                warmup_s: float) -> dict:
     env = {"BENCH_RANKER_ROLE": "echo", **{f"BENCH_ECHO_{m.upper()}": p.hex() for m, p in payloads.items()}}
@@ -355,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic-items", type=int, default=100_000)
     parser.add_argument("--index", choices=("auto", "flat", "hnsw"), default="auto",
                         help="RANKER_INDEX of the ranker under test")
-    parser.add_argument("--only", choices=("beauty", "synthetic", "crossover"), default=None,
+    parser.add_argument("--only", choices=("beauty", "synthetic", "crossover", "attribution"), default=None,
                         help="run one part only (development)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment of the ranker under test (development)")
@@ -402,6 +561,16 @@ def main(argv: list[str] | None = None) -> int:
                 if label == "flat" and args.index == "flat":
                     break
         summary["catalogs"] = catalogs
+        if args.only in (None, "attribution"):
+            # Many short alternations: on this shared machine one round's ratio swings 0.5-1.7x
+            # with the load (measured), far more than the cost looked for.
+            rounds, round_s = (8, 1.5) if args.quick else (12, 5.0)
+            summary["attribution"] = bench_attribution(
+                suite, "beauty", etcd, ATTRIBUTION_LEVELS, round_s, warmup_s, rounds,
+                max_users=max_users, extra_env={"RANKER_INDEX": args.index, **extra_env}, profile=args.profile)
+            if args.only == "attribution":
+                _harness.print_summary(summary)
+                return 0
         if args.only == "crossover":
             summary["crossover"] = crossover([10_000, 25_000, 50_000, 75_000, 100_000, 200_000], [64, 384], 300)
             _harness.print_summary(summary)
