@@ -227,13 +227,55 @@ def test_the_loop_aborts_a_clearly_worse_canary(stack):
     _assert_recorded(stack, 3, "abort")
 
 
-def _assert_recorded(stack, version: int, action: str) -> None:
+def _decision_row(stack, version: int):
     with stack.engine.connect() as connection:
-        row = connection.execute(sa.text(
+        return connection.execute(sa.text(
             "SELECT canary_decision, canary_evidence FROM model_versions WHERE version = :v"), {"v": version}).one()
+
+
+def _assert_recorded(stack, version: int, action: str) -> None:
+    # The decider records in Postgres right after its etcd transaction.
+    wait_until(lambda: _decision_row(stack, version).canary_decision is not None, "the decision to be recorded")
+    row = _decision_row(stack, version)
     assert row.canary_decision == action
     test = row.canary_evidence["evidence"]["test"]
     assert test["significant"] and test["p_value"] < 0.05
     history = stack.consistency.History(consistency_pb2.HistoryRequest(kind="canary"), timeout=30).entries
     mine = [entry for entry in history if json.loads(entry.detail_json)["canary_version"] == version]
     assert len(mine) == 1 and mine[0].kind == "canary" and action in mine[0].detail
+
+
+def test_health_and_the_state_say_the_loop_runs(stack):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    response = stack.metrics()
+    assert response.canary.decider_running and response.canary.decide_interval_s == 0.5
+    assert response.canary.holds_decider_lease            # the only instance: it wrote the decisions
+    health = health_pb2_grpc.HealthStub(channel_to(stack.consistency_process)).Check(
+        health_pb2.HealthCheckRequest(service="deltarec.v1.ConsistencyService"), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    samples = metric_samples(stack.consistency_process)
+    assert samples[("deltarec_canary_decider_running", ())] == 1
+    assert samples[("deltarec_canary_decisions_total", (("action", "promote"), ("written", "yes")))] == 1
+    assert samples[("deltarec_canary_decisions_total", (("action", "abort"), ("written", "yes")))] == 1
+
+
+def test_without_the_collector_online_metrics_say_why_and_bad_settings_stop_the_start(start_service, service_env):
+    import subprocess
+    import sys
+
+    import grpc
+
+    from scripts.launch import REPO_ROOT
+    process = start_service("services.consistency", {**service_env, "CONSISTENCY_CHECK_INTERVAL_S": "0"})
+    stub = consistency_pb2_grpc.ConsistencyServiceStub(channel_to(process))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.OnlineMetrics(consistency_pb2.OnlineMetricsRequest(), timeout=30)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "COLLECTOR_ADDRESS" in error.value.details()
+    for bad, name in (({"CANARY_DECIDE_INTERVAL_S": "-1"}, "CANARY_DECIDE_INTERVAL_S"),
+                      ({"FEEDBACK_WINDOW_S": "60", "FEEDBACK_BUCKET_S": "120"}, "FEEDBACK_BUCKET_S"),
+                      ({"CANARY_ALPHA": "2"}, "CANARY_ALPHA")):
+        result = subprocess.run([sys.executable, "-m", "services.consistency"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=60,
+                                env={**service_env, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'gen'}", **bad})
+        assert result.returncode == 2, result.stderr[-500:]
+        assert name in result.stderr and len(result.stderr.strip().splitlines()) == 1
