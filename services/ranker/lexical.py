@@ -5,13 +5,25 @@ or a brand name expects that product or brand. `LexicalIndex` keeps an inverted 
 item change (no rebuild), scores candidates with BM25 (k1 = 1.2, b = 0.75), and answers exact
 matches from two hash maps: normalised title -> items and normalised brand -> items (a brand is
 matched when it appears as a run of whole words anywhere in the query).
+
+Scoring is vectorised. The postings (term -> {doc: term frequency}) stay plain dicts, so an item
+change costs a few dict operations per term; each term also has a posting array (doc ids, term
+frequencies, document lengths: one row of a term-document matrix), built when a query first
+needs it after the term changed. BM25 depends on the collection's average document length, which
+moves with every change, so the arrays hold only what does not (tf, document length) and a query
+computes the weights of its terms' rows with a few numpy operations. The arithmetic is the same,
+in the same order, as a per-posting loop (`reference_search` in tests/unit/test_ranker_lexical.py),
+so scores are equal to the last bit and ties are broken the same way (by first appearance: terms
+by document frequency, each term's postings in insertion order).
 """
 from __future__ import annotations
 
-import heapq
 import math
 import re
 import threading
+from dataclasses import dataclass
+
+import numpy as np
 
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 # Longest brand name (in words) looked for inside a query.
@@ -26,6 +38,33 @@ def normalize(text: str) -> str:
     return " ".join(tokenize(text))
 
 
+@dataclass(slots=True)
+class _Row:
+    """One term's postings as arrays (insertion order); replaced, never changed, except for the
+    memo of its BM25 weights."""
+    docs: np.ndarray       # int64 doc ids
+    tf: np.ndarray         # float64 term frequencies
+    length: np.ndarray     # float64 lengths of those documents
+    # (n_docs, total length) -> the weights of these postings: valid while the collection's
+    # statistics are those (the row itself is dropped when one of its documents changes).
+    memo: tuple | None = None
+
+
+class _Scratch(threading.local):
+    """Per-thread dense work arrays over doc ids, cleared after each query (only the entries it
+    touched), so a query allocates nothing proportional to the catalog."""
+
+    def __init__(self) -> None:
+        self.scores = np.zeros(0, np.float64)
+        self.seen = np.zeros(0, bool)
+
+    def ensure(self, size: int) -> None:
+        if self.scores.shape[0] < size:
+            size = max(size, 2 * self.scores.shape[0], 1024)
+            self.scores = np.zeros(size, np.float64)
+            self.seen = np.zeros(size, bool)
+
+
 class LexicalIndex:
     def __init__(self, k1: float = 1.2, b: float = 0.75, common_term_cap: int = 2_000) -> None:
         self.k1, self.b = k1, b
@@ -36,11 +75,16 @@ class LexicalIndex:
         self.common_term_cap = common_term_cap
         self._lock = threading.Lock()
         self._postings: dict[str, dict[int, int]] = {}
+        self._rows: dict[str, _Row] = {}          # built on demand; dropped when the term changes
         self._doc_len: dict[int, int] = {}
         self._doc: dict[int, tuple[str, str, tuple[str, ...]]] = {}
         self._titles: dict[str, set[int]] = {}
         self._brands: dict[str, set[int]] = {}
+        self._brand_sorted: dict[str, list[int]] = {}   # memo of sorted(_brands[name])
         self._total_len = 0
+        self._max_doc = -1
+        self._scratch = _Scratch()
+        self.rows_built = 0
 
     def __len__(self) -> int:
         return len(self._doc)
@@ -58,20 +102,23 @@ class LexicalIndex:
             counts: dict[str, int] = {}
             for term in terms:
                 counts[term] = counts.get(term, 0) + 1
-            postings = self._postings
+            postings, rows = self._postings, self._rows
             for term, count in counts.items():
                 entry = postings.get(term)
                 if entry is None:
                     postings[term] = {doc_id: count}
                 else:
                     entry[doc_id] = count
+                rows.pop(term, None)
             self._doc[doc_id] = (norm_title, norm_brand, terms)
             self._doc_len[doc_id] = len(terms)
             self._total_len += len(terms)
+            self._max_doc = max(self._max_doc, doc_id)
             if norm_title:
                 self._titles.setdefault(norm_title, set()).add(doc_id)
             if norm_brand:
                 self._brands.setdefault(norm_brand, set()).add(doc_id)
+                self._brand_sorted.pop(norm_brand, None)
 
     def remove(self, doc_id: int) -> None:
         with self._lock:
@@ -83,18 +130,32 @@ class LexicalIndex:
             return
         norm_title, norm_brand, terms = previous
         for term in set(terms):
+            self._rows.pop(term, None)
             postings = self._postings.get(term)
             if postings is not None:
                 postings.pop(doc_id, None)
                 if not postings:
                     del self._postings[term]
         self._total_len -= self._doc_len.pop(doc_id, 0)
+        self._brand_sorted.pop(norm_brand, None)
         for table, key in ((self._titles, norm_title), (self._brands, norm_brand)):
             members = table.get(key)
             if members is not None:
                 members.discard(doc_id)
                 if not members:
                     del table[key]
+
+    def _row_locked(self, term: str, postings: dict[int, int]) -> _Row:
+        row = self._rows.get(term)
+        if row is None:
+            n = len(postings)
+            docs = np.fromiter(postings.keys(), np.int64, n)
+            tf = np.fromiter(postings.values(), np.float64, n)
+            doc_len = self._doc_len
+            length = np.fromiter((doc_len[doc] for doc in postings), np.float64, n)
+            row = self._rows[term] = _Row(docs, tf, length)
+            self.rows_built += 1
+        return row
 
     # ------------------------------------------------------------------ queries
     def exact_title(self, query: str) -> list[int]:
@@ -108,41 +169,81 @@ class LexicalIndex:
         with self._lock:
             for start in range(len(words)):
                 for end in range(start + 1, min(len(words), start + MAX_BRAND_WORDS) + 1):
-                    members = self._brands.get(" ".join(words[start:end]))
+                    name = " ".join(words[start:end])
+                    members = self._brands.get(name)
                     if members:
-                        found.extend(sorted(members)[: max(0, limit - len(found))])
+                        ordered = self._brand_sorted.get(name)
+                        if ordered is None:
+                            ordered = self._brand_sorted[name] = sorted(members)
+                        found.extend(ordered[: max(0, limit - len(found))])
                         if len(found) >= limit:
                             return found
         return found
 
     def search(self, query: str, limit: int = 100) -> list[tuple[int, float]]:
-        """BM25 top `limit` (doc_id, score), best first."""
+        """BM25 top `limit` (doc_id, score), best first (ties: first found first)."""
         terms = list(dict.fromkeys(tokenize(query)))
         if not terms:
             return []
-        scores: dict[int, float] = {}
+        # Under the lock, only what is consistent at one instant: the statistics and the rows
+        # (immutable arrays; any change of a document drops the rows of all its terms).
         with self._lock:
             n_docs = len(self._doc)
             if not n_docs:
                 return []
             average = self._total_len / n_docs
-            k1, b = self.k1, self.b
+            size = self._max_doc + 1
             weighted = []
             for term in terms:
                 postings = self._postings.get(term)
                 if postings:
                     df = len(postings)
-                    weighted.append((df, math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5)), postings))
-            weighted.sort(key=lambda entry: entry[0])
-            doc_len = self._doc_len
-            for df, idf, postings in weighted:
-                if df > self.common_term_cap and scores:
-                    items = [(doc, postings[doc]) for doc in scores if doc in postings]
+                    weighted.append((df, math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5)),
+                                     self._row_locked(term, postings)))
+        if not weighted:
+            return []
+        weighted.sort(key=lambda entry: entry[0])
+        statistics = (n_docs, self._total_len)
+        k1, b = self.k1, self.b
+        one_minus_b, k1_plus_1 = 1.0 - b, k1 + 1.0
+        scratch = self._scratch
+        scratch.ensure(size)
+        scores, seen = scratch.scores, scratch.seen
+        found: list[np.ndarray] = []      # docs in order of first appearance (ties keep it)
+        try:
+            for position, (df, idf, row) in enumerate(weighted):
+                memo = row.memo
+                if memo is not None and memo[0] == statistics:
+                    weights = memo[1]
                 else:
-                    items = postings.items()
-                for doc, tf in items:
-                    norm = k1 * (1.0 - b + b * doc_len[doc] / average)
-                    scores[doc] = scores.get(doc, 0.0) + idf * tf * (k1 + 1.0) / (tf + norm)
-        if len(scores) > limit:
-            return heapq.nlargest(limit, scores.items(), key=lambda entry: entry[1])
-        return sorted(scores.items(), key=lambda entry: -entry[1])
+                    # The per-posting formula, operation for operation:
+                    #   norm = k1 * (1 - b + b * len / avg);  idf * tf * (k1 + 1) / (tf + norm)
+                    norm = k1 * (one_minus_b + b * row.length / average)
+                    weights = idf * row.tf * k1_plus_1 / (row.tf + norm)
+                    row.memo = (statistics, weights)
+                docs = row.docs
+                if df > self.common_term_cap and position:
+                    # A common term only re-scores what rarer terms found.
+                    keep = seen[docs]
+                    docs, weights = docs[keep], weights[keep]
+                else:
+                    new = docs[~seen[docs]]
+                    seen[new] = True
+                    found.append(new)
+                scores[docs] += weights
+            hits = np.concatenate(found) if len(found) > 1 else found[0]
+            values = scores[hits]
+        finally:
+            for part in found:
+                scores[part] = 0.0
+                seen[part] = False
+        if hits.shape[0] > limit:
+            negated = -values
+            # Everything that ties with the limit-th best is a candidate; a stable sort over
+            # candidates in first-appearance order then cuts exactly where a full sort would.
+            threshold = np.partition(negated, limit - 1)[limit - 1]
+            candidates = np.flatnonzero(negated <= threshold)
+            order = candidates[np.argsort(negated[candidates], kind="stable")[:limit]]
+        else:
+            order = np.argsort(-values, kind="stable")
+        return list(zip(hits[order].tolist(), values[order].tolist()))
