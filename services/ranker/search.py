@@ -83,28 +83,47 @@ class Searcher:
             # No query embedding (features unreachable): lexical and exact matches still answer.
             metrics.DEGRADED.inc()
             vector = None
-        semantic: dict[int, float] = {}
-        if vector is not None and catalog.text_index.size:
-            scores, ids = catalog.text_index.search(vector.reshape(1, -1), pool)
-            semantic = {int(i): float(s) for s, i in zip(scores[0], ids[0]) if i >= 0}
-        lexical = dict(catalog.lexical.search(query, pool))
-        exact = set(catalog.lexical.exact_title(query))
-        brands = set(catalog.lexical.brands_in(query, limit=pool))
-        candidates = np.fromiter((i for i in (semantic.keys() | lexical.keys() | exact | brands)
-                                  if accept(i) and catalog.text_index.contains(i)), np.int64)
+        text_index = catalog.text_index
+        semantic = np.zeros(0, np.int64)
+        if vector is not None and text_index.size:
+            # Batched with the concurrent requests' queries (one faiss call for all of them).
+            _, ids = text_index.search_one(vector, pool)
+            semantic = ids[0][ids[0] >= 0]
+        found = catalog.lexical.search(query, pool)
+        lexical_ids = np.fromiter((doc for doc, _ in found), np.int64, len(found))
+        lexical_scores = np.fromiter((score for _, score in found), np.float64, len(found))
+        exact = np.asarray(catalog.lexical.exact_title(query), np.int64)
+        brands = np.asarray(catalog.lexical.brands_in(query, limit=pool), np.int64)
+        # Sorted, distinct; the filters and "has a text vector" tested for all at once.
+        candidates = np.unique(np.concatenate([semantic, lexical_ids, exact, brands]))
+        keep = text_index.contains_many(candidates)
+        if filters.restricts_items:
+            keep &= np.fromiter((accept(int(i)) for i in candidates), bool, candidates.shape[0])
+        else:
+            keep &= catalog.active_mask(candidates)
+            if excluded:
+                keep &= ~np.isin(candidates, np.fromiter(excluded, np.int64, len(excluded)))
+        candidates = candidates[keep]
         if not candidates.size:
             return []
-        sem = (catalog.text_index.score(vector, candidates) if vector is not None
+        sem = (text_index.score(vector, candidates) if vector is not None
                else np.zeros(candidates.shape[0], np.float32))
-        best_lexical = max(lexical.values(), default=0.0) or 1.0
-        lex = np.array([lexical.get(int(i), 0.0) for i in candidates], np.float32) / best_lexical
+        best_lexical = float(lexical_scores.max()) if found else 0.0
+        best_lexical = best_lexical or 1.0
+        lex64 = np.zeros(candidates.shape[0], np.float64)
+        if found:
+            positions = np.searchsorted(candidates, lexical_ids)
+            hit = positions < candidates.shape[0]
+            hit[hit] = candidates[positions[hit]] == lexical_ids[hit]
+            lex64[positions[hit]] = lexical_scores[hit]
+        lex = lex64.astype(np.float32) / best_lexical
         total = weights.semantic * sem + weights.lexical * lex
-        is_exact = np.array([int(i) in exact for i in candidates])
-        is_brand = np.array([int(i) in brands for i in candidates])
+        is_exact = np.isin(candidates, exact)
+        is_brand = np.isin(candidates, brands)
         total += weights.exact_title_boost * is_exact + weights.brand_boost * is_brand
         personal = None
         if bundle is not None and user is not None:
-            known = np.array([bundle.index.contains(int(i)) for i in candidates])
+            known = bundle.index.contains_many(candidates)
             raw = np.zeros(candidates.shape[0], np.float32)
             if known.any():
                 raw[known] = bundle.index.score(user, candidates[known])

@@ -79,6 +79,15 @@ class VectorIndex:
     def contains(self, item_id: int) -> bool:
         return 0 <= item_id < self._present.shape[0] and bool(self._present[item_id])
 
+    def contains_many(self, item_ids: np.ndarray) -> np.ndarray:
+        """contains for many ids at once (bool array)."""
+        item_ids = np.asarray(item_ids, np.int64)
+        present = self._present
+        inside = (item_ids >= 0) & (item_ids < present.shape[0])
+        out = np.zeros(item_ids.shape[0], bool)
+        out[inside] = present[item_ids[inside]]
+        return out
+
     def has_vector(self, item_id: int) -> bool:
         return 0 <= item_id < self._has.shape[0] and bool(self._has[item_id])
 
