@@ -8,13 +8,16 @@ kept per impression as it is written, and a table of rows written in batches by 
 has no order one could poll safely (shown_at is the answer's time, a batch can commit late; a
 serial id commits out of order). On the delta stream both tables come in commit order, resumably,
 with the same at-least-once contract every consumer already handles; an event never needs a
-look-up. The cost: every consumer group's slot decodes impression inserts (features and the
-trainer subscribe to items/events only and the collector drops them).
+look-up. The cost: every consumer group's slot reads impression inserts (features and the trainer
+subscribe to items/events only; the collector's reader skips decoding rows of tables a group does
+not receive, Decoder.row_table).
 
 Resumable: before every (re)subscription (`DeltaConsumer.resume_lsn` is asked then) the window
 is rebuilt from the tables in one snapshot and the stream resumes from the group's confirmed
 position; the join drops what the rebuild already counted. A restarted instance, or a standby
-that takes the stream over from another one, thus has the window's figures right.
+that takes the stream over from another one, thus has the window's figures right. (A standby
+takes over on the same subscription, without a reconnect: the first batch or live heartbeat after
+standing by rebuilds first, since the holder acked what came in between.)
 """
 from __future__ import annotations
 
@@ -78,6 +81,7 @@ class FeedbackStream:
         self._stop = threading.Event()
         self._exporter: threading.Thread | None = None
         self._exported: set[tuple[str, str]] = set()
+        self._stood_by = False                 # a standby heartbeat came: rebuild before going live
         self.consumer = DeltaConsumer(collector_address, group, self.apply_batch, tables=TABLES,
                                       on_heartbeat=self.on_heartbeat, resume_lsn=self.rebuild_before_subscribe,
                                       security=security)
@@ -130,7 +134,13 @@ class FeedbackStream:
                         "seconds": round(time.monotonic() - started, 3)})
 
     # ------------------------------------------------------------------ the stream
+    def _rebuild_after_standing_by(self) -> None:
+        if self._stood_by:
+            self.rebuild()
+            self._stood_by = False
+
     def apply_batch(self, batch) -> None:
+        self._rebuild_after_standing_by()
         changes = []
         for delta in batch.deltas:
             if delta.op not in _ROW_OPS:
@@ -146,6 +156,10 @@ class FeedbackStream:
         metrics.FEEDBACK_APPLIED_LSN.set(batch.commit_lsn)
 
     def on_heartbeat(self, heartbeat) -> None:
+        if heartbeat.standby:
+            self._stood_by = True
+            return
+        self._rebuild_after_standing_by()
         if heartbeat.caught_up_lsn:          # everything committed so far was delivered
             with self._lock:
                 self.join.progressed(self.clock())

@@ -231,3 +231,14 @@ def test_libpq_options_name_every_session_setting():
 
 def test_pg_time():
     assert pgoutput.pg_time(0) == datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+def test_row_table_names_the_table_of_a_row_message_without_decoding_it():
+    decoder = Decoder()
+    insert = b"I" + struct.pack(">I", 16384) + b"N" + tuple_data("i1")
+    assert decoder.row_table(insert) is None                  # relation not announced yet: decode (and fail) as before
+    decoder.feed(items_relation(16384))
+    assert decoder.row_table(insert) == "items"
+    assert decoder.row_table(b"D" + struct.pack(">I", 16384) + b"K" + tuple_data("i1")) == "items"
+    assert decoder.row_table(begin(1, 2, 3)) is None          # not a row message
+    assert decoder.row_table(b"I\x00") is None

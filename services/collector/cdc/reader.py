@@ -184,6 +184,8 @@ class ReplicationReader:
                     self._enqueue(current)
                 current = None
                 self.in_transaction = False
+            elif (table := decoder.row_table(payload)) is not None and table not in tables:
+                pass                  # a row of a published table this group does not receive: not decoded
             else:
                 _, changes = decoder.feed(payload, message.data_start)
                 if changes and current is not None:
