@@ -32,9 +32,20 @@ the shadow the trainer would run; when the chain is more than the bound below it
 NDCG@10), the full model replaces the chain (the next steps warm-start from it). "served" is what
 the trainer would serve at each step; the amortised cost counts the shadow retrains.
 
-`--variant name:lr=..,replay=..,epochs=..` (repeatable) runs further incremental chains against
-the same per-step full retrains (the reference is trained once per step), to compare learning-rate
-and replay policies without paying for the reference again.
+`--variant name:lr=..,replay=..,epochs=..,anchor=..,avg=..,freeze=1` (repeatable) runs further
+incremental chains against the same per-step full retrains (the reference is trained once per
+step), to compare policies without paying for the reference again: learning rate, replay ratio,
+epochs, the pull toward the parent's weights (`anchor`), weight averaging with the parent (`avg`)
+and frozen id rows of unchanged items (`freeze`) — see training.IncrementalPolicy. The "trainer"
+chain follows the trainer's defaults (TrainerConfig: TRAINER_MODEL_INCREMENTAL_LR / _EPOCHS,
+TRAINER_STRATEGY_REPLAY_RATIO, TRAINER_INCREMENTAL_*).
+
+Statistical resolution: every ratio comes with a paired bootstrap 95% interval over the test users
+(`--bootstrap` resamples of the users, the same resample for both models), and each step's verdict
+says whether 1% is resolved: "met" (interval above 0.99), "missed" (interval below 0.99) or
+"unresolved" (0.99 inside the interval; the point ratio is printed beside it). `--reference-seed`
+trains, at the last step, a second full retrain with another seed: its ratio to the first is the
+noise between two equally valid full retrains, the floor under any "within 1%" claim.
 
 Progress goes to stderr; the per-step table to stdout; the LAST stdout line is one JSON object
 with the full-retrain reference measured in this run, each step and the ratios.
@@ -57,9 +68,10 @@ from scripts.datasets import BEAUTY_SYNTHETIC_START, BEAUTY_SYNTHETIC_STEP_SECON
 from services.model.network import ModelConfig
 from services.trainer import run_steps, strategies
 from services.trainer.config import TrainerConfig
-from services.trainer.evaluation import evaluate_model, evaluate_popularity, popularity_counts
+from services.trainer.evaluation import evaluate_popularity, metrics_from_ranks, popularity_counts, rank_targets
 from services.trainer.interaction_log import Interaction
 from services.trainer.leave_one_out import EvalCase
+from services.trainer.training import IncrementalPolicy
 
 QUICK_USERS, QUICK_EPOCHS, QUICK_STEPS = 2000, 8, 2
 TARGET_TIME_RATIO, TARGET_ACCURACY_RATIO = 0.05, 0.99
@@ -74,17 +86,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="full-training epochs (default: ModelConfig)")
     parser.add_argument("--steps", type=int, default=None, help="delta steps (default 5; quick 2)")
     parser.add_argument("--step-share", type=float, default=0.01, help="interactions per step / all training ones")
-    parser.add_argument("--replay-ratio", type=float, default=1.0)
+    parser.add_argument("--dim", type=int, default=None, help="model dimension (default: ModelConfig)")
+    parser.add_argument("--negatives", type=int, default=None,
+                        help="uniform negatives per batch (default: ModelConfig; the main cost of a training)")
+    parser.add_argument("--replay-ratio", type=float, default=TrainerConfig.replay_ratio)
     parser.add_argument("--priority", default="", choices=("", *strategies.PRIORITIES))
     parser.add_argument("--top-share", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--incremental-lr", type=float, default=None, help="default: ModelConfig")
-    parser.add_argument("--incremental-epochs", type=int, default=None, help="default: ModelConfig")
+    parser.add_argument("--incremental-lr", type=float, default=TrainerConfig.incremental_learning_rate,
+                        help="default: TRAINER_MODEL_INCREMENTAL_LR")
+    parser.add_argument("--incremental-epochs", type=int, default=TrainerConfig.incremental_epochs,
+                        help="default: TRAINER_MODEL_INCREMENTAL_EPOCHS")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples of the test users")
+    parser.add_argument("--reference-seed", action="store_true",
+                        help="at the last step, a second full retrain with another seed (the reference's own noise)")
     parser.add_argument("--shadow-every", type=int, default=TrainerConfig.shadow_full_every,
                         help="shadow full retrain after every N steps (0 = never; default TRAINER_SHADOW_FULL_EVERY)")
     parser.add_argument("--drift-bound", type=float, default=TrainerConfig.drift_bound)
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME:lr=X,replay=Y,epochs=Z",
+    parser.add_argument("--variant", action="append", default=[],
+                        metavar="NAME:lr=X,replay=Y,epochs=Z,anchor=A,avg=W,freeze=0|1",
                         help="another incremental chain against the same full retrains")
     return parser.parse_args()
 
@@ -96,6 +117,7 @@ class Chain:
     learning_rate: float
     replay_ratio: float
     epochs: int
+    policy: IncrementalPolicy = IncrementalPolicy()
     model: object = None
     item_ids: list = dataclasses.field(default_factory=list)
     seconds: float = 0.0
@@ -106,11 +128,15 @@ class Chain:
 def parse_variant(text: str, default: Chain) -> Chain:
     name, _, spec = text.partition(":")
     values = dict(part.split("=", 1) for part in spec.split(",") if part)
-    unknown = set(values) - {"lr", "replay", "epochs"}
+    unknown = set(values) - {"lr", "replay", "epochs", "anchor", "avg", "freeze"}
     if not name or unknown:
-        raise SystemExit(f"--variant {text!r}: NAME:lr=..,replay=..,epochs=.. (unknown: {sorted(unknown)})")
+        raise SystemExit(f"--variant {text!r}: NAME:lr=..,replay=..,epochs=..,anchor=..,avg=..,freeze=.. "
+                         f"(unknown: {sorted(unknown)})")
+    policy = IncrementalPolicy(anchor=float(values.get("anchor", default.policy.anchor)),
+                               parent_weight=float(values.get("avg", default.policy.parent_weight)),
+                               freeze_items=bool(int(values.get("freeze", int(default.policy.freeze_items)))))
     return Chain(name, float(values.get("lr", default.learning_rate)), float(values.get("replay", default.replay_ratio)),
-                 int(values.get("epochs", default.epochs)))
+                 int(values.get("epochs", default.epochs)), policy.validate())
 
 
 def text_vectors(data, titles: list[str]) -> dict[str, np.ndarray]:
@@ -149,9 +175,48 @@ def cases_for(prepared: run_steps.Prepared, tests: dict[str, tuple[str, float]])
     return cases
 
 
-def metrics(model, prepared, tests) -> dict:
-    figures = evaluate_model(model, cases_for(prepared, tests), prepared.data.item_text)
+def ranks_of(model, prepared, tests) -> np.ndarray:
+    """0-based rank of each test user's target (users in sorted order: paired across models)."""
+    return rank_targets(model, cases_for(prepared, tests), prepared.data.item_text)
+
+
+def metrics(ranks: np.ndarray) -> dict:
+    figures = metrics_from_ranks(ranks)
     return {"recall_at_10": round(figures["recall_at_10"], 5), "ndcg_at_10": round(figures["ndcg_at_10"], 5)}
+
+
+def per_user_gains(ranks: np.ndarray) -> dict[str, np.ndarray]:
+    hit = ranks < 10
+    return {"recall_at_10": hit.astype(np.float64), "ndcg_at_10": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)}
+
+
+def bootstrap_ratio_interval(candidate: np.ndarray, reference: np.ndarray, resamples: int, seed: int,
+                             level: float = 0.95) -> tuple[float, float] | None:
+    """Paired bootstrap interval of mean(candidate) / mean(reference) over the same users: each
+    resample draws users with replacement and keeps both models' gains of a drawn user together."""
+    if resamples <= 0 or len(reference) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for start in range(0, resamples, 200):
+        draw = rng.integers(0, len(reference), size=(min(200, resamples - start), len(reference)))
+        denominators = reference[draw].sum(axis=1)
+        ratios.append(np.where(denominators > 0, candidate[draw].sum(axis=1) / np.maximum(denominators, 1e-12),
+                               np.nan))
+    ratios = np.concatenate(ratios)
+    tail = (1.0 - level) / 2.0
+    return round(float(np.nanquantile(ratios, tail)), 4), round(float(np.nanquantile(ratios, 1.0 - tail)), 4)
+
+
+def resolution_verdict(point: float | None, interval: tuple[float, float] | None) -> str:
+    """met / missed when the interval is on one side of the 1% target, else unresolved."""
+    if interval is None or point is None:
+        return "unresolved"
+    if interval[0] >= TARGET_ACCURACY_RATIO:
+        return "met"
+    if interval[1] < TARGET_ACCURACY_RATIO:
+        return "missed"
+    return "unresolved"
 
 
 class Clock:
@@ -183,7 +248,7 @@ def incremental_run(parent, parent_ids, interactions, catalog, vectors, after_ls
     model.config = dataclasses.replace(model.config, incremental_learning_rate=chain.learning_rate,
                                        incremental_epochs=chain.epochs)
     stats = run_steps.run_incremental(model, prepared, run_steps.examples_of(selection.selected),
-                                     chain.replay_ratio, seed=seed)
+                                     chain.replay_ratio, seed=seed, policy=chain.policy)
     run_steps.item_vector_table(model, prepared, catalog)
     return model, prepared, clock.stop(), selection, stats
 
@@ -193,8 +258,10 @@ def ratio(value: float, reference: float) -> float | None:
 
 
 def step_row(chain: Chain, figures: dict, full: dict, seconds: float, cpu: float, full_seconds: float,
-             full_cpu: float) -> dict:
-    """One chain's figures at one step, its ratios to the full retrain and whether each target holds."""
+             full_cpu: float, gains: dict | None = None, full_gains: dict | None = None, resamples: int = 0,
+             seed: int = 0) -> dict:
+    """One chain's figures at one step, its ratios to the full retrain (with their paired bootstrap
+    intervals) and whether each target holds."""
     row = {"incremental_seconds": round(seconds, 3), "incremental_cpu_seconds": round(cpu, 3),
            "time_ratio": round(seconds / full_seconds, 5), "cpu_time_ratio": round(cpu / full_cpu, 5) if full_cpu else None,
            "incremental": figures, "recall_at_10_ratio": ratio(figures["recall_at_10"], full["recall_at_10"]),
@@ -202,6 +269,11 @@ def step_row(chain: Chain, figures: dict, full: dict, seconds: float, cpu: float
     row["meets_time"] = row["time_ratio"] <= TARGET_TIME_RATIO
     row["meets_recall"] = (row["recall_at_10_ratio"] or 0) >= TARGET_ACCURACY_RATIO
     row["meets_ndcg"] = (row["ndcg_at_10_ratio"] or 0) >= TARGET_ACCURACY_RATIO
+    for metric in ("recall_at_10", "ndcg_at_10"):
+        interval = (bootstrap_ratio_interval(gains[metric], full_gains[metric], resamples, seed)
+                    if gains is not None and full_gains is not None else None)
+        row[f"{metric}_ratio_ci95"] = interval
+        row[f"{metric}_verdict"] = resolution_verdict(row[f"{metric}_ratio"], interval)
     return row
 
 
@@ -212,12 +284,14 @@ def main() -> int:
         return _harness.skip(f"Beauty data not found under {args.data_dir}")
     users = args.users if args.users is not None else (QUICK_USERS if args.quick else None)
     config = ModelConfig()
+    config = dataclasses.replace(config, dim=args.dim or config.dim, num_negatives=args.negatives or config.num_negatives)
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else config.epochs)
     steps_wanted = args.steps or (QUICK_STEPS if args.quick else 5)
     strategy = strategies.Strategy(priority=args.priority, top_share=args.top_share,
                                    replay_ratio=args.replay_ratio).validate()
-    primary = Chain("trainer", args.incremental_lr or config.incremental_learning_rate, args.replay_ratio,
-                    args.incremental_epochs or config.incremental_epochs)
+    primary = Chain("trainer", args.incremental_lr, args.replay_ratio, args.incremental_epochs,
+                    IncrementalPolicy(TrainerConfig.incremental_anchor, TrainerConfig.incremental_parent_weight,
+                                      TrainerConfig.incremental_freeze_items).validate())
     chains = [primary] + [parse_variant(text, primary) for text in args.variant]
 
     data, titles = load_beauty_interactions(args.data_dir, max_users=users)
@@ -235,7 +309,7 @@ def main() -> int:
     fed = [Interaction(i.event_id, i.user_id, i.item_id, i.event_type, i.occurred_at, 1, i.row_id) for i in base]
     progress(f"step 0: full training on the starting data ({len(fed)} interactions)")
     model, prepared, (seconds0, _) = full_run(fed, catalog, vectors, config, args.seed, epochs)
-    start_metrics = metrics(model, prepared, tests)
+    start_metrics = metrics(ranks_of(model, prepared, tests))
     progress(f"step 0: {seconds0:.1f}s {start_metrics}")
     for chain in chains:
         chain.model, chain.item_ids = model, prepared.data.item_ids.external_ids()
@@ -251,7 +325,8 @@ def main() -> int:
                      for i in chunk_rows]
         progress(f"step {step}: full retrain on {len(fed)} interactions")
         full_model, prepared_f, (seconds_f, cpu_f) = full_run(fed, catalog, vectors, config, args.seed, epochs)
-        figures_f = metrics(full_model, prepared_f, tests)
+        ranks_f = ranks_of(full_model, prepared_f, tests)
+        figures_f, gains_f = metrics(ranks_f), per_user_gains(ranks_f)
         progress(f"step {step}: full {seconds_f:.1f}s {figures_f}")
         row = {"step": step, "delta_interactions": len(chunk_rows), "delta_share": round(len(chunk_rows) / trainable, 5),
                "full_seconds": round(seconds_f, 3), "full_cpu_seconds": round(cpu_f, 3), "full": figures_f,
@@ -262,8 +337,10 @@ def main() -> int:
                 chain.model, chain.item_ids, fed, catalog, vectors, lsn - 1, strategy, args.seed, chain)
             chain.item_ids = prepared_i.data.item_ids.external_ids()
             chain.seconds += seconds_i
-            figures_i = metrics(chain.model, prepared_i, tests)
-            entry = step_row(chain, figures_i, figures_f, seconds_i, cpu_i, seconds_f, cpu_f)
+            ranks_i = ranks_of(chain.model, prepared_i, tests)
+            figures_i = metrics(ranks_i)
+            entry = step_row(chain, figures_i, figures_f, seconds_i, cpu_i, seconds_f, cpu_f,
+                             per_user_gains(ranks_i), gains_f, args.bootstrap, args.seed + step)
             entry.update(selected=len(selection.selected), replay_examples=stats.replay_examples)
             # the trainer's drift bound: the shadow full retrain replaces a chain that drifted past it
             served = figures_i
@@ -284,10 +361,26 @@ def main() -> int:
             print(f"{step:>4} {chain.name[:8]:>8} {len(chunk_rows):>6} {seconds_i:>8.2f} {seconds_f:>8.1f} "
                   f"{entry['time_ratio']:>7.2%} {figures_i['recall_at_10']:>10.4f} {figures_f['recall_at_10']:>10.4f} "
                   f"{entry['recall_at_10_ratio']!s:>6} {figures_i['ndcg_at_10']:>10.4f} {figures_f['ndcg_at_10']:>10.4f} "
-                  f"{entry['ndcg_at_10_ratio']!s:>6} {met:>10}" + (f"  shadow: drift {entry['shadow_drift']:+.2%}"
+                  f"{entry['ndcg_at_10_ratio']!s:>6} {met:>10}"
+                  f"  CI R {entry['recall_at_10_ratio_ci95']} {entry['recall_at_10_verdict']}"
+                  f"  N {entry['ndcg_at_10_ratio_ci95']} {entry['ndcg_at_10_verdict']}" + (f"  shadow: drift {entry['shadow_drift']:+.2%}"
                                                                    + (" -> replaced by the full retrain"
                                                                       if step in chain.replaced_at else "")
                                                                    if shadow_step else ""), flush=True)
+        if args.reference_seed and step == steps:
+            # the reference's own noise: another seed, same data and config
+            progress(f"step {step}: second full retrain, seed {args.seed + 1}")
+            other, prepared_o, (seconds_o, cpu_o) = full_run(fed, catalog, vectors, config, args.seed + 1, epochs)
+            ranks_o = ranks_of(other, prepared_o, tests)
+            seed_chain = Chain(f"full seed {args.seed + 1}", config.learning_rate, 0.0, epochs)
+            entry = step_row(seed_chain, metrics(ranks_o), figures_f, seconds_o, cpu_o, seconds_f, cpu_f,
+                             per_user_gains(ranks_o), gains_f, args.bootstrap, args.seed + step)
+            row["full_other_seed"] = entry
+            print(f"{step:>4} {'fullseed':>8} {'':>6} {seconds_o:>8.1f} {seconds_f:>8.1f} {'':>7} "
+                  f"{entry['incremental']['recall_at_10']:>10.4f} {figures_f['recall_at_10']:>10.4f} "
+                  f"{entry['recall_at_10_ratio']!s:>6} {entry['incremental']['ndcg_at_10']:>10.4f} "
+                  f"{figures_f['ndcg_at_10']:>10.4f} {entry['ndcg_at_10_ratio']!s:>6} {'':>10}"
+                  f"  CI R {entry['recall_at_10_ratio_ci95']}  N {entry['ndcg_at_10_ratio_ci95']}", flush=True)
         rows.append(row)
 
     popularity = evaluate_popularity(cases_for(prepared_f, tests), popularity_counts(
@@ -298,6 +391,8 @@ def main() -> int:
         entries = [r["chains"][chain.name] for r in rows]
         return {
             "learning_rate": chain.learning_rate, "replay_ratio": chain.replay_ratio, "epochs": chain.epochs,
+            "policy": dataclasses.asdict(chain.policy),
+            "verdicts": [(e["recall_at_10_verdict"], e["ndcg_at_10_verdict"]) for e in entries],
             "update_seconds_mean": round(chain.seconds / len(rows), 3) if rows else None,
             "time_ratio_max": max((e["time_ratio"] for e in entries), default=None),
             "recall_at_10_ratio_min": min((e["recall_at_10_ratio"] or 0 for e in entries), default=None),
@@ -317,7 +412,7 @@ def main() -> int:
         "benchmark": "incremental", "mode": "quick" if args.quick else "full", "pure_pipeline": True,
         "users": len(tests), "items": len(catalog), "training_interactions": trainable,
         "start_interactions": len(base), "delta_pool": len(pool), "steps": len(rows), "step_share": args.step_share,
-        "full_epochs": epochs, "strategy": strategy.to_dict(), "seed": args.seed,
+        "full_epochs": epochs, "dim": config.dim, "num_negatives": config.num_negatives, "bootstrap_resamples": args.bootstrap, "strategy": strategy.to_dict(), "seed": args.seed,
         "torch_threads": torch.get_num_threads(), "shadow_every": args.shadow_every, "drift_bound": args.drift_bound,
         "step0": {"full_seconds": round(seconds0, 2), **start_metrics},
         "reference": {

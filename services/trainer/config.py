@@ -60,8 +60,8 @@ class TrainerConfig(CommonConfig):
                                            help="an update's weights end as this share of the parent's plus the "
                                                 "rest of the fine-tuned ones (0 = fine-tuned only)")
     incremental_freeze_items: bool = env("TRAINER_INCREMENTAL_FREEZE_ITEMS", False,
-                                         help="an update moves only the id rows of new items and of the items "
-                                              "in its new interactions")
+                                         help="an update moves only the id rows of the items in its new "
+                                              "interactions (the others stay as the parent left them)")
 
     # --- data ---------------------------------------------------------------------------------
     text_fallback: str = env("TRAINER_TEXT_FALLBACK", "minilm", choices=("minilm", "hash"),

@@ -39,7 +39,7 @@ from services.trainer.evaluation import evaluate_model, metrics_from_ranks, rank
 from services.trainer.interaction_log import Interaction
 from services.model.network import DeltaRecModel, ModelConfig
 from services.trainer.strategies import NewInteraction
-from services.trainer.training import EpochProgress, TrainingStats, train_full, update_incremental
+from services.trainer.training import EpochProgress, IncrementalPolicy, TrainingStats, train_full, update_incremental
 
 
 TEXT_DIM = 384
@@ -172,11 +172,13 @@ def run_full(prepared: Prepared, config: ModelConfig, seed: int, epochs: int | N
 def run_incremental(model: DeltaRecModel, prepared: Prepared, examples: Sequence[TrainingExample],
                     replay_ratio: float, seed: int, epochs: int | None = None,
                     progress: bool = False, on_epoch: EpochProgress | None = None,
-                    device: torch.device | str = "cpu") -> TrainingStats:
+                    device: torch.device | str = "cpu",
+                    policy: IncrementalPolicy = IncrementalPolicy()) -> TrainingStats:
     """Warm-start fine-tune of `model` in place (its id table must be a prefix of the prepared
     one: see `remap_items`); grows the id table to the prepared item count."""
     return update_incremental(model, prepared.training_view(), examples, replay_ratio=replay_ratio,
-                              seed=seed, epochs=epochs, progress=progress, on_epoch=on_epoch, device=device)
+                              seed=seed, epochs=epochs, progress=progress, on_epoch=on_epoch, device=device,
+                              policy=policy)
 
 
 def evaluate(model: DeltaRecModel, prepared: Prepared) -> dict:

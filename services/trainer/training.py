@@ -185,6 +185,7 @@ def _run_epochs(
     lr_schedule: str = "constant",
     after_epoch: Callable[[int], bool | None] | None = None,
     on_epoch: EpochProgress | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> None:
     model.train()
     steps_per_epoch = math.ceil(len(windows) / batch_size)
@@ -201,6 +202,8 @@ def _run_epochs(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if after_step is not None:
+                after_step()
             total_loss += loss.item()
         stats.epoch_losses.append(total_loss / max(1, len(batches)))
         stats.epochs_run += 1
@@ -341,6 +344,51 @@ def train_full(
     return model.cpu(), stats
 
 
+@dataclass(frozen=True)
+class IncrementalPolicy:
+    """How a warm-start update limits drift from the model it starts from.
+
+    * ``anchor``: after every optimizer step each weight moves this fraction of its distance back
+      toward the parent's value (a decoupled L2 pull, "EWC-lite" without the Fisher weights): the
+      chain cannot wander far from the weights the full training found.
+    * ``parent_weight``: when training ends, weights = parent_weight * parent + (1 - parent_weight)
+      * fine-tuned (weight averaging with the previous version; 0 = keep the fine-tuned weights).
+    * ``freeze_items``: only the id rows of the new examples' target items (and rows grown by the
+      update itself) move; every other item's id row stays as the parent left it.
+
+    Grown rows (new items) count as the parent's row 0 (their text-only start) for the pull and
+    the average.
+    """
+
+    anchor: float = 0.0
+    parent_weight: float = 0.0
+    freeze_items: bool = False
+
+    def validate(self) -> "IncrementalPolicy":
+        if not 0.0 <= self.anchor < 1.0:
+            raise ValueError(f"anchor must be in [0, 1), got {self.anchor}")
+        if not 0.0 <= self.parent_weight < 1.0:
+            raise ValueError(f"parent_weight must be in [0, 1), got {self.parent_weight}")
+        return self
+
+    @property
+    def needs_parent(self) -> bool:
+        return self.anchor > 0.0 or self.parent_weight > 0.0
+
+
+def _changed_item_rows(examples: Sequence[TrainingExample], histories: dict[int, UserHistory],
+                       table_size: int, first_new_row: int) -> torch.Tensor:
+    """Bool mask of the id rows an update with ``freeze_items`` may move: new rows and the items
+    of the new examples' targets."""
+    changed = torch.zeros(table_size, dtype=torch.bool)
+    changed[first_new_row:] = True
+    targets = [int(histories[e.user].items[e.target_position]) for e in examples]
+    if targets:
+        changed[torch.tensor(targets, dtype=torch.long)] = True
+    changed[0] = False  # the "no learned id" row every unseen item shares
+    return changed
+
+
 def update_incremental(
     model: DeltaRecModel,
     all_data: InteractionData,
@@ -352,6 +400,7 @@ def update_incremental(
     progress: bool = False,
     on_epoch: EpochProgress | None = None,
     device: torch.device | str = "cpu",
+    policy: IncrementalPolicy = IncrementalPolicy(),
 ) -> TrainingStats:
     """Warm-start fine-tune ``model`` in place on new data plus a replay sample.
 
@@ -362,12 +411,15 @@ def update_incremental(
       chosen by the caller (e.g. events since the last run, filtered).
     * ``replay_ratio`` old examples per new one are sampled uniformly from all
       other prefixes, which limits forgetting of what the model already knew.
+    * ``policy``: pull toward / averaging with the parent, frozen id rows (IncrementalPolicy).
     * Trains on ``device`` and leaves the model on the CPU.
     """
     config = model.config
+    policy.validate()
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     all_data.ensure_item_text_rows()
+    first_new_row = model.num_items + 1
     new_items = all_data.num_items - model.num_items
     model.grow_items(new_items)
     device = torch.device(device)
@@ -379,7 +431,8 @@ def update_incremental(
     ]
     replay_count = min(len(old_examples), int(round(replay_ratio * len(selected))))
     replay = [old_examples[i] for i in rng.choice(len(old_examples), size=replay_count, replace=False)]
-    examples = [TrainingExample(user, position) for user, position in sorted(selected)] + replay
+    new_examples = [TrainingExample(user, position) for user, position in sorted(selected)]
+    examples = new_examples + replay
     windows = group_into_windows(examples, config.max_len)
     stats = TrainingStats(
         examples=len(examples), windows=len(windows), new_items=max(0, new_items), replay_examples=replay_count
@@ -387,6 +440,18 @@ def update_incremental(
     if not windows:
         return stats
     model.to(device)
+    parent = ({name: p.detach().clone() for name, p in model.named_parameters()} if policy.needs_parent else {})
+
+    def pull_toward_parent() -> None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.sub_(policy.anchor * (p - parent[name]))
+
+    hook = None
+    if policy.freeze_items:
+        movable = _changed_item_rows(new_examples, all_data.histories, model.num_items + 1,
+                                     first_new_row).to(device).unsqueeze(1)
+        hook = model.item_id_embedding.weight.register_hook(lambda grad: grad * movable)
     sampler = CandidateSampler(
         _target_counts(all_data.histories, all_data.item_ids.table_size), config.num_negatives
     )
@@ -396,11 +461,19 @@ def update_incremental(
         weight_decay=config.weight_decay,
     )
     started = time.perf_counter()
-    _run_epochs(
-        model, windows, all_data.histories, item_text, sampler, optimizer,
-        config.incremental_epochs if epochs is None else epochs, config.batch_size, rng, stats, progress,
-        on_epoch=on_epoch,
-    )
+    try:
+        _run_epochs(
+            model, windows, all_data.histories, item_text, sampler, optimizer,
+            config.incremental_epochs if epochs is None else epochs, config.batch_size, rng, stats, progress,
+            on_epoch=on_epoch, after_step=pull_toward_parent if policy.anchor > 0.0 else None,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    if policy.parent_weight > 0.0:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.mul_(1.0 - policy.parent_weight).add_(policy.parent_weight * parent[name])
     stats.train_seconds = time.perf_counter() - started
     model.eval()
     model.cpu()

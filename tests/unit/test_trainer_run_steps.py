@@ -173,3 +173,76 @@ def test_status_progress_follows_the_epochs_of_a_run(trained):
     run_steps.run_full(prepared, dataclasses.replace(TINY, epochs=3), seed=1, on_epoch=on_epoch)
     assert seen == [(0, 3), (1, 3), (1, 3), (2, 3), (2, 3), (3, 3)]
     assert (core.progress.epoch, core.progress.epochs) == (3, 3)
+
+
+def _update_inputs(trained):
+    rows, prepared, model = trained
+    parent_ids = prepared.data.item_ids.external_ids()
+    more = [dataclasses.replace(r, commit_lsn=200) for r in datasets.structured_interactions(
+        n_users=30, start=datasets.STRUCTURED_T0 + 50_000, user_prefix="N", item_prefix="J", seed=3)]
+    grown = with_text(run_steps.prepare(rows + more, item_prefix=parent_ids, eval_users=40))
+    new, _ = run_steps.new_interactions(grown, after_lsn=100)
+    return model, parent_ids, grown, run_steps.examples_of(new)
+
+
+def _policy_update(trained, policy):
+    model, parent_ids, grown, examples = _update_inputs(trained)
+    parent = run_steps.remap_items(model, parent_ids, grown.data.item_ids)
+    candidate = run_steps.copy_model(parent)
+    run_steps.run_incremental(candidate, grown, examples, replay_ratio=1.0, seed=1, policy=policy)
+    return parent, candidate, grown, examples, len(parent_ids)
+
+
+def _distance(a, b) -> float:
+    return sum(float((p - q).pow(2).sum()) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_incremental_policy_values_are_validated():
+    from services.trainer.training import IncrementalPolicy
+    with pytest.raises(ValueError, match="anchor"):
+        IncrementalPolicy(anchor=1.0).validate()
+    with pytest.raises(ValueError, match="parent_weight"):
+        IncrementalPolicy(parent_weight=-0.1).validate()
+    assert not IncrementalPolicy().needs_parent and IncrementalPolicy(anchor=0.1).needs_parent
+
+
+def test_anchor_keeps_an_update_closer_to_its_parent(trained):
+    from services.trainer.training import IncrementalPolicy
+    parent, free, *_ = _policy_update(trained, IncrementalPolicy())
+    _, anchored, *_ = _policy_update(trained, IncrementalPolicy(anchor=0.2))
+    assert 0.0 < _distance(anchored, parent) < 0.5 * _distance(free, parent)
+
+
+def test_parent_weight_averages_the_fine_tuned_weights_with_the_parent(trained):
+    from services.trainer.training import IncrementalPolicy
+    parent, free, *_ = _policy_update(trained, IncrementalPolicy())
+    _, averaged, *_ = _policy_update(trained, IncrementalPolicy(parent_weight=0.25))
+    for (name, p), f, q in zip(averaged.named_parameters(), free.parameters(), parent.parameters()):
+        torch.testing.assert_close(p, 0.25 * q + 0.75 * f, msg=name)   # training is deterministic per seed
+
+
+def test_freeze_items_moves_only_new_rows_and_rows_of_the_new_targets(trained):
+    from services.trainer.training import IncrementalPolicy
+    parent, frozen, grown, examples, parent_items = _policy_update(trained, IncrementalPolicy(freeze_items=True))
+    targets = {int(grown.train_histories[e.user].items[e.target_position]) for e in examples}
+    moved = {int(i) for i in torch.nonzero((frozen.item_id_embedding.weight - parent.item_id_embedding.weight)
+                                           .abs().sum(dim=1) > 0).flatten()}
+    # the new interactions are with new items (rows grown by remap_items): those rows learn, no other does
+    assert moved and moved <= targets and 0 not in moved
+    assert all(row > parent_items for row in moved)
+    _, free, *_ = _policy_update(trained, IncrementalPolicy())
+    free_moved = torch.nonzero((free.item_id_embedding.weight - parent.item_id_embedding.weight)
+                               .abs().sum(dim=1) > 0).flatten().numel()
+    assert free_moved > len(moved)         # without freezing, unrelated rows move too
+
+
+def test_trainer_config_builds_the_incremental_policy_from_the_environment():
+    from services.common.config import ConfigError, load
+    from services.trainer.config import TrainerConfig
+    base = {"DATABASE_URL": "postgresql://x@localhost/db"}
+    config = load(TrainerConfig, {**base, "TRAINER_INCREMENTAL_ANCHOR": "0.01",
+                                  "TRAINER_INCREMENTAL_PARENT_WEIGHT": "0.5", "TRAINER_INCREMENTAL_FREEZE_ITEMS": "1"})
+    policy = config.incremental_policy()
+    assert (policy.anchor, policy.parent_weight, policy.freeze_items) == (0.01, 0.5, True)
+    with pytest.raises(ConfigError, match="TRAINER_INCREMENTAL_ANCHOR"):
+        load(TrainerConfig, {**base, "TRAINER_INCREMENTAL_ANCHOR": "1.5"})
