@@ -204,7 +204,8 @@ class Collector:
         snapshot.features = {"applied_lsn": status.applied_lsn, "lag_bytes": status.lag_bytes,
                              "lag_seconds": status.lag_seconds, "active_items": status.active_items,
                              "users": status.users, "connected": status.connected,
-                             "snapshot_done": status.snapshot_done}
+                             "snapshot_done": status.snapshot_done,
+                             "text_model_state": status.text_model_state or "ready"}
 
     def _trainer(self, snapshot: Snapshot) -> None:
         stub = trainer_pb2_grpc.TrainerServiceStub(self._channel("trainer"))

@@ -59,7 +59,9 @@ def render(snapshot: Snapshot) -> str:
         out += ["", f"FEATURES  applied {format_lsn(f['applied_lsn']) if f['applied_lsn'] else '-'}"
                     f"  lag {_bytes(f['lag_bytes'])} / {f['lag_seconds']:.1f} s"
                     f"  items {f['active_items']}  users {f['users']}"
-                    f"  {'connected' if f['connected'] else '! NOT CONNECTED'}"]
+                    f"  {'connected' if f['connected'] else '! NOT CONNECTED'}"
+                    + ("" if f.get("text_model_state", "ready") == "ready"
+                       else f"  ! text model {f['text_model_state'][:80]}")]
 
     if snapshot.trainer is not None:
         t = snapshot.trainer

@@ -52,3 +52,10 @@ def test_an_unreachable_part_is_one_line_not_a_crash():
     text = render(_snapshot(rankers=[], groups=[], trainer=None, versions=[], errors=["etcd: connection refused"]))
     assert "(no ranker registered in etcd)" in text
     assert "! etcd: connection refused" in text
+
+
+def test_a_features_service_without_its_text_model_yet_says_so():
+    features = {"applied_lsn": 0x16B3740, "lag_bytes": 0, "lag_seconds": 0.0, "active_items": 10, "users": 3,
+                "connected": True, "snapshot_done": True, "text_model_state": "loading"}
+    assert "! text model loading" in render(_snapshot(features=features))
+    assert "text model" not in render(_snapshot(features={**features, "text_model_state": "ready"}))
