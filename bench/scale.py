@@ -1,20 +1,28 @@
 """How cost grows with the work: a table over catalog size (items 10k / 100k / 1M) and user count
-(users 10k / 100k / 1M), synthetic, with titles of Beauty's length (67 characters on average).
+(users 10k / 100k / 1M), synthetic, with titles padded toward Beauty's length (67 characters on
+average; each row reports its `mean_title_chars`).
 
     .venv/bin/python bench/scale.py            # 10k, 100k and 1M rows
     .venv/bin/python bench/scale.py --quick    # the 10k and 100k rows
 
 Items (each size: a features stand-in process serving the catalog with random unit text
-vectors, and the real ranker, as bench/ranker.py does):
-- ranker memory (RSS) once serving, and time from start to serving (catalog load + first model);
+vectors, and the real ranker, as bench/ranker.py does; MiniLM is not run: embedding 1M titles
+on two shared CPU cores would take hours, and serving cost does not depend on the vectors' values):
+- ranker memory (RSS) once serving, and time from start to serving (catalog load + first model +
+  every index built), with its phases (`catalog_loaded_s`, `first_model_s`, `indexes_built_s`)
+  so that a row out of time still says how far it got;
 - index build on a swap: a second model version is published to etcd; the time until the replica
   serves it with its indexes built (model-space item vectors computed, faiss index built: HNSW
   from RANKER_HNSW_MIN_ITEMS, built in the background while flat serves);
 - Recommend p50/p99 at concurrency 8 (users warmed into the user cache first).
 Users (each size):
-- features: real collector + Postgres + features; every user gets 2 events (IngestEvents, 1000
-  per call); the features apply rate (events/s from the first to the last commit applied), its
-  memory (RSS) and the size of user_features in Postgres;
+- features: real collector + Postgres + features; up to SLICE_USERS (100k) users get 2 events
+  each through the real path (IngestEvents, 1000 per call); the features apply rate (events/s
+  from the first to the last commit applied), its memory (RSS) and the size of user_features in
+  Postgres. Past SLICE_USERS (the 1M row) the other users are preloaded into user_features by
+  COPY, with the state features' own fold makes of 2 events each, and the apply rate is that of
+  the 100k-user slice into a store of 1M users (2M events through features at ~2k events/s, its
+  rate on these cores, would take most of an hour);
 - the ranker's user cache: bytes per cached user measured in-process (tracemalloc) with features'
   default history (50 entries) and a 200-item seen set, times min(users, RANKER_USER_CACHE_SIZE).
 `first_limit` names the first measured row that crossed a limit: p99 >= 25 ms, a swap longer
