@@ -44,7 +44,8 @@ from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, features
 
 TARGET_P95_MS = 300.0
 PROBE_TIMEOUT_S = 5.0
-EMBED_TIMEOUT_S = 1800.0
+SENDER_IN_FLIGHT = 32
+SETUP_TIMEOUT_S = 1800.0
 POLL_S = 0.005          # the ranker is asked every 5 ms (figures carry up to that much)
 FEATURES_POLL_S = 0.01  # features every 10 ms: its reads compete with its apply work
 VIEW, PURCHASE, SEARCH = common_pb2.EVENT_TYPE_VIEW, common_pb2.EVENT_TYPE_PURCHASE, common_pb2.EVENT_TYPE_SEARCH
@@ -65,30 +66,56 @@ def ingest(collector, events) -> collector_pb2.IngestEventsResponse:
 
 
 class Sender(threading.Thread):
-    """Background events at a steady rate, one per IngestEvents call, on a fixed schedule."""
+    """Background events at a steady rate, one per IngestEvents call, on a fixed schedule that
+    does not wait for the previous call (a storefront's many clients do not queue behind each
+    other): up to SENDER_IN_FLIGHT calls at once; a tick that finds them all busy is counted as
+    `missed`, so `achieved_rate` says whether the rate was held."""
 
     def __init__(self, collector, users: list[str], items: list[str], rate: float) -> None:
         super().__init__(daemon=True, name="sender")
         self.collector, self.users, self.items, self.rate = collector, users, items, rate
         self.stop = threading.Event()
-        self.sent = 0
-        self.started_at = 0.0
+        self.sent = self.missed = self.failed = 0
+        self.started_at = self.stopped_at = 0.0
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    def _send(self, one: common_pb2.Event) -> None:
+        try:
+            ingest(self.collector, [one])
+            outcome = "sent"
+        except Exception:  # noqa: BLE001 - counted, reported
+            outcome = "failed"
+        with self._lock:
+            self._in_flight -= 1
+            setattr(self, outcome, getattr(self, outcome) + 1)
 
     def run(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
         rng = random.Random(11)
+        pool = ThreadPoolExecutor(max_workers=SENDER_IN_FLIGHT, thread_name_prefix="sender")
         self.started_at = next_at = time.perf_counter()
         while not self.stop.is_set():
             kind = rng.choice((VIEW, VIEW, VIEW, common_pb2.EVENT_TYPE_CLICK, common_pb2.EVENT_TYPE_ADD_TO_CART,
                                PURCHASE))
-            ingest(self.collector, [event(rng.choice(self.users), kind, rng.choice(self.items))])
-            self.sent += 1
+            one = event(rng.choice(self.users), kind, rng.choice(self.items))
+            with self._lock:
+                busy = self._in_flight >= SENDER_IN_FLIGHT
+                if not busy:
+                    self._in_flight += 1
+            if busy:
+                self.missed += 1
+            else:
+                pool.submit(self._send, one)
             next_at += 1.0 / self.rate
             delay = next_at - time.perf_counter()
             if delay > 0:
                 self.stop.wait(delay)
+        self.stopped_at = time.perf_counter()
+        pool.shutdown(wait=True)
 
     def achieved_rate(self) -> float:
-        return self.sent / max(time.perf_counter() - self.started_at, 1e-9)
+        return self.sent / max((self.stopped_at or time.perf_counter()) - self.started_at, 1e-9)
 
 
 def wait_features_visible(features, user: str, bought: str, began: float, out: list) -> None:
@@ -148,6 +175,16 @@ def probe_read_your_writes(collector, ranker, user: str) -> tuple[float | None, 
     return elapsed, None
 
 
+def caught_up(ranker, user: str, lsn: int) -> bool:
+    try:
+        ranker.Recommend(ranker_pb2.RecommendRequest(user_id=user, min_data_lsn=lsn), timeout=60)
+        return True
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        return False
+
+
 def figures_ms(values: list[float]) -> dict:
     figures = _harness.percentiles(values, scale=1000, digits=1)
     return {f"{key}_ms": figures[key] for key in ("p50", "p95", "p99", "max")} | {"count": figures["count"]}
@@ -179,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"loading {len(items)} items")
         _harness.upsert_catalog(collector, _harness.catalog_messages(items))
         # Set-up, not a figure: MiniLM on two cores shared with other work can take many minutes.
-        _harness.wait_embedded(features, len(items), timeout_s=EMBED_TIMEOUT_S)
+        _harness.wait_embedded(features, len(items), timeout_s=SETUP_TIMEOUT_S)
         vectors = {}
         for start in range(0, len(item_ids), 1000):
             found = features.GetItemFeatures(features_pb2.GetItemFeaturesRequest(
@@ -198,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         last_lsn = 0
         for start in range(0, len(seed_events), 500):
             last_lsn = ingest(collector, seed_events[start:start + 500]).commit_lsn
-        ranker.Recommend(ranker_pb2.RecommendRequest(user_id=users[0], min_data_lsn=last_lsn), timeout=60)
+        # Set-up: the ranker waits at most RANKER_MAX_LSN_WAIT_S per call (FAILED_PRECONDITION
+        # after), and on loaded cores features may take longer than that to apply the seed events.
+        from tests.support import wait_until
+        wait_until(lambda: caught_up(ranker, users[0], last_lsn), f"the ranker to reach LSN {last_lsn}",
+                   SETUP_TIMEOUT_S, 0.5)
         progress(f"{n_users} users with 5 views each; ranker caught up at LSN {last_lsn}")
 
         probe_users, background_users = users[: n_users // 4], users[n_users // 4:]
@@ -232,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     e2e, ref, ryw = figures_ms(changed), figures_ms(reference), figures_ms(read_your_writes)
     summary = {
         "benchmark": "e2e_freshness", "quick": args.quick, "items": n_items, "users": n_users,
-        "background_rate_target": args.rate, "background_rate_achieved": rate, "probes": probes,
+        "background_rate_target": args.rate, "background_rate_achieved": rate,
+        "background_missed_ticks": sender.missed, "background_failed": sender.failed, "probes": probes,
         "ingest_to_changed_recommendation": e2e | {"timeouts": timeouts},
         "read_your_writes": ryw | {"failures": read_failures},
         "reference_features_visible": ref,
@@ -241,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "quoted_before": QUOTED_BEFORE,
         "speedup_p95_vs_before": ratio(QUOTED_BEFORE["ingest_to_changed_recommendation_p95_ms"], e2e["p95_ms"]),
         "target_p95_ms": TARGET_P95_MS,
-        "meets_target": bool(e2e["p95_ms"] is not None and e2e["p95_ms"] < TARGET_P95_MS and not timeouts
+        "meets_target": bool(rate >= 0.95 * args.rate and e2e["p95_ms"] is not None and e2e["p95_ms"] < TARGET_P95_MS and not timeouts
                              and ryw["p95_ms"] is not None and ryw["p95_ms"] < TARGET_P95_MS
                              and not read_failures),
     }
