@@ -259,6 +259,34 @@ def test_health_and_the_state_say_the_loop_runs(stack):
     assert samples[("deltarec_canary_decisions_total", (("action", "abort"), ("written", "yes")))] == 1
 
 
+def _figures(response) -> dict:
+    return {(r.model_version, r.variant): (r.impressions, r.clicked_impressions, r.clicks) for r in response.variants}
+
+
+def test_a_standby_instance_takes_the_stream_over_with_the_window_exact(stack):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    first_process, first = stack.consistency_process, stack.consistency
+    stack.start_consistency()                                   # a second instance: it stands by
+    second_process, second = stack.consistency_process, stack.consistency
+    request = consistency_pb2.OnlineMetricsRequest()
+    wait_until(lambda: "standing by" in second.OnlineMetrics(request, timeout=30).consumer_detail,
+               "the second instance to stand by")
+    health = health_pb2_grpc.HealthStub(channel_to(second_process)).Check(
+        health_pb2.HealthCheckRequest(service="deltarec.v1.ConsistencyService"), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING   # standing by is not a fault
+    # Traffic while the first instance holds the stream: the second has it only by rebuilding at
+    # the takeover (the first acked it).
+    before = _figures(first.OnlineMetrics(request, timeout=30))
+    shown = stack.shop([f"late-{n}" for n in range(30)], {"current": 1.0, "canary": 1.0}, seed=3)
+    wait_until(lambda: _figures(first.OnlineMetrics(request, timeout=30))[(2, "current")][0]
+               == before[(2, "current")][0] + shown["current"], "the first instance to count the traffic")
+    held = _figures(first.OnlineMetrics(request, timeout=30))
+    first_process.stop(timeout_s=20)
+    wait_until(lambda: second.OnlineMetrics(request, timeout=30).consumer_running, "the standby to take over")
+    wait_until(lambda: _figures(second.OnlineMetrics(request, timeout=30)) == held,
+               "the standby's window to equal the holder's", timeout_s=30)
+
+
 def test_without_the_collector_online_metrics_say_why_and_bad_settings_stop_the_start(start_service, service_env):
     import subprocess
     import sys
