@@ -45,7 +45,20 @@ def _print_version(version, published: bool | None = None) -> None:
         base = version.baseline_metrics
         print(f"  current version {version.baseline_version} on the same users: recall@10 "
               f"{base.recall_at_10:.4f}  ndcg@10 {base.ndcg_at_10:.4f}")
-    print(f"  decision: {version.decision}")
+    if version.anchor_version:
+        anchor = version.anchor_metrics
+        print(f"  last full retrain v{version.anchor_version} on the same users: recall@10 "
+              f"{anchor.recall_at_10:.4f}  ndcg@10 {anchor.ndcg_at_10:.4f}")
+    if version.full_version:
+        full = version.full_metrics
+        print(f"  shadow full retrain v{version.full_version} on the same data: recall@10 {full.recall_at_10:.4f}  "
+              f"ndcg@10 {full.ndcg_at_10:.4f}  ({version.full_train_seconds:.1f}s)")
+    if version.published_as:
+        print(f"  published as model/{version.published_as}"
+              + (f" (share {version.canary_share:g})" if version.published_as == "canary" else "")
+              + (f"; canary decision: {version.canary_decision}" if version.canary_decision else ""))
+    print(f"  decision: {version.decision}" + (f"  (gate evidence: {version.gate_evidence})"
+                                             if version.gate_evidence else ""))
     if version.artifact_uri:
         print(f"  artifact: {version.artifact_uri}  sha256 {version.sha256}")
 
@@ -166,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             _print_version(response.version, response.published)
     elif args.command == "versions":
         response = _remote(args, lambda stub: stub.ListVersions(trainer_pb2.ListVersionsRequest(limit=args.limit)))
-        print(f"current version: {response.current_version or '-'}")
+        print(f"current version: {response.current_version or '-'}  (* = published as the canary)")
         for version in response.versions:
             m = version.metrics
-            print(f"  v{version.version:<5} {_status_name(version.status):<11} {version.strategy:<28} "
+            status = _status_name(version.status) + ("*" if version.published_as == "canary" else "")
+            print(f"  v{version.version:<5} {status:<11} {version.strategy:<28} "
                   f"parent {version.parent_version or '-':<5} recall@10 {m.recall_at_10:.4f} "
                   f"ndcg@10 {m.ndcg_at_10:.4f}  {version.decision[:80]}")
     elif args.command == "status":

@@ -13,7 +13,7 @@ from services.contracts.model_pointer import ModelPointer
 from services.feedback.decider import CanaryDecider, read_pointers
 from services.feedback.policy import ABORT, PROMOTE, Decision
 from tests.integration.test_trainer_service import (  # noqa: F401 - fixtures
-    CANDIDATE, PUBLISHED, REJECTED, engine_of, etcd, first_data, get_version, leader_stub, more_data,
+    CANDIDATE, PUBLISHED, REJECTED, cli, engine_of, etcd, first_data, get_version, leader_stub, more_data,
     own_database, trainer_env)
 from tests.support import wait_until
 
@@ -38,7 +38,8 @@ def test_publish_as_canary_keeps_an_undecided_canary_and_records_its_decision(ow
     first_data(engine)
     env = {**trainer_env, "TRAINER_PUBLISH_AS": "canary", "TRAINER_CANARY_SHARE": "0.25",
            "TRAINER_LOOP_INTERVAL_S": "0.3"}
-    stub = leader_stub(start_service("services.trainer", env))
+    process = start_service("services.trainer", env)
+    stub = leader_stub(process)
 
     # No model/current yet: there is nothing to compare a canary with, the first goes to current.
     first = stub.Train(trainer_pb2.TrainRequest(seed=5, publish=True), timeout=120)
@@ -88,6 +89,8 @@ def test_publish_as_canary_keeps_an_undecided_canary_and_records_its_decision(ow
     listed = stub.ListVersions(trainer_pb2.ListVersionsRequest(), timeout=10)
     assert [(v.version, v.published_as) for v in listed.versions] == \
         [(v4.version, "canary"), (v3.version, ""), (v2.version, "canary"), (v1.version, "current")]
+    listing = cli("--address", process.address, "versions")
+    assert f"v{v4.version:<5} rejected*" in listing and f"v{v2.version:<5} published*" in listing
 
 
 def test_a_canary_share_outside_zero_and_one_is_refused_at_start(trainer_env):
