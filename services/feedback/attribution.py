@@ -17,5 +17,5 @@ class Attribution:
         """The answer's recommendation_id; its impression is queued for the impressions table."""
         text = new_text(answer.model_version, answer.variant, kind)
         self.buffer.offer(Impression(text, answer.model_version, answer.variant, user_id,
-                                     tuple(item.item_id for item in answer.items), time.time(), kind))
+                                     tuple([item.item_id for item in answer.items]), time.time(), kind))
         return text
