@@ -383,7 +383,8 @@ def impression_path_cpu_us(answers: int = 20_000) -> dict:
 
 
 def bench_attribution(suite, spec: str, etcd, levels, duration_s: float, warmup_s: float, rounds: int,
-                      max_users: int | None = None, extra_env: dict | None = None, profile: bool = False) -> dict:
+                      max_users: int | None = None, extra_env: dict | None = None, profile: bool = False,
+                      a_a: bool = False) -> dict:
     """Recommend req/s with attribution on and off, interleaved rounds (see the module docstring)."""
     import urllib.request
 
@@ -405,7 +406,8 @@ def bench_attribution(suite, spec: str, etcd, levels, duration_s: float, warmup_
         stand_in = suite.start_features_stand_in(spec, name="features-stand-in-attribution")
         processes.append(stand_in)
         replicas = {}
-        for variant, setting in (("on", "true"), ("off", "false")):
+        # a_a: both replicas without attribution (the same measurement's noise floor, for reading the ratio)
+        for variant, setting in (("on", "false" if a_a else "true"), ("off", "false")):
             replica_id = f"bench-attr-{variant}-{uuid.uuid4().hex[:4]}"
             replicas[variant] = suite.start_ranker(stand_in.address, replica_id, name=f"ranker-attribution-{variant}",
                                                    database=True, RANKER_ATTRIBUTION=setting, **(extra_env or {}))
@@ -415,7 +417,7 @@ def bench_attribution(suite, spec: str, etcd, levels, duration_s: float, warmup_
         for variant, replica in replicas.items():
             with grpc.insecure_channel(replica.address) as channel:
                 answer = ranker_pb2_grpc.RankerServiceStub(channel).Recommend(requests[0], timeout=30)
-            assert bool(answer.recommendation_id) == (variant == "on"), f"attribution {variant}: recommendation_id"
+            assert bool(answer.recommendation_id) == (variant == "on" and not a_a), f"{variant}: recommendation_id"
             progress(f"attribution {variant}: user cache warmed in {warm_users(replica.address, users):.1f}s")
         totals = {variant: {str(level): {"requests": 0, "seconds": 0.0, "rounds_rps": [], "cpu_s": 0.0,
                                          "cpu_requests": 0.0} for level in levels}
@@ -460,6 +462,7 @@ def bench_attribution(suite, spec: str, etcd, levels, duration_s: float, warmup_
         dropped = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                       if line.startswith("deltarec_impressions_dropped_total{"))
         result = {"catalog": spec, "users": len(users), "rounds": rounds, "duration_s_per_round": duration_s,
+                  "a_a": a_a,
                   "impressions_written": written, "impressions_dropped": int(dropped), "levels": {}}
         for level in levels:
             on, off = totals["on"][str(level)], totals["off"][str(level)]
@@ -518,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run one part only (development)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment of the ranker under test (development)")
+    parser.add_argument("--attribution-a-a", action="store_true",
+                        help="attribution part with both replicas off: the noise floor of its ratio")
     parser.add_argument("--profile", action="store_true",
                         help="sample the ranker with py-spy at concurrency 8 and report where its CPU goes")
     args = parser.parse_args(argv)
@@ -567,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
             rounds, round_s = (8, 1.5) if args.quick else (12, 5.0)
             summary["attribution"] = bench_attribution(
                 suite, "beauty", etcd, ATTRIBUTION_LEVELS, round_s, warmup_s, rounds,
-                max_users=max_users, extra_env={"RANKER_INDEX": args.index, **extra_env}, profile=args.profile)
+                max_users=max_users, extra_env={"RANKER_INDEX": args.index, **extra_env}, profile=args.profile,
+                a_a=args.attribution_a_a)
             if args.only == "attribution":
                 _harness.print_summary(summary)
                 return 0
