@@ -18,7 +18,9 @@ What runs (each a process started by bench/_harness.py, etcd through scripts/inf
   hashed vectors) — a separate process on the same cores. Item text vectors are random unit
   vectors (not MiniLM; nothing measured here depends on their values);
 - the echo server: a bare grpc.server (no interceptor) that parses each request and returns a
-  pre-built response captured from the ranker (same bytes on the wire).
+  pre-built response captured from the ranker (same bytes on the wire), one per catalog, measured
+  right after each (method, concurrency) level of the ranker with the same requests (the load
+  of the shared machine drifts over minutes: a reference measured later is not the same run).
 Before the measured runs every user is asked for once: the replica's user cache (kept exact by
 WatchUsers) then holds them, which is the steady state of a replica whose cache holds its active
 users (RANKER_USER_CACHE_SIZE, 50k by default); `user_cache` in the output shows the reads of
@@ -302,10 +304,18 @@ def bench_one_catalog(suite, spec: str, etcd, levels, duration_s: float, warmup_
         channel.close()
         warm_s = warm_users(ranker.address, users)
         progress(f"{spec}: user cache warmed with {len(users)} users in {warm_s:.1f}s")
+        # The reference, measured right after each level of the ranker with the same requests:
+        # on this shared machine the load drifts over minutes, and a reference measured at the
+        # end of the run compared the two under different loads (ratios swung 0.2-0.8x).
+        echo = suite.start_script("ranker", {"BENCH_RANKER_ROLE": "echo",
+                                             **{f"BENCH_ECHO_{m.upper()}": p.hex() for m, p in samples.items()}},
+                                  name=f"echo-{spec.replace(':', '-')}", timeout_s=60)
+        processes.append(echo)
         result = {"items": len(item_ids), "users": len(users), "index_size": status.index_size,
                   "index_kind": registration.get("index_kind"), "text_index_kind": registration.get("text_index_kind"),
                   "response_bytes": {method: len(sample) for method, sample in samples.items()},
-                  "warm_up_s": round(warm_s, 1), "methods": {}}
+                  "warm_up_s": round(warm_s, 1), "methods": {},
+                  "echo": {"response_bytes": {m: len(p) for m, p in samples.items()}, "methods": {}}}
         for method in METHODS:
             by_level = result["methods"].setdefault(method, {})
             for concurrency in levels:
@@ -320,8 +330,12 @@ def bench_one_catalog(suite, spec: str, etcd, levels, duration_s: float, warmup_
                     result.setdefault("profile", {})[method] = profile
                     progress(f"{spec}: {method} profile at concurrency {concurrency}: {profile.get('share_pct')}")
                 by_level[str(concurrency)] = figures
+                reference = run_load(echo.address, method, requests[method], concurrency, duration_s, warmup_s)
+                result["echo"]["methods"].setdefault(method, {})[str(concurrency)] = reference
                 progress(f"{spec}: {method} concurrency {concurrency}: {figures['rps']} req/s, p50 "
-                         f"{figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, errors {figures['errors']}")
+                         f"{figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, errors {figures['errors']}; echo "
+                         f"{reference['rps']} req/s (p99 {reference['p99_ms']} ms): "
+                         f"{_harness.ratio(figures['rps'], reference['rps'])}x")
         kv = etcd.get(__import__("services.contracts.etcd_keys", fromlist=["ranker_key"]).ranker_key(replica_id))
         result["user_cache"] = json.loads(kv.value).get("user_cache") if kv is not None else None
         return result, samples
@@ -493,23 +507,6 @@ def bench_attribution(suite, spec: str, etcd, levels, duration_s: float, warmup_
             suite.stop(process, timeout_s=20)
 
 
-def bench_echo(suite, payloads: dict[str, bytes], requests: dict[str, list], levels, duration_s: float,
-               warmup_s: float) -> dict:
-    env = {"BENCH_RANKER_ROLE": "echo", **{f"BENCH_ECHO_{m.upper()}": p.hex() for m, p in payloads.items()}}
-    echo = suite.start_script("ranker", env, name="echo", timeout_s=60)
-    try:
-        result = {"response_bytes": {m: len(p) for m, p in payloads.items()}, "methods": {}}
-        for method in payloads:
-            for concurrency in levels:
-                figures = run_load(echo.address, method, requests[method], concurrency, duration_s, warmup_s)
-                result["methods"].setdefault(method, {})[str(concurrency)] = figures
-                progress(f"echo: {method} concurrency {concurrency}: {figures['rps']} req/s, p50 "
-                         f"{figures['p50_ms']} ms, p99 {figures['p99_ms']} ms")
-        return result
-    finally:
-        suite.stop(echo, timeout_s=10)
-
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -581,14 +578,12 @@ def main(argv: list[str] | None = None) -> int:
             summary["crossover"] = crossover([10_000, 25_000, 50_000, 75_000, 100_000, 200_000], [64, 384], 300)
             _harness.print_summary(summary)
             return 0
-        users = [f"echo-user-{n}" for n in range(1000)]
-        requests = {method: requests_for(method, users, [f"i{n}" for n in range(1000)],
-                                         ["rose lip balm", "face cream", "hair oil"]) for method in METHODS}
-        summary["echo"] = bench_echo(suite, payloads, requests, LEVELS, duration_s, warmup_s)
+        # Each catalog's reference is its own echo server, measured level by level with it.
+        summary["echo"] = {name: figures["echo"] for name, figures in catalogs.items()}
         ratios = {}
         for name, figures in catalogs.items():
             ratios[name] = {method: {level: _harness.ratio(by_level[level]["rps"],
-                                                           summary["echo"]["methods"][method][level]["rps"])
+                                                           figures["echo"]["methods"][method][level]["rps"])
                                      for level in by_level}
                             for method, by_level in figures["methods"].items()}
         summary["ratio"] = ratios
