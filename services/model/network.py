@@ -97,13 +97,15 @@ class ModelConfig:
     (README "Accuracy" quotes their evaluation code).
 
     2026-12-02: ``label_smoothing`` added (mass spread over the sampled
-    candidates only; 0 = off, the default). No new setting was compared on
-    validation this day: the machine ran at a load average of 24-34 on its 2
-    cores, which left each training ~8% of a core, so the only Beauty run of
-    the day was the defaults' re-measurement (bench/accuracy.py --eval-every 4
-    --jobs 2); full softmax (-1), temperature, weight decay, label smoothing
-    and d=256 stay untried on the current model (full softmax was 0.0442 vs
-    0.0451 at d64 above, 2.5x slower).
+    candidates only; 0 = off, the default). No setting was compared on
+    validation this day: the machine ran at a load average of 24-42 on its 2
+    cores, which left each training 7-8% of a core. The one full run started
+    (the defaults, bench/accuracy.py --eval-every 4 --jobs 2 --threads 2, at
+    00:28 UTC) had not finished its first epoch after 14 minutes (57 CPU-s
+    per training) and was stopped. Full softmax (-1; 0.0442 vs 0.0451 at d64
+    above, 2.5x slower), temperature, weight decay, label smoothing, learning
+    rate and d=256 therefore stay untried on the current model; the defaults
+    above are unchanged.
     """
 
     # architecture
