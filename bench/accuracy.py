@@ -40,6 +40,8 @@ import json
 import multiprocessing
 import sys
 import time
+import atexit
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -192,8 +194,21 @@ def _refit_histories(split) -> dict:
 
 
 def _log_epoch(kind: str, done: int, total: int) -> None:
-    if done:
+    """train_full reports (done, total) as each epoch starts and ends: log the ends only once."""
+    if done and _logged_epochs.setdefault(kind, 0) < done:
+        _logged_epochs[kind] = done
         progress(f"{kind}: epoch {done}/{total} done")
+
+
+_logged_epochs: dict[str, int] = {}
+
+
+def _terminate_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill the executor's worker processes (shutdown() alone lets running trainings finish)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # None after shutdown()
+        if process.is_alive():
+            process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _train(kind: str, config_json: str, options: dict, prepared=None, snapshot_epochs=(),
@@ -265,7 +280,11 @@ def main() -> int:
     pool = None
     if jobs > 1:
         # spawn, not fork: the parent has run MiniLM/torch thread pools, which do not survive a fork
+        # (not multiprocessing.Pool: it waits forever when a worker dies; the executor raises)
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        # a benchmark stops what it started: the workers go with the parent (end, error or SIGTERM)
+        atexit.register(_terminate_workers, pool)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         refit_future = pool.submit(_train, "refit", config.to_json(), options, None, snapshot_epochs)
         cold_future = (None if args.skip_cold_start else
                        pool.submit(_train, "cold_start", config.to_json(), options, None, snapshot_epochs))
