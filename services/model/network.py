@@ -102,7 +102,10 @@ class ModelConfig:
     cores, which left each training 7-8% of a core. The one full run started
     (the defaults, bench/accuracy.py --eval-every 4 --jobs 2 --threads 2, at
     00:28 UTC) had not finished its first epoch after 14 minutes (57 CPU-s
-    per training) and was stopped. Full softmax (-1; 0.0442 vs 0.0451 at d64
+    per training) and was stopped; two cheap comparisons (11k users, 8
+    epochs: label_smoothing 0.1, dropout 0.2) started at 01:18 got 4% of a
+    core each at a load of 66 and were stopped at 01:23 without a figure.
+    Full softmax (-1; 0.0442 vs 0.0451 at d64
     above, 2.5x slower), temperature, weight decay, label smoothing, learning
     rate and d=256 therefore stay untried on the current model; the defaults
     above are unchanged.
