@@ -4,12 +4,13 @@ Protocol: every eval case ranks its single target against ALL catalogue items
 (indexes 1..n; index 0 is padding and never ranked).
 
 History masking: by default NOTHING is masked, i.e. items the user already
-interacted with stay in the ranking. This matches how the published TIGER and
-most SASRec full-ranking numbers on Beauty are computed, and it is the
-conservative choice here: no Beauty validation/test target repeats an item
-from the user's history, so masking the history can only raise the figures.
-``mask_history=True`` is available and the benchmark reports both, but the
-headline figures are the unmasked ones.
+interacted with stay in the ranking - the conservative choice: no Beauty
+validation/test target repeats an item from the user's history, so masking
+can only raise the figures. ``mask_history=True`` filters them out, as the
+ranker does by default and as the eSASRec benchmark (RecTools
+``recommend(filter_viewed=True)``) and CBiT evaluate; ActionPiece's evaluator
+does not filter. bench/accuracy.py reports both and compares each published
+row with the figure under that row's own protocol (README "Accuracy").
 
 Ties are broken deterministically by item index: an item ranks
 above the target if its score is higher, or equal with a smaller index. This

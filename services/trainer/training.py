@@ -52,9 +52,10 @@ class TrainingStats:
     best_validation: dict | None = None
     new_items: int = 0
     replay_examples: int = 0
+    snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # train_full(snapshot_epochs=)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "snapshots"}
 
 
 DEVICE_SETTINGS = ("auto", "cpu", "cuda")
@@ -148,10 +149,28 @@ def next_item_loss(
     candidate_vectors = model.item_vectors(candidates, item_text[candidates])
     logits = queries @ candidate_vectors.T / model.config.temperature - log_included
     labels = torch.searchsorted(candidates, flat_targets)
+    sampled_columns = logits.shape[1]
     if model.config.history_negatives:
         history_logits = _own_history_logits(outputs, input_vectors, items, targets)[is_target]
         logits = torch.cat([logits, history_logits / model.config.temperature], 1)
-    return F.cross_entropy(logits, labels)
+    return _smoothed_cross_entropy(logits, labels, model.config.label_smoothing, sampled_columns)
+
+
+def _smoothed_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, smoothing: float, smoothing_columns: int
+) -> torch.Tensor:
+    """Cross-entropy with ``smoothing`` of the target mass spread over the first
+    ``smoothing_columns`` columns (the sampled candidates).
+
+    Not ``F.cross_entropy(label_smoothing=...)``: that spreads mass over every column, including
+    the masked (-inf) own-history ones, which makes the loss infinite.
+    """
+    if smoothing <= 0.0:
+        return F.cross_entropy(logits, labels)
+    log_probabilities = F.log_softmax(logits, dim=1)
+    target_term = -log_probabilities.gather(1, labels.unsqueeze(1)).squeeze(1)
+    uniform_term = -log_probabilities[:, :smoothing_columns].mean(dim=1)
+    return ((1.0 - smoothing) * target_term + smoothing * uniform_term).mean()
 
 
 def _own_history_logits(
@@ -274,6 +293,7 @@ def train_full(
     device: torch.device | str = "cpu",
     patience: int | None = None,
     stop_after_epoch: int | None = None,
+    snapshot_epochs: Sequence[int] = (),
 ) -> tuple[DeltaRecModel, TrainingStats]:
     """Train from scratch on every next-item prefix of ``histories``.
 
@@ -284,7 +304,10 @@ def train_full(
     ``patience`` training stops after that many evaluations without a new best.
     ``stop_after_epoch`` ends the run there while keeping the learning-rate
     schedule of ``epochs``: a refit on more data then retraces exactly the
-    trajectory of the checkpoint validation picked.
+    trajectory of the checkpoint validation picked. ``snapshot_epochs``: the CPU state dicts
+    (unseen items already reset to row 0, as the returned model would be) at those epochs go to
+    ``stats.snapshots``, so that one run can serve whichever epoch a concurrent selection run
+    picks: the state at epoch e is exactly what ``stop_after_epoch=e`` returns.
     Training runs on ``device``; the model is returned on the CPU (artifacts,
     serving and the gate work there).
 
@@ -313,6 +336,9 @@ def train_full(
     def validate(epoch: int) -> bool:
         """Evaluate when due; False = stop (patience exhausted or the requested last epoch)."""
         nonlocal best_state
+        if epoch in snapshot_epochs:
+            with _unseen_ids_reset(model, never_seen):
+                stats.snapshots[epoch] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             return False
         if not validation or (epoch % eval_every and epoch != epochs):
@@ -320,6 +346,9 @@ def train_full(
         evaluation_started = time.perf_counter()
         with _unseen_ids_reset(model, never_seen):
             figures = evaluate_model(model, validation, item_text)
+            # recorded beside the selection figures: the protocol of the rows that filter seen items
+            masked = evaluate_model(model, validation, item_text, mask_history=True)
+        figures.update({f"history_masked_{name}": value for name, value in masked.items()})
         stats.validation_seconds += time.perf_counter() - evaluation_started
         stats.validation_history.append({"epoch": epoch, **figures})
         if progress:

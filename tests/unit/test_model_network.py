@@ -179,6 +179,31 @@ def test_training_is_deterministic_for_a_seed() -> None:
     assert not all(torch.equal(first[name], other[name]) for name in first)
 
 
+def test_a_snapshot_equals_stopping_at_its_epoch() -> None:
+    """bench/accuracy.py --jobs: a refit run's snapshot at the epoch selection picks must be the
+    model a refit stopped there returns (same schedule, same random stream, unseen rows reset)."""
+    data = _synthetic_data()
+    histories = {user: history.head(-1) for user, history in data.histories.items()}
+    _, full_stats = train_full(data, TINY, seed=1, epochs=3, progress=False, histories=histories,
+                               snapshot_epochs=(2, 3))
+    stopped, stopped_stats = train_full(data, TINY, seed=1, epochs=3, progress=False, histories=histories,
+                                        stop_after_epoch=2)
+    assert full_stats.epochs_run == 3 and stopped_stats.epochs_run == 2
+    assert sorted(full_stats.snapshots) == [2, 3]
+    snapshot, state = full_stats.snapshots[2], stopped.state_dict()
+    assert all(torch.equal(snapshot[name], state[name]) for name in state)
+    assert not all(torch.equal(full_stats.snapshots[3][name], state[name]) for name in state)
+
+
+def test_label_smoothing_stays_finite_beside_masked_history_columns() -> None:
+    """The own-history columns are -inf where masked; smoothing must not spread mass onto them."""
+    config = ModelConfig.from_dict({**TINY.to_dict(), "label_smoothing": 0.1, "history_negatives": True})
+    model, stats = train_full(_synthetic_data(), config, seed=0, epochs=2, progress=False)
+    assert all(np.isfinite(stats.epoch_losses))
+    plain, plain_stats = train_full(_synthetic_data(), TINY, seed=0, epochs=2, progress=False)
+    assert stats.epoch_losses != plain_stats.epoch_losses  # the setting is used
+
+
 def test_incremental_update_grows_tables_and_trains_new_items() -> None:
     data = _synthetic_data()
     model, _ = train_full(data, TINY, seed=0, epochs=2, progress=False)
