@@ -170,6 +170,13 @@ class Checker:
                                    f"model/{name} names version {pointer.version}, unknown to model_versions",
                                    model_version=pointer.version, repairable=name == "canary",
                                    repair="abort_canary" if name == "canary" else ""))
+            elif name == "current" and row["status"] == "candidate" and row.get("canary_decision") == "promote":
+                # The decider's promotion moved the pointer; the trainer marks the version published
+                # on its next look (settle_canaries), so until then this is a note, not drift.
+                report.add(Finding(fn.MODEL_VERSION, Severity.OK, "model/current",
+                                   f"model/current names version {pointer.version}, a canary promoted by the "
+                                   f"decider that the trainer has not yet recorded as published",
+                                   model_version=pointer.version))
             elif row["status"] not in ("published",) and name == "current":
                 report.add(Finding(fn.MODEL_VERSION, Severity.ERROR, "model/current",
                                    f"model/current names version {pointer.version}, whose status is "

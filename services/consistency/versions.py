@@ -17,7 +17,7 @@ class ModelVersions:
             row = connection.execute(sa.text(
                 "SELECT version, COALESCE(parent_version, 0) AS parent_version, status, "
                 "COALESCE(sha256, '') AS sha256, COALESCE(artifact_uri, '') AS artifact_uri, lsn_to, "
-                "metrics, decision FROM model_versions "
+                "metrics, decision, COALESCE(canary_decision, '') AS canary_decision FROM model_versions "
                 "WHERE version = :v"), {"v": version}).mappings().first()
         return None if row is None else dict(row)
 

@@ -140,6 +140,20 @@ def test_current_naming_an_unpublished_version_is_an_error():
     assert report.findings[0].severity is Severity.ERROR and "rejected" in report.findings[0].detail
 
 
+def test_current_naming_a_promoted_canary_not_yet_settled_is_a_note():
+    """Between the decider's promotion and the trainer's next look the row is still a candidate."""
+    etcd = FakeEtcd({MODEL_CURRENT: pointer(5)})
+    promoted = {"status": "candidate", "canary_decision": "promote", "sha256": "a" * 64}
+    c = checker(FakeSources([1]), etcd, versions=lambda v: promoted)
+    report = Report()
+    c.check_model_versions(report)
+    assert [f.severity for f in report.findings] == [Severity.OK] and report.consistent
+    undecided = {"status": "candidate", "canary_decision": "", "sha256": "a" * 64}
+    report = Report()
+    checker(FakeSources([1]), etcd, versions=lambda v: undecided).check_model_versions(report)
+    assert report.findings[0].severity is Severity.ERROR
+
+
 def test_consistent_only_without_warnings_and_errors():
     report = Report(findings=[Finding("x", Severity.OK, "s", "fine")])
     assert report.consistent
