@@ -3,7 +3,8 @@
 `GrpcService` owns the gRPC server, the health service (NOT_SERVING until the
 service says it is ready and again as soon as shutdown begins, so load balancers
 drain us first), server reflection (grpcurl works without proto files), the
-observability interceptor, the Prometheus HTTP endpoint and graceful shutdown on
+observability interceptor, the Prometheus endpoint (metrics_http.py: HTTPS when TLS is
+configured) and graceful shutdown on
 SIGTERM/SIGINT (in-flight calls get `shutdown_grace_s` to finish).
 """
 from __future__ import annotations
@@ -17,9 +18,8 @@ from typing import Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
-from services.common import limits, tls
+from services.common import limits, metrics_http, tls
 from services.common.auth import AuthInterceptor, Authorizer
 from services.common.interceptors import ObservabilityInterceptor
 from services.common.reflection_pool import MethodResolvingPool
@@ -83,9 +83,10 @@ class GrpcService:
         if self.port == 0:
             raise RuntimeError(f"could not bind gRPC port {host}:{port}")
         self.metrics_port = None
+        self.metrics = None          # the Prometheus endpoint (HTTPS when TLS is configured)
         if metrics_port is not None:
-            http_server, _ = start_http_server(metrics_port, addr=host)
-            self.metrics_port = http_server.server_port
+            self.metrics = metrics_http.start(host, metrics_port, security)
+            self.metrics_port = self.metrics.port
 
     @classmethod
     def from_config(cls, name: str, service_names: Iterable[str], config) -> "GrpcService":
