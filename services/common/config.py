@@ -193,6 +193,9 @@ class CommonConfig(SecurityConfig, EtcdConfig):
     grpc_port: int = env("GRPC_PORT", 0, minimum=0, maximum=65535, help="0 = pick a free port")
     metrics_port: int = env("METRICS_PORT", 0, minimum=0, maximum=65535,
                             help="Prometheus HTTP port; 0 = pick a free port")
+    health_port: int = env("HEALTH_PORT", -1, minimum=-1, maximum=65535,
+                           help="an extra plaintext gRPC port serving only grpc.health.v1 (for "
+                                "kubelet's gRPC probes, which speak no TLS); -1 = none, 0 = a free port")
     grpc_workers: int = env("GRPC_WORKERS", 16, minimum=1, maximum=1024)
     max_connection_age_s: float = env("GRPC_MAX_CONNECTION_AGE_S", 0.0, minimum=0.0, maximum=86400.0,
                                       help="close client connections after this long (streams in "
