@@ -91,6 +91,21 @@ def test_clients_without_tls_certificate_or_user_are_refused(secure_etcd, etcd_p
         user=access.user, password="not-the-password")))
 
 
+def test_a_client_certificate_whose_cn_is_an_etcd_user_needs_no_password(secure_etcd, etcd_prefix, tmp_path):
+    """What the prod overlay relies on (no ETCD_USER there): with --client-cert-auth and auth on,
+    etcd takes the certificate's CN as the user."""
+    state, endpoint, access = secure_etcd
+    ca = CertificateAuthority.load(state / "etcd-pki" / "ca.pem", state / "etcd-pki" / "ca.key")
+    cert, key = ca.issue(infra.ETCD_USER, dns=(), ips=()).write(tmp_path, "by-cn")
+    etcd = Etcd(endpoint, etcd_prefix, timeout_s=3, access=EtcdAccess(
+        ca_file=access.ca_file, cert_file=str(cert), key_file=str(key)))
+    try:
+        etcd.put("by-cn", "yes")
+        assert etcd.get("by-cn").value == b"yes" and etcd._token is None
+    finally:
+        etcd.close()
+
+
 def test_an_expired_token_is_renewed_and_the_call_retried(secure_etcd, etcd_prefix):
     _, endpoint, access = secure_etcd
     etcd = client(endpoint, access, etcd_prefix)
