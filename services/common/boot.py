@@ -84,7 +84,7 @@ class Boot(Generic[T]):
         return engine
 
     def etcd(self) -> Etcd:
-        etcd = Etcd(self.config.etcd_endpoint, self.config.etcd_prefix)
+        etcd = Etcd.from_config(self.config)
         self._closers.append(etcd.close)
         return etcd
 

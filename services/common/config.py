@@ -141,27 +141,61 @@ class SecurityConfig:
     grpc_max_metadata_bytes: int = env("GRPC_MAX_METADATA_BYTES", 16384, minimum=1024,
                                        maximum=1 << 20, help="largest header/trailer block, "
                                                              "servers and clients")
+    metrics_tls: str = env("METRICS_TLS", "auto", choices=("auto", "off"),
+                           help="auto: the metrics endpoint serves TLS_CERT_FILE over HTTPS whenever "
+                                "it is set; off: plaintext HTTP regardless (TLS terminated in front)")
+    metrics_client_ca_file: str = env("METRICS_CLIENT_CA_FILE", "", help="PEM CA bundle: when set, a "
+                                      "scrape must present a client certificate signed by it")
+    metrics_bearer_token_file: str = env("METRICS_BEARER_TOKEN_FILE", "", help="tokens, one a line: when "
+                                         "set, a scrape must send Authorization: Bearer <one of them>; "
+                                         "re-read when the file changes")
 
     def __post_init__(self) -> None:
         # Cross-field checks; the token/identity syntax is checked by the module that owns it.
-        from services.common import auth, tls
+        from services.common import auth, metrics_http, tls
         tls.check_config(self)
         auth.check_config(self)
+        metrics_http.check_config(self)
 
 
-@dataclasses.dataclass(frozen=True)
-class CommonConfig(SecurityConfig):
-    """Settings every service shares; services embed these fields in their own config."""
-    database_url: str = env("DATABASE_URL", help="SQLAlchemy URL of the Postgres database")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EtcdConfig:
+    """How every etcd client of the suite reaches etcd (services/common/etcd.py `Etcd.from_config`,
+    the one place a client is made from settings). Empty TLS/user = plaintext without etcd auth,
+    for local runs only."""
     etcd_endpoint: str = env("ETCD_ENDPOINT", "127.0.0.1:2379", pattern=HOST_PORT,
                              help="host:port of an etcd member")
     etcd_prefix: str = env("ETCD_PREFIX", "/deltarec/", pattern=r"/.*/",
                            help="key prefix of every DeltaRec key")
+    etcd_ca_file: str = env("ETCD_CA_FILE", "", help="PEM CA bundle etcd's server certificate is "
+                            "verified with; when set the etcd client connects over TLS")
+    etcd_cert_file: str = env("ETCD_CERT_FILE", "", help="PEM client certificate presented to etcd "
+                              "(etcd --client-cert-auth); reloaded when the files change")
+    etcd_key_file: str = env("ETCD_KEY_FILE", "", help="PEM private key of ETCD_CERT_FILE")
+    etcd_server_name: str = env("ETCD_SERVER_NAME", "", pattern=r"[A-Za-z0-9.\-]{0,253}",
+                                help="name expected in etcd's certificate (default: the endpoint's host)")
+    etcd_user: str = env("ETCD_USER", "", pattern=r"[A-Za-z0-9._@\-]{0,128}",
+                         help="etcd user (etcd auth enabled); needs ETCD_PASSWORD")
+    etcd_password: str = env("ETCD_PASSWORD", "", help="password of ETCD_USER (ETCD_PASSWORD_FILE: "
+                             "from a file, e.g. a Secret volume)")
+
+    def __post_init__(self) -> None:
+        from services.common import etcd
+        etcd.check_config(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommonConfig(SecurityConfig, EtcdConfig):
+    """Settings every service shares; services embed these fields in their own config."""
+    database_url: str = env("DATABASE_URL", help="SQLAlchemy URL of the Postgres database")
     bind_host: str = env("BIND_HOST", "127.0.0.1",
                          help="address the gRPC and metrics ports listen on (0.0.0.0 in a pod)")
     grpc_port: int = env("GRPC_PORT", 0, minimum=0, maximum=65535, help="0 = pick a free port")
     metrics_port: int = env("METRICS_PORT", 0, minimum=0, maximum=65535,
                             help="Prometheus HTTP port; 0 = pick a free port")
+    health_port: int = env("HEALTH_PORT", -1, minimum=-1, maximum=65535,
+                           help="an extra plaintext gRPC port serving only grpc.health.v1 (for "
+                                "kubelet's gRPC probes, which speak no TLS); -1 = none, 0 = a free port")
     grpc_workers: int = env("GRPC_WORKERS", 16, minimum=1, maximum=1024)
     max_connection_age_s: float = env("GRPC_MAX_CONNECTION_AGE_S", 0.0, minimum=0.0, maximum=86400.0,
                                       help="close client connections after this long (streams in "
@@ -174,6 +208,10 @@ class CommonConfig(SecurityConfig):
     log_level: str = env("LOG_LEVEL", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     stall_after_s: float = env("STALL_AFTER_S", 15.0, minimum=1.0, maximum=3600.0,
                                help="health turns NOT_SERVING once a service cannot make progress this long")
+
+    def __post_init__(self) -> None:
+        SecurityConfig.__post_init__(self)
+        EtcdConfig.__post_init__(self)
 
 
 def describe(cls: type) -> list[tuple[str, str, str]]:

@@ -4,22 +4,48 @@ leases and lease-held leadership.
 The client library (`cslab-etcd3`, a maintained fork of python-etcd3 that works with
 protobuf >= 4; it imports as `etcd3`) stays behind this module so it can be swapped.
 All keys are relative to a prefix (default `/deltarec/`).
+
+`Etcd.from_config(config)` is the one place a client is made from settings (services/common/
+config.py `EtcdConfig`: ETCD_ENDPOINT, ETCD_PREFIX, ETCD_CA_FILE / ETCD_CERT_FILE / ETCD_KEY_FILE,
+ETCD_SERVER_NAME, ETCD_USER / ETCD_PASSWORD); every service, the trainer CLI and the status
+command use it, so they all speak to etcd the same way.
+
+*TLS*: with ETCD_CA_FILE the channel verifies etcd's certificate against it and, with
+ETCD_CERT_FILE/ETCD_KEY_FILE, presents that client certificate (etcd --client-cert-auth). gRPC
+fixes a channel's credentials at creation, so at most once a second a call compares the files'
+identity and, when they changed (a rotated Secret), makes a new client for new calls and closes
+the old one `RETIRE_S` later: watches on it end and resume on the new one from the next revision
+(as after any disconnection); leases are refreshed through whichever client is current.
+
+*etcd auth*: with ETCD_USER the wrapper authenticates itself (lazily: making an Etcd never needs
+etcd to be up) and sends the token as the `token` metadata etcd reads. A token etcd no longer
+knows (its TTL ran out, etcd restarted) is answered "invalid auth token": the wrapper
+authenticates again and retries the call once; a watch re-authenticates when it resumes.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import etcd3
 import etcd3.events
+import grpc
+
+from services.common import tls
+from services.common.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 ENDPOINT_RETRY_S = 1.0
+FILES_CHECK_S = 1.0      # how often a call may look at the TLS files for a rotation
+RETIRE_S = 120.0         # a replaced client lives on this long for the calls still using it
+AUTH_RETRY_S = 0.5       # while authentication fails (etcd down), try again at most this often
 
 
 class EtcdUnavailable(Exception):
@@ -49,6 +75,49 @@ class WatchEvent:
         return self.value is None
 
 
+@dataclass(frozen=True)
+class EtcdAccess:
+    """How a client proves itself to etcd and checks etcd (all empty: plaintext, no etcd auth)."""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    server_name: str = ""
+    user: str = ""
+    password: str = ""
+
+    @classmethod
+    def from_config(cls, config) -> "EtcdAccess":
+        return cls(config.etcd_ca_file, config.etcd_cert_file, config.etcd_key_file,
+                   config.etcd_server_name, config.etcd_user, config.etcd_password)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca_file)
+
+
+def check_config(config) -> None:
+    """Cross-field checks of EtcdConfig (ConfigError naming the variable)."""
+    cert, key, ca = config.etcd_cert_file, config.etcd_key_file, config.etcd_ca_file
+    if bool(cert) != bool(key):
+        raise ConfigError("ETCD_CERT_FILE and ETCD_KEY_FILE: set both or neither")
+    if cert and not ca:
+        raise ConfigError("ETCD_CERT_FILE needs ETCD_CA_FILE (a client certificate is only sent over TLS)")
+    if config.etcd_server_name and not ca:
+        raise ConfigError("ETCD_SERVER_NAME needs ETCD_CA_FILE (it names etcd's TLS certificate)")
+    if bool(config.etcd_user) != bool(config.etcd_password):
+        raise ConfigError("ETCD_USER and ETCD_PASSWORD (or ETCD_PASSWORD_FILE): set both or neither")
+    for name, path in (("ETCD_CA_FILE", ca), ("ETCD_CERT_FILE", cert), ("ETCD_KEY_FILE", key)):
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"{name}={path!r}: not a readable file")
+    try:
+        if ca:
+            tls.read_ca_bundle(ca, "ETCD_CA_FILE")
+        if cert:
+            tls.read_key_pair(cert, key, ("ETCD_CERT_FILE", "ETCD_KEY_FILE"))
+    except tls.TlsFilesInvalid as error:
+        raise ConfigError(str(error)) from None
+
+
 def _encode(value: bytes | str | dict | list) -> bytes:
     if isinstance(value, bytes):
         return value
@@ -58,16 +127,108 @@ def _encode(value: bytes | str | dict | list) -> bytes:
 
 
 class Etcd:
-    def __init__(self, endpoint: str, prefix: str = "/deltarec/", timeout_s: float = 5.0) -> None:
-        host, port = endpoint.rsplit(":", 1)
+    def __init__(self, endpoint: str, prefix: str = "/deltarec/", timeout_s: float = 5.0,
+                 access: EtcdAccess | None = None) -> None:
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
-        self._client = etcd3.client(host=host, port=int(port), timeout=timeout_s)
+        self.endpoint, self.timeout_s = endpoint, timeout_s
+        self.access = access or EtcdAccess()
+        self._files = (tls.ClientFiles(self.access.ca_file, self.access.cert_file, self.access.key_file)
+                       if self.access.tls else None)
+        self._lock = threading.Lock()
+        self._files_mark = self._files.fingerprint() if self._files else None
+        self._files_checked = time.monotonic()
+        self._token: str | None = None
+        self._auth_tried = 0.0
+        self._closed = False
+        if self.access.user and not self.access.tls:
+            log.warning("etcd auth without TLS: the etcd password crosses the network in clear")
+        self._current = self._make_client()
+
+    @classmethod
+    def from_config(cls, config, timeout_s: float = 5.0) -> "Etcd":
+        """The client of the settings in `config` (EtcdConfig fields): endpoint, prefix, TLS, auth."""
+        return cls(config.etcd_endpoint, config.etcd_prefix, timeout_s, access=EtcdAccess.from_config(config))
+
+    # ---------------------------------------------------------------- the client
+    def _make_client(self):
+        host, port = self.endpoint.rsplit(":", 1)
+        options = []
+        if self.access.server_name:
+            options.append(("grpc.ssl_target_name_override", self.access.server_name))
+        if self._files is None:
+            endpoint = etcd3.Endpoint(host, int(port), secure=False, opts=options)
+        else:
+            endpoint = etcd3.Endpoint(host, int(port), secure=True, opts=options,
+                                      creds=self._files.credentials(last_good=True))
+        # Authentication is ours (lazy, renewed), not the library's (once, in its constructor).
+        client = etcd3.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=self.timeout_s)
         # The client marks an endpoint failed for 300 s after one connection error and refuses every
         # call until then ("Trying to use a failed node"), even once etcd is back: watches would
         # resume only 5 minutes after an outage. Retry after a second instead.
-        for client_endpoint in getattr(self._client, "endpoints", {}).values():
+        for client_endpoint in getattr(client, "endpoints", {}).values():
             client_endpoint.time_retry = ENDPOINT_RETRY_S
-        self.endpoint = endpoint
+        return client
+
+    @property
+    def _client(self):
+        """The current client: rebuilt when the TLS files changed, authenticated when etcd auth is on."""
+        if self._files is not None and time.monotonic() - self._files_checked >= FILES_CHECK_S:
+            self._maybe_rotate()
+        client = self._current
+        if self.access.user and self._token is None:
+            self._authenticate(client)
+        return client
+
+    def _maybe_rotate(self) -> None:
+        with self._lock:
+            self._files_checked = time.monotonic()
+            mark = self._files.fingerprint()
+            if mark == self._files_mark or self._closed:
+                return
+            try:
+                self._files.credentials()        # usable now? (a half-written rotation is not)
+            except tls.TlsFilesInvalid as error:
+                log.warning("etcd TLS files changed but are not usable yet; keeping the previous ones",
+                            extra={"error": str(error)[:300]})
+                return
+            old, self._current = self._current, self._make_client()
+            self._files_mark, self._token = mark, None
+        tls.RELOADS.labels("etcd").inc()
+        log.info("etcd TLS files reloaded: new calls use a new channel")
+        timer = threading.Timer(RETIRE_S, _close_quietly, (old,))
+        timer.daemon = True
+        timer.start()
+
+    def _authenticate(self, client) -> None:
+        """Gets a token for ETCD_USER; on failure (etcd down) leaves none, so the call fails as
+        an outage and the next one tries again."""
+        with self._lock:
+            if self._token is not None or time.monotonic() - self._auth_tried < AUTH_RETRY_S:
+                return
+            self._auth_tried = time.monotonic()
+            try:
+                response = client.authstub.Authenticate(
+                    etcd3.etcdrpc.AuthenticateRequest(name=self.access.user, password=self.access.password),
+                    self.timeout_s)
+            except grpc.RpcError as error:
+                log.warning("etcd authentication failed", extra={"user": self.access.user,
+                                                                 "error": str(error.details())[:200]})
+                return
+            self._token = response.token
+            client.metadata = (("token", response.token),)
+            client.call_credentials = None
+            # The watcher took the metadata when it was made: the next watch gets a new one.
+            client._clear_old_stubs()
+
+    def _token_rejected(self, error) -> bool:
+        """True (and the token forgotten) when etcd refused the token as unknown or expired."""
+        if not self.access.user or not any(text in str(error) for text in ("invalid auth token",
+                                                                          "user name is empty")):
+            return False
+        with self._lock:
+            self._token = None
+            self._auth_tried = 0.0
+        return True
 
     # ---------------------------------------------------------------- keys
     def full_key(self, name: str) -> str:
@@ -146,27 +307,41 @@ class Etcd:
         return Watch(self, name, on_event, prefix=prefix, start_revision=start_revision)
 
     def close(self) -> None:
-        try:
-            self._client.close()
-        except Exception:  # noqa: BLE001
-            pass
+        self._closed = True
+        _close_quietly(self._current)
 
-    @staticmethod
-    def _call(function, *args, **kwargs):
+    def _call(self, function, *args, **kwargs):
         try:
-            return function(*args, **kwargs)
-        except (etcd3.exceptions.ConnectionFailedError, etcd3.exceptions.ConnectionTimeoutError) as exc:
-            raise EtcdUnavailable(str(exc) or type(exc).__name__) from exc
-        except ValueError as exc:
-            # The client's way of saying its only endpoint is marked failed (for ENDPOINT_RETRY_S
-            # after an error): an outage like any other, not a bug of the caller.
-            if "failed node" in str(exc) or "no endpoint" in str(exc).lower():
-                raise EtcdUnavailable(str(exc)) from exc
-            raise
-        except Exception as exc:  # grpc errors from the client's stubs
-            if exc.__class__.__name__ in ("_InactiveRpcError", "_MultiThreadedRendezvous"):
-                raise EtcdUnavailable(str(exc)) from exc
-            raise
+            return _translate(function, *args, **kwargs)
+        except EtcdUnavailable as error:
+            if not self._token_rejected(error):
+                raise
+        self._client    # noqa: B018 - authenticates again (the bound function's client is the current one)
+        return _translate(function, *args, **kwargs)
+
+
+def _close_quietly(client) -> None:
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _translate(function, *args, **kwargs):
+    try:
+        return function(*args, **kwargs)
+    except (etcd3.exceptions.ConnectionFailedError, etcd3.exceptions.ConnectionTimeoutError) as exc:
+        raise EtcdUnavailable(str(exc) or type(exc).__name__) from exc
+    except ValueError as exc:
+        # The client's way of saying its only endpoint is marked failed (for ENDPOINT_RETRY_S
+        # after an error): an outage like any other, not a bug of the caller.
+        if "failed node" in str(exc) or "no endpoint" in str(exc).lower():
+            raise EtcdUnavailable(str(exc)) from exc
+        raise
+    except Exception as exc:  # grpc errors from the client's stubs
+        if exc.__class__.__name__ in ("_InactiveRpcError", "_MultiThreadedRendezvous"):
+            raise EtcdUnavailable(str(exc)) from exc
+        raise
 
 
 class Lease:
@@ -184,7 +359,9 @@ class Lease:
 
     def refresh(self) -> bool:
         """True while the lease is alive (its TTL > 0 after the refresh)."""
-        responses = Etcd._call(lambda: list(self.raw.refresh()))
+        # Through the current client, not the one that granted the lease (it may have been
+        # replaced after a certificate rotation).
+        responses = self.etcd._call(lambda: list(self.etcd._client.refresh_lease(self.id)))
         return bool(responses) and responses[0].TTL > 0
 
     def keep_alive(self, on_lost: Callable[[], None] | None = None) -> "Lease":
@@ -209,7 +386,7 @@ class Lease:
     def revoke(self) -> None:
         self._stop.set()
         try:
-            Etcd._call(self.raw.revoke)
+            self.etcd._call(lambda: self.etcd._client.revoke_lease(self.id))
         except Exception:  # noqa: BLE001 - it will expire by itself
             pass
 
@@ -247,6 +424,7 @@ class Watch:
                 self.connected.clear()
                 if self._stop.is_set():
                     return
+                self.etcd._token_rejected(exc)      # etcd auth: a new token before resuming
                 if "compacted" in str(exc).lower():
                     # The history we wanted is gone: restart from now; callers re-read state.
                     self.next_revision = None

@@ -3,7 +3,8 @@
 `GrpcService` owns the gRPC server, the health service (NOT_SERVING until the
 service says it is ready and again as soon as shutdown begins, so load balancers
 drain us first), server reflection (grpcurl works without proto files), the
-observability interceptor, the Prometheus HTTP endpoint and graceful shutdown on
+observability interceptor, the Prometheus endpoint (metrics_http.py: HTTPS when TLS is
+configured) and graceful shutdown on
 SIGTERM/SIGINT (in-flight calls get `shutdown_grace_s` to finish).
 """
 from __future__ import annotations
@@ -17,9 +18,8 @@ from typing import Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
-from services.common import limits, tls
+from services.common import limits, metrics_http, tls
 from services.common.auth import AuthInterceptor, Authorizer
 from services.common.interceptors import ObservabilityInterceptor
 from services.common.reflection_pool import MethodResolvingPool
@@ -36,9 +36,11 @@ MAX_MESSAGE_BYTES = limits.LARGEST_MESSAGE_BYTES
 class GrpcService:
     def __init__(self, name: str, service_names: Iterable[str], *, port: int = 0,
                  metrics_port: int | None = 0, workers: int = 16, grace_s: float = 10.0,
-                 host: str = "127.0.0.1", max_connection_age_s: float = 0.0, security=None) -> None:
+                 host: str = "127.0.0.1", max_connection_age_s: float = 0.0, security=None,
+                 health_port: int | None = None) -> None:
         """`security`: a SecurityConfig (TLS, mutual TLS, authentication, limits); None serves
-        plaintext without authentication and with the services' default limits."""
+        plaintext without authentication and with the services' default limits. `health_port`:
+        an extra plaintext port serving the health service alone (None: none; 0: a free port)."""
         self.name = name
         self.service_names = list(service_names)
         self.grace_s = grace_s
@@ -82,17 +84,32 @@ class GrpcService:
             self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind gRPC port {host}:{port}")
+        # Kubelet's gRPC probes speak neither TLS nor mTLS: with TLS on, they get a plaintext port
+        # of their own that serves the same health status and nothing else (no other service is
+        # registered on this server; health is open on the main port too).
+        self.health_server, self.health_port = None, None
+        if health_port is not None:
+            self.health_server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{name}-health"),
+                maximum_concurrent_rpcs=16, options=limits.server_options(limits.DEFAULT_LIMITS, metadata_bytes))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{host}:{health_port}")
+            if self.health_port == 0:
+                raise RuntimeError(f"could not bind health port {host}:{health_port}")
         self.metrics_port = None
+        self.metrics = None          # the Prometheus endpoint (HTTPS when TLS is configured)
         if metrics_port is not None:
-            http_server, _ = start_http_server(metrics_port, addr=host)
-            self.metrics_port = http_server.server_port
+            self.metrics = metrics_http.start(host, metrics_port, security)
+            self.metrics_port = self.metrics.port
 
     @classmethod
     def from_config(cls, name: str, service_names: Iterable[str], config) -> "GrpcService":
         """From a config carrying the CommonConfig fields (ports, workers, grace, host, security)."""
+        health_port = getattr(config, "health_port", -1)
         return cls(name, service_names, port=config.grpc_port, metrics_port=config.metrics_port,
                    workers=config.grpc_workers, grace_s=config.shutdown_grace_s, host=config.bind_host,
-                   max_connection_age_s=getattr(config, "max_connection_age_s", 0.0), security=config)
+                   max_connection_age_s=getattr(config, "max_connection_age_s", 0.0), security=config,
+                   health_port=None if health_port < 0 else health_port)
 
     def _set_health(self, status) -> None:
         self.health.set("", status)
@@ -111,7 +128,10 @@ class GrpcService:
 
     def start(self) -> None:
         self.server.start()
-        log.info("listening", extra={"grpc_port": self.port, "metrics_port": self.metrics_port})
+        if self.health_server is not None:
+            self.health_server.start()
+        log.info("listening", extra={"grpc_port": self.port, "metrics_port": self.metrics_port,
+                                     "health_port": self.health_port})
 
     def set_ready(self, ready: bool = True) -> None:
         self._set_health(SERVING if ready else NOT_SERVING)
@@ -128,6 +148,8 @@ class GrpcService:
         self._run_hooks(self._stopping_hooks)
         terminated.wait()
         self._run_hooks(self._shutdown_hooks)
+        if self.health_server is not None:
+            self.health_server.stop(0)
         log.info("stopped")
 
     @staticmethod

@@ -79,21 +79,24 @@ def _read(path: str, what: str) -> bytes:
         raise TlsFilesInvalid(f"{what} {path!r}: {error.strerror}") from None
 
 
-def read_key_pair(cert_path: str, key_path: str) -> tuple[bytes, bytes]:
-    """(key PEM, certificate chain PEM), checked: both parse and the key is the certificate's."""
-    cert_pem, key_pem = _read(cert_path, "TLS_CERT_FILE"), _read(key_path, "TLS_KEY_FILE")
+def read_key_pair(cert_path: str, key_path: str,
+                  names: tuple[str, str] = ("TLS_CERT_FILE", "TLS_KEY_FILE")) -> tuple[bytes, bytes]:
+    """(key PEM, certificate chain PEM), checked: both parse and the key is the certificate's.
+    `names`: the settings the paths came from, for the messages (ETCD_CERT_FILE, ...)."""
+    cert_name, key_name = names
+    cert_pem, key_pem = _read(cert_path, cert_name), _read(key_path, key_name)
     try:
         certificate = x509.load_pem_x509_certificates(cert_pem)[0]
     except ValueError:
-        raise TlsFilesInvalid(f"TLS_CERT_FILE {cert_path!r}: not a PEM certificate") from None
+        raise TlsFilesInvalid(f"{cert_name} {cert_path!r}: not a PEM certificate") from None
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
-        raise TlsFilesInvalid(f"TLS_KEY_FILE {key_path!r}: not an unencrypted PEM private key") from None
+        raise TlsFilesInvalid(f"{key_name} {key_path!r}: not an unencrypted PEM private key") from None
     public = serialization.PublicFormat.SubjectPublicKeyInfo
     if (key.public_key().public_bytes(serialization.Encoding.DER, public)
             != certificate.public_key().public_bytes(serialization.Encoding.DER, public)):
-        raise TlsFilesInvalid(f"TLS_KEY_FILE {key_path!r} is not the key of TLS_CERT_FILE {cert_path!r}")
+        raise TlsFilesInvalid(f"{key_name} {key_path!r} is not the key of {cert_name} {cert_path!r}")
     return key_pem, cert_pem
 
 
@@ -102,12 +105,12 @@ def not_after(cert_pem: bytes) -> float:
     return x509.load_pem_x509_certificates(cert_pem)[0].not_valid_after_utc.timestamp()
 
 
-def read_ca_bundle(path: str) -> bytes:
-    pem = _read(path, "CA file")
+def read_ca_bundle(path: str, name: str = "CA file") -> bytes:
+    pem = _read(path, name)
     try:
         x509.load_pem_x509_certificates(pem)
     except ValueError:
-        raise TlsFilesInvalid(f"CA file {path!r}: no PEM certificate in it") from None
+        raise TlsFilesInvalid(f"{name} {path!r}: no PEM certificate in it") from None
     return pem
 
 

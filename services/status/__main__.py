@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+from services.common.config import ConfigError, EtcdConfig, load
 from services.common.etcd import Etcd
 from services.status.collect import Collector, check_health
 from services.status.table import render
@@ -56,7 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if status == "SERVING" else 1
     targets = {name: getattr(args, name) or (IN_CLUSTER.get(name, "") if args.in_cluster else "")
                for name in ("collector", "features", "trainer", "ranker", "consistency")}
-    etcd = None if args.no_etcd else Etcd(args.etcd, args.etcd_prefix, timeout_s=args.timeout)
+    etcd = None
+    if not args.no_etcd:
+        # The services' own etcd settings (TLS, auth) from the environment; the flags name the member.
+        try:
+            etcd_config = load(EtcdConfig, {**os.environ, "ETCD_ENDPOINT": args.etcd, "ETCD_PREFIX": args.etcd_prefix})
+        except ConfigError as error:
+            print(f"status: configuration error: {error}", file=sys.stderr)
+            return 2
+        etcd = Etcd.from_config(etcd_config, timeout_s=args.timeout)
     collector = Collector(targets, etcd, timeout_s=args.timeout, versions=args.versions)
     try:
         while True:

@@ -116,7 +116,7 @@ def _train_local(args) -> int:
     set_torch_threads(config.torch_threads)
     db.migrate(config.database_url)
     engine = db.make_engine(config.database_url, pool_size=2, application_name="deltarec-trainer-cli")
-    etcd = Etcd(config.etcd_endpoint, config.etcd_prefix)
+    etcd = Etcd.from_config(config)
     holder = f"cli-{os.getpid()}"
     leadership = Leadership(etcd, TRAINER_LEADER, holder, config.leader_ttl_s)
     if not leadership.try_acquire():

@@ -116,9 +116,12 @@ def test_service_pods_probe_their_grpc_port_and_outlive_their_drain(overlay):
     grace = _seconds(config["SHUTDOWN_GRACE_S"])
     for workload in service_workloads(objects):
         container, spec = workload.container, workload.pod_spec
+        assert workload.grpc_port == int(config["GRPC_PORT"])
+        # prod's gRPC port is mutual TLS, which kubelet's probe cannot speak: it probes the
+        # plaintext health-only port (HEALTH_PORT, test_manifests_security.py).
+        probed = int(config.get("HEALTH_PORT", config["GRPC_PORT"]))
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == workload.grpc_port == int(config["GRPC_PORT"]), \
-                f"{workload.name} {probe}"
+            assert container[probe]["grpc"]["port"] == probed, f"{workload.name} {probe}"
         assert workload.metrics_port == int(config["METRICS_PORT"])
         pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
         # SIGTERM comes after preStop; the process then drains for SHUTDOWN_GRACE_S.

@@ -84,7 +84,7 @@ def build_hub(config, engine, collector_id: str, etcd: Etcd | None = None) -> Cd
     ensure_publication(engine, config.cdc_publication, tables)
     prefix = config.slot_prefix or default_slot_prefix(config.database_url)
     if etcd is None:
-        etcd = Etcd(config.etcd_endpoint, config.etcd_prefix)
+        etcd = Etcd.from_config(config)
     settings = StreamSettings(heartbeat_s=config.heartbeat_s, buffer_deltas=config.buffer_deltas,
                               max_unacked_batches=config.max_unacked_batches,
                               lease_ttl_s=config.slot_lease_ttl_s, fence_s=config.slot_busy_fence_s)
