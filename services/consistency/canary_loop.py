@@ -16,9 +16,11 @@ import time
 from services.common.etcd import Etcd
 from services.consistency import metrics
 from services.consistency.feedback_stream import FeedbackStream
+from services.consistency.replicas import Replicas
 from services.feedback.decider import CanaryDecider, read_pointers
 from services.feedback.evaluation import CanaryEvaluator, Evaluation
 from services.feedback.policy import ABORT, PROMOTE, CanaryPolicyConfig
+from services.feedback.variant_outcomes import outcomes_from_registrations
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ class CanaryLoop:
         self.interval_s, self.clock = interval_s, clock
         self.decider = CanaryDecider(etcd, engine, holder_id, ttl_s)
         self.evaluator = CanaryEvaluator(policy)
+        self.replicas = Replicas(etcd)     # only its registrations are read: the error rates
         self.last: Evaluation | None = None
         self.last_error = ""
         self._stop = threading.Event()
@@ -70,16 +73,21 @@ class CanaryLoop:
                 log.warning("canary evaluation failed", extra={"error": self.last_error})
         metrics.CANARY_DECIDER_RUNNING.set(0)
 
+    def _outcomes(self) -> dict[tuple[int, str], tuple[int, int]]:
+        return outcomes_from_registrations(r.value for r in self.replicas.registrations())
+
     def evaluate(self) -> Evaluation:
         """One look, without writing anything (also what OnlineMetrics shows between looks)."""
         seen = read_pointers(self.etcd)
         return self.evaluator.evaluate(self.feedback.window(), seen.current.version if seen.current else 0,
-                                       seen.canary.version if seen.canary else 0, self.clock())
+                                       seen.canary.version if seen.canary else 0, self.clock(),
+                                       self._outcomes())
 
     def run_once(self) -> Evaluation:
         seen = read_pointers(self.etcd)
         evaluation = self.evaluator.evaluate(self.feedback.window(), seen.current.version if seen.current else 0,
-                                             seen.canary.version if seen.canary else 0, self.clock())
+                                             seen.canary.version if seen.canary else 0, self.clock(),
+                                             self._outcomes())
         if evaluation.canary_version and evaluation.tested:
             metrics.CANARY_P_VALUE.labels(str(evaluation.canary_version)).set(evaluation.p_value)
         if evaluation.state in (PROMOTE, ABORT):

@@ -36,10 +36,11 @@ class Evaluation:
         return json.dumps(self.decision.evidence, default=str, sort_keys=True) if self.decision else "{}"
 
 
-def evidence_of(counters: Counters | None, metric: str) -> VariantEvidence:
-    """The variant's arm; requests and errors stay 0: the ranker does not count errors per
-    variant yet, so the policy's error-rate abort has no input (README, Feedback loop)."""
-    return VariantEvidence(arm=(counters or Counters()).arm(metric))
+def evidence_of(counters: Counters | None, metric: str, outcomes: tuple[int, int] = (0, 0)) -> VariantEvidence:
+    """The variant's arm from the window, and its (requests, errors) as the rankers count them
+    (services/feedback/variant_outcomes.py) for the error-rate abort."""
+    requests, errors = outcomes
+    return VariantEvidence(arm=(counters or Counters()).arm(metric), requests=requests, errors=errors)
 
 
 class CanaryEvaluator:
@@ -48,11 +49,15 @@ class CanaryEvaluator:
         self._min_p: dict[int, float] = {}       # canary version -> running minimum of the p-value
 
     def evaluate(self, window: dict[tuple[int, str], Counters], current_version: int, canary_version: int,
-                 now: float) -> Evaluation:
+                 now: float, outcomes: dict[tuple[int, str], tuple[int, int]] | None = None) -> Evaluation:
+        """`outcomes`: (version, variant) -> (requests, errors) summed over the rankers."""
         if not canary_version:
             return Evaluation(NO_CANARY, current_version, 0, None, now)
-        current = evidence_of(window.get((current_version, "current")), self.policy.metric)
-        canary = evidence_of(window.get((canary_version, "canary")), self.policy.metric)
+        outcomes = outcomes or {}
+        current = evidence_of(window.get((current_version, "current")), self.policy.metric,
+                              outcomes.get((current_version, "current"), (0, 0)))
+        canary = evidence_of(window.get((canary_version, "canary")), self.policy.metric,
+                             outcomes.get((canary_version, "canary"), (0, 0)))
         decision = decide(self.policy, current, canary)
         test = decision.evidence.get("test")
         p_value = self._min_p.get(canary_version, 1.0)

@@ -7,6 +7,8 @@ Settings (environment, CANARY_*; `CanaryPolicyConfig`):
   CANARY_MIN_IMPRESSIONS impressions each variant needs before any decision (default 500)
   CANARY_MAX_ERROR_RATE_INCREASE  abort when the canary's error rate exceeds the current's by
                          more than this (absolute, default 0.02)
+  CANARY_MIN_REQUESTS    requests the canary needs served before its error rate can abort it
+                         (default 100: one failure in the first few requests is not a rate)
 A significant positive effect promotes, a significant negative one aborts (the two-sided mSPRT
 spends one alpha on both); anything else keeps collecting.
 """
@@ -33,6 +35,8 @@ class CanaryPolicyConfig:
                                help="impressions per variant before any decision")
     max_error_rate_increase: float = env("CANARY_MAX_ERROR_RATE_INCREASE", 0.02, minimum=0.0, maximum=1.0,
                                          help="abort when the canary's error rate exceeds the current's by this")
+    min_requests: int = env("CANARY_MIN_REQUESTS", 100, minimum=1,
+                            help="requests the canary must have served before its error rate can abort it")
 
 
 @dataclass(frozen=True)
@@ -56,10 +60,13 @@ class Decision:
 def decide(policy: CanaryPolicyConfig, current: VariantEvidence, canary: VariantEvidence) -> Decision:
     evidence = {"metric": policy.metric, "alpha": policy.alpha, "tau": policy.tau,
                 "current": {"trials": current.arm.trials, "successes": current.arm.successes,
-                            "rate": current.arm.rate, "error_rate": current.error_rate},
+                            "rate": current.arm.rate, "requests": current.requests,
+                            "errors": current.errors, "error_rate": current.error_rate},
                 "canary": {"trials": canary.arm.trials, "successes": canary.arm.successes,
-                           "rate": canary.arm.rate, "error_rate": canary.error_rate}}
-    if canary.requests and canary.error_rate - current.error_rate > policy.max_error_rate_increase:
+                           "rate": canary.arm.rate, "requests": canary.requests,
+                           "errors": canary.errors, "error_rate": canary.error_rate}}
+    if (canary.requests >= policy.min_requests
+            and canary.error_rate - current.error_rate > policy.max_error_rate_increase):
         return Decision(ABORT, f"canary error rate {canary.error_rate:.3f} exceeds the current's "
                                f"{current.error_rate:.3f} by more than {policy.max_error_rate_increase}", evidence)
     if min(current.arm.trials, canary.arm.trials) < policy.min_impressions:

@@ -1,7 +1,9 @@
 """One ranker replica's core, assembled: what the gRPC edge calls and what Status reports."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from services.feedback.variant_outcomes import VARIANT_OUTCOMES_FIELD, VariantOutcomes
 
 from services.ranker.catalog import Catalog
 from services.ranker.recommend import Recommender
@@ -18,6 +20,8 @@ class RankerReplica:
     recommender: Recommender
     searcher: Searcher
     address: str = ""
+    # requests and server-side failures per (version, variant): the canary decider's error rates
+    outcomes: VariantOutcomes = field(default_factory=VariantOutcomes)
 
     def live_index(self) -> VectorIndex:
         """The index Recommend retrieves from: the current model's, else the text index."""
@@ -45,4 +49,5 @@ class RankerReplica:
             "refused_reason": self.state.refused_reason,
             "swaps": self.state.swaps,
             "user_cache": self.recommender.path.users.status(),
+            VARIANT_OUTCOMES_FIELD: self.outcomes.snapshot(),
         }

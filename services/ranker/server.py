@@ -12,6 +12,7 @@ from deltarec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
 from services.common.errors import InvalidArgument, Unavailable, grpc_errors
 from services.common.validation import check_count, check_id, check_ids, check_texts
 from services.feedback.attribution import Attribution
+from services.feedback.variant_outcomes import is_server_failure
 from services.ranker import metrics
 from services.ranker.admission import Overloaded
 from services.ranker.answer import Answer
@@ -92,6 +93,25 @@ def refusals_reported(method):
     return wrapper
 
 
+def variant_outcomes_counted(method):
+    """Counts each Recommend/Search per (model version, variant) it was served by, and whether it
+    failed for the replica's own reasons (services/feedback/variant_outcomes.py): what the canary
+    decider's error-rate abort reads from the registrations. A failed request has no answer to
+    name its variant, so it is charged to the variant its user routes to."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            response = method(self, request, context)
+        except Exception as error:
+            if is_server_failure(error):
+                bundle, variant = self.replica.state.route(request.user_id)
+                self.replica.outcomes.record(bundle.version if bundle is not None else 0, variant, True)
+            raise
+        self.replica.outcomes.record(response.variant.model_version, response.variant.name, False)
+        return response
+    return wrapper
+
+
 class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     def __init__(self, replica: RankerReplica, digester: IndexDigester | None = None,
                  repair: ReplicaRepair | None = None, attribution: Attribution | None = None) -> None:
@@ -103,6 +123,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
 
     @grpc_errors
     @refusals_reported
+    @variant_outcomes_counted
     def Recommend(self, request, context):
         recommender = self.replica.recommender
         answer = recommender.recommend(
@@ -116,6 +137,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
 
     @grpc_errors
     @refusals_reported
+    @variant_outcomes_counted
     def Search(self, request, context):
         answer = self.replica.searcher.search(
             request.query, request.user_id, request.k, filters_from(request, NO_FILTERS),

@@ -21,7 +21,8 @@ from deltarec.v1 import (collector_pb2, collector_pb2_grpc, common_pb2, consiste
 from scripts.launch import ServiceProcess
 from services.common.artifacts import ArtifactStore
 from services.common.etcd import Etcd
-from services.contracts.etcd_keys import MODEL_CANARY, MODEL_CURRENT
+from services.contracts.etcd_keys import MODEL_CANARY, MODEL_CURRENT, ranker_key
+from services.feedback.variant_outcomes import VARIANT_OUTCOMES_FIELD, outcomes_from_registrations
 from services.contracts.model_pointer import ModelPointer
 from tests import fakes
 from tests.integration.test_service_plumbing import metric_samples
@@ -257,6 +258,36 @@ def test_health_and_the_state_say_the_loop_runs(stack):
     assert samples[("deltarec_canary_decider_running", ())] == 1
     assert samples[("deltarec_canary_decisions_total", (("action", "promote"), ("written", "yes")))] == 1
     assert samples[("deltarec_canary_decisions_total", (("action", "abort"), ("written", "yes")))] == 1
+
+
+def test_the_loop_aborts_a_canary_whose_error_rate_rises(stack):
+    """The error-rate abort reads the rankers' registrations: a second replica (its registration
+    written here, as a replica whose canary fails a third of its requests would publish it) is
+    enough, whatever the click figures say (too few impressions for the sequential test)."""
+    wait_until(lambda: stack.status().freshness.model_version == 2, "the ranker to serve v2")
+    stack.publish_canary(4)
+    shown = stack.shop([f"visitor-{n}" for n in range(20)], {"current": 0.0, "canary": 0.0}, seed=3)
+    assert shown["canary"] > 0, shown
+
+    def own_canary_requests() -> int:
+        value = json.loads(stack.etcd.get(ranker_key("ranker-fb")).value)
+        return outcomes_from_registrations([value]).get((4, "canary"), (0, 0))[0]
+    wait_until(lambda: own_canary_requests() == shown["canary"], "the replica to publish its counts")
+    failing_replica = ranker_key("ranker-failing")
+    stack.etcd.put(failing_replica, {"replica_id": "ranker-failing", "model_version": 2, VARIANT_OUTCOMES_FIELD: [
+        {"model_version": 2, "variant": "current", "requests": 1000, "errors": 2},
+        {"model_version": 4, "variant": "canary", "requests": 300, "errors": 100}]})
+    try:
+        wait_until(lambda: stack.etcd.get(MODEL_CANARY) is None, "the decider loop to abort", timeout_s=120)
+    finally:
+        stack.etcd.delete(failing_replica)
+    assert ModelPointer.from_json(stack.etcd.get(MODEL_CURRENT).value).version == 2
+    wait_until(lambda: _decision_row(stack, 4).canary_decision is not None, "the decision to be recorded")
+    row = _decision_row(stack, 4)
+    assert row.canary_decision == "abort" and "error rate" in row.canary_evidence["reason"]
+    assert row.canary_evidence["evidence"]["canary"]["errors"] >= 100
+    # the real replica's own counts are in the sum too: the requests it answered for v4
+    assert row.canary_evidence["evidence"]["canary"]["requests"] > 300
 
 
 def _figures(response) -> dict:
