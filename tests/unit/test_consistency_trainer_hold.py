@@ -25,7 +25,7 @@ class FakeCore:
         self.publisher = SimpleNamespace(current=lambda: SimpleNamespace(
             pointer=pointer, value={}, version=current_version, data_lsn=current_lsn))
         self.log = FakeLog(lsns)
-        self.config = SimpleNamespace(threshold_events=10)
+        self.config = SimpleNamespace(threshold_events=10, publish_as="current")
         self.versions = SimpleNamespace(rollback_hold_lsn=lambda version: held_until)
 
     def default_strategy(self):
@@ -52,5 +52,17 @@ def test_updates_wait_for_new_data_after_a_rollback():
 
 def test_without_a_rollback_the_threshold_alone_decides():
     core = FakeCore(1, 100, list(range(101, 111)), held_until=0)
+    loop(core).tick()
+    assert core.updates == 1
+
+
+def test_publishing_as_canary_holds_updates_while_a_canary_is_undecided():
+    core = FakeCore(1, 100, list(range(101, 111)), held_until=0)
+    core.config.publish_as = "canary"
+    in_flight = SimpleNamespace(pointer=SimpleNamespace(version=2, share=0.5))
+    core.publisher.canary = lambda: in_flight
+    loop(core).tick()
+    assert core.updates == 0 and "canary version 2" in core.held
+    in_flight.pointer = None                 # decided: model/canary deleted
     loop(core).tick()
     assert core.updates == 1
