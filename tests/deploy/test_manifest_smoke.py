@@ -179,19 +179,28 @@ def test_every_service_workload_starts_as_its_manifest_says(infra_env, database_
         assert snapshot["features"] is not None and snapshot["trainer"] is not None
         assert not snapshot["errors"], snapshot["errors"]
     finally:
-        for name in reversed(list(processes)):
-            processes[name].send_signal(signal.SIGTERM)
-        for workload in workloads:
-            process = processes.get(workload.name)
-            if process is None:
-                continue
-            try:
-                # The kubelet's SIGKILL comes after terminationGracePeriodSeconds.
-                process.wait(workload.pod_spec["terminationGracePeriodSeconds"])
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                pytest.fail(f"{workload.name} did not stop within terminationGracePeriodSeconds")
+        stop_like_the_kubelet(processes, workloads)
+    assert_stopped_cleanly(processes, workloads, logs)
+
+
+def stop_like_the_kubelet(processes: dict, workloads) -> None:
+    """SIGTERM to every started workload (the last started first), then the kubelet's SIGKILL
+    after terminationGracePeriodSeconds, which fails the test."""
+    for name in reversed(list(processes)):
+        processes[name].send_signal(signal.SIGTERM)
+    for workload in workloads:
+        process = processes.get(workload.name)
+        if process is None:
+            continue
+        try:
+            process.wait(workload.pod_spec["terminationGracePeriodSeconds"])
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            pytest.fail(f"{workload.name} did not stop within terminationGracePeriodSeconds")
+
+
+def assert_stopped_cleanly(processes: dict, workloads, logs: dict) -> None:
     for workload in workloads:
         assert processes[workload.name].returncode == 0, \
             f"{workload.name}: exit {processes[workload.name].returncode}\n" \

@@ -18,7 +18,6 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import signal
 import ssl
 import subprocess
 import sys
@@ -38,7 +37,8 @@ from services.common.config import EtcdConfig, SecurityConfig, load
 from services.common.etcd import Etcd
 from services.contracts.etcd_keys import RANKERS_PREFIX
 from tests.deploy.manifests import REPO_ROOT, container_environment, render, service_workloads
-from tests.deploy.test_manifest_smoke import _config_variables, _free_port, _order
+from tests.deploy.test_manifest_smoke import (_config_variables, _free_port, _order, assert_stopped_cleanly,
+                                             stop_like_the_kubelet)
 from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(1500)
@@ -195,18 +195,5 @@ def test_every_prod_workload_starts_with_mtls_roles_etcd_tls_and_https_metrics(
         finally:
             etcd.close()
     finally:
-        for name in reversed(list(processes)):
-            processes[name].send_signal(signal.SIGTERM)
-        for workload in workloads:
-            process = processes.get(workload.name)
-            if process is None:
-                continue
-            try:
-                process.wait(workload.pod_spec["terminationGracePeriodSeconds"])
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                pytest.fail(f"{workload.name} did not stop within terminationGracePeriodSeconds")
-    for workload in workloads:
-        assert processes[workload.name].returncode == 0, \
-            f"{workload.name}: exit {processes[workload.name].returncode}\n" + logs[workload.name].read_text(errors="replace")[-2000:]
+        stop_like_the_kubelet(processes, workloads)
+    assert_stopped_cleanly(processes, workloads, logs)
