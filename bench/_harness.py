@@ -29,7 +29,6 @@ then, typically:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -104,25 +103,10 @@ def beauty_dir() -> Path:
 
 
 def bench_catalog(spec: str):
-    """`beauty` (Amazon Beauty: 12k items, 22k users) or `synthetic:N` -> (Dataset, text vectors):
-    random unit vectors stand in for MiniLM (serving latency does not depend on their values)."""
-    from scripts import datasets
-    from tests import fakes
-    if spec == "beauty":
-        dataset = datasets.load_beauty()
-    else:
-        # synthetic:N[:users][:long] — `long`: titles padded to Beauty's length (67 characters
-        # on average; the synthetic ones have 35), for benchmarks that measure memory.
-        parts = spec.split(":")
-        n_items = int(parts[1])
-        n_users = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else max(300, n_items // 5)
-        dataset = datasets.synthetic(n_items=n_items, n_users=n_users, seed=7)
-        if "long" in parts[2:]:
-            tails = (", for Dry and Sensitive Skin", ", Paraben Free, 1.7 Fl Oz", " with Vitamin E and Aloe Vera",
-                     ", Travel Size Gift Set", " - Long Lasting, Cruelty Free")
-            for n, item in enumerate(dataset.items):
-                dataset.items[n] = dataclasses.replace(item, title=item.title + tails[n % len(tails)])
-    return dataset, fakes.random_text_vectors(len(dataset.items))
+    """`beauty` or `synthetic:N[:users][:long]` -> (Dataset, stand-in text vectors): the catalog the
+    features stand-in serves (tests/fakes.stand_in_catalog; imported here lazily, it loads torch)."""
+    from tests.fakes import stand_in_catalog
+    return stand_in_catalog(spec)
 
 
 def title_vectors(item_ids: list[str], titles: list[str]):
@@ -365,6 +349,7 @@ class Suite:
         return self.start(script, {**env, "PYTHONPATH": path}, name=name or script, timeout_s=timeout_s)
 
     def start_features_stand_in(self, catalog: str, *, name: str | None = None) -> ServiceProcess:
-        """tests/fakes.FeaturesStandIn over `bench_catalog(catalog)`, as a process of its own."""
-        return self.start_script("_features_stand_in", {"BENCH_CATALOG": catalog},
-                                 name=name or f"features-stand-in-{catalog.replace(':', '-')}", timeout_s=300)
+        """tests/fakes.FeaturesStandIn over `bench_catalog(catalog)`, as a process of its own
+        (`python -m tests.fakes`)."""
+        return self.start("tests.fakes", {"STAND_IN_CATALOG": catalog},
+                          name=name or f"features-stand-in-{catalog.replace(':', '-')}", timeout_s=300)

@@ -4,6 +4,8 @@ weights, published through the trainer's own publisher, and a features service a
 memory. Nothing here is used when serving."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 
 import numpy as np
@@ -194,3 +196,29 @@ def serve_features_stand_in(dataset, vectors: np.ndarray) -> None:
     server.start()
     print(f"DELTAREC_READY features-stand-in grpc_port={port} metrics_port=None", flush=True)
     server.wait_for_termination()
+
+
+def stand_in_catalog(spec: str):
+    """`beauty` (Amazon Beauty: 12k items, 22k users) or `synthetic:N` -> (Dataset, text vectors):
+    random unit vectors stand in for MiniLM (serving latency does not depend on their values)."""
+    from scripts import datasets
+    if spec == "beauty":
+        dataset = datasets.load_beauty()
+    else:
+        # synthetic:N[:users][:long] — `long`: titles padded to Beauty's length (67 characters
+        # on average; the synthetic ones have 35), for benchmarks that measure memory.
+        parts = spec.split(":")
+        n_items = int(parts[1])
+        n_users = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else max(300, n_items // 5)
+        dataset = datasets.synthetic(n_items=n_items, n_users=n_users, seed=7)
+        if "long" in parts[2:]:
+            tails = (", for Dry and Sensitive Skin", ", Paraben Free, 1.7 Fl Oz", " with Vitamin E and Aloe Vera",
+                     ", Travel Size Gift Set", " - Long Lasting, Cruelty Free")
+            for n, item in enumerate(dataset.items):
+                dataset.items[n] = dataclasses.replace(item, title=item.title + tails[n % len(tails)])
+    return dataset, random_text_vectors(len(dataset.items))
+
+
+if __name__ == "__main__":
+    # The stand-in as a process of its own (bench/_harness.Suite.start_features_stand_in).
+    serve_features_stand_in(*stand_in_catalog(os.environ["STAND_IN_CATALOG"]))
