@@ -125,6 +125,9 @@ def stack(infra_env, database_url, tmp_path_factory):
         processes.append(ranker_process)
         stack.ranker = ranker_pb2_grpc.RankerServiceStub(channel_to(ranker_process))
         stack.ranker_process = ranker_process
+        # features serves before its text model has loaded, and the item batch (and the events
+        # committed after it) wait for the model: the stack is ready once every item is indexed.
+        wait_until(lambda: stack.status().index_size == N_ITEMS, "the ranker to index every item", timeout_s=300)
         yield stack
     finally:
         restarted = getattr(locals().get("stack"), "features_process", None)
