@@ -32,11 +32,12 @@ the shadow the trainer would run; when the chain is more than the bound below it
 NDCG@10), the full model replaces the chain (the next steps warm-start from it). "served" is what
 the trainer would serve at each step; the amortised cost counts the shadow retrains.
 
-`--variant name:lr=..,replay=..,epochs=..,anchor=..,avg=..,freeze=1` (repeatable) runs further
+`--variant name:lr=..,replay=..,epochs=..,anchor=..,avg=..,freeze=1,from=uniform` (repeatable) runs further
 incremental chains against the same per-step full retrains (the reference is trained once per
 step), to compare policies without paying for the reference again: learning rate, replay ratio,
-epochs, the pull toward the parent's weights (`anchor`), weight averaging with the parent (`avg`)
-and frozen id rows of unchanged items (`freeze`) — see training.IncrementalPolicy. The "trainer"
+epochs, the pull toward the parent's weights (`anchor`), weight averaging with the parent (`avg`),
+frozen id rows of unchanged items (`freeze`) and where replayed examples come from (`from`:
+own_history, the default, or uniform) — see training.IncrementalPolicy. The "trainer"
 chain follows the trainer's defaults (TrainerConfig: TRAINER_MODEL_INCREMENTAL_LR / _EPOCHS,
 TRAINER_STRATEGY_REPLAY_RATIO, TRAINER_INCREMENTAL_*).
 
@@ -105,7 +106,7 @@ def parse_args() -> argparse.Namespace:
                         help="shadow full retrain after every N steps (0 = never; default TRAINER_SHADOW_FULL_EVERY)")
     parser.add_argument("--drift-bound", type=float, default=TrainerConfig.drift_bound)
     parser.add_argument("--variant", action="append", default=[],
-                        metavar="NAME:lr=X,replay=Y,epochs=Z,anchor=A,avg=W,freeze=0|1",
+                        metavar="NAME:lr=X,replay=Y,epochs=Z,anchor=A,avg=W,freeze=0|1,from=own_history|uniform",
                         help="another incremental chain against the same full retrains")
     return parser.parse_args()
 
@@ -128,15 +129,20 @@ class Chain:
 def parse_variant(text: str, default: Chain) -> Chain:
     name, _, spec = text.partition(":")
     values = dict(part.split("=", 1) for part in spec.split(",") if part)
-    unknown = set(values) - {"lr", "replay", "epochs", "anchor", "avg", "freeze"}
+    unknown = set(values) - {"lr", "replay", "epochs", "anchor", "avg", "freeze", "from"}
     if not name or unknown:
-        raise SystemExit(f"--variant {text!r}: NAME:lr=..,replay=..,epochs=..,anchor=..,avg=..,freeze=.. "
+        raise SystemExit(f"--variant {text!r}: NAME:lr=..,replay=..,epochs=..,anchor=..,avg=..,freeze=..,from=.. "
                          f"(unknown: {sorted(unknown)})")
     policy = IncrementalPolicy(anchor=float(values.get("anchor", default.policy.anchor)),
                                parent_weight=float(values.get("avg", default.policy.parent_weight)),
-                               freeze_items=bool(int(values.get("freeze", int(default.policy.freeze_items)))))
+                               freeze_items=bool(int(values.get("freeze", int(default.policy.freeze_items)))),
+                               replay_from=values.get("from", default.policy.replay_from))
+    try:
+        policy.validate()
+    except ValueError as error:
+        raise SystemExit(f"--variant {text!r}: {error}") from None
     return Chain(name, float(values.get("lr", default.learning_rate)), float(values.get("replay", default.replay_ratio)),
-                 int(values.get("epochs", default.epochs)), policy.validate())
+                 int(values.get("epochs", default.epochs)), policy)
 
 
 def text_vectors(data, titles: list[str]) -> dict[str, np.ndarray]:
@@ -291,7 +297,8 @@ def main() -> int:
                                    replay_ratio=args.replay_ratio).validate()
     primary = Chain("trainer", args.incremental_lr, args.replay_ratio, args.incremental_epochs,
                     IncrementalPolicy(TrainerConfig.incremental_anchor, TrainerConfig.incremental_parent_weight,
-                                      TrainerConfig.incremental_freeze_items).validate())
+                                      TrainerConfig.incremental_freeze_items,
+                                      TrainerConfig.incremental_replay_from).validate())
     chains = [primary] + [parse_variant(text, primary) for text in args.variant]
 
     data, titles = load_beauty_interactions(args.data_dir, max_users=users)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from services.common.config import GRPC_TARGET, CommonConfig, ConfigError, env
 from services.model.network import ModelConfig
-from services.trainer.training import DEVICE_SETTINGS, IncrementalPolicy
+from services.trainer.training import DEVICE_SETTINGS, REPLAY_SOURCES, IncrementalPolicy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ARTIFACT_URI = (REPO_ROOT / ".run" / "artifacts").as_uri()
@@ -62,6 +62,10 @@ class TrainerConfig(CommonConfig):
     incremental_freeze_items: bool = env("TRAINER_INCREMENTAL_FREEZE_ITEMS", False,
                                          help="an update moves only the id rows of the items in its new "
                                               "interactions (the others stay as the parent left them)")
+    incremental_replay_from: str = env("TRAINER_INCREMENTAL_REPLAY_FROM", "own_history", choices=REPLAY_SOURCES,
+                                       help="replayed old examples of an update: own_history = the earlier "
+                                            "interactions of the users with new ones first (they share the new "
+                                            "ones' encoder windows: no extra pass), uniform = from all users")
 
     # --- data ---------------------------------------------------------------------------------
     text_fallback: str = env("TRAINER_TEXT_FALLBACK", "minilm", choices=("minilm", "hash"),
@@ -131,7 +135,8 @@ class TrainerConfig(CommonConfig):
 
     def incremental_policy(self) -> IncrementalPolicy:
         return IncrementalPolicy(anchor=self.incremental_anchor, parent_weight=self.incremental_parent_weight,
-                                 freeze_items=self.incremental_freeze_items).validate()
+                                 freeze_items=self.incremental_freeze_items,
+                                 replay_from=self.incremental_replay_from).validate()
 
     def model_config(self) -> ModelConfig:
         return dataclasses.replace(

@@ -373,6 +373,9 @@ def train_full(
     return model.cpu(), stats
 
 
+REPLAY_SOURCES = ("own_history", "uniform")
+
+
 @dataclass(frozen=True)
 class IncrementalPolicy:
     """How a warm-start update limits drift from the model it starts from.
@@ -384,6 +387,12 @@ class IncrementalPolicy:
       * fine-tuned (weight averaging with the previous version; 0 = keep the fine-tuned weights).
     * ``freeze_items``: only the id rows of the new examples' target items (and rows grown by the
       update itself) move; every other item's id row stays as the parent left it.
+    * ``replay_from``: where the replayed old examples come from (see ``replay_examples``):
+      ``own_history`` (default) = first the earlier targets of the users with new examples that
+      lie inside the encoder windows the new examples need anyway, so replaying them costs no
+      extra encoder pass; only what they cannot supply is drawn uniformly from the other
+      prefixes. ``uniform`` = all of it uniformly from every other prefix (each a window of its
+      own: about twice the update's training time at replay ratio 1).
 
     Grown rows (new items) count as the parent's row 0 (their text-only start) for the pull and
     the average.
@@ -392,12 +401,15 @@ class IncrementalPolicy:
     anchor: float = 0.0
     parent_weight: float = 0.0
     freeze_items: bool = False
+    replay_from: str = "own_history"
 
     def validate(self) -> "IncrementalPolicy":
         if not 0.0 <= self.anchor < 1.0:
             raise ValueError(f"anchor must be in [0, 1), got {self.anchor}")
         if not 0.0 <= self.parent_weight < 1.0:
             raise ValueError(f"parent_weight must be in [0, 1), got {self.parent_weight}")
+        if self.replay_from not in REPLAY_SOURCES:
+            raise ValueError(f"replay_from must be one of {', '.join(REPLAY_SOURCES)}, got {self.replay_from!r}")
         return self
 
     @property
@@ -416,6 +428,56 @@ def _changed_item_rows(examples: Sequence[TrainingExample], histories: dict[int,
         changed[torch.tensor(targets, dtype=torch.long)] = True
     changed[0] = False  # the "no learned id" row every unseen item shares
     return changed
+
+
+def replay_examples(histories: dict[int, UserHistory], new_examples: Sequence[TrainingExample], count: int,
+                    max_len: int, source: str, rng: np.random.Generator) -> list[TrainingExample]:
+    """``count`` old next-item examples (never one of ``new_examples``), drawn without replacement.
+
+    ``uniform``: uniformly from every other prefix of every history (one encoder window each).
+    ``own_history``: first uniformly from the other targets inside the windows
+    ``group_into_windows`` builds for ``new_examples`` (a window covers up to ``max_len``
+    positions before its last target; the earlier targets there ride the same encoder pass, and
+    ``group_into_windows`` packs them into it because the windows' last targets do not change),
+    then, when those are fewer than ``count``, the rest uniformly from all other prefixes.
+
+    Vectorised over a flat index of all prefixes (users in sorted order, positions 1..len-1 each:
+    the order of ``all_next_item_examples``), so a sample over 10^5-10^6 interactions costs no
+    Python loop over them.
+    """
+    users = np.array(sorted(histories), np.int64)
+    targets_per_user = np.array([max(0, len(histories[int(u)]) - 1) for u in users], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(targets_per_user)])
+    total = int(offsets[-1])
+    count = max(0, count)
+    if count == 0 or total == 0:
+        return []
+    row_of = {int(u): row for row, u in enumerate(users)}
+
+    def flat(user: int, positions) -> np.ndarray:
+        return offsets[row_of[user]] + np.asarray(positions, np.int64) - 1
+
+    available = np.ones(total, bool)
+    new_positions = [e for e in new_examples if e.target_position >= 1 and e.user in row_of]
+    for example in new_positions:
+        available[flat(example.user, [example.target_position])] = False
+    chosen = np.zeros(0, np.int64)
+    if source == "own_history":
+        inside = np.zeros(total, bool)
+        for window in group_into_windows(new_positions, max_len):
+            inside[flat(window.user, np.arange(window.start + 1, window.end + 1))] = True
+        own = np.flatnonzero(inside & available)
+        chosen = own[rng.choice(len(own), size=min(count, len(own)), replace=False)] if len(own) else chosen
+        available[chosen] = False
+    elif source != "uniform":
+        raise ValueError(f"replay_from must be one of {', '.join(REPLAY_SOURCES)}, got {source!r}")
+    remaining = min(count - len(chosen), int(available.sum()))
+    if remaining > 0:
+        others = np.flatnonzero(available)
+        chosen = np.concatenate([chosen, others[rng.choice(len(others), size=remaining, replace=False)]])
+    rows = np.searchsorted(offsets, chosen, side="right") - 1
+    positions = chosen - offsets[rows] + 1
+    return [TrainingExample(int(users[row]), int(position)) for row, position in zip(rows, positions)]
 
 
 def update_incremental(
@@ -438,8 +500,8 @@ def update_incremental(
       has no per-user parameters: new users only need their history.)
     * ``selected_new_examples`` are next-item targets in ``all_data.histories``
       chosen by the caller (e.g. events since the last run, filtered).
-    * ``replay_ratio`` old examples per new one are sampled uniformly from all
-      other prefixes, which limits forgetting of what the model already knew.
+    * ``replay_ratio`` old examples per new one are replayed (``replay_examples``, from where
+      ``policy.replay_from`` says), which limits forgetting of what the model already knew.
     * ``policy``: pull toward / averaging with the parent, frozen id rows (IncrementalPolicy).
     * Trains on ``device`` and leaves the model on the CPU.
     """
@@ -455,12 +517,10 @@ def update_incremental(
     item_text = torch.as_tensor(all_data.item_text, dtype=torch.float32).to(device)
 
     selected = {(e.user, e.target_position) for e in selected_new_examples}
-    old_examples = [
-        e for e in all_next_item_examples(all_data.histories) if (e.user, e.target_position) not in selected
-    ]
-    replay_count = min(len(old_examples), int(round(replay_ratio * len(selected))))
-    replay = [old_examples[i] for i in rng.choice(len(old_examples), size=replay_count, replace=False)]
     new_examples = [TrainingExample(user, position) for user, position in sorted(selected)]
+    replay = replay_examples(all_data.histories, new_examples, int(round(replay_ratio * len(selected))),
+                             config.max_len, policy.replay_from, rng)
+    replay_count = len(replay)
     examples = new_examples + replay
     windows = group_into_windows(examples, config.max_len)
     stats = TrainingStats(

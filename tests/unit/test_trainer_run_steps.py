@@ -203,7 +203,45 @@ def test_incremental_policy_values_are_validated():
         IncrementalPolicy(anchor=1.0).validate()
     with pytest.raises(ValueError, match="parent_weight"):
         IncrementalPolicy(parent_weight=-0.1).validate()
+    with pytest.raises(ValueError, match="replay_from"):
+        IncrementalPolicy(replay_from="everything").validate()
     assert not IncrementalPolicy().needs_parent and IncrementalPolicy(anchor=0.1).needs_parent
+
+
+def _histories(lengths: dict[int, int]):
+    from services.trainer.interaction_data import UserHistory
+    return {user: UserHistory(np.arange(1, n + 1, dtype=np.int64), np.ones(n, np.int64),
+                              np.arange(n, dtype=np.float64)) for user, n in lengths.items()}
+
+
+def test_replay_from_own_history_rides_the_new_examples_windows():
+    """Own-history replay draws the earlier targets inside the new examples' encoder windows, so
+    the update has no more windows than its new examples alone; only what they cannot supply
+    comes from other users."""
+    from services.trainer.training import replay_examples
+    from services.trainer.windows import TrainingExample, group_into_windows
+    histories = _histories({1: 30, 2: 6, 3: 12, 4: 9})
+    new = [TrainingExample(1, 29), TrainingExample(2, 5)]
+    max_len = 10
+    windows_new = group_into_windows(new, max_len)
+    replay = replay_examples(histories, new, 8, max_len, "own_history", np.random.default_rng(0))
+    assert len(replay) == len(set(replay)) == 8 and not set(replay) & set(new)
+    # user 1's window covers positions 20..29, user 2's 1..5: every draw lies there
+    assert all((e.user == 1 and 20 <= e.target_position < 29) or (e.user == 2 and 1 <= e.target_position < 5)
+               for e in replay)
+    assert len(group_into_windows(new + replay, max_len)) == len(windows_new)
+    # more than the windows hold (9 + 4 = 13): all of them, then other prefixes
+    more = replay_examples(histories, new, 20, max_len, "own_history", np.random.default_rng(0))
+    own = [e for e in more if (e.user == 1 and e.target_position >= 20) or e.user == 2]
+    assert len(more) == len(set(more)) == 20 and len(own) == 13 and not set(more) & set(new)
+    # uniform: from every other prefix, no new example, capped by what exists (29+5+11+8 - 2 = 51)
+    uniform = replay_examples(histories, new, 20, max_len, "uniform", np.random.default_rng(0))
+    assert len(set(uniform)) == 20 and not set(uniform) & set(new)
+    assert len({e.user for e in uniform}) > 2
+    assert len(replay_examples(histories, new, 500, max_len, "uniform", np.random.default_rng(0))) == 51
+    assert all(1 <= e.target_position < len(histories[e.user])
+               for e in replay_examples(histories, new, 500, max_len, "own_history", np.random.default_rng(1)))
+    assert replay_examples(histories, new, 0, max_len, "own_history", np.random.default_rng(0)) == []
 
 
 def test_anchor_keeps_an_update_closer_to_its_parent(trained):
