@@ -23,11 +23,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from services.ranker.index_structures import KINDS, STRUCTURES, IndexOptions
+import faiss
+
+from services.ranker.index_structures import KINDS, STRUCTURES, IndexOptions, ScanStructure
 from services.ranker.rwlock import RWLock
 from services.ranker.search_batcher import SearchBatcher
 
 log = logging.getLogger(__name__)
+
+# A rebuild copies the vectors it adds this many rows at a time (not all at once: at 1M 384-d
+# items a full copy is 1.5 GB on top of the store and the structure being built).
+REBUILD_CHUNK = 65_536
 
 
 class VectorIndex:
@@ -47,6 +53,7 @@ class VectorIndex:
         self._rebuilding = False
         # False while a bulk load streams in (one rebuild at the end instead of HNSW inserts).
         self.auto_rebuild = True
+        self._bulk_loading = False
         self._checksum_cache: tuple[int, str] | None = None
         self.rebuilds = 0
         self._batcher = SearchBatcher(self._search_locked)
@@ -121,6 +128,36 @@ class VectorIndex:
         self._has = np.concatenate([self._has, np.zeros(extra, bool)])
         self._present = np.concatenate([self._present, np.zeros(extra, bool)])
         self._changed = np.concatenate([self._changed, np.zeros(extra, np.int64)])
+
+    # ------------------------------------------------------------------ bulk load
+    def begin_bulk_load(self) -> None:
+        """Until `end_bulk_load`: vectors go to the store only, with no faiss structure (a
+        search is an exact scan of the store), so a large load neither fills a flat copy of
+        itself nor inserts into HNSW item by item."""
+        with self._lock.write():
+            self._bulk_loading = True
+            self.auto_rebuild = False
+            self._structure = ScanStructure(self.dim, self._scan_view)
+
+    def end_bulk_load(self) -> None:
+        """Builds the structure the loaded size wants from the store in one pass: a flat one
+        inline; an HNSW one in the background (options.background), the scan answering
+        meanwhile; then changes kind / compacts by itself."""
+        if not self._bulk_loading:
+            self.auto_rebuild = True
+            self.maybe_rebuild()
+            return
+        self._bulk_loading = False
+        self.auto_rebuild = True
+        kind = self.options.initial_kind(self._count) if self.options.kind == "auto" else self.options.kind
+        if kind == "hnsw" and self.options.background and self._count:
+            self._rebuilding = True
+            threading.Thread(target=self.rebuild, args=(kind,), name="index-rebuild", daemon=True).start()
+        else:
+            self.rebuild(kind)
+
+    def _scan_view(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._vectors, self._present
 
     # ------------------------------------------------------------------ mutations
     def upsert(self, ids: Sequence[int] | np.ndarray, vectors: np.ndarray) -> int:
@@ -216,6 +253,8 @@ class VectorIndex:
 
     # ------------------------------------------------------------------ rebuilds
     def _wanted_kind(self) -> str:
+        if self.kind == "scan":
+            return self.options.initial_kind(self._count)
         if self.options.kind != "auto":
             return self.options.kind
         threshold = self.options.hnsw_min_items
@@ -253,9 +292,18 @@ class VectorIndex:
             with self._lock.read():
                 seq = self._seq
                 ids = np.flatnonzero(self._present)
-                vectors = self._vectors[ids]
+                store = self._vectors
             structure = STRUCTURES[kind](self.dim, self.options)
-            structure.add(ids, vectors, np.zeros(0, np.int64))
+            # Read without the lock, a chunk at a time: a row written meanwhile has a newer
+            # sequence and is replayed below; a grown store is a new array (this one stays).
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(max(1, self.options.build_threads))   # this thread only
+            try:
+                for start in range(0, ids.size, REBUILD_CHUNK):
+                    part = ids[start:start + REBUILD_CHUNK]
+                    structure.add(part, store[part], np.zeros(0, np.int64))
+            finally:
+                faiss.omp_set_num_threads(threads)
             with self._lock.write():
                 changed = np.flatnonzero(self._changed > seq)
                 if changed.size:

@@ -184,3 +184,42 @@ def test_concurrent_searches_are_batched_and_each_gets_its_own_answer():
         scores, ids = results[i]
         assert ids.shape == (1, 3 + i % 4) and ids[0, 0] == i
     assert index._batcher.batches == 2 and index._batcher.queries == 12
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_bulk_load_answers_by_exact_scan_then_builds_its_structure_once(kind):
+    index = VectorIndex(16, IndexOptions(kind=kind, background=False))
+    index.begin_bulk_load()
+    x = vectors(500, seed=3)
+    index.upsert(np.arange(500), x)
+    index.remove([4, 9])
+    index.upsert([5], -x[5:6])
+    assert index.kind == "scan" and index.size == 498
+    for query in (0, 5, 77):
+        _, found = index.search(x[query:query + 1], 10)
+        truth = [i for i in np.argsort(-(x @ x[query])) if i not in (4, 5, 9)][:10]
+        assert [int(i) for i in found[0]] == [int(i) for i in truth]
+    _, found = index.search(x[:1], 5, allowed=np.array([4, 5, 6, 7]))
+    assert set(found[0].tolist()) == {5, 6, 7, -1}       # a removed id is never returned
+    index.end_bulk_load()
+    assert index.kind == kind and index.size == 498 and index.rebuilds == 1
+    _, found = index.search(x[77:78], 1)
+    assert found[0, 0] == 77
+    _, found = index.search(-x[5:6], 1)
+    assert found[0, 0] == 5
+    _, found = index.search(x[4:5], 498)
+    assert 4 not in found[0] and 9 not in found[0]
+
+
+def test_hnsw_rows_by_id_follow_updates_and_removals():
+    index = VectorIndex(16, IndexOptions(kind="hnsw", background=False, rebuild_min_dead=10_000))
+    x = vectors(200, seed=4)
+    index.upsert(np.arange(200) * 5, x)
+    index.upsert([10, 10], np.stack([-x[2], x[2]]))     # the last of a repeated id wins: unchanged
+    index.upsert([15], -x[3:4])                          # an update: one dead row
+    index.remove([20, 20, 25])
+    assert index.dead_rows == 3 and index.size == 198
+    _, found = index.search(x[3:4], 198)
+    assert 15 not in found[0][:1].tolist() and 20 not in found[0] and 25 not in found[0]
+    _, found = index.search(x[2:3], 3, allowed=np.array([10, 20, 15, 999]))
+    assert found[0, 0] == 10 and 20 not in found[0]
