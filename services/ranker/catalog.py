@@ -175,8 +175,9 @@ class Catalog:
         self._by_category: dict[str, set[int]] = {}
         self._listeners: list[CatalogListener] = []
         self._watermark = 0
-        self.popular: np.ndarray = np.zeros(0, np.int64)   # iids, most popular first
-        self.fresh: np.ndarray = np.zeros(0, np.int64)     # iids, newest first
+        self._popular = np.zeros(0, np.int64)
+        self._fresh_list = np.zeros(0, np.int64)
+        self._lists_stale = False
         self.ready = threading.Event()                     # set by the feed once caught up
         self.applied_changes = 0
         self.last_apply_at = 0.0
@@ -189,6 +190,25 @@ class Catalog:
     @property
     def active_count(self) -> int:
         return int(self._active.sum())
+
+    @property
+    def popular(self) -> np.ndarray:
+        """iids, most popular first."""
+        if self._lists_stale:
+            self._refresh_stale_lists()
+        return self._popular
+
+    @property
+    def fresh(self) -> np.ndarray:
+        """iids, newest first."""
+        if self._lists_stale:
+            self._refresh_stale_lists()
+        return self._fresh_list
+
+    def _refresh_stale_lists(self) -> None:
+        with self._lock:
+            if self._lists_stale:
+                self._refresh_cold_start_lists()
 
     def iid(self, item_id: str) -> int | None:
         return self._iid_of.get(item_id)
@@ -249,6 +269,7 @@ class Catalog:
         one go (HNSW in the background, exact search over the stored vectors meanwhile), and
         from now on changes kind / compacts by itself."""
         self.text_index.end_bulk_load()
+        self._refresh_stale_lists()
         self.ready.set()
 
     # ------------------------------------------------------------------ read-your-writes
@@ -444,13 +465,19 @@ class Catalog:
             ids = np.asarray(removed, np.int64)
             for listener in self._listeners:
                 listener.items_removed(ids)
-        self._refresh_cold_start_lists()
+        if self.ready.is_set():
+            self._refresh_cold_start_lists()
+        else:
+            # Each refresh scans every item: during the initial load (pages of 512 into up
+            # to 1M items) that was O(n^2); the lists are made when first read, or at ready.
+            self._lists_stale = True
 
     def _refresh_cold_start_lists(self) -> None:
+        self._lists_stale = False
         size = self.cold_start_size
         active = np.flatnonzero(self._active)
         if not active.size:
-            self.popular = self.fresh = np.zeros(0, np.int64)
+            self._popular = self._fresh_list = np.zeros(0, np.int64)
             return
         popularity = self._popularity[active]
         positive = active[popularity > 0]
@@ -458,10 +485,10 @@ class Catalog:
             scores = self._popularity[positive]
             top = positive[np.argsort(-scores, kind="stable")[:size]] if positive.size <= size else \
                 positive[np.argpartition(-scores, size - 1)[:size]]
-            self.popular = top[np.argsort(-self._popularity[top], kind="stable")]
+            self._popular = top[np.argsort(-self._popularity[top], kind="stable")]
         else:
-            self.popular = np.zeros(0, np.int64)
+            self._popular = np.zeros(0, np.int64)
         fresh = self._fresh[active]
         take = min(size, active.size)
         top = active[np.argpartition(-fresh, take - 1)[:take]] if active.size > take else active
-        self.fresh = top[np.argsort(-self._fresh[top], kind="stable")]
+        self._fresh_list = top[np.argsort(-self._fresh[top], kind="stable")]
