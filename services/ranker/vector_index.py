@@ -123,11 +123,16 @@ class VectorIndex:
         if upto <= self._has.shape[0]:
             return
         capacity = max(upto, 2 * self._has.shape[0], 256)
-        extra = capacity - self._has.shape[0]
-        self._vectors = np.concatenate([self._vectors, np.zeros((extra, self.dim), np.float32)])
-        self._has = np.concatenate([self._has, np.zeros(extra, bool)])
-        self._present = np.concatenate([self._present, np.zeros(extra, bool)])
-        self._changed = np.concatenate([self._changed, np.zeros(extra, np.int64)])
+
+        def grown(array: np.ndarray) -> np.ndarray:
+            # np.zeros of a large size maps zero pages that are touched only when written:
+            # copying the old rows in writes only those (a concatenate with a zero block
+            # wrote and faulted the whole new size: a third of a 1M-item load's time, py-spy)
+            out = np.zeros((capacity,) + array.shape[1:], array.dtype)
+            out[: array.shape[0]] = array
+            return out
+        self._vectors = grown(self._vectors)
+        self._has, self._present, self._changed = grown(self._has), grown(self._present), grown(self._changed)
 
     # ------------------------------------------------------------------ bulk load
     def begin_bulk_load(self) -> None:
