@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # A rebuild copies the vectors it adds this many rows at a time (not all at once: at 1M 384-d
 # items a full copy is 1.5 GB on top of the store and the structure being built).
 REBUILD_CHUNK = 65_536
+# Changes made during a rebuild are replayed in rounds outside the write lock until at most this
+# many are left; those are replayed under it (searches wait only for them).
+REPLAY_UNDER_LOCK = 4096
 
 
 class VectorIndex:
@@ -290,8 +293,11 @@ class VectorIndex:
 
     def rebuild(self, kind: str | None = None) -> None:
         """A fresh structure from the dense copy, built without blocking searches or writes; the
-        changes made meanwhile are replayed before the swap."""
+        changes made meanwhile are replayed before the swap: in rounds without the write lock
+        while they are many (a bulk load still streaming in), the last few under it."""
         self._rebuilding = True
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(max(1, self.options.build_threads))   # this thread only
         try:
             kind = kind or self._wanted_kind()
             with self._lock.read():
@@ -299,28 +305,57 @@ class VectorIndex:
                 ids = np.flatnonzero(self._present)
                 store = self._vectors
             structure = STRUCTURES[kind](self.dim, self.options)
+            inside = np.zeros(store.shape[0], bool)      # ids the new structure has a live row for
+            inside[ids] = True
             # Read without the lock, a chunk at a time: a row written meanwhile has a newer
             # sequence and is replayed below; a grown store is a new array (this one stays).
-            threads = faiss.omp_get_max_threads()
-            faiss.omp_set_num_threads(max(1, self.options.build_threads))   # this thread only
-            try:
-                for start in range(0, ids.size, REBUILD_CHUNK):
-                    part = ids[start:start + REBUILD_CHUNK]
-                    structure.add(part, store[part], np.zeros(0, np.int64))
-            finally:
-                faiss.omp_set_num_threads(threads)
+            for start in range(0, ids.size, REBUILD_CHUNK):
+                part = ids[start:start + REBUILD_CHUNK]
+                structure.add(part, store[part], np.zeros(0, np.int64))
+            del ids
+            while True:
+                with self._lock.read():
+                    changed = np.flatnonzero(self._changed > seq)
+                    if changed.size <= REPLAY_UNDER_LOCK:
+                        break            # these few: under the write lock below
+                    seq = self._seq
+                # A chunk read after `seq` may already show a later change: that one is
+                # replayed again next round (replaying an id's latest state is idempotent).
+                for start in range(0, changed.size, REBUILD_CHUNK):
+                    part = changed[start:start + REBUILD_CHUNK]
+                    with self._lock.read():
+                        present = self._present[part]
+                        live = part[present]
+                        vectors = self._vectors[live]
+                    inside = self._replay(structure, inside, part, present, live, vectors)
             with self._lock.write():
                 changed = np.flatnonzero(self._changed > seq)
                 if changed.size:
-                    in_snapshot = np.isin(changed, ids)
-                    live = changed[self._present[changed]]
-                    gone = changed[~self._present[changed] & in_snapshot]
-                    structure.remove(gone)
-                    structure.add(live, self._vectors[live], live[np.isin(live, ids)])
+                    present = self._present[changed]
+                    live = changed[present]
+                    self._replay(structure, inside, changed, present, live, self._vectors[live])
                 previous = self._structure
                 self._structure = structure
                 self.rebuilds += 1
             log.info("index rebuilt", extra={"kind": kind, "previous_kind": previous.kind,
                                              "items": self._count, "dead_rows_dropped": previous.dead})
         finally:
+            faiss.omp_set_num_threads(threads)
             self._rebuilding = False
+
+    @staticmethod
+    def _replay(structure, inside: np.ndarray, changed: np.ndarray, present: np.ndarray, live: np.ndarray,
+                vectors: np.ndarray) -> np.ndarray:
+        """Brings `structure` to the state of the `changed` ids (`present` flags; `live` those
+        present, with their `vectors`); returns the updated `inside` marks."""
+        top = int(changed.max()) + 1
+        if top > inside.shape[0]:
+            grown = np.zeros(max(top, 2 * inside.shape[0]), bool)
+            grown[: inside.shape[0]] = inside
+            inside = grown
+        gone = changed[~present & inside[changed]]
+        structure.remove(gone)
+        structure.add(live, vectors, live[inside[live]])
+        inside[gone] = False
+        inside[live] = True
+        return inside

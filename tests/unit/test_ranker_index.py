@@ -223,3 +223,38 @@ def test_hnsw_rows_by_id_follow_updates_and_removals():
     assert 15 not in found[0][:1].tolist() and 20 not in found[0] and 25 not in found[0]
     _, found = index.search(x[2:3], 3, allowed=np.array([10, 20, 15, 999]))
     assert found[0, 0] == 10 and 20 not in found[0]
+
+
+def test_rebuild_replays_many_concurrent_changes_in_rounds(monkeypatch):
+    import services.ranker.vector_index as vector_index
+    monkeypatch.setattr(vector_index, "REPLAY_UNDER_LOCK", 8)
+    monkeypatch.setattr(vector_index, "REBUILD_CHUNK", 16)
+    index = VectorIndex(16, IndexOptions(kind="hnsw", background=False, rebuild_min_dead=10_000))
+    x = vectors(600, seed=5)
+    index.upsert(np.arange(300), x[:300])
+    original_add = vector_index.STRUCTURES["hnsw"].add
+    calls = []
+
+    def add_then_change(structure, ids, vecs, replaced):
+        original_add(structure, ids, vecs, replaced)
+        # while the rebuild runs: new items, updates and removals arrive (three rounds' worth)
+        if structure is not index._structure and len(calls) < 3:
+            calls.append(len(calls))
+            n = len(calls)
+            index.upsert(np.arange(300 + 100 * (n - 1), 300 + 100 * n), x[300 + 100 * (n - 1):300 + 100 * n])
+            index.upsert([n], -x[n:n + 1])
+            index.remove([10 + n])
+    monkeypatch.setattr(vector_index.STRUCTURES["hnsw"], "add", add_then_change)
+    index.rebuild("hnsw")
+    assert len(calls) == 3 and index.rebuilds == 1 and index.size == 600 - 3
+    _, found = index.search(x, 1)
+    for i in range(600):
+        if i in (11, 12, 13):
+            assert i not in found[:, 0]
+        elif i in (1, 2, 3):
+            assert found[i, 0] != i
+        else:
+            assert found[i, 0] == i
+    for n in (1, 2, 3):
+        _, found = index.search(-x[n:n + 1], 1)
+        assert found[0, 0] == n
