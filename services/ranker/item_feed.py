@@ -107,6 +107,7 @@ class ItemFeed:
         self._target: int | None = None
         self.connected = threading.Event()
         self.messages = 0
+        self._applying = False
         self._thread = threading.Thread(target=self._run, name="item-feed", daemon=True)
 
     def start(self) -> "ItemFeed":
@@ -147,8 +148,11 @@ class ItemFeed:
         while not self._stop.is_set() and not self.catalog.ready.is_set():
             last = (self.messages, self.catalog.watermark)
             self._stop.wait(self.quiet_ready_s)
+            # Quiet means waiting for a message, not applying a long one (a page that grows a
+            # 1M-item store can take seconds on loaded cores: that marked a half-loaded catalog
+            # ready and built its indexes from half of it).
             if self.connected.is_set() and (self.messages, self.catalog.watermark) == last \
-                    and not self.catalog.ready.is_set():
+                    and not self._applying and not self.catalog.ready.is_set():
                 self.catalog.mark_ready()
                 log.info("catalog ready (feed quiet)", extra={"items": self.catalog.active_count,
                                                               "data_lsn": self.catalog.watermark})
@@ -176,6 +180,7 @@ class ItemFeed:
                 self.connected.set()
                 log.info("watching item changes", extra={"after_lsn": after, "features": self.client.address})
                 for response in self._call:
+                    self._applying = True
                     batch = decode_page(response, self.catalog.text_dim)
                     if self.drop_updates is not None:
                         batch = ItemBatch.of(self._drop_by_drill(batch.updates()), self.catalog.text_dim)
@@ -190,6 +195,7 @@ class ItemFeed:
                         seen, resync = None, False
                         self._resynced.set()
                     self.messages += 1
+                    self._applying = False
                     backoff = 0.2
                     metrics.ITEM_CHANGES.inc(len(batch))
                     metrics.DATA_LSN.set(self.catalog.watermark)
@@ -198,6 +204,7 @@ class ItemFeed:
                         return
                 raise FeaturesUnavailable("WatchItems stream ended")
             except (grpc.RpcError, FeaturesUnavailable) as error:
+                self._applying = False
                 self.connected.clear()
                 if self._stop.is_set():
                     return
@@ -210,6 +217,7 @@ class ItemFeed:
                 log.warning("item feed interrupted; resuming", extra={"error": detail,
                                                                       "after_lsn": self.catalog.watermark})
             except Exception:  # noqa: BLE001 - keep the feed alive whatever a message holds
+                self._applying = False
                 self.connected.clear()
                 log.exception("item feed failed; resuming")
             self._stop.wait(backoff)
