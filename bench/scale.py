@@ -182,7 +182,8 @@ def items_row(suite, etcd, n_items: int, budget_s: float, duration_s: float) -> 
             if version == 1:
                 fakes.publish(etcd, spec_json)
                 began = time.perf_counter()
-                stand_in = suite.start_features_stand_in(spec)
+                # a 1M-item stand-in makes its catalog for minutes on loaded cores
+                stand_in = suite.start_features_stand_in(spec, timeout_s=budget_s)
                 processes.append(stand_in)
                 # RANKER_STARTUP_TIMEOUT_S (300 s by default) bounds the catalog load; at 1M items
                 # on loaded cores that alone can take longer, and this row measures it instead.
