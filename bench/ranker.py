@@ -47,6 +47,10 @@ inserts is not in it): far less sensitive to the machine's load than req/s. With
 Crossover: single-query search latency (k=30) of IndexFlatIP vs IndexHNSWFlat (M=32,
 efSearch=128) on random unit vectors, one thread, with HNSW recall@10 and build time.
 
+Beside req/s, each server's CPU per request (its process's user + system time over the load):
+`cpu_ratio` is the echo server's CPU per request over the ranker's, far less sensitive to the
+shared machine's load than the req/s ratio.
+
 Progress goes to stderr; the LAST stdout line is one JSON object with the figures.
 """
 from __future__ import annotations
@@ -323,25 +327,39 @@ def bench_one_catalog(suite, spec: str, etcd, levels, duration_s: float, warmup_
                 if concurrency == profile_level:
                     raw = suite.work_dir / f"profile-{spec.replace(':', '-')}-{method}-c{concurrency}.txt"
                     sampler = _profile.record(ranker.process.pid, duration_s + warmup_s, raw)
-                figures = run_load(ranker.address, method, requests[method], concurrency, duration_s, warmup_s)
+                figures = with_cpu(ranker, lambda: run_load(ranker.address, method, requests[method], concurrency,
+                                                             duration_s, warmup_s), duration_s, warmup_s)
                 if sampler is not None:
                     sampler.wait(timeout=60)
                     profile = {"concurrency": concurrency, **_profile.summarise(raw)}
                     result.setdefault("profile", {})[method] = profile
                     progress(f"{spec}: {method} profile at concurrency {concurrency}: {profile.get('share_pct')}")
                 by_level[str(concurrency)] = figures
-                reference = run_load(echo.address, method, requests[method], concurrency, duration_s, warmup_s)
+                reference = with_cpu(echo, lambda: run_load(echo.address, method, requests[method], concurrency,
+                                                            duration_s, warmup_s), duration_s, warmup_s)
                 result["echo"]["methods"].setdefault(method, {})[str(concurrency)] = reference
                 progress(f"{spec}: {method} concurrency {concurrency}: {figures['rps']} req/s, p50 "
                          f"{figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, errors {figures['errors']}; echo "
                          f"{reference['rps']} req/s (p99 {reference['p99_ms']} ms): "
-                         f"{_harness.ratio(figures['rps'], reference['rps'])}x")
+                         f"{_harness.ratio(figures['rps'], reference['rps'])}x; CPU per request "
+                         f"{figures['cpu_us_per_request']} us vs echo {reference['cpu_us_per_request']} us")
         kv = etcd.get(__import__("services.contracts.etcd_keys", fromlist=["ranker_key"]).ranker_key(replica_id))
         result["user_cache"] = json.loads(kv.value).get("user_cache") if kv is not None else None
         return result, samples
     finally:   # the next catalog gets the memory
         for process in reversed(processes):
             suite.stop(process, timeout_s=20)
+
+
+def with_cpu(process, load, duration_s: float, warmup_s: float) -> dict:
+    """A load's figures plus the server process's CPU per request (user + system over the load,
+    warm-up included; the warm-up's requests, not counted by run_load, scaled in at the measured
+    rate): far steadier than req/s on the shared machine."""
+    before = process_cpu_s(process.process.pid)
+    figures = load()
+    requests = max(figures["requests"] * (duration_s + warmup_s) / duration_s, 1.0)
+    figures["cpu_us_per_request"] = round((process_cpu_s(process.process.pid) - before) / requests * 1e6, 1)
+    return figures
 
 
 def wait_settled(etcd, replica_id: str, spec: str, timeout_s: float = 900.0) -> dict:
@@ -587,6 +605,12 @@ def main(argv: list[str] | None = None) -> int:
                                      for level in by_level}
                             for method, by_level in figures["methods"].items()}
         summary["ratio"] = ratios
+        # echo's CPU per request / the ranker's: the req/s ratio the pair would show if both were
+        # bound by their own CPU alone (each server is one Python process, so GIL-bound near one core)
+        summary["cpu_ratio"] = {name: {method: {level: _harness.ratio(
+            figures["echo"]["methods"][method][level]["cpu_us_per_request"], by_level[level]["cpu_us_per_request"])
+            for level in by_level} for method, by_level in figures["methods"].items()}
+            for name, figures in catalogs.items()}
         recommend = [figures["methods"]["Recommend"] for figures in catalogs.values()]
         summary["ratio_min"] = min(r for by_method in ratios.values() for r in by_method["Recommend"].values())
         summary["p99_max_ms"] = max(level["p99_ms"] for by_level in recommend

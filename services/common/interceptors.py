@@ -96,13 +96,31 @@ def _tolerant(deserializer):
 
 
 class ObservabilityInterceptor(grpc.ServerInterceptor):
-    """Wraps every handler; works for all four call shapes."""
+    """Wraps every handler; works for all four call shapes.
+
+    The wrapped handler is built once per method and reused while the handler it wraps is the
+    same object (a server's registered handler; an interceptor after this one that makes a
+    handler per call, like authentication, gets it wrapped per call): building the closures
+    and the tolerant deserializer on every call cost ~20 us of a call's Python time
+    (bench/ranker.py)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        service, method, calls, latency = _per_method(handler_call_details.method)
+        full_method = handler_call_details.method
+        found = self._wrapped.get(full_method)
+        if found is not None and found[0] is handler:
+            return found[1]
+        wrapped = self._wrap(handler, full_method)
+        self._wrapped[full_method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
+        service, method, calls, latency = _per_method(full_method)
 
         def record(context, started: float, failure: BaseException | None, malformed: bool) -> None:
             elapsed = time.perf_counter() - started

@@ -91,17 +91,22 @@ class Recommender:
         found = retrieve(self.catalog, bundle.index, user.vector, k, filters, excluded)
         if not found:
             return []
-        history_vectors = bundle.history_vectors(iids)
+        history_vectors = bundle.index.vectors_of(iids) if user.indexed else bundle.history_vectors(iids)
         found_vectors = bundle.index.vectors_of([iid for iid, _ in found])
-        closest = np.argmax(found_vectors @ history_vectors.T, axis=1)
+        closest = (found_vectors @ history_vectors.T).argmax(axis=1).tolist()
+        meta = self.catalog.meta
+        # One reason per anchor (several found items often share their closest history item).
+        reasons: dict[int, str] = {}
         items = []
         for (iid, score), position in zip(found, closest):
-            meta = self.catalog.meta(iid)
-            anchor = self.catalog.meta(int(iids[position]))
-            verb = _VERBS.get(int(events[position]), "because you viewed {}")
-            reason = (verb.format(short(anchor.title or anchor.item_id)) if anchor is not None
-                      else "picked for you")
-            items.append(Scored(meta.item_id, score, reason, meta.title))
+            reason = reasons.get(position)
+            if reason is None:
+                anchor = meta(int(iids[position]))
+                reason = (_VERBS.get(int(events[position]), "because you viewed {}").format(
+                    short(anchor.title or anchor.item_id)) if anchor is not None else "picked for you")
+                reasons[position] = reason
+            found_meta = meta(iid)
+            items.append(Scored(found_meta.item_id, score, reason, found_meta.title))
         return items
 
     # ------------------------------------------------------------------ cold start
@@ -165,8 +170,9 @@ class Recommender:
             excluded = {iid} | self.catalog.known_iids(filters.exclude_item_ids)
             anchor = self.catalog.meta(iid)
             reason = f"similar to {short(anchor.title or anchor.item_id)}"
+            meta = self.catalog.meta
             items = []
             for found, score in retrieve(self.catalog, index, query, k, filters, excluded):
-                meta = self.catalog.meta(found)
-                items.append(Scored(meta.item_id, score, reason, meta.title))
+                found_meta = meta(found)
+                items.append(Scored(found_meta.item_id, score, reason, found_meta.title))
             return Answer(items, version, watermark)

@@ -34,18 +34,18 @@ def retrieve(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, fi
             return [(int(ids[o]), float(scores[o])) for o in order]
     fetch = min(size, max(2 * k, k + len(excluded) + 8))
     query = np.asarray(query, np.float32).reshape(1, -1)
-    first = True
     while True:
-        # The first (usual) search is batched with concurrent requests; wider retries are not.
-        scores, ids = index.search_one(query, fetch) if first else index.search(query, fetch)
-        first = False
+        # A direct faiss call, not the search batcher: for the model's 64-d index the scan is
+        # ~0.14 ms and runs without the GIL, while the batcher's handoff (queue, Event wake-up of
+        # the other requests' threads) costs GIL time, which is what bounds a replica's req/s
+        # (bench/ranker.py: README "Serving").
+        scores, ids = index.search(query, fetch)
         if filters.restricts_items:
             found = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0 and accept(int(i))]
-        else:   # only activity and exclusions: tested for the whole row at once
-            keep = catalog.active_mask(ids[0])
-            if excluded:
-                keep &= ~np.isin(ids[0], np.fromiter(excluded, np.int64, len(excluded)))
-            found = list(zip(ids[0][keep].tolist(), scores[0][keep].tolist()))
+        else:   # only activity and exclusions: activity for the whole row at once, then a set test
+            row = ids[0]
+            found = [(i, s) for i, s, active in zip(row.tolist(), scores[0].tolist(), catalog.active_mask(row).tolist())
+                     if active and i not in excluded]
         if len(found) >= k or fetch >= min(size, MAX_FETCH):
             return found[:k]
         fetch = min(size, MAX_FETCH, fetch * 4)

@@ -86,8 +86,9 @@ class Searcher:
         text_index = catalog.text_index
         semantic = np.zeros(0, np.int64)
         if vector is not None and text_index.size:
-            # Batched with the concurrent requests' queries (one faiss call for all of them).
-            _, ids = text_index.search_one(vector, pool)
+            # A direct faiss call (see retrieval.py: the batcher's handoff cost more GIL time than
+            # the shared scan saved; 8 queries in one call cost ~the same per query here).
+            _, ids = text_index.search(vector, pool)
             semantic = ids[0][ids[0] >= 0]
         found = catalog.lexical.search(query, pool)
         lexical_ids = np.fromiter((doc for doc, _ in found), np.int64, len(found))

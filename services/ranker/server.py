@@ -67,13 +67,22 @@ def session_from(request) -> tuple[SessionEvent, ...]:
                  for event in request.session)
 
 
-def _items(answer: Answer):
-    return [ranker_pb2.ScoredItem(item_id=i.item_id, score=i.score, reason=i.reason, title=i.title)
-            for i in answer.items]
+def _filled(response, answer: Answer):
+    """`response` with the answer's items and freshness, built in place (items.add and the
+    sub-message fields set directly: half the Python time of constructing ScoredItem and
+    Freshness messages and copying them in)."""
+    add = response.items.add
+    for item in answer.items:
+        add(item_id=item.item_id, score=item.score, reason=item.reason, title=item.title)
+    response.freshness.model_version = answer.model_version
+    response.freshness.data_lsn = answer.data_lsn
+    return response
 
 
-def _freshness(answer: Answer) -> common_pb2.Freshness:
-    return common_pb2.Freshness(model_version=answer.model_version, data_lsn=answer.data_lsn)
+def _variant(response, answer: Answer):
+    response.variant.name = answer.variant
+    response.variant.model_version = answer.model_version
+    return response
 
 
 def refusals_reported(method):
@@ -129,11 +138,9 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         answer = recommender.recommend(
             request.user_id, request.k, filters_from(request, recommender.default_filters),
             request.min_data_lsn, time_remaining(context), session=session_from(request))
-        return ranker_pb2.RecommendResponse(
-            items=_items(answer), freshness=_freshness(answer), cold_start=answer.cold_start,
-            degraded=answer.degraded,
-            variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version),
-            recommendation_id=self._stamp(answer, "recommend", request.user_id))
+        return _variant(_filled(ranker_pb2.RecommendResponse(
+            cold_start=answer.cold_start, degraded=answer.degraded,
+            recommendation_id=self._stamp(answer, "recommend", request.user_id)), answer), answer)
 
     @grpc_errors
     @refusals_reported
@@ -142,18 +149,17 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         answer = self.replica.searcher.search(
             request.query, request.user_id, request.k, filters_from(request, NO_FILTERS),
             request.min_data_lsn, time_remaining(context))
-        return ranker_pb2.SearchResponse(
-            items=_items(answer), freshness=_freshness(answer), degraded=answer.degraded,
-            variant=ranker_pb2.Variant(name=answer.variant, model_version=answer.model_version),
-            recommendation_id=self._stamp(answer, "search", request.user_id))
+        return _variant(_filled(ranker_pb2.SearchResponse(
+            degraded=answer.degraded, recommendation_id=self._stamp(answer, "search", request.user_id)),
+            answer), answer)
 
     @grpc_errors
     @refusals_reported
     def SimilarItems(self, request, context):
         answer = self.replica.recommender.similar(
             request.item_id, request.k, filters_from(request, NO_FILTERS), time_remaining(context))
-        return ranker_pb2.SimilarItemsResponse(items=_items(answer), freshness=_freshness(answer),
-                                               recommendation_id=self._stamp(answer, "similar", ""))
+        return _filled(ranker_pb2.SimilarItemsResponse(recommendation_id=self._stamp(answer, "similar", "")),
+                       answer)
 
     @grpc_errors
     def Status(self, request, context):

@@ -24,6 +24,10 @@ class UserVector(NamedTuple):
     vector: np.ndarray        # [dim] float32
     iids: np.ndarray          # the history items it was computed from (oldest first)
     event_types: np.ndarray   # their event types (model indexes)
+    # every one of them had a vector in the bundle's index when this was computed: then their
+    # vectors are the index's rows for good (an index keeps a vector once it had one), and a
+    # request reads them without the per-item check of ModelBundle.history_vectors
+    indexed: bool = False
 
 
 def tower_input(catalog: Catalog, bundle: ModelBundle, history: UserHistory
@@ -52,6 +56,7 @@ def user_vector(catalog: Catalog, bundle: ModelBundle, cached: CachedUser) -> Us
         iids, events, ages = tower_input(catalog, bundle, cached.history)
         if not iids.size:
             return None
-        state = UserVector(bundle.user_vector(iids, events, ages), iids, events)
+        state = UserVector(bundle.user_vector(iids, events, ages), iids, events,
+                           bool(bundle.index.has_vectors(iids).all()))
         cached.vectors[bundle.spec] = state
     return state
