@@ -11,8 +11,9 @@ With kind `auto` the index starts flat and switches to HNSW (by the same backgro
 it grows past `hnsw_min_items`, and back below 80 % of it.
 
 Searches take a shared lock and mutations an exclusive one (`RWLock`; faiss structures are safe
-for concurrent searches, not for a search concurrent with an add). Single-query searches of
-concurrent requests are combined into one faiss call (`SearchBatcher`).
+for concurrent searches, not for a search concurrent with an add). Each request calls faiss
+itself: combining concurrent queries into one call cost more GIL time in thread handoffs than it
+saved (README "Serving").
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import faiss
 
 from services.ranker.index_structures import KINDS, STRUCTURES, IndexOptions, ScanStructure
 from services.ranker.rwlock import RWLock
-from services.ranker.search_batcher import SearchBatcher
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ class VectorIndex:
         self._bulk_loading = False
         self._checksum_cache: tuple[int, str] | None = None
         self.rebuilds = 0
-        self._batcher = SearchBatcher(self._search_locked)
 
     # ------------------------------------------------------------------ state
     @property
@@ -224,16 +223,6 @@ class VectorIndex:
         with self._lock.read():
             allowed = None if allowed is None else np.asarray(allowed, np.int64)
             return self._structure.search(queries, k, allowed)
-
-    def _search_locked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        with self._lock.read():
-            return self._structure.search(queries, k, None)
-
-    def search_one(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """One query, batched with the concurrent ones of other requests (see SearchBatcher)."""
-        query = np.ascontiguousarray(query, dtype=np.float32).reshape(self.dim)
-        k = max(1, min(int(k), max(self._count, 1)))
-        return self._batcher.search(query, k)
 
     def score(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact scores of one query against given ids (candidate-set scoring)."""

@@ -152,40 +152,6 @@ def test_unchanged_vectors_are_not_rewritten():
     assert index.version == version and index.dead_rows == 0
 
 
-def test_concurrent_searches_are_batched_and_each_gets_its_own_answer():
-    import threading
-
-    index = VectorIndex(16, IndexOptions(kind="flat"))
-    x = vectors(500, seed=9)
-    index.upsert(np.arange(500), x)
-    release = threading.Event()
-    original = index._structure.search
-
-    def slow_first_search(queries, k, allowed):
-        release.wait(10)      # hold the first search so that the others queue behind it
-        return original(queries, k, allowed)
-    index._structure.search = slow_first_search
-    results = {}
-
-    def ask(i):
-        results[i] = index.search_one(x[i], 3 + i % 4)
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
-    threads[0].start()
-    while not index._batcher._busy:
-        pass
-    for thread in threads[1:]:
-        thread.start()
-    while len(index._batcher._pending) < 11:
-        pass
-    release.set()
-    for thread in threads:
-        thread.join(10)
-    for i in range(12):
-        scores, ids = results[i]
-        assert ids.shape == (1, 3 + i % 4) and ids[0, 0] == i
-    assert index._batcher.batches == 2 and index._batcher.queries == 12
-
-
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_bulk_load_answers_by_exact_scan_then_builds_its_structure_once(kind):
     index = VectorIndex(16, IndexOptions(kind=kind, background=False))
