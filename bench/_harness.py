@@ -348,8 +348,9 @@ class Suite:
         path = os.pathsep.join(filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH")]))
         return self.start(script, {**env, "PYTHONPATH": path}, name=name or script, timeout_s=timeout_s)
 
-    def start_features_stand_in(self, catalog: str, *, name: str | None = None) -> ServiceProcess:
+    def start_features_stand_in(self, catalog: str, *, name: str | None = None,
+                                timeout_s: float = 300) -> ServiceProcess:
         """tests/fakes.FeaturesStandIn over `bench_catalog(catalog)`, as a process of its own
         (`python -m tests.fakes`)."""
         return self.start("tests.fakes", {"STAND_IN_CATALOG": catalog},
-                          name=name or f"features-stand-in-{catalog.replace(':', '-')}", timeout_s=300)
+                          name=name or f"features-stand-in-{catalog.replace(':', '-')}", timeout_s=timeout_s)

@@ -22,7 +22,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("user tower", ("numpy_tower.py", "user_vector.py", "model_bundle.py:user_vector",
                     "history_vectors")),
     ("impressions (attribution)", ("attribution.py", "impressions.py", "recommendation_id.py", "psycopg2")),
-    ("faiss search", ("faiss", "search_batcher.py", "vector_index.py", "index_structures.py")),
+    ("faiss search", ("faiss", "vector_index.py", "index_structures.py")),
     ("filters and exclusions", ("filters.py", "seen_filter.py", "_excluded")),
     ("query embedding (EmbedText)", ("query_encoder.py",)),
     ("lexical (BM25)", ("lexical.py",)),

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from services.common.errors import InvalidArgument
-from services.ranker.catalog import Catalog, ItemMeta
+from services.ranker.catalog import Catalog
 
 
 @dataclass(frozen=True)
@@ -50,15 +50,15 @@ def make_acceptor(catalog: Catalog, filters: FilterSpec, excluded: set[int]) -> 
             return False
         if not (categories or low is not None or high is not None):
             return True
-        meta: ItemMeta | None = catalog.meta(iid)
-        if meta is None:
-            return False
-        if categories and not any(meta.category.startswith(prefix) for prefix in categories):
-            return False
-        if low is not None or high is not None:
-            if meta.price is None:
+        if categories:
+            category = catalog.category_of(iid)
+            if not any(category.startswith(prefix) for prefix in categories):
                 return False
-            if (low is not None and meta.price < low) or (high is not None and meta.price > high):
+        if low is not None or high is not None:
+            price = catalog.price_of(iid)
+            if price is None:
+                return False
+            if (low is not None and price < low) or (high is not None and price > high):
                 return False
         return True
     return accept

@@ -3,6 +3,8 @@
 - `flat` (`FlatStructure`): IndexIDMap over IndexFlatIP. Exact; add is an append, remove/update
   compact the arrays (O(n) per batch). Best for small catalogs (see the crossover measured by
   bench/ranker.py).
+- `scan` (`ScanStructure`): no structure, an exact scan of the index's own vector store; what a
+  large index answers from while its first HNSW structure is built after a bulk load.
 - `hnsw` (`HnswStructure`): IndexHNSWFlat (inner product). Sub-linear search for large catalogs.
   HNSW cannot delete, so a removed or updated item's old row is cleared in a live-row bitmap that
   every search passes as an IDSelector (the search-time deletion filter); `dead` counts those
@@ -32,6 +34,9 @@ class IndexOptions:
     rebuild_min_dead: int = 512
     # False: rebuilds run inline (tests, benchmarks that want a settled index).
     background: bool = True
+    # faiss threads of a structure build (the build runs in a thread of its own; requests keep
+    # RANKER_TORCH_THREADS): an HNSW build is most of a large replica's start and of its swaps.
+    build_threads: int = 2
 
     def initial_kind(self, size: int) -> str:
         if self.kind != "auto":
@@ -76,12 +81,14 @@ class HnswStructure:
         self.index = faiss.IndexHNSWFlat(dim, options.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = options.hnsw_ef_construction
         self.ef_search = options.hnsw_ef_search
+        # Arrays, not a dict and a per-row loop: at 1M items a dict item id -> row cost ~100 MB
+        # and its filling a second per build.
         self.row_ids = np.zeros(0, np.int64)        # row -> item id
         self.live = np.zeros(0, np.uint8)           # bitmap over rows, 1 = live
-        self.row_of: dict[int, int] = {}            # item id -> its live row
+        self.row_by_id = np.zeros(0, np.int64)      # item id -> its live row, -1 = none
         self.dead = 0
 
-    def _grow(self, rows: int) -> None:
+    def _grow(self, rows: int, max_id: int) -> None:
         if rows > self.row_ids.shape[0]:
             capacity = max(rows, 2 * self.row_ids.shape[0], 1024)
             extra = np.full(capacity - self.row_ids.shape[0], -1, np.int64)
@@ -90,30 +97,50 @@ class HnswStructure:
         if need > self.live.shape[0]:
             capacity = max(need, 2 * self.live.shape[0], 128)
             self.live = np.concatenate([self.live, np.zeros(capacity - self.live.shape[0], np.uint8)])
+        if max_id >= self.row_by_id.shape[0]:
+            capacity = max(max_id + 1, 2 * self.row_by_id.shape[0], 1024)
+            extra = np.full(capacity - self.row_by_id.shape[0], -1, np.int64)
+            self.row_by_id = np.concatenate([self.row_by_id, extra])
 
-    def _kill(self, item_id: int) -> None:
-        row = self.row_of.pop(int(item_id), None)
-        if row is not None:
-            self.live[row >> 3] &= np.uint8(~(1 << (row & 7)) & 0xFF)
-            self.dead += 1
+    def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """The live rows of those of `item_ids` that have one."""
+        item_ids = np.asarray(item_ids, np.int64)
+        item_ids = item_ids[(item_ids >= 0) & (item_ids < self.row_by_id.shape[0])]
+        rows = self.row_by_id[item_ids]
+        return rows[rows >= 0]
+
+    def _set_live(self, rows: np.ndarray, live: bool) -> None:
+        cells = rows >> 3
+        bits = np.left_shift(1, rows & 7).astype(np.uint8)
+        if live:
+            np.bitwise_or.at(self.live, cells, bits)
+        else:
+            np.bitwise_and.at(self.live, cells, ~bits)
+
+    def _kill(self, item_ids: np.ndarray) -> None:
+        rows = self.rows_of(item_ids)
+        if rows.size:
+            rows = np.unique(rows)
+            self._set_live(rows, False)
+            self.row_by_id[self.row_ids[rows]] = -1
+            self.dead += int(rows.size)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, replaced: np.ndarray) -> None:
-        for item_id in replaced:
-            self._kill(item_id)
+        if replaced.size:
+            self._kill(replaced)
         if not ids.size:
             return
         start = self.index.ntotal
-        self._grow(start + ids.size)
-        self.index.add(vectors)
-        for offset, item_id in enumerate(ids):
-            row = start + offset
-            self.row_ids[row] = item_id
-            self.live[row >> 3] |= np.uint8(1 << (row & 7))
-            self.row_of[int(item_id)] = row
+        self._grow(start + ids.size, int(ids.max()))
+        self.index.add(np.ascontiguousarray(vectors, np.float32))
+        rows = np.arange(start, start + ids.size)
+        self.row_ids[rows] = ids
+        self._set_live(rows, True)
+        self.row_by_id[ids] = rows
 
     def remove(self, ids: np.ndarray) -> None:
-        for item_id in ids:
-            self._kill(item_id)
+        if ids.size:
+            self._kill(ids)
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -121,8 +148,7 @@ class HnswStructure:
         params.efSearch = max(self.ef_search, k)
         rows = self.index.ntotal
         if allowed is not None:
-            wanted = [self.row_of[i] for i in allowed.tolist() if i in self.row_of]
-            selector = faiss.IDSelectorBatch(np.asarray(wanted, np.int64))
+            selector = faiss.IDSelectorBatch(self.rows_of(allowed))
             params.sel = selector
         elif self.dead:
             selector = faiss.IDSelectorBitmap(rows, faiss.swig_ptr(self.live))
@@ -134,6 +160,51 @@ class HnswStructure:
     @property
     def rows(self) -> int:
         return self.index.ntotal
+
+
+class ScanStructure:
+    """No structure at all: an exact scan of the owning index's own vector store (the rows it
+    marks present). What a large index searches while its first real structure is built from
+    a bulk load (a flat copy of 1M 384-d vectors would be 1.5 GB more for those minutes)."""
+    kind = "scan"
+
+    def __init__(self, dim: int, store) -> None:
+        self.store = store      # () -> (vectors [capacity, dim], present [capacity]) of the owner
+        self.dead = 0
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray, replaced: np.ndarray) -> None:
+        pass                    # the owner's store is what is searched
+
+    def remove(self, ids: np.ndarray) -> None:
+        pass
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        vectors, present = self.store()
+        if allowed is not None:
+            allowed = allowed[(allowed >= 0) & (allowed < present.shape[0])]
+            candidates = allowed[present[allowed]]
+        else:
+            candidates = np.flatnonzero(present)
+        out_scores = np.full((queries.shape[0], k), -np.inf, np.float32)
+        out_ids = np.full((queries.shape[0], k), -1, np.int64)
+        if not candidates.size:
+            return out_scores, out_ids
+        contiguous = candidates[-1] - candidates[0] + 1 == candidates.size
+        base = vectors[candidates[0]:candidates[-1] + 1] if contiguous else vectors[candidates]
+        scores = queries @ base.T                     # [b, candidates]
+        take = min(k, candidates.size)
+        for row in range(queries.shape[0]):
+            top = np.argpartition(-scores[row], take - 1)[:take] if candidates.size > take else \
+                np.arange(candidates.size)
+            top = top[np.argsort(-scores[row, top], kind="stable")]
+            out_scores[row, :take] = scores[row, top]
+            out_ids[row, :take] = candidates[top]
+        return out_scores, out_ids
+
+    @property
+    def rows(self) -> int:
+        return 0
 
 
 STRUCTURES = {"flat": FlatStructure, "hnsw": HnswStructure}

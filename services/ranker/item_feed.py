@@ -18,7 +18,7 @@ import numpy as np
 from deltarec.v1 import features_pb2
 
 from services.ranker import metrics
-from services.ranker.catalog import Catalog, ItemUpdate
+from services.ranker.catalog import Catalog, ItemBatch
 from services.ranker.features_client import FeaturesClient
 from services.ranker.user_cache import FeaturesUnavailable
 
@@ -34,23 +34,60 @@ def money_value(money) -> float | None:
     return money.units + money.nanos / 1e9
 
 
-def item_update(change) -> ItemUpdate | None:
-    item = change.item
-    if not item.item_id:
-        return None
-    lsn = change.lsn or item.updated_lsn
-    if change.kind == REMOVE:
-        return ItemUpdate(item.item_id, lsn, remove=True)
-    if change.kind != UPSERT:
-        return None
-    vector = None
-    if item.embedding.dim and item.embedding.values:
-        vector = np.frombuffer(item.embedding.values, dtype="<f4")
-        if vector.shape[0] != item.embedding.dim:
-            vector = None
-    return ItemUpdate(item.item_id, lsn, title=item.title, brand=item.brand, category=item.category,
-                      price=money_value(item.price) if item.HasField("price") else None,
-                      active=item.active, vector=vector, popularity=item.stats.popularity)
+def decode_page(response, dim: int) -> ItemBatch:
+    """One WatchItems page as columns: the fields read change by change, the text vectors of
+    the whole page joined and decoded in one `frombuffer` into an [n, dim] float32 matrix (not
+    a numpy array and an update object per item). An upsert whose vector is absent or does not
+    match its `dim` keeps the vector the catalog has; changes without an item id, and kinds
+    this replica does not know, are skipped."""
+    item_ids, lsns, remove, titles, brands, categories = [], [], [], [], [], []
+    prices, active, popularity, has_vector = [], [], [], []
+    chunks: list[bytes] = []
+    width = 4 * dim
+    for change in response.changes:
+        item = change.item
+        item_id = item.item_id
+        if not item_id:
+            continue
+        kind = change.kind
+        if kind == REMOVE:
+            item_ids.append(item_id)
+            lsns.append(change.lsn or item.updated_lsn)
+            remove.append(True)
+            titles.append("")
+            brands.append("")
+            categories.append("")
+            prices.append(None)
+            active.append(False)
+            popularity.append(0.0)
+            has_vector.append(False)
+            chunks.append(bytes(width))
+            continue
+        if kind != UPSERT:
+            continue
+        item_ids.append(item_id)
+        lsns.append(change.lsn or item.updated_lsn)
+        remove.append(False)
+        titles.append(item.title)
+        brands.append(item.brand)
+        categories.append(item.category)
+        prices.append(money_value(item.price) if item.HasField("price") else None)
+        active.append(item.active)
+        popularity.append(item.stats.popularity)
+        embedding = item.embedding
+        values = embedding.values
+        if embedding.dim and len(values) == 4 * embedding.dim:
+            if embedding.dim == dim:
+                has_vector.append(True)
+                chunks.append(values)
+                continue
+            log.warning("item vector of wrong dimension ignored",
+                        extra={"item_id": item_id, "dim": int(embedding.dim)})
+        has_vector.append(False)
+        chunks.append(bytes(width))
+    vectors = np.frombuffer(b"".join(chunks), dtype="<f4").astype(np.float32, copy=False).reshape(-1, dim)
+    return ItemBatch(item_ids, lsns, remove, titles, brands, categories, prices, active, popularity,
+                     vectors, np.asarray(has_vector, bool))
 
 
 class ItemFeed:
@@ -70,6 +107,7 @@ class ItemFeed:
         self._target: int | None = None
         self.connected = threading.Event()
         self.messages = 0
+        self._applying = False
         self._thread = threading.Thread(target=self._run, name="item-feed", daemon=True)
 
     def start(self) -> "ItemFeed":
@@ -110,8 +148,11 @@ class ItemFeed:
         while not self._stop.is_set() and not self.catalog.ready.is_set():
             last = (self.messages, self.catalog.watermark)
             self._stop.wait(self.quiet_ready_s)
+            # Quiet means waiting for a message, not applying a long one (a page that grows a
+            # 1M-item store can take seconds on loaded cores: that marked a half-loaded catalog
+            # ready and built its indexes from half of it).
             if self.connected.is_set() and (self.messages, self.catalog.watermark) == last \
-                    and not self.catalog.ready.is_set():
+                    and not self._applying and not self.catalog.ready.is_set():
                 self.catalog.mark_ready()
                 log.info("catalog ready (feed quiet)", extra={"items": self.catalog.active_count,
                                                               "data_lsn": self.catalog.watermark})
@@ -139,10 +180,14 @@ class ItemFeed:
                 self.connected.set()
                 log.info("watching item changes", extra={"after_lsn": after, "features": self.client.address})
                 for response in self._call:
-                    updates = self._drop_by_drill([u for u in map(item_update, response.changes) if u is not None])
+                    self._applying = True
+                    batch = decode_page(response, self.catalog.text_dim)
+                    if self.drop_updates is not None:
+                        batch = ItemBatch.of(self._drop_by_drill(batch.updates()), self.catalog.text_dim)
                     if seen is not None:
-                        seen.update(u.item_id for u in updates if not u.remove)
-                    self.catalog.apply(updates, response.watermark)
+                        seen.update(item_id for item_id, removal in zip(batch.item_ids, batch.remove)
+                                    if not removal)
+                    self.catalog.apply_batch(batch, response.watermark)
                     if seen is not None and response.watermark >= self._target:
                         removed = self.catalog.retain_only(seen, response.watermark)
                         log.info("full resync done",
@@ -150,14 +195,16 @@ class ItemFeed:
                         seen, resync = None, False
                         self._resynced.set()
                     self.messages += 1
+                    self._applying = False
                     backoff = 0.2
-                    metrics.ITEM_CHANGES.inc(len(updates))
+                    metrics.ITEM_CHANGES.inc(len(batch))
                     metrics.DATA_LSN.set(self.catalog.watermark)
                     self._mark_ready_if_caught_up()
                     if self._stop.is_set():
                         return
                 raise FeaturesUnavailable("WatchItems stream ended")
             except (grpc.RpcError, FeaturesUnavailable) as error:
+                self._applying = False
                 self.connected.clear()
                 if self._stop.is_set():
                     return
@@ -170,6 +217,7 @@ class ItemFeed:
                 log.warning("item feed interrupted; resuming", extra={"error": detail,
                                                                       "after_lsn": self.catalog.watermark})
             except Exception:  # noqa: BLE001 - keep the feed alive whatever a message holds
+                self._applying = False
                 self.connected.clear()
                 log.exception("item feed failed; resuming")
             self._stop.wait(backoff)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -78,7 +79,7 @@ class LexicalIndex:
         self._rows: dict[str, _Row] = {}          # built on demand; dropped when the term changes
         self._doc_len: dict[int, int] = {}
         self._doc: dict[int, tuple[str, str, tuple[str, ...]]] = {}
-        self._titles: dict[str, set[int]] = {}
+        self._titles: dict[str, int | set[int]] = {}    # normalised title -> its item(s)
         self._brands: dict[str, set[int]] = {}
         self._brand_sorted: dict[str, list[int]] = {}   # memo of sorted(_brands[name])
         self._total_len = 0
@@ -91,7 +92,9 @@ class LexicalIndex:
 
     def add(self, doc_id: int, title: str, brand: str = "") -> None:
         title_tokens, brand_tokens = tokenize(title), tokenize(brand)
-        terms = tuple(title_tokens + brand_tokens)
+        # Interned: every document's term tuple points at one copy of each term (at 1M titles
+        # a tuple of private strings per document cost ~0.5 GB).
+        terms = tuple(map(sys.intern, title_tokens + brand_tokens))
         norm_title, norm_brand = " ".join(title_tokens), " ".join(brand_tokens)
         with self._lock:
             previous = self._doc.get(doc_id)
@@ -115,7 +118,15 @@ class LexicalIndex:
             self._total_len += len(terms)
             self._max_doc = max(self._max_doc, doc_id)
             if norm_title:
-                self._titles.setdefault(norm_title, set()).add(doc_id)
+                # one document: its id; more: a set (most titles are unique; a set each cost
+                # ~200 bytes per item)
+                members = self._titles.get(norm_title)
+                if members is None:
+                    self._titles[norm_title] = doc_id
+                elif isinstance(members, set):
+                    members.add(doc_id)
+                elif members != doc_id:
+                    self._titles[norm_title] = {members, doc_id}
             if norm_brand:
                 self._brands.setdefault(norm_brand, set()).add(doc_id)
                 self._brand_sorted.pop(norm_brand, None)
@@ -138,7 +149,16 @@ class LexicalIndex:
                     del self._postings[term]
         self._total_len -= self._doc_len.pop(doc_id, 0)
         self._brand_sorted.pop(norm_brand, None)
-        for table, key in ((self._titles, norm_title), (self._brands, norm_brand)):
+        members = self._titles.get(norm_title)
+        if isinstance(members, set):
+            members.discard(doc_id)
+            if len(members) == 1:
+                self._titles[norm_title] = next(iter(members))
+            elif not members:
+                del self._titles[norm_title]
+        elif members == doc_id:
+            del self._titles[norm_title]
+        for table, key in ((self._brands, norm_brand),):
             members = table.get(key)
             if members is not None:
                 members.discard(doc_id)
@@ -160,7 +180,10 @@ class LexicalIndex:
     # ------------------------------------------------------------------ queries
     def exact_title(self, query: str) -> list[int]:
         """Items whose whole normalised title equals the normalised query."""
-        return sorted(self._titles.get(normalize(query), ()))
+        members = self._titles.get(normalize(query))
+        if members is None:
+            return []
+        return sorted(members) if isinstance(members, set) else [members]
 
     def brands_in(self, query: str, limit: int = 1000) -> list[int]:
         """Items of every brand whose name appears as whole words in the query."""

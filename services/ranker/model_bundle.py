@@ -91,7 +91,12 @@ class ModelBundle:
         vectors = self.compute_vectors(item_ids, text_vectors)
         if vectors.size and not np.isfinite(vectors).all():
             raise ArtifactInvalid("item tower produced non-finite vectors")
+        # One structure build from the whole set (flat inline; HNSW in the background, an
+        # exact scan of the vectors answering until it is in), not a flat copy first.
+        self.index.begin_bulk_load()
         self.index.upsert(iids, vectors)
+        del vectors
+        self.index.end_bulk_load()
         self.catalog.attach(self, seq)
 
     def items_upserted(self, iids: np.ndarray, item_ids: list[str], text_vectors: np.ndarray) -> None:

@@ -11,8 +11,9 @@ With kind `auto` the index starts flat and switches to HNSW (by the same backgro
 it grows past `hnsw_min_items`, and back below 80 % of it.
 
 Searches take a shared lock and mutations an exclusive one (`RWLock`; faiss structures are safe
-for concurrent searches, not for a search concurrent with an add). Single-query searches of
-concurrent requests are combined into one faiss call (`SearchBatcher`).
+for concurrent searches, not for a search concurrent with an add). Each request calls faiss
+itself: combining concurrent queries into one call cost more GIL time in thread handoffs than it
+saved (README "Serving").
 """
 from __future__ import annotations
 
@@ -23,11 +24,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from services.ranker.index_structures import KINDS, STRUCTURES, IndexOptions
+import faiss
+
+from services.ranker.index_structures import KINDS, STRUCTURES, IndexOptions, ScanStructure
 from services.ranker.rwlock import RWLock
-from services.ranker.search_batcher import SearchBatcher
 
 log = logging.getLogger(__name__)
+
+# A rebuild copies the vectors it adds this many rows at a time (not all at once: at 1M 384-d
+# items a full copy is 1.5 GB on top of the store and the structure being built).
+REBUILD_CHUNK = 65_536
+# Changes made during a rebuild are replayed in rounds outside the write lock until at most this
+# many are left; those are replayed under it (searches wait only for them).
+REPLAY_UNDER_LOCK = 4096
 
 
 class VectorIndex:
@@ -47,9 +56,9 @@ class VectorIndex:
         self._rebuilding = False
         # False while a bulk load streams in (one rebuild at the end instead of HNSW inserts).
         self.auto_rebuild = True
+        self._bulk_loading = False
         self._checksum_cache: tuple[int, str] | None = None
         self.rebuilds = 0
-        self._batcher = SearchBatcher(self._search_locked)
 
     # ------------------------------------------------------------------ state
     @property
@@ -116,11 +125,46 @@ class VectorIndex:
         if upto <= self._has.shape[0]:
             return
         capacity = max(upto, 2 * self._has.shape[0], 256)
-        extra = capacity - self._has.shape[0]
-        self._vectors = np.concatenate([self._vectors, np.zeros((extra, self.dim), np.float32)])
-        self._has = np.concatenate([self._has, np.zeros(extra, bool)])
-        self._present = np.concatenate([self._present, np.zeros(extra, bool)])
-        self._changed = np.concatenate([self._changed, np.zeros(extra, np.int64)])
+
+        def grown(array: np.ndarray) -> np.ndarray:
+            # np.zeros of a large size maps zero pages that are touched only when written:
+            # copying the old rows in writes only those (a concatenate with a zero block
+            # wrote and faulted the whole new size: a third of a 1M-item load's time, py-spy)
+            out = np.zeros((capacity,) + array.shape[1:], array.dtype)
+            out[: array.shape[0]] = array
+            return out
+        self._vectors = grown(self._vectors)
+        self._has, self._present, self._changed = grown(self._has), grown(self._present), grown(self._changed)
+
+    # ------------------------------------------------------------------ bulk load
+    def begin_bulk_load(self) -> None:
+        """Until `end_bulk_load`: vectors go to the store only, with no faiss structure (a
+        search is an exact scan of the store), so a large load neither fills a flat copy of
+        itself nor inserts into HNSW item by item."""
+        with self._lock.write():
+            self._bulk_loading = True
+            self.auto_rebuild = False
+            self._structure = ScanStructure(self.dim, self._scan_view)
+
+    def end_bulk_load(self) -> None:
+        """Builds the structure the loaded size wants from the store in one pass: a flat one
+        inline; an HNSW one in the background (options.background), the scan answering
+        meanwhile; then changes kind / compacts by itself."""
+        if not self._bulk_loading:
+            self.auto_rebuild = True
+            self.maybe_rebuild()
+            return
+        self._bulk_loading = False
+        self.auto_rebuild = True
+        kind = self.options.initial_kind(self._count) if self.options.kind == "auto" else self.options.kind
+        if kind == "hnsw" and self.options.background and self._count:
+            self._rebuilding = True
+            threading.Thread(target=self.rebuild, args=(kind,), name="index-rebuild", daemon=True).start()
+        else:
+            self.rebuild(kind)
+
+    def _scan_view(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._vectors, self._present
 
     # ------------------------------------------------------------------ mutations
     def upsert(self, ids: Sequence[int] | np.ndarray, vectors: np.ndarray) -> int:
@@ -180,16 +224,6 @@ class VectorIndex:
             allowed = None if allowed is None else np.asarray(allowed, np.int64)
             return self._structure.search(queries, k, allowed)
 
-    def _search_locked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        with self._lock.read():
-            return self._structure.search(queries, k, None)
-
-    def search_one(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """One query, batched with the concurrent ones of other requests (see SearchBatcher)."""
-        query = np.ascontiguousarray(query, dtype=np.float32).reshape(self.dim)
-        k = max(1, min(int(k), max(self._count, 1)))
-        return self._batcher.search(query, k)
-
     def score(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact scores of one query against given ids (candidate-set scoring)."""
         return self._vectors[ids] @ np.asarray(query, np.float32).reshape(self.dim)
@@ -216,6 +250,8 @@ class VectorIndex:
 
     # ------------------------------------------------------------------ rebuilds
     def _wanted_kind(self) -> str:
+        if self.kind == "scan":
+            return self.options.initial_kind(self._count)
         if self.options.kind != "auto":
             return self.options.kind
         threshold = self.options.hnsw_min_items
@@ -246,28 +282,69 @@ class VectorIndex:
 
     def rebuild(self, kind: str | None = None) -> None:
         """A fresh structure from the dense copy, built without blocking searches or writes; the
-        changes made meanwhile are replayed before the swap."""
+        changes made meanwhile are replayed before the swap: in rounds without the write lock
+        while they are many (a bulk load still streaming in), the last few under it."""
         self._rebuilding = True
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(max(1, self.options.build_threads))   # this thread only
         try:
             kind = kind or self._wanted_kind()
             with self._lock.read():
                 seq = self._seq
                 ids = np.flatnonzero(self._present)
-                vectors = self._vectors[ids]
+                store = self._vectors
             structure = STRUCTURES[kind](self.dim, self.options)
-            structure.add(ids, vectors, np.zeros(0, np.int64))
+            inside = np.zeros(store.shape[0], bool)      # ids the new structure has a live row for
+            inside[ids] = True
+            # Read without the lock, a chunk at a time: a row written meanwhile has a newer
+            # sequence and is replayed below; a grown store is a new array (this one stays).
+            for start in range(0, ids.size, REBUILD_CHUNK):
+                part = ids[start:start + REBUILD_CHUNK]
+                structure.add(part, store[part], np.zeros(0, np.int64))
+            del ids
+            while True:
+                with self._lock.read():
+                    changed = np.flatnonzero(self._changed > seq)
+                    if changed.size <= REPLAY_UNDER_LOCK:
+                        break            # these few: under the write lock below
+                    seq = self._seq
+                # A chunk read after `seq` may already show a later change: that one is
+                # replayed again next round (replaying an id's latest state is idempotent).
+                for start in range(0, changed.size, REBUILD_CHUNK):
+                    part = changed[start:start + REBUILD_CHUNK]
+                    with self._lock.read():
+                        present = self._present[part]
+                        live = part[present]
+                        vectors = self._vectors[live]
+                    inside = self._replay(structure, inside, part, present, live, vectors)
             with self._lock.write():
                 changed = np.flatnonzero(self._changed > seq)
                 if changed.size:
-                    in_snapshot = np.isin(changed, ids)
-                    live = changed[self._present[changed]]
-                    gone = changed[~self._present[changed] & in_snapshot]
-                    structure.remove(gone)
-                    structure.add(live, self._vectors[live], live[np.isin(live, ids)])
+                    present = self._present[changed]
+                    live = changed[present]
+                    self._replay(structure, inside, changed, present, live, self._vectors[live])
                 previous = self._structure
                 self._structure = structure
                 self.rebuilds += 1
             log.info("index rebuilt", extra={"kind": kind, "previous_kind": previous.kind,
                                              "items": self._count, "dead_rows_dropped": previous.dead})
         finally:
+            faiss.omp_set_num_threads(threads)
             self._rebuilding = False
+
+    @staticmethod
+    def _replay(structure, inside: np.ndarray, changed: np.ndarray, present: np.ndarray, live: np.ndarray,
+                vectors: np.ndarray) -> np.ndarray:
+        """Brings `structure` to the state of the `changed` ids (`present` flags; `live` those
+        present, with their `vectors`); returns the updated `inside` marks."""
+        top = int(changed.max()) + 1
+        if top > inside.shape[0]:
+            grown = np.zeros(max(top, 2 * inside.shape[0]), bool)
+            grown[: inside.shape[0]] = inside
+            inside = grown
+        gone = changed[~present & inside[changed]]
+        structure.remove(gone)
+        structure.add(live, vectors, live[inside[live]])
+        inside[gone] = False
+        inside[live] = True
+        return inside

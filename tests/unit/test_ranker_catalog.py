@@ -121,3 +121,43 @@ def test_wrong_dimension_vectors_are_not_indexed():
     catalog = Catalog(IndexOptions(kind="flat"))
     catalog.apply([ItemUpdate("bad", 1, title="Bad", vector=np.ones(7, np.float32))], watermark=1)
     assert catalog.text_index.size == 0 and not catalog.is_active(catalog.iid("bad"))
+
+
+def test_a_feed_page_decodes_to_columns_with_one_vector_matrix():
+    from deltarec.v1 import features_pb2
+    from services.ranker.item_feed import decode_page
+    page = features_pb2.WatchItemsResponse(watermark=30)
+    good = fakes.text_vectors(["a", "b"])
+    for n, item_id in enumerate(("a", "b")):
+        change = page.changes.add(kind=features_pb2.ITEM_CHANGE_KIND_UPSERT, lsn=10 + n)
+        change.item.item_id, change.item.title, change.item.active = item_id, f"Title {item_id}", True
+        change.item.embedding.dim, change.item.embedding.values = 384, good[n].astype("<f4").tobytes()
+    short = page.changes.add(kind=features_pb2.ITEM_CHANGE_KIND_UPSERT, lsn=20)
+    short.item.item_id, short.item.active = "c", True
+    short.item.embedding.dim, short.item.embedding.values = 8, np.ones(8, "<f4").tobytes()
+    page.changes.add(kind=features_pb2.ITEM_CHANGE_KIND_REMOVE, lsn=21).item.item_id = "a"
+    page.changes.add(kind=features_pb2.ITEM_CHANGE_KIND_UPSERT, lsn=22)        # no item id: skipped
+    batch = decode_page(page, 384)
+    assert batch.item_ids == ["a", "b", "c", "a"] and batch.remove == [False, False, False, True]
+    assert batch.has_vector.tolist() == [True, True, False, False] and batch.vectors.shape == (4, 384)
+    assert np.array_equal(batch.vectors[1], good[1])
+    catalog = Catalog(IndexOptions(kind="flat"))
+    catalog.apply_batch(batch, page.watermark)
+    # the last change of "a" (its removal) wins; "c" has no usable vector and is not indexed
+    assert catalog.watermark == 30 and catalog.active_count == 1 and catalog.text_index.size == 1
+    assert catalog.meta_of("b").title == "Title b" and catalog.meta_of("b").price is None
+    assert not catalog.is_active(catalog.iid("c")) and catalog.iid("a") is None
+
+
+def test_columns_keep_metadata_and_filters_read_them():
+    from services.ranker.filters import FilterSpec, make_acceptor
+    catalog = Catalog(IndexOptions(kind="flat"))
+    catalog.apply([upsert("a", 1, "A", brand="X", category="Beauty > Lips", price=4.5),
+                   upsert("b", 2, "B", brand="X", category="Beauty > Hair"),
+                   upsert("c", 3, "C", category="Beauty > Lips", price=12.0)], watermark=3)
+    catalog.apply([ItemUpdate("c", 4, remove=True)], watermark=4)
+    c = catalog.meta_of("c")
+    assert (c.title, c.category, c.price, c.active, c.updated_lsn) == ("C", "Beauty > Lips", 12.0, False, 4)
+    assert catalog.meta_of("b").brand == "X" and catalog.meta_of("b").price is None
+    accept = make_acceptor(catalog, FilterSpec(categories=("Beauty > L",), max_price=10.0), set())
+    assert [catalog.name_of(i) for i in range(3) if accept(i)] == ["a"]

@@ -152,35 +152,75 @@ def test_unchanged_vectors_are_not_rewritten():
     assert index.version == version and index.dead_rows == 0
 
 
-def test_concurrent_searches_are_batched_and_each_gets_its_own_answer():
-    import threading
-
-    index = VectorIndex(16, IndexOptions(kind="flat"))
-    x = vectors(500, seed=9)
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_bulk_load_answers_by_exact_scan_then_builds_its_structure_once(kind):
+    index = VectorIndex(16, IndexOptions(kind=kind, background=False))
+    index.begin_bulk_load()
+    x = vectors(500, seed=3)
     index.upsert(np.arange(500), x)
-    release = threading.Event()
-    original = index._structure.search
+    index.remove([4, 9])
+    index.upsert([5], -x[5:6])
+    assert index.kind == "scan" and index.size == 498
+    for query in (0, 5, 77):
+        _, found = index.search(x[query:query + 1], 10)
+        truth = [i for i in np.argsort(-(x @ x[query])) if i not in (4, 5, 9)][:10]
+        assert [int(i) for i in found[0]] == [int(i) for i in truth]
+    _, found = index.search(x[:1], 5, allowed=np.array([4, 5, 6, 7]))
+    assert set(found[0].tolist()) == {5, 6, 7, -1}       # a removed id is never returned
+    index.end_bulk_load()
+    assert index.kind == kind and index.size == 498 and index.rebuilds == 1
+    _, found = index.search(x[77:78], 1)
+    assert found[0, 0] == 77
+    _, found = index.search(-x[5:6], 1)
+    assert found[0, 0] == 5
+    _, found = index.search(x[4:5], 498)
+    assert 4 not in found[0] and 9 not in found[0]
 
-    def slow_first_search(queries, k, allowed):
-        release.wait(10)      # hold the first search so that the others queue behind it
-        return original(queries, k, allowed)
-    index._structure.search = slow_first_search
-    results = {}
 
-    def ask(i):
-        results[i] = index.search_one(x[i], 3 + i % 4)
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
-    threads[0].start()
-    while not index._batcher._busy:
-        pass
-    for thread in threads[1:]:
-        thread.start()
-    while len(index._batcher._pending) < 11:
-        pass
-    release.set()
-    for thread in threads:
-        thread.join(10)
-    for i in range(12):
-        scores, ids = results[i]
-        assert ids.shape == (1, 3 + i % 4) and ids[0, 0] == i
-    assert index._batcher.batches == 2 and index._batcher.queries == 12
+def test_hnsw_rows_by_id_follow_updates_and_removals():
+    index = VectorIndex(16, IndexOptions(kind="hnsw", background=False, rebuild_min_dead=10_000))
+    x = vectors(200, seed=4)
+    index.upsert(np.arange(200) * 5, x)
+    index.upsert([10, 10], np.stack([-x[2], x[2]]))     # the last of a repeated id wins: unchanged
+    index.upsert([15], -x[3:4])                          # an update: one dead row
+    index.remove([20, 20, 25])
+    assert index.dead_rows == 3 and index.size == 198
+    _, found = index.search(x[3:4], 198)
+    assert 15 not in found[0][:1].tolist() and 20 not in found[0] and 25 not in found[0]
+    _, found = index.search(x[2:3], 3, allowed=np.array([10, 20, 15, 999]))
+    assert found[0, 0] == 10 and 20 not in found[0]
+
+
+def test_rebuild_replays_many_concurrent_changes_in_rounds(monkeypatch):
+    import services.ranker.vector_index as vector_index
+    monkeypatch.setattr(vector_index, "REPLAY_UNDER_LOCK", 8)
+    monkeypatch.setattr(vector_index, "REBUILD_CHUNK", 16)
+    index = VectorIndex(16, IndexOptions(kind="hnsw", background=False, rebuild_min_dead=10_000))
+    x = vectors(600, seed=5)
+    index.upsert(np.arange(300), x[:300])
+    original_add = vector_index.STRUCTURES["hnsw"].add
+    calls = []
+
+    def add_then_change(structure, ids, vecs, replaced):
+        original_add(structure, ids, vecs, replaced)
+        # while the rebuild runs: new items, updates and removals arrive (three rounds' worth)
+        if structure is not index._structure and len(calls) < 3:
+            calls.append(len(calls))
+            n = len(calls)
+            index.upsert(np.arange(300 + 100 * (n - 1), 300 + 100 * n), x[300 + 100 * (n - 1):300 + 100 * n])
+            index.upsert([n], -x[n:n + 1])
+            index.remove([10 + n])
+    monkeypatch.setattr(vector_index.STRUCTURES["hnsw"], "add", add_then_change)
+    index.rebuild("hnsw")
+    assert len(calls) == 3 and index.rebuilds == 1 and index.size == 600 - 3
+    _, found = index.search(x, 1)
+    for i in range(600):
+        if i in (11, 12, 13):
+            assert i not in found[:, 0]
+        elif i in (1, 2, 3):
+            assert found[i, 0] != i
+        else:
+            assert found[i, 0] == i
+    for n in (1, 2, 3):
+        _, found = index.search(-x[n:n + 1], 1)
+        assert found[0, 0] == n
