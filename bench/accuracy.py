@@ -13,8 +13,16 @@ Protocol (leave-one-out, the target ranked against ALL items):
 2. test model: the same configuration refit on everything before the test target (train + the
    validation item), stopped at the selected epoch, so that the test target is one step past the
    training data as the validation target was (the train-only model's test figures are reported too);
-3. cold start: the refit again with 5% of the items (seeded) removed from training entirely; test
-   targets that are such items are scored through the text path only, beside popularity on them.
+3. cold start: the train part with 5% of the items (seeded) removed entirely, stopped at the
+   selected epoch. Those items reach the model through their text only (id row 0) - and, served,
+   through the popularity they gathered since (``id_less_popularity_prior``; what the features
+   service counts and the model never trained on). The prior's weight is chosen on the validation
+   targets (all of them: what it gains on held-out items against what it costs the others), then
+   the test targets that are held-out items are scored as served, by the text path alone, and by
+   popularity counted at prediction time. The cold model is trained on the train part, not
+   refit on train + validation: choosing the weight on validation needs a model that did not
+   train on the validation items, and a fourth training does not fit the machine; so its test
+   targets are two steps past its training data (a handicap, like the train-only model's).
 
 With ``--jobs`` > 1 (default 3) the three trainings run at once, one process each: the refits run
 the whole schedule and keep a snapshot at every epoch the selection run evaluates, then the
@@ -51,7 +59,9 @@ import torch
 import _harness
 from _harness import progress
 from scripts.datasets import load_beauty_interactions
-from services.model.network import DeltaRecModel, ModelConfig
+from services.contracts.event_types import NUM_EVENT_TYPES, EventType
+from services.features.item_stats import EVENT_WEIGHTS
+from services.model.network import DeltaRecModel, ModelConfig, id_less_popularity_prior
 from services.trainer.evaluation import (
     cold_start_items,
     evaluate_model,
@@ -66,6 +76,8 @@ from services.trainer.training import DEVICE_SETTINGS, resolve_device, train_ful
 QUICK_USERS = 2000
 QUICK_EPOCHS = 6
 COLD_START_SHARE = 0.05
+# id_less_popularity_weight values compared on validation (0 = the text path alone)
+PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 UNMASKED, MASKED, NOT_STATED = "unmasked", "history masked", "not stated"
 # Published on the same data and protocol (leave-one-out, ranked against all items); constants,
 # quoted, not measured here. None = not reported by the source. The protocol column says whether
@@ -99,6 +111,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--patience", type=int, default=None,
                         help="stop the selection run after this many validations without a new best")
     parser.add_argument("--device", default="auto", choices=DEVICE_SETTINGS, help="auto = CUDA when present")
+    parser.add_argument("--prior-weights", type=float, nargs="+", default=list(PRIOR_WEIGHTS),
+                        help="cold start: id-less popularity prior weights compared on validation")
     parser.add_argument("--skip-cold-start", action="store_true",
                         help="skip the cold-start run (a third training)")
     parser.add_argument(
@@ -227,7 +241,7 @@ def _train(kind: str, config_json: str, options: dict, prepared=None, snapshot_e
         histories = _refit_histories(split)
     elif kind == "cold_start":
         cold_items = cold_start_items(data.num_items, COLD_START_SHARE, seed=options["seed"])
-        histories = without_items(_refit_histories(split), cold_items)
+        histories = without_items(split.train, cold_items)
     else:
         raise ValueError(kind)
     model, stats = train_full(data, config, histories=histories, snapshot_epochs=snapshot_epochs,
@@ -360,23 +374,21 @@ def main() -> int:
         else:
             cold_model, cold_stats = _train("cold_start", config.to_json(), options, prepared,
                                             stop_after_epoch=best_epoch)
-        cold_cases = [case for case in split.test if np.isin(case.target_item, cold_items)]
-        cold = evaluate_model(cold_model, cold_cases, data.item_text)
-        cold_masked = evaluate_model(cold_model, cold_cases, data.item_text, mask_history=True)
-        # popularity as known at prediction time: the cold items' earlier interactions count
-        cold_counts = popularity_counts((c.history for c in split.test), data.item_ids.table_size)
-        cold_popularity = evaluate_popularity(cold_cases, cold_counts)
-        cold_popularity_masked = evaluate_popularity(cold_cases, cold_counts, mask_history=True)
-        progress(f"cold start ({len(cold_items)} items held out of training, {len(cold_cases)} test targets): "
-                 f"model {_brief(cold)}  popularity {_brief(cold_popularity)}  ({cold_stats.train_seconds:.1f}s)")
-        summary.update(_rounded(cold, "cold_start_"))
-        summary.update(_rounded(cold_masked, "cold_start_history_masked_"))
-        summary.update(_rounded(cold_popularity, "cold_start_popularity_"))
-        summary.update(_rounded(cold_popularity_masked, "cold_start_popularity_history_masked_"))
-        summary.update({"cold_start_items": int(len(cold_items)), "cold_start_cases": len(cold_cases)})
-        for metric in ("recall_at_10", "ndcg_at_10"):
-            summary[f"cold_start_ratio_{metric}_vs_popularity"] = (
-                _ratio(cold[metric], cold_popularity[metric]) if cold_popularity[metric] else None)
+        cold_histories = without_items(split.train, cold_items)
+        prior_weight, sweep = choose_prior_weight(cold_model, split.validation, cold_items, cold_histories, data,
+                                                  args.prior_weights)
+        for entry in sweep:
+            progress(f"  cold-start prior weight {entry['prior_weight']}: validation all targets "
+                     f"R@10 {entry['all_recall_at_10']:.4f} N@10 {entry['all_ndcg_at_10']:.4f}; held-out targets "
+                     f"R@10 {entry['held_out_recall_at_10']:.4f} N@10 {entry['held_out_ndcg_at_10']:.4f}")
+        summary["cold_start_prior_weight_validation"] = sweep
+        figures = cold_start_figures(cold_model, split.test, cold_items, cold_histories, data, prior_weight)
+        progress(f"cold start ({len(cold_items)} items held out of training, {figures['cold_start_cases']} test "
+                 f"targets): served {_brief(_pick(figures, 'cold_start_'))}  text only "
+                 f"{_brief(_pick(figures, 'cold_start_text_only_'))}  popularity "
+                 f"{_brief(_pick(figures, 'cold_start_popularity_'))}  ({cold_stats.train_seconds:.1f}s)")
+        summary.update(figures)
+        summary["cold_start_items"] = int(len(cold_items))
     if pool is not None:
         pool.shutdown()
     summary["trainings_wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -396,7 +408,10 @@ def main() -> int:
         print(f"cold start, {summary['cold_start_cases']} test targets among {summary['cold_start_items']} items "
               f"held out of training: DeltaRec R@10 {summary['cold_start_recall_at_10']:.4f} "
               f"N@10 {summary['cold_start_ndcg_at_10']:.4f}; popularity R@10 "
-              f"{summary['cold_start_popularity_recall_at_10']:.4f} N@10 {summary['cold_start_popularity_ndcg_at_10']:.4f}")
+              f"{summary['cold_start_popularity_recall_at_10']:.4f} N@10 {summary['cold_start_popularity_ndcg_at_10']:.4f} "
+              f"(text path alone, no popularity prior: R@10 {summary['cold_start_text_only_recall_at_10']:.4f} "
+              f"N@10 {summary['cold_start_text_only_ndcg_at_10']:.4f}; prior weight "
+              f"{summary['cold_start_prior_weight']})")
     comparison = _comparison({UNMASKED: test, MASKED: test_masked})
     summary.update(comparison)
     for metric in METRICS:
@@ -417,6 +432,75 @@ def main() -> int:
     })
     _harness.print_summary(summary, sort_keys=True)
     return 0
+
+
+def served_popularity(histories, table_size: int) -> np.ndarray:
+    """Item popularity as the features service keeps it (services/features/item_stats.py: the
+    event weights summed) over the interactions in ``histories``; not decayed, because the
+    leave-one-out data have no common clock (Beauty's timestamps are synthetic, per user)."""
+    weights = np.zeros(NUM_EVENT_TYPES, np.float64)
+    for event_type in EventType:
+        weights[int(event_type)] = EVENT_WEIGHTS.get(event_type.name.lower(), 0.0)
+    popularity = np.zeros(table_size, np.float64)
+    for history in histories:
+        np.add.at(popularity, history.items, weights[history.events])
+    popularity[0] = 0.0
+    return popularity
+
+
+def cold_start_figures(model: DeltaRecModel, cases, cold_items: np.ndarray, training_histories: dict,
+                       data: InteractionData, prior_weight: float, prefix: str = "cold_start_",
+                       masked: bool = True, popularity: bool = True) -> dict:
+    """The cold-start figures on ``cases`` for a model trained on ``training_histories`` (which
+    lack ``cold_items``): on the targets that are held-out items, the served score (text path +
+    the id-less popularity prior, id_less_popularity_prior), the text path alone, and popularity;
+    on all targets the served and text-only figures (what the prior costs the other targets).
+    Popularity and the prior both count what is visible at prediction time: every case's history,
+    so the held-out items' interactions by other users are known to both (never a target)."""
+    table_size = data.item_ids.table_size
+    counts = popularity_counts((case.history for case in cases), table_size)
+    id_less = popularity_counts(training_histories.values(), table_size) == 0
+    id_less[0] = False
+    bias = id_less_popularity_prior(served_popularity((c.history for c in cases), table_size), id_less,
+                                    prior_weight)
+    cold_cases = [case for case in cases if np.isin(case.target_item, cold_items)]
+    out: dict = {f"{prefix}cases": len(cold_cases), f"{prefix}prior_weight": prior_weight}
+    protocols = ((False, ""), (True, "history_masked_")) if masked else ((False, ""),)
+    for name, subset in (("", cold_cases), ("all_targets_", cases)):
+        for label, extra in (("", bias), ("text_only_", None)) if popularity else (("", bias),):
+            for mask, tag in protocols:
+                out.update(_rounded(evaluate_model(model, subset, data.item_text, mask_history=mask,
+                                                   score_bias=extra), f"{prefix}{name}{label}{tag}"))
+    if not popularity:
+        return out
+    for mask, tag in protocols:
+        out.update(_rounded(evaluate_popularity(cold_cases, counts, mask_history=mask), f"{prefix}popularity_{tag}"))
+    for metric in ("recall_at_10", "ndcg_at_10"):
+        reference = out[f"{prefix}popularity_{metric}"]
+        out[f"{prefix}ratio_{metric}_vs_popularity"] = _ratio(out[f"{prefix}{metric}"], reference) if reference else None
+        out[f"{prefix}text_only_ratio_{metric}_vs_popularity"] = (
+            _ratio(out[f"{prefix}text_only_{metric}"], reference) if reference else None)
+    return out
+
+
+def choose_prior_weight(model: DeltaRecModel, cases, cold_items: np.ndarray, training_histories: dict,
+                        data: InteractionData, weights) -> tuple[float, list[dict]]:
+    """The id-less popularity prior weight with the best NDCG@10 over ALL ``cases`` (validation:
+    the gain on held-out items is weighed against the loss on the others), and each weight's
+    figures (all targets and held-out targets)."""
+    sweep = []
+    for weight in weights:
+        figures = cold_start_figures(model, cases, cold_items, training_histories, data, float(weight),
+                                     prefix="", masked=False, popularity=False)
+        sweep.append({"prior_weight": float(weight),
+                      **{f"all_{m}": figures[f"all_targets_{m}"] for m in ("recall_at_10", "ndcg_at_10")},
+                      **{f"held_out_{m}": figures[m] for m in ("recall_at_10", "ndcg_at_10")}})
+    best = max(sweep, key=lambda entry: (entry["all_ndcg_at_10"], -entry["prior_weight"]))
+    return best["prior_weight"], sweep
+
+
+def _pick(figures: dict, prefix: str) -> dict:
+    return {m: figures[prefix + m] for m in METRICS if prefix + m in figures}
 
 
 def _brief(figures: dict) -> str:

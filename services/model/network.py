@@ -20,7 +20,11 @@ User tower
     positions counted from the end of a training window would not).
 
 Score
-    Dot product of user vector and item vector.
+    Dot product of user vector and item vector. Items without a learned id
+    (row 0) get ``id_less_popularity_weight * log(1 + popularity)`` on top, their
+    popularity as the features service counts it (interactions since they
+    appeared, which the model never trained on): see
+    :func:`id_less_popularity_prior`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -138,6 +143,8 @@ class ModelConfig:
     # incremental updates
     incremental_learning_rate: float = 3e-4
     incremental_epochs: int = 2
+    # serving: weight of the popularity prior of id-less items (id_less_popularity_prior); 0 = off
+    id_less_popularity_weight: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +160,21 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
         return cls.from_dict(json.loads(text))
+
+
+def id_less_popularity_prior(popularity: np.ndarray, id_less: np.ndarray, weight: float) -> np.ndarray:
+    """The served score added to each item (``[n]``): ``weight * log(1 + popularity)`` for items
+    without a learned id (``id_less``, bool ``[n]``), 0 for the others.
+
+    Why: an item absent from training reaches the model through its text alone, which knows what
+    the item is but not whether anyone buys it; the interactions it gathered since (the features
+    service's item popularity) say that, and an id-carrying item's own row already encodes its
+    popularity up to the training cutoff. ``popularity`` is the features service's value
+    (services/features/item_stats.py: event weights, decayed); the weight is chosen on validation.
+    """
+    popularity = np.asarray(popularity, np.float64)
+    prior = weight * np.log1p(np.maximum(popularity, 0.0))
+    return np.where(np.asarray(id_less, bool), prior, 0.0)
 
 
 def recency_bucket(age_seconds: torch.Tensor) -> torch.Tensor:

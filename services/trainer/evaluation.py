@@ -68,18 +68,23 @@ def rank_targets(
     item_text: np.ndarray | torch.Tensor,
     batch_size: int = 1024,
     mask_history: bool = False,
+    score_bias: np.ndarray | None = None,
 ) -> np.ndarray:
     """0-based rank of each case's target among all items by the model's scores.
 
     Inputs are built exactly as serving builds them (:func:`collate_histories`:
     the last ``max_len`` events of the case's history, aged against the
-    target's time). Runs on the device the model is on.
+    target's time). ``score_bias`` (``[n]``, per item index) is added to every
+    user's scores: the served popularity prior of items without a learned id
+    (:func:`services.model.network.id_less_popularity_prior`). Runs on the
+    device the model is on.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     text_table = torch.as_tensor(item_text, dtype=torch.float32).to(device)
     item_vectors = model.all_item_vectors(text_table)
+    bias = None if score_bias is None else torch.as_tensor(score_bias, dtype=torch.float32).to(device)
     ranks: list[np.ndarray] = []
     for start in range(0, len(cases), batch_size):
         chunk = cases[start : start + batch_size]
@@ -95,6 +100,8 @@ def rank_targets(
             query_ages=torch.from_numpy(batch.query_ages).to(device),
         )
         scores = model.score(user_vectors, item_vectors)
+        if bias is not None:
+            scores = scores + bias
         scores[:, 0] = -math.inf  # padding row is not an item
         targets = torch.tensor([case.target_item for case in chunk], dtype=torch.long, device=device)
         if mask_history:
@@ -111,9 +118,12 @@ def evaluate_model(
     batch_size: int = 1024,
     mask_history: bool = False,
     cutoffs: Sequence[int] = DEFAULT_CUTOFFS,
+    score_bias: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Rank each case's target against all items with the model's dot-product scores."""
-    return metrics_from_ranks(rank_targets(model, cases, item_text, batch_size, mask_history), cutoffs)
+    """Rank each case's target against all items with the model's dot-product scores
+    (plus ``score_bias`` per item, see :func:`rank_targets`)."""
+    return metrics_from_ranks(
+        rank_targets(model, cases, item_text, batch_size, mask_history, score_bias), cutoffs)
 
 
 def cold_start_items(num_items: int, share: float, seed: int = 0) -> np.ndarray:
