@@ -77,7 +77,7 @@ QUICK_USERS = 2000
 QUICK_EPOCHS = 6
 COLD_START_SHARE = 0.05
 # id_less_popularity_weight values compared on validation (0 = the text path alone)
-PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 UNMASKED, MASKED, NOT_STATED = "unmasked", "history masked", "not stated"
 # Published on the same data and protocol (leave-one-out, ranked against all items); constants,
 # quoted, not measured here. None = not reported by the source. The protocol column says whether
