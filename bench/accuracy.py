@@ -66,7 +66,9 @@ from services.trainer.evaluation import (
     cold_start_items,
     evaluate_model,
     evaluate_popularity,
+    metrics_from_ranks,
     popularity_counts,
+    rank_targets_with_biases,
     without_items,
 )
 from services.trainer.interaction_data import InteractionData
@@ -113,6 +115,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=DEVICE_SETTINGS, help="auto = CUDA when present")
     parser.add_argument("--prior-weights", type=float, nargs="+", default=list(PRIOR_WEIGHTS),
                         help="cold start: id-less popularity prior weights compared on validation")
+    parser.add_argument("--cold-start-only", type=int, default=None, metavar="EPOCH",
+                        help="only the cold-start training, stopped at EPOCH (a full run's selected epoch), "
+                             "and its figures")
     parser.add_argument("--skip-cold-start", action="store_true",
                         help="skip the cold-start run (a third training)")
     parser.add_argument(
@@ -281,6 +286,14 @@ def main() -> int:
     # loaded (and the title vectors cached) before any worker starts, so workers only read the cache
     prepared = _prepare(args.data_dir, users)
     data, split = prepared
+    if args.cold_start_only is not None:
+        jobs = 1
+        options_only = {"data_dir": str(args.data_dir), "users": users, "seed": args.seed, "device": str(device),
+                        "verbose": args.verbose, "eval_every": args.eval_every, "patience": args.patience,
+                        "threads": max(1, min(2, args.threads or 2))}
+        return _cold_start_only(args, config, prepared, options_only,
+                                {"benchmark": "accuracy", "mode": mode, "users": len(data.histories),
+                                 "items": data.num_items, "device": str(device), "jobs": 1})
     progress(f"users={len(data.histories)} items={data.num_items} interactions={data.interaction_count()} "
              f"eval cases={len(split.test)}")
     summary: dict = {"benchmark": "accuracy", "mode": mode, "users": len(data.histories),
@@ -374,21 +387,7 @@ def main() -> int:
         else:
             cold_model, cold_stats = _train("cold_start", config.to_json(), options, prepared,
                                             stop_after_epoch=best_epoch)
-        cold_histories = without_items(split.train, cold_items)
-        prior_weight, sweep = choose_prior_weight(cold_model, split.validation, cold_items, cold_histories, data,
-                                                  args.prior_weights)
-        for entry in sweep:
-            progress(f"  cold-start prior weight {entry['prior_weight']}: validation all targets "
-                     f"R@10 {entry['all_recall_at_10']:.4f} N@10 {entry['all_ndcg_at_10']:.4f}; held-out targets "
-                     f"R@10 {entry['held_out_recall_at_10']:.4f} N@10 {entry['held_out_ndcg_at_10']:.4f}")
-        summary["cold_start_prior_weight_validation"] = sweep
-        figures = cold_start_figures(cold_model, split.test, cold_items, cold_histories, data, prior_weight)
-        progress(f"cold start ({len(cold_items)} items held out of training, {figures['cold_start_cases']} test "
-                 f"targets): served {_brief(_pick(figures, 'cold_start_'))}  text only "
-                 f"{_brief(_pick(figures, 'cold_start_text_only_'))}  popularity "
-                 f"{_brief(_pick(figures, 'cold_start_popularity_'))}  ({cold_stats.train_seconds:.1f}s)")
-        summary.update(figures)
-        summary["cold_start_items"] = int(len(cold_items))
+        summary.update(_cold_start(cold_model, cold_stats, cold_items, data, split, args.prior_weights))
     if pool is not None:
         pool.shutdown()
     summary["trainings_wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -434,6 +433,48 @@ def main() -> int:
     return 0
 
 
+def _cold_start(cold_model: DeltaRecModel, cold_stats, cold_items: np.ndarray, data: InteractionData, split,
+                weights) -> dict:
+    """Step 3 on a trained cold-start model: the prior weight chosen on validation, then the test
+    figures (see the module docstring)."""
+    cold_histories = without_items(split.train, cold_items)
+    prior_weight, sweep = choose_prior_weight(cold_model, split.validation, cold_items, cold_histories, data,
+                                              weights)
+    for entry in sweep:
+        progress(f"  cold-start prior weight {entry['prior_weight']}: validation all targets "
+                 f"R@10 {entry['all_recall_at_10']:.4f} N@10 {entry['all_ndcg_at_10']:.4f}; held-out targets "
+                 f"R@10 {entry['held_out_recall_at_10']:.4f} N@10 {entry['held_out_ndcg_at_10']:.4f}")
+    figures = cold_start_figures(cold_model, split.test, cold_items, cold_histories, data, prior_weight)
+    progress(f"cold start ({len(cold_items)} items held out of training, {figures['cold_start_cases']} test "
+             f"targets): served {_brief(_pick(figures, 'cold_start_'))}  text only "
+             f"{_brief(_pick(figures, 'cold_start_text_only_'))}  popularity "
+             f"{_brief(_pick(figures, 'cold_start_popularity_'))}  ({cold_stats.train_seconds:.1f}s)")
+    return {**figures, "cold_start_prior_weight_validation": sweep, "cold_start_items": int(len(cold_items)),
+            "cold_start_train_seconds": round(cold_stats.train_seconds, 1)}
+
+
+def _cold_start_only(args, config: ModelConfig, prepared, options: dict, summary: dict) -> int:
+    """``--cold-start-only EPOCH``: only the cold-start training (stopped at EPOCH, the epoch a full
+    run's selection picked) and step 3; the warm figures are not measured."""
+    data, split = prepared
+    cold_items = cold_start_items(data.num_items, COLD_START_SHARE, seed=args.seed)
+    started = time.perf_counter()
+    cold_model, cold_stats = _train("cold_start", config.to_json(), options, prepared,
+                                    stop_after_epoch=args.cold_start_only)
+    summary.update(_cold_start(cold_model, cold_stats, cold_items, data, split, args.prior_weights))
+    summary.update({"cold_start_only": True, "epochs_run": args.cold_start_only, "seed": args.seed,
+                    "trainings_wall_seconds": round(time.perf_counter() - started, 1),
+                    "torch_threads_per_training": options["threads"], "config": config.to_dict()})
+    print(f"cold start, {summary['cold_start_cases']} test targets among {summary['cold_start_items']} items "
+          f"held out of training: DeltaRec R@10 {summary['cold_start_recall_at_10']:.4f} "
+          f"N@10 {summary['cold_start_ndcg_at_10']:.4f}; popularity R@10 "
+          f"{summary['cold_start_popularity_recall_at_10']:.4f} N@10 {summary['cold_start_popularity_ndcg_at_10']:.4f} "
+          f"(text path alone: R@10 {summary['cold_start_text_only_recall_at_10']:.4f} "
+          f"N@10 {summary['cold_start_text_only_ndcg_at_10']:.4f}; prior weight {summary['cold_start_prior_weight']})")
+    _harness.print_summary(summary, sort_keys=True)
+    return 0
+
+
 def served_popularity(histories, table_size: int) -> np.ndarray:
     """Item popularity as the features service keeps it (services/features/item_stats.py: the
     event weights summed) over the interactions in ``histories``; not decayed, because the
@@ -448,32 +489,34 @@ def served_popularity(histories, table_size: int) -> np.ndarray:
     return popularity
 
 
+def _id_less_and_popularity(cases, training_histories: dict, data: InteractionData):
+    """Which items have no learned id (no interaction in ``training_histories``) and their served
+    popularity from what is visible at prediction time (every case's history, never a target)."""
+    table_size = data.item_ids.table_size
+    id_less = popularity_counts(training_histories.values(), table_size) == 0
+    id_less[0] = False
+    return id_less, served_popularity((case.history for case in cases), table_size)
+
+
 def cold_start_figures(model: DeltaRecModel, cases, cold_items: np.ndarray, training_histories: dict,
-                       data: InteractionData, prior_weight: float, prefix: str = "cold_start_",
-                       masked: bool = True, popularity: bool = True) -> dict:
+                       data: InteractionData, prior_weight: float, prefix: str = "cold_start_") -> dict:
     """The cold-start figures on ``cases`` for a model trained on ``training_histories`` (which
     lack ``cold_items``): on the targets that are held-out items, the served score (text path +
     the id-less popularity prior, id_less_popularity_prior), the text path alone, and popularity;
     on all targets the served and text-only figures (what the prior costs the other targets).
     Popularity and the prior both count what is visible at prediction time: every case's history,
     so the held-out items' interactions by other users are known to both (never a target)."""
-    table_size = data.item_ids.table_size
-    counts = popularity_counts((case.history for case in cases), table_size)
-    id_less = popularity_counts(training_histories.values(), table_size) == 0
-    id_less[0] = False
-    bias = id_less_popularity_prior(served_popularity((c.history for c in cases), table_size), id_less,
-                                    prior_weight)
-    cold_cases = [case for case in cases if np.isin(case.target_item, cold_items)]
+    id_less, popularity = _id_less_and_popularity(cases, training_histories, data)
+    biases = np.stack([id_less_popularity_prior(popularity, id_less, prior_weight), np.zeros(len(id_less))])
+    held_out = np.isin([case.target_item for case in cases], cold_items)
+    cold_cases = [case for case, held in zip(cases, held_out) if held]
     out: dict = {f"{prefix}cases": len(cold_cases), f"{prefix}prior_weight": prior_weight}
-    protocols = ((False, ""), (True, "history_masked_")) if masked else ((False, ""),)
-    for name, subset in (("", cold_cases), ("all_targets_", cases)):
-        for label, extra in (("", bias), ("text_only_", None)) if popularity else (("", bias),):
-            for mask, tag in protocols:
-                out.update(_rounded(evaluate_model(model, subset, data.item_text, mask_history=mask,
-                                                   score_bias=extra), f"{prefix}{name}{label}{tag}"))
-    if not popularity:
-        return out
-    for mask, tag in protocols:
+    counts = popularity_counts((case.history for case in cases), data.item_ids.table_size)
+    for mask, tag in ((False, ""), (True, "history_masked_")):
+        served, text_only = rank_targets_with_biases(model, cases, data.item_text, biases, mask_history=mask)
+        for name, rows in (("", held_out), ("all_targets_", np.ones_like(held_out))):
+            out.update(_rounded(metrics_from_ranks(served[rows]), f"{prefix}{name}{tag}"))
+            out.update(_rounded(metrics_from_ranks(text_only[rows]), f"{prefix}{name}text_only_{tag}"))
         out.update(_rounded(evaluate_popularity(cold_cases, counts, mask_history=mask), f"{prefix}popularity_{tag}"))
     for metric in ("recall_at_10", "ndcg_at_10"):
         reference = out[f"{prefix}popularity_{metric}"]
@@ -488,13 +531,16 @@ def choose_prior_weight(model: DeltaRecModel, cases, cold_items: np.ndarray, tra
     """The id-less popularity prior weight with the best NDCG@10 over ALL ``cases`` (validation:
     the gain on held-out items is weighed against the loss on the others), and each weight's
     figures (all targets and held-out targets)."""
+    id_less, popularity = _id_less_and_popularity(cases, training_histories, data)
+    biases = np.stack([id_less_popularity_prior(popularity, id_less, float(w)) for w in weights])
+    held_out = np.isin([case.target_item for case in cases], cold_items)
+    ranks = rank_targets_with_biases(model, cases, data.item_text, biases)
     sweep = []
-    for weight in weights:
-        figures = cold_start_figures(model, cases, cold_items, training_histories, data, float(weight),
-                                     prefix="", masked=False, popularity=False)
+    for weight, row in zip(weights, ranks):
+        every, held = metrics_from_ranks(row), metrics_from_ranks(row[held_out])
         sweep.append({"prior_weight": float(weight),
-                      **{f"all_{m}": figures[f"all_targets_{m}"] for m in ("recall_at_10", "ndcg_at_10")},
-                      **{f"held_out_{m}": figures[m] for m in ("recall_at_10", "ndcg_at_10")}})
+                      **{f"all_{m}": round(every[m], 5) for m in ("recall_at_10", "ndcg_at_10")},
+                      **{f"held_out_{m}": round(held[m], 5) for m in ("recall_at_10", "ndcg_at_10")}})
     best = max(sweep, key=lambda entry: (entry["all_ndcg_at_10"], -entry["prior_weight"]))
     return best["prior_weight"], sweep
 
