@@ -260,7 +260,7 @@ def test_beats_popularity_on_a_beauty_slice() -> None:
     )
 
 
-def _clustered_data(num_clusters: int = 8, per_cluster: int = 15, num_users: int = 400, length: int = 7,
+def _clustered_data(num_clusters: int = 8, per_cluster: int = 15, num_users: int = 250, length: int = 7,
                    seed: int = 0) -> InteractionData:
     """Each user buys ``length`` distinct items of one cluster, more often its first items (Zipf);
     an item's text vector is its cluster's centre plus noise. So the text says which items go
@@ -300,10 +300,15 @@ def test_items_held_out_of_training_are_retrievable_by_text() -> None:
     cold = cold_start_items(data.num_items, 0.1, seed=0)
     training = without_items(split.train, cold)
     config = ModelConfig(dim=32, num_heads=2, num_layers=1, max_len=8, dropout=0.1, num_negatives=-1,
-                         batch_size=32, epochs=10)
-    model, _ = train_full(data, config, seed=0, progress=False, histories=training)
+                         batch_size=64, epochs=6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # a model this small: a second thread only waits on a loaded machine
+    try:
+        model, _ = train_full(data, config, seed=0, progress=False, histories=training)
+    finally:
+        torch.set_num_threads(threads)
     cases = [case for case in split.validation + split.test if np.isin(case.target_item, cold)]
-    assert len(cases) >= 50
+    assert len(cases) >= 40
     counts = popularity_counts((case.history for case in cases), data.item_ids.table_size)
     id_less = popularity_counts(training.values(), data.item_ids.table_size) == 0
     id_less[0] = False
