@@ -78,8 +78,11 @@ from services.trainer.training import DEVICE_SETTINGS, resolve_device, train_ful
 QUICK_USERS = 2000
 QUICK_EPOCHS = 6
 COLD_START_SHARE = 0.05
-# id_less_popularity_weight values compared on validation (0 = the text path alone)
-PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# id_less_popularity_weight and _scale values compared on validation (every pair; weight 0 = the
+# text path alone). A first full-data sweep (d=64, scale 1) lost overall from weight 0.5 up: the
+# lift must start at a higher popularity, hence the scales.
+PRIOR_WEIGHTS = (0.0, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0)
+PRIOR_SCALES = (1.0, 30.0, 300.0, 3000.0)
 UNMASKED, MASKED, NOT_STATED = "unmasked", "history masked", "not stated"
 # Published on the same data and protocol (leave-one-out, ranked against all items); constants,
 # quoted, not measured here. None = not reported by the source. The protocol column says whether
@@ -115,6 +118,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=DEVICE_SETTINGS, help="auto = CUDA when present")
     parser.add_argument("--prior-weights", type=float, nargs="+", default=list(PRIOR_WEIGHTS),
                         help="cold start: id-less popularity prior weights compared on validation")
+    parser.add_argument("--prior-scales", type=float, nargs="+", default=list(PRIOR_SCALES),
+                        help="cold start: id-less popularity prior scales compared on validation")
     parser.add_argument("--cold-start-only", type=int, default=None, metavar="EPOCH",
                         help="only the cold-start training, stopped at EPOCH (a full run's selected epoch), "
                              "and its figures")
@@ -387,7 +392,8 @@ def main() -> int:
         else:
             cold_model, cold_stats = _train("cold_start", config.to_json(), options, prepared,
                                             stop_after_epoch=best_epoch)
-        summary.update(_cold_start(cold_model, cold_stats, cold_items, data, split, args.prior_weights))
+        summary.update(_cold_start(cold_model, cold_stats, cold_items, data, split, args.prior_weights,
+                                   args.prior_scales))
     if pool is not None:
         pool.shutdown()
     summary["trainings_wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -434,17 +440,18 @@ def main() -> int:
 
 
 def _cold_start(cold_model: DeltaRecModel, cold_stats, cold_items: np.ndarray, data: InteractionData, split,
-                weights) -> dict:
+                weights, scales) -> dict:
     """Step 3 on a trained cold-start model: the prior weight chosen on validation, then the test
     figures (see the module docstring)."""
     cold_histories = without_items(split.train, cold_items)
-    prior_weight, sweep = choose_prior_weight(cold_model, split.validation, cold_items, cold_histories, data,
-                                              weights)
+    prior_weight, prior_scale, sweep = choose_prior(cold_model, split.validation, cold_items, cold_histories,
+                                                    data, weights, scales)
     for entry in sweep:
-        progress(f"  cold-start prior weight {entry['prior_weight']}: validation all targets "
+        progress(f"  cold-start prior weight {entry['prior_weight']} scale {entry['prior_scale']}: validation all targets "
                  f"R@10 {entry['all_recall_at_10']:.4f} N@10 {entry['all_ndcg_at_10']:.4f}; held-out targets "
                  f"R@10 {entry['held_out_recall_at_10']:.4f} N@10 {entry['held_out_ndcg_at_10']:.4f}")
-    figures = cold_start_figures(cold_model, split.test, cold_items, cold_histories, data, prior_weight)
+    figures = cold_start_figures(cold_model, split.test, cold_items, cold_histories, data, prior_weight,
+                                 prior_scale)
     progress(f"cold start ({len(cold_items)} items held out of training, {figures['cold_start_cases']} test "
              f"targets): served {_brief(_pick(figures, 'cold_start_'))}  text only "
              f"{_brief(_pick(figures, 'cold_start_text_only_'))}  popularity "
@@ -461,7 +468,8 @@ def _cold_start_only(args, config: ModelConfig, prepared, options: dict, summary
     started = time.perf_counter()
     cold_model, cold_stats = _train("cold_start", config.to_json(), options, prepared,
                                     stop_after_epoch=args.cold_start_only)
-    summary.update(_cold_start(cold_model, cold_stats, cold_items, data, split, args.prior_weights))
+    summary.update(_cold_start(cold_model, cold_stats, cold_items, data, split, args.prior_weights,
+                                   args.prior_scales))
     summary.update({"cold_start_only": True, "epochs_run": args.cold_start_only, "seed": args.seed,
                     "trainings_wall_seconds": round(time.perf_counter() - started, 1),
                     "torch_threads_per_training": options["threads"], "config": config.to_dict()})
@@ -470,7 +478,8 @@ def _cold_start_only(args, config: ModelConfig, prepared, options: dict, summary
           f"N@10 {summary['cold_start_ndcg_at_10']:.4f}; popularity R@10 "
           f"{summary['cold_start_popularity_recall_at_10']:.4f} N@10 {summary['cold_start_popularity_ndcg_at_10']:.4f} "
           f"(text path alone: R@10 {summary['cold_start_text_only_recall_at_10']:.4f} "
-          f"N@10 {summary['cold_start_text_only_ndcg_at_10']:.4f}; prior weight {summary['cold_start_prior_weight']})")
+          f"N@10 {summary['cold_start_text_only_ndcg_at_10']:.4f}; prior weight {summary['cold_start_prior_weight']} "
+          f"scale {summary['cold_start_prior_scale']})")
     _harness.print_summary(summary, sort_keys=True)
     return 0
 
@@ -499,7 +508,8 @@ def _id_less_and_popularity(cases, training_histories: dict, data: InteractionDa
 
 
 def cold_start_figures(model: DeltaRecModel, cases, cold_items: np.ndarray, training_histories: dict,
-                       data: InteractionData, prior_weight: float, prefix: str = "cold_start_") -> dict:
+                       data: InteractionData, prior_weight: float, prior_scale: float = 1.0,
+                       prefix: str = "cold_start_") -> dict:
     """The cold-start figures on ``cases`` for a model trained on ``training_histories`` (which
     lack ``cold_items``): on the targets that are held-out items, the served score (text path +
     the id-less popularity prior, id_less_popularity_prior), the text path alone, and popularity;
@@ -507,10 +517,12 @@ def cold_start_figures(model: DeltaRecModel, cases, cold_items: np.ndarray, trai
     Popularity and the prior both count what is visible at prediction time: every case's history,
     so the held-out items' interactions by other users are known to both (never a target)."""
     id_less, popularity = _id_less_and_popularity(cases, training_histories, data)
-    biases = np.stack([id_less_popularity_prior(popularity, id_less, prior_weight), np.zeros(len(id_less))])
+    biases = np.stack([id_less_popularity_prior(popularity, id_less, prior_weight, prior_scale),
+                       np.zeros(len(id_less))])
     held_out = np.isin([case.target_item for case in cases], cold_items)
     cold_cases = [case for case, held in zip(cases, held_out) if held]
-    out: dict = {f"{prefix}cases": len(cold_cases), f"{prefix}prior_weight": prior_weight}
+    out: dict = {f"{prefix}cases": len(cold_cases), f"{prefix}prior_weight": prior_weight,
+                 f"{prefix}prior_scale": prior_scale}
     counts = popularity_counts((case.history for case in cases), data.item_ids.table_size)
     for mask, tag in ((False, ""), (True, "history_masked_")):
         served, text_only = rank_targets_with_biases(model, cases, data.item_text, biases, mask_history=mask)
@@ -526,23 +538,24 @@ def cold_start_figures(model: DeltaRecModel, cases, cold_items: np.ndarray, trai
     return out
 
 
-def choose_prior_weight(model: DeltaRecModel, cases, cold_items: np.ndarray, training_histories: dict,
-                        data: InteractionData, weights) -> tuple[float, list[dict]]:
-    """The id-less popularity prior weight with the best NDCG@10 over ALL ``cases`` (validation:
-    the gain on held-out items is weighed against the loss on the others), and each weight's
-    figures (all targets and held-out targets)."""
+def choose_prior(model: DeltaRecModel, cases, cold_items: np.ndarray, training_histories: dict,
+                 data: InteractionData, weights, scales) -> tuple[float, float, list[dict]]:
+    """The id-less popularity prior (weight, scale) with the best NDCG@10 over ALL ``cases``
+    (validation: the gain on held-out items is weighed against the loss on the others), and each
+    pair's figures (all targets and held-out targets). Weight 0 is tried once."""
     id_less, popularity = _id_less_and_popularity(cases, training_histories, data)
-    biases = np.stack([id_less_popularity_prior(popularity, id_less, float(w)) for w in weights])
+    pairs = [(float(w), float(c)) for w in weights for c in scales if w > 0] + [(0.0, 1.0)]
+    biases = np.stack([id_less_popularity_prior(popularity, id_less, w, c) for w, c in pairs])
     held_out = np.isin([case.target_item for case in cases], cold_items)
     ranks = rank_targets_with_biases(model, cases, data.item_text, biases)
     sweep = []
-    for weight, row in zip(weights, ranks):
+    for (weight, scale), row in zip(pairs, ranks):
         every, held = metrics_from_ranks(row), metrics_from_ranks(row[held_out])
-        sweep.append({"prior_weight": float(weight),
+        sweep.append({"prior_weight": weight, "prior_scale": scale,
                       **{f"all_{m}": round(every[m], 5) for m in ("recall_at_10", "ndcg_at_10")},
                       **{f"held_out_{m}": round(held[m], 5) for m in ("recall_at_10", "ndcg_at_10")}})
     best = max(sweep, key=lambda entry: (entry["all_ndcg_at_10"], -entry["prior_weight"]))
-    return best["prior_weight"], sweep
+    return best["prior_weight"], best["prior_scale"], sweep
 
 
 def _pick(figures: dict, prefix: str) -> dict:

@@ -21,7 +21,7 @@ User tower
 
 Score
     Dot product of user vector and item vector. Items without a learned id
-    (row 0) get ``id_less_popularity_weight * log(1 + popularity)`` on top, their
+    (row 0) get ``id_less_popularity_weight * log(1 + popularity / scale)`` on top, their
     popularity as the features service counts it (interactions since they
     appeared, which the model never trained on): see
     :func:`id_less_popularity_prior`.
@@ -143,8 +143,9 @@ class ModelConfig:
     # incremental updates
     incremental_learning_rate: float = 3e-4
     incremental_epochs: int = 2
-    # serving: weight of the popularity prior of id-less items (id_less_popularity_prior); 0 = off
+    # serving: the popularity prior of id-less items (id_less_popularity_prior); weight 0 = off
     id_less_popularity_weight: float = 0.0
+    id_less_popularity_scale: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,9 +163,11 @@ class ModelConfig:
         return cls.from_dict(json.loads(text))
 
 
-def id_less_popularity_prior(popularity: np.ndarray, id_less: np.ndarray, weight: float) -> np.ndarray:
-    """The served score added to each item (``[n]``): ``weight * log(1 + popularity)`` for items
-    without a learned id (``id_less``, bool ``[n]``), 0 for the others.
+def id_less_popularity_prior(popularity: np.ndarray, id_less: np.ndarray, weight: float,
+                             scale: float = 1.0) -> np.ndarray:
+    """The served score added to each item (``[n]``): ``weight * log(1 + popularity / scale)`` for
+    items without a learned id (``id_less``, bool ``[n]``), 0 for the others. ``scale`` sets
+    where the lift starts (popularity well below it adds almost nothing), ``weight`` how steep.
 
     Why: an item absent from training reaches the model through its text alone, which knows what
     the item is but not whether anyone buys it; the interactions it gathered since (the features
@@ -173,7 +176,7 @@ def id_less_popularity_prior(popularity: np.ndarray, id_less: np.ndarray, weight
     (services/features/item_stats.py: event weights, decayed); the weight is chosen on validation.
     """
     popularity = np.asarray(popularity, np.float64)
-    prior = weight * np.log1p(np.maximum(popularity, 0.0))
+    prior = weight * np.log1p(np.maximum(popularity, 0.0) / scale)
     return np.where(np.asarray(id_less, bool), prior, 0.0)
 
 

@@ -53,6 +53,7 @@ class ModelBundle:
         # Indexed items without a learned id row (new since training or absent from its data):
         # served with the model's popularity prior on top of their text score (retrieval.py).
         self.id_less_popularity_weight = float(config.id_less_popularity_weight)
+        self.id_less_popularity_scale = float(config.id_less_popularity_scale)
         self.id_less_iids: set[int] = set()
         self.popular_item_ids = list(artifact.popular_item_ids)
         # The item tower as plain arrays: text projection + learned id row (0 = text only).

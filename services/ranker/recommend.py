@@ -90,7 +90,8 @@ class Recommender:
         iids, events = user.iids, user.event_types
         found = retrieve(self.catalog, bundle.index, user.vector, k, filters, excluded)
         found = with_id_less_prior(self.catalog, bundle.index, user.vector, k, filters, excluded, found,
-                                   bundle.id_less_iids, bundle.id_less_popularity_weight)
+                                   bundle.id_less_iids, bundle.id_less_popularity_weight,
+                                   bundle.id_less_popularity_scale)
         if not found:
             return []
         history_vectors = bundle.history_vectors(iids)

@@ -54,7 +54,7 @@ def retrieve(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, fi
 
 def with_id_less_prior(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, filters: FilterSpec,
                        excluded: set[int], found: list[tuple[int, float]], id_less: set[int],
-                       weight: float) -> list[tuple[int, float]]:
+                       weight: float, scale: float = 1.0) -> list[tuple[int, float]]:
     """``found`` (the index's top k by inner product) re-ranked with the model's popularity prior
     for items without a learned id (services/model/network.py, id_less_popularity_prior): only
     those with a positive popularity change score, so they are scored exactly (at most
@@ -77,7 +77,7 @@ def with_id_less_prior(catalog: Catalog, index: VectorIndex, query: np.ndarray, 
     if not ids.size:
         return found
     scores = index.score(np.asarray(query, np.float32).reshape(-1), ids)
-    scores = scores + id_less_popularity_prior(popularity, np.ones(ids.size, bool), weight)
+    scores = scores + id_less_popularity_prior(popularity, np.ones(ids.size, bool), weight, scale)
     merged = {iid: score for iid, score in found}
     merged.update(zip(ids.tolist(), scores.tolist()))
     return sorted(merged.items(), key=lambda pair: -pair[1])[:k]

@@ -288,6 +288,8 @@ def test_id_less_popularity_prior_only_lifts_items_without_an_id() -> None:
     prior = id_less_popularity_prior(np.array([0.0, 4.0, 9.0, -1.0]), np.array([True, False, True, True]), 2.0)
     assert prior.tolist() == pytest.approx([0.0, 0.0, 2.0 * np.log(10.0), 0.0])
     assert not id_less_popularity_prior(np.array([9.0]), np.array([True]), 0.0).any()
+    scaled = id_less_popularity_prior(np.array([30.0, 3.0]), np.array([True, True]), 1.0, scale=30.0)
+    assert scaled.tolist() == pytest.approx([np.log(2.0), np.log(1.1)])
 
 
 def test_items_held_out_of_training_are_retrievable_by_text() -> None:
