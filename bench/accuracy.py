@@ -416,7 +416,7 @@ def main() -> int:
               f"{summary['cold_start_popularity_recall_at_10']:.4f} N@10 {summary['cold_start_popularity_ndcg_at_10']:.4f} "
               f"(text path alone, no popularity prior: R@10 {summary['cold_start_text_only_recall_at_10']:.4f} "
               f"N@10 {summary['cold_start_text_only_ndcg_at_10']:.4f}; prior weight "
-              f"{summary['cold_start_prior_weight']})")
+              f"{summary['cold_start_prior_weight']} scale {summary['cold_start_prior_scale']})")
     comparison = _comparison({UNMASKED: test, MASKED: test_masked})
     summary.update(comparison)
     for metric in METRICS:
