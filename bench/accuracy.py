@@ -13,8 +13,16 @@ Protocol (leave-one-out, the target ranked against ALL items):
 2. test model: the same configuration refit on everything before the test target (train + the
    validation item), stopped at the selected epoch, so that the test target is one step past the
    training data as the validation target was (the train-only model's test figures are reported too);
-3. cold start: the refit again with 5% of the items (seeded) removed from training entirely; test
-   targets that are such items are scored through the text path only, beside popularity on them.
+3. cold start: the train part with 5% of the items (seeded) removed entirely, stopped at the
+   selected epoch. Those items reach the model through their text only (id row 0) - and, served,
+   through the popularity they gathered since (``id_less_popularity_prior``; what the features
+   service counts and the model never trained on). The prior's weight is chosen on the validation
+   targets (all of them: what it gains on held-out items against what it costs the others), then
+   the test targets that are held-out items are scored as served, by the text path alone, and by
+   popularity counted at prediction time. The cold model is trained on the train part, not
+   refit on train + validation: choosing the weight on validation needs a model that did not
+   train on the validation items, and a fourth training does not fit the machine; so its test
+   targets are two steps past its training data (a handicap, like the train-only model's).
 
 With ``--jobs`` > 1 (default 3) the three trainings run at once, one process each: the refits run
 the whole schedule and keep a snapshot at every epoch the selection run evaluates, then the
@@ -51,12 +59,16 @@ import torch
 import _harness
 from _harness import progress
 from scripts.datasets import load_beauty_interactions
-from services.model.network import DeltaRecModel, ModelConfig
+from services.contracts.event_types import NUM_EVENT_TYPES, EventType
+from services.features.item_stats import EVENT_WEIGHTS
+from services.model.network import DeltaRecModel, ModelConfig, id_less_popularity_prior
 from services.trainer.evaluation import (
     cold_start_items,
     evaluate_model,
     evaluate_popularity,
+    metrics_from_ranks,
     popularity_counts,
+    rank_targets_with_biases,
     without_items,
 )
 from services.trainer.interaction_data import InteractionData
@@ -66,6 +78,11 @@ from services.trainer.training import DEVICE_SETTINGS, resolve_device, train_ful
 QUICK_USERS = 2000
 QUICK_EPOCHS = 6
 COLD_START_SHARE = 0.05
+# id_less_popularity_weight and _scale values compared on validation (every pair; weight 0 = the
+# text path alone). A first full-data sweep (d=64, scale 1) lost overall from weight 0.5 up: the
+# lift must start at a higher popularity, hence the scales.
+PRIOR_WEIGHTS = (0.0, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0)
+PRIOR_SCALES = (1.0, 30.0, 300.0, 3000.0)
 UNMASKED, MASKED, NOT_STATED = "unmasked", "history masked", "not stated"
 # Published on the same data and protocol (leave-one-out, ranked against all items); constants,
 # quoted, not measured here. None = not reported by the source. The protocol column says whether
@@ -99,6 +116,13 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--patience", type=int, default=None,
                         help="stop the selection run after this many validations without a new best")
     parser.add_argument("--device", default="auto", choices=DEVICE_SETTINGS, help="auto = CUDA when present")
+    parser.add_argument("--prior-weights", type=float, nargs="+", default=list(PRIOR_WEIGHTS),
+                        help="cold start: id-less popularity prior weights compared on validation")
+    parser.add_argument("--prior-scales", type=float, nargs="+", default=list(PRIOR_SCALES),
+                        help="cold start: id-less popularity prior scales compared on validation")
+    parser.add_argument("--cold-start-only", type=int, default=None, metavar="EPOCH",
+                        help="only the cold-start training, stopped at EPOCH (a full run's selected epoch), "
+                             "and its figures")
     parser.add_argument("--skip-cold-start", action="store_true",
                         help="skip the cold-start run (a third training)")
     parser.add_argument(
@@ -227,7 +251,7 @@ def _train(kind: str, config_json: str, options: dict, prepared=None, snapshot_e
         histories = _refit_histories(split)
     elif kind == "cold_start":
         cold_items = cold_start_items(data.num_items, COLD_START_SHARE, seed=options["seed"])
-        histories = without_items(_refit_histories(split), cold_items)
+        histories = without_items(split.train, cold_items)
     else:
         raise ValueError(kind)
     model, stats = train_full(data, config, histories=histories, snapshot_epochs=snapshot_epochs,
@@ -267,6 +291,14 @@ def main() -> int:
     # loaded (and the title vectors cached) before any worker starts, so workers only read the cache
     prepared = _prepare(args.data_dir, users)
     data, split = prepared
+    if args.cold_start_only is not None:
+        jobs = 1
+        options_only = {"data_dir": str(args.data_dir), "users": users, "seed": args.seed, "device": str(device),
+                        "verbose": args.verbose, "eval_every": args.eval_every, "patience": args.patience,
+                        "threads": max(1, min(2, args.threads or 2))}
+        return _cold_start_only(args, config, prepared, options_only,
+                                {"benchmark": "accuracy", "mode": mode, "users": len(data.histories),
+                                 "items": data.num_items, "device": str(device), "jobs": 1})
     progress(f"users={len(data.histories)} items={data.num_items} interactions={data.interaction_count()} "
              f"eval cases={len(split.test)}")
     summary: dict = {"benchmark": "accuracy", "mode": mode, "users": len(data.histories),
@@ -360,23 +392,8 @@ def main() -> int:
         else:
             cold_model, cold_stats = _train("cold_start", config.to_json(), options, prepared,
                                             stop_after_epoch=best_epoch)
-        cold_cases = [case for case in split.test if np.isin(case.target_item, cold_items)]
-        cold = evaluate_model(cold_model, cold_cases, data.item_text)
-        cold_masked = evaluate_model(cold_model, cold_cases, data.item_text, mask_history=True)
-        # popularity as known at prediction time: the cold items' earlier interactions count
-        cold_counts = popularity_counts((c.history for c in split.test), data.item_ids.table_size)
-        cold_popularity = evaluate_popularity(cold_cases, cold_counts)
-        cold_popularity_masked = evaluate_popularity(cold_cases, cold_counts, mask_history=True)
-        progress(f"cold start ({len(cold_items)} items held out of training, {len(cold_cases)} test targets): "
-                 f"model {_brief(cold)}  popularity {_brief(cold_popularity)}  ({cold_stats.train_seconds:.1f}s)")
-        summary.update(_rounded(cold, "cold_start_"))
-        summary.update(_rounded(cold_masked, "cold_start_history_masked_"))
-        summary.update(_rounded(cold_popularity, "cold_start_popularity_"))
-        summary.update(_rounded(cold_popularity_masked, "cold_start_popularity_history_masked_"))
-        summary.update({"cold_start_items": int(len(cold_items)), "cold_start_cases": len(cold_cases)})
-        for metric in ("recall_at_10", "ndcg_at_10"):
-            summary[f"cold_start_ratio_{metric}_vs_popularity"] = (
-                _ratio(cold[metric], cold_popularity[metric]) if cold_popularity[metric] else None)
+        summary.update(_cold_start(cold_model, cold_stats, cold_items, data, split, args.prior_weights,
+                                   args.prior_scales))
     if pool is not None:
         pool.shutdown()
     summary["trainings_wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -396,7 +413,10 @@ def main() -> int:
         print(f"cold start, {summary['cold_start_cases']} test targets among {summary['cold_start_items']} items "
               f"held out of training: DeltaRec R@10 {summary['cold_start_recall_at_10']:.4f} "
               f"N@10 {summary['cold_start_ndcg_at_10']:.4f}; popularity R@10 "
-              f"{summary['cold_start_popularity_recall_at_10']:.4f} N@10 {summary['cold_start_popularity_ndcg_at_10']:.4f}")
+              f"{summary['cold_start_popularity_recall_at_10']:.4f} N@10 {summary['cold_start_popularity_ndcg_at_10']:.4f} "
+              f"(text path alone, no popularity prior: R@10 {summary['cold_start_text_only_recall_at_10']:.4f} "
+              f"N@10 {summary['cold_start_text_only_ndcg_at_10']:.4f}; prior weight "
+              f"{summary['cold_start_prior_weight']} scale {summary['cold_start_prior_scale']})")
     comparison = _comparison({UNMASKED: test, MASKED: test_masked})
     summary.update(comparison)
     for metric in METRICS:
@@ -417,6 +437,129 @@ def main() -> int:
     })
     _harness.print_summary(summary, sort_keys=True)
     return 0
+
+
+def _cold_start(cold_model: DeltaRecModel, cold_stats, cold_items: np.ndarray, data: InteractionData, split,
+                weights, scales) -> dict:
+    """Step 3 on a trained cold-start model: the prior weight chosen on validation, then the test
+    figures (see the module docstring)."""
+    cold_histories = without_items(split.train, cold_items)
+    prior_weight, prior_scale, sweep = choose_prior(cold_model, split.validation, cold_items, cold_histories,
+                                                    data, weights, scales)
+    for entry in sweep:
+        progress(f"  cold-start prior weight {entry['prior_weight']} scale {entry['prior_scale']}: validation all targets "
+                 f"R@10 {entry['all_recall_at_10']:.4f} N@10 {entry['all_ndcg_at_10']:.4f}; held-out targets "
+                 f"R@10 {entry['held_out_recall_at_10']:.4f} N@10 {entry['held_out_ndcg_at_10']:.4f}")
+    figures = cold_start_figures(cold_model, split.test, cold_items, cold_histories, data, prior_weight,
+                                 prior_scale)
+    progress(f"cold start ({len(cold_items)} items held out of training, {figures['cold_start_cases']} test "
+             f"targets): served {_brief(_pick(figures, 'cold_start_'))}  text only "
+             f"{_brief(_pick(figures, 'cold_start_text_only_'))}  popularity "
+             f"{_brief(_pick(figures, 'cold_start_popularity_'))}  ({cold_stats.train_seconds:.1f}s)")
+    return {**figures, "cold_start_prior_weight_validation": sweep, "cold_start_items": int(len(cold_items)),
+            "cold_start_train_seconds": round(cold_stats.train_seconds, 1)}
+
+
+def _cold_start_only(args, config: ModelConfig, prepared, options: dict, summary: dict) -> int:
+    """``--cold-start-only EPOCH``: only the cold-start training (stopped at EPOCH, the epoch a full
+    run's selection picked) and step 3; the warm figures are not measured."""
+    data, split = prepared
+    cold_items = cold_start_items(data.num_items, COLD_START_SHARE, seed=args.seed)
+    started = time.perf_counter()
+    cold_model, cold_stats = _train("cold_start", config.to_json(), options, prepared,
+                                    stop_after_epoch=args.cold_start_only)
+    summary.update(_cold_start(cold_model, cold_stats, cold_items, data, split, args.prior_weights,
+                                   args.prior_scales))
+    summary.update({"cold_start_only": True, "epochs_run": args.cold_start_only, "seed": args.seed,
+                    "trainings_wall_seconds": round(time.perf_counter() - started, 1),
+                    "torch_threads_per_training": options["threads"], "config": config.to_dict()})
+    print(f"cold start, {summary['cold_start_cases']} test targets among {summary['cold_start_items']} items "
+          f"held out of training: DeltaRec R@10 {summary['cold_start_recall_at_10']:.4f} "
+          f"N@10 {summary['cold_start_ndcg_at_10']:.4f}; popularity R@10 "
+          f"{summary['cold_start_popularity_recall_at_10']:.4f} N@10 {summary['cold_start_popularity_ndcg_at_10']:.4f} "
+          f"(text path alone: R@10 {summary['cold_start_text_only_recall_at_10']:.4f} "
+          f"N@10 {summary['cold_start_text_only_ndcg_at_10']:.4f}; prior weight {summary['cold_start_prior_weight']} "
+          f"scale {summary['cold_start_prior_scale']})")
+    _harness.print_summary(summary, sort_keys=True)
+    return 0
+
+
+def served_popularity(histories, table_size: int) -> np.ndarray:
+    """Item popularity as the features service keeps it (services/features/item_stats.py: the
+    event weights summed) over the interactions in ``histories``; not decayed, because the
+    leave-one-out data have no common clock (Beauty's timestamps are synthetic, per user)."""
+    weights = np.zeros(NUM_EVENT_TYPES, np.float64)
+    for event_type in EventType:
+        weights[int(event_type)] = EVENT_WEIGHTS.get(event_type.name.lower(), 0.0)
+    popularity = np.zeros(table_size, np.float64)
+    for history in histories:
+        np.add.at(popularity, history.items, weights[history.events])
+    popularity[0] = 0.0
+    return popularity
+
+
+def _id_less_and_popularity(cases, training_histories: dict, data: InteractionData):
+    """Which items have no learned id (no interaction in ``training_histories``) and their served
+    popularity from what is visible at prediction time (every case's history, never a target)."""
+    table_size = data.item_ids.table_size
+    id_less = popularity_counts(training_histories.values(), table_size) == 0
+    id_less[0] = False
+    return id_less, served_popularity((case.history for case in cases), table_size)
+
+
+def cold_start_figures(model: DeltaRecModel, cases, cold_items: np.ndarray, training_histories: dict,
+                       data: InteractionData, prior_weight: float, prior_scale: float = 1.0,
+                       prefix: str = "cold_start_") -> dict:
+    """The cold-start figures on ``cases`` for a model trained on ``training_histories`` (which
+    lack ``cold_items``): on the targets that are held-out items, the served score (text path +
+    the id-less popularity prior, id_less_popularity_prior), the text path alone, and popularity;
+    on all targets the served and text-only figures (what the prior costs the other targets).
+    Popularity and the prior both count what is visible at prediction time: every case's history,
+    so the held-out items' interactions by other users are known to both (never a target)."""
+    id_less, popularity = _id_less_and_popularity(cases, training_histories, data)
+    biases = np.stack([id_less_popularity_prior(popularity, id_less, prior_weight, prior_scale),
+                       np.zeros(len(id_less))])
+    held_out = np.isin([case.target_item for case in cases], cold_items)
+    cold_cases = [case for case, held in zip(cases, held_out) if held]
+    out: dict = {f"{prefix}cases": len(cold_cases), f"{prefix}prior_weight": prior_weight,
+                 f"{prefix}prior_scale": prior_scale}
+    counts = popularity_counts((case.history for case in cases), data.item_ids.table_size)
+    for mask, tag in ((False, ""), (True, "history_masked_")):
+        served, text_only = rank_targets_with_biases(model, cases, data.item_text, biases, mask_history=mask)
+        for name, rows in (("", held_out), ("all_targets_", np.ones_like(held_out))):
+            out.update(_rounded(metrics_from_ranks(served[rows]), f"{prefix}{name}{tag}"))
+            out.update(_rounded(metrics_from_ranks(text_only[rows]), f"{prefix}{name}text_only_{tag}"))
+        out.update(_rounded(evaluate_popularity(cold_cases, counts, mask_history=mask), f"{prefix}popularity_{tag}"))
+    for metric in ("recall_at_10", "ndcg_at_10"):
+        reference = out[f"{prefix}popularity_{metric}"]
+        out[f"{prefix}ratio_{metric}_vs_popularity"] = _ratio(out[f"{prefix}{metric}"], reference) if reference else None
+        out[f"{prefix}text_only_ratio_{metric}_vs_popularity"] = (
+            _ratio(out[f"{prefix}text_only_{metric}"], reference) if reference else None)
+    return out
+
+
+def choose_prior(model: DeltaRecModel, cases, cold_items: np.ndarray, training_histories: dict,
+                 data: InteractionData, weights, scales) -> tuple[float, float, list[dict]]:
+    """The id-less popularity prior (weight, scale) with the best NDCG@10 over ALL ``cases``
+    (validation: the gain on held-out items is weighed against the loss on the others), and each
+    pair's figures (all targets and held-out targets). Weight 0 is tried once."""
+    id_less, popularity = _id_less_and_popularity(cases, training_histories, data)
+    pairs = [(float(w), float(c)) for w in weights for c in scales if w > 0] + [(0.0, 1.0)]
+    biases = np.stack([id_less_popularity_prior(popularity, id_less, w, c) for w, c in pairs])
+    held_out = np.isin([case.target_item for case in cases], cold_items)
+    ranks = rank_targets_with_biases(model, cases, data.item_text, biases)
+    sweep = []
+    for (weight, scale), row in zip(pairs, ranks):
+        every, held = metrics_from_ranks(row), metrics_from_ranks(row[held_out])
+        sweep.append({"prior_weight": weight, "prior_scale": scale,
+                      **{f"all_{m}": round(every[m], 5) for m in ("recall_at_10", "ndcg_at_10")},
+                      **{f"held_out_{m}": round(held[m], 5) for m in ("recall_at_10", "ndcg_at_10")}})
+    best = max(sweep, key=lambda entry: (entry["all_ndcg_at_10"], -entry["prior_weight"]))
+    return best["prior_weight"], best["prior_scale"], sweep
+
+
+def _pick(figures: dict, prefix: str) -> dict:
+    return {m: figures[prefix + m] for m in METRICS if prefix + m in figures}
 
 
 def _brief(figures: dict) -> str:

@@ -249,6 +249,14 @@ class Catalog:
         out[inside] = active[iids[inside]]
         return out
 
+    def popularity_of(self, iids: np.ndarray) -> np.ndarray:
+        """Features' item popularity as of each item's last change in the feed (0 when unknown)."""
+        iids = np.asarray(iids, np.int64)
+        out = np.zeros(iids.shape[0], np.float64)
+        known = iids < self._popularity.shape[0]
+        out[known] = self._popularity[iids[known]]
+        return out
+
     def is_active(self, iid: int) -> bool:
         return 0 <= iid < self._active.shape[0] and bool(self._active[iid])
 

@@ -50,6 +50,11 @@ class ModelBundle:
         self.dim = config.dim
         self.max_len = config.max_len
         self.model_index = {item_id: position + 1 for position, item_id in enumerate(artifact.item_ids)}
+        # Indexed items without a learned id row (new since training or absent from its data):
+        # served with the model's popularity prior on top of their text score (retrieval.py).
+        self.id_less_popularity_weight = float(config.id_less_popularity_weight)
+        self.id_less_popularity_scale = float(config.id_less_popularity_scale)
+        self.id_less_iids: set[int] = set()
         self.popular_item_ids = list(artifact.popular_item_ids)
         # The item tower as plain arrays: text projection + learned id row (0 = text only).
         with torch.inference_mode():
@@ -97,13 +102,23 @@ class ModelBundle:
         self.index.upsert(iids, vectors)
         del vectors
         self.index.end_bulk_load()
+        self._note_id_less(iids, item_ids)
         self.catalog.attach(self, seq)
+
+    def _note_id_less(self, iids: np.ndarray, item_ids: list[str]) -> None:
+        for iid, item_id in zip(np.asarray(iids).tolist(), item_ids):
+            if self.model_index.get(item_id, 0):
+                self.id_less_iids.discard(iid)
+            else:
+                self.id_less_iids.add(iid)
 
     def items_upserted(self, iids: np.ndarray, item_ids: list[str], text_vectors: np.ndarray) -> None:
         self.index.upsert(iids, self.compute_vectors(item_ids, text_vectors))
+        self._note_id_less(iids, item_ids)
 
     def items_removed(self, iids: np.ndarray) -> None:
         self.index.remove(iids)
+        self.id_less_iids.difference_update(np.asarray(iids).tolist())
 
     def detach(self) -> None:
         self.catalog.detach(self)

@@ -25,7 +25,7 @@ from services.ranker.catalog import Catalog
 from services.ranker.filters import FilterSpec, make_acceptor
 from services.ranker.model_bundle import ModelBundle
 from services.ranker.request_path import RequestPath
-from services.ranker.retrieval import retrieve
+from services.ranker.retrieval import retrieve, with_id_less_prior
 from services.ranker.routing import ServingState
 from services.ranker.seen_filter import excluded_items
 from services.ranker.session import SessionEvent, check_session, with_session
@@ -89,6 +89,9 @@ class Recommender:
             return []
         iids, events = user.iids, user.event_types
         found = retrieve(self.catalog, bundle.index, user.vector, k, filters, excluded)
+        found = with_id_less_prior(self.catalog, bundle.index, user.vector, k, filters, excluded, found,
+                                   bundle.id_less_iids, bundle.id_less_popularity_weight,
+                                   bundle.id_less_popularity_scale)
         if not found:
             return []
         history_vectors = bundle.index.vectors_of(iids) if user.indexed else bundle.history_vectors(iids)

@@ -52,6 +52,13 @@ class TrainerConfig(CommonConfig):
     learning_rate: float = env("TRAINER_MODEL_LR", _MODEL.learning_rate, minimum=0.0)
     incremental_learning_rate: float = env("TRAINER_MODEL_INCREMENTAL_LR", _MODEL.incremental_learning_rate,
                                            minimum=0.0)
+    id_less_popularity_weight: float = env(
+        "TRAINER_MODEL_ID_LESS_POPULARITY_WEIGHT", _MODEL.id_less_popularity_weight, minimum=0.0,
+        help="published with the model: the ranker adds weight * log(1 + popularity) to items without a "
+             "learned id (new since training); 0 = their text score alone")
+    id_less_popularity_scale: float = env(
+        "TRAINER_MODEL_ID_LESS_POPULARITY_SCALE", _MODEL.id_less_popularity_scale, minimum=1e-6,
+        help="the popularity in that prior is divided by this: log(1 + popularity / scale)")
     # drift limits of a warm-start update (training.IncrementalPolicy; README "Incremental vs full")
     incremental_anchor: float = env("TRAINER_INCREMENTAL_ANCHOR", 0.0, minimum=0.0, maximum=0.999,
                                     help="after each optimizer step of an update, every weight moves this fraction "
@@ -143,7 +150,9 @@ class TrainerConfig(CommonConfig):
             ModelConfig(), epochs=self.epochs, incremental_epochs=self.incremental_epochs, dim=self.dim,
             num_layers=self.num_layers, num_heads=self.num_heads, max_len=self.max_len,
             num_negatives=self.num_negatives, batch_size=self.batch_size, learning_rate=self.learning_rate,
-            incremental_learning_rate=self.incremental_learning_rate)
+            incremental_learning_rate=self.incremental_learning_rate,
+            id_less_popularity_weight=self.id_less_popularity_weight,
+            id_less_popularity_scale=self.id_less_popularity_scale)
 
 
 def check_settings(config: TrainerConfig) -> None:

@@ -68,19 +68,40 @@ def rank_targets(
     item_text: np.ndarray | torch.Tensor,
     batch_size: int = 1024,
     mask_history: bool = False,
+    score_bias: np.ndarray | None = None,
 ) -> np.ndarray:
     """0-based rank of each case's target among all items by the model's scores.
 
     Inputs are built exactly as serving builds them (:func:`collate_histories`:
     the last ``max_len`` events of the case's history, aged against the
-    target's time). Runs on the device the model is on.
+    target's time). ``score_bias`` (``[n]``, per item index) is added to every
+    user's scores: the served popularity prior of items without a learned id
+    (:func:`services.model.network.id_less_popularity_prior`). Runs on the
+    device the model is on.
     """
+    biases = None if score_bias is None else np.asarray(score_bias)[None, :]
+    return rank_targets_with_biases(model, cases, item_text, biases, batch_size, mask_history)[0]
+
+
+@torch.no_grad()
+def rank_targets_with_biases(
+    model: DeltaRecModel,
+    cases: Sequence[EvalCase],
+    item_text: np.ndarray | torch.Tensor,
+    score_biases: np.ndarray | None,
+    batch_size: int = 1024,
+    mask_history: bool = False,
+) -> np.ndarray:
+    """Ranks ``[b, cases]`` under each of ``b`` per-item score biases (``[b, n]``; None = one
+    run without a bias), the user tower run once: comparing prior weights costs one scoring."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     text_table = torch.as_tensor(item_text, dtype=torch.float32).to(device)
     item_vectors = model.all_item_vectors(text_table)
-    ranks: list[np.ndarray] = []
+    biases = [None] if score_biases is None else [
+        torch.as_tensor(row, dtype=torch.float32).to(device) for row in np.asarray(score_biases)]
+    ranks: list[list[np.ndarray]] = [[] for _ in biases]
     for start in range(0, len(cases), batch_size):
         chunk = cases[start : start + batch_size]
         batch = collate_histories(
@@ -94,14 +115,16 @@ def rank_targets(
             history_item_vectors=item_vectors[items],
             query_ages=torch.from_numpy(batch.query_ages).to(device),
         )
-        scores = model.score(user_vectors, item_vectors)
-        scores[:, 0] = -math.inf  # padding row is not an item
+        plain = model.score(user_vectors, item_vectors)
         targets = torch.tensor([case.target_item for case in chunk], dtype=torch.long, device=device)
-        if mask_history:
-            _mask_seen_items(scores, [case.history for case in chunk], targets)
-        ranks.append(target_ranks(scores, targets).cpu().numpy())
+        for position, bias in enumerate(biases):
+            scores = plain + bias if bias is not None else plain
+            scores[:, 0] = -math.inf  # padding row is not an item
+            if mask_history:
+                _mask_seen_items(scores, [case.history for case in chunk], targets)
+            ranks[position].append(target_ranks(scores, targets).cpu().numpy())
     model.train(was_training)
-    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+    return np.stack([np.concatenate(r) if r else np.zeros(0, np.int64) for r in ranks])
 
 
 def evaluate_model(
@@ -111,9 +134,12 @@ def evaluate_model(
     batch_size: int = 1024,
     mask_history: bool = False,
     cutoffs: Sequence[int] = DEFAULT_CUTOFFS,
+    score_bias: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Rank each case's target against all items with the model's dot-product scores."""
-    return metrics_from_ranks(rank_targets(model, cases, item_text, batch_size, mask_history), cutoffs)
+    """Rank each case's target against all items with the model's dot-product scores
+    (plus ``score_bias`` per item, see :func:`rank_targets`)."""
+    return metrics_from_ranks(
+        rank_targets(model, cases, item_text, batch_size, mask_history, score_bias), cutoffs)
 
 
 def cold_start_items(num_items: int, share: float, seed: int = 0) -> np.ndarray:

@@ -12,11 +12,14 @@ from services.common.artifacts import ArtifactStore, read_verified
 from services.contracts.etcd_keys import MODEL_CANARY, MODEL_CURRENT
 from services.contracts.model_pointer import ModelPointer
 from services.model.artifact import serialize
+from services.model.network import ModelConfig
 from services.ranker.catalog import Catalog, ItemUpdate
+from services.ranker.filters import FilterSpec
 from services.ranker.hot_swap import ModelManager
 from services.ranker.index_structures import IndexOptions
 from services.ranker.model_bundle import ModelBundle
 from services.ranker.model_watch import EtcdModelWatcher
+from services.ranker.retrieval import retrieve, with_id_less_prior
 from services.ranker.routing import ServingState, canary_bucket
 from tests import fakes
 
@@ -199,3 +202,33 @@ def test_watcher_refuses_an_unusable_pointer_and_follows_a_good_one(catalog, sto
     watcher._apply(MODEL_CANARY, None)           # canary deleted: aborted
     watcher._apply(MODEL_CURRENT, None)          # current deleted: keep what is wanted
     assert manager.wanted("canary") is None and manager.wanted("current") == good
+
+
+def test_id_less_items_are_served_with_the_models_popularity_prior(catalog, store):
+    """Items without a learned id (here the 50 the model was not trained on) get
+    id_less_popularity_weight * log(1 + popularity) on top of their text score; items with an id,
+    and id-less items without popularity, keep their index score."""
+    artifact = fakes.make_artifact(1, ITEMS[:250], fakes.text_vectors(ITEMS[:250]))
+    artifact.config = ModelConfig.from_dict({**artifact.config.to_dict(), "id_less_popularity_weight": 2.0})
+    manager, state = manager_for(catalog)
+    manager.want("current", ModelPointer.from_json(fakes.store_artifact(store, artifact)))
+    manager.process_once()
+    bundle = state.current
+    assert bundle.id_less_popularity_weight == 2.0
+    assert bundle.id_less_iids == {catalog.iid(item_id) for item_id in ITEMS[250:]}
+    lifted = catalog.iid("item-290")
+    catalog.apply([ItemUpdate("item-290", 500, title="Title 290", popularity=1e6),
+                   ItemUpdate("item-7", 501, title="Title 7", popularity=1e6)], watermark=501)
+    query = np.random.default_rng(0).standard_normal(bundle.dim).astype(np.float32)
+    found = retrieve(catalog, bundle.index, query, 10, FilterSpec(), set())
+    served = with_id_less_prior(catalog, bundle.index, query, 10, FilterSpec(), set(), found,
+                                bundle.id_less_iids, bundle.id_less_popularity_weight)
+    assert served[0][0] == lifted
+    assert served[0][1] == pytest.approx(float(bundle.index.score(query, np.array([lifted]))[0])
+                                         + 2.0 * np.log1p(1e6), rel=1e-5)
+    assert served[1:] == [pair for pair in found if pair[0] != lifted][:9]   # item-7 has an id: no prior
+    excluded = with_id_less_prior(catalog, bundle.index, query, 10, FilterSpec(), {lifted}, found,
+                                  bundle.id_less_iids, bundle.id_less_popularity_weight)
+    assert lifted not in {iid for iid, _ in excluded}
+    assert with_id_less_prior(catalog, bundle.index, query, 10, FilterSpec(), set(), found,
+                              bundle.id_less_iids, 0.0) == found
