@@ -25,6 +25,7 @@ from tests.support import wait_until
 pytestmark = pytest.mark.integration
 
 TOKEN_TTL_S = 2      # etcd's --auth-token-ttl here: an idle token expires within the test
+LEADER_TTL_S = 5     # the trainer's leader lease in the restart test (see there)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,11 @@ def test_a_service_holds_its_lease_over_tls_with_auth_and_through_an_etcd_restar
     trainer = start_service("services.trainer", {
         "DATABASE_URL": database_url, "GRPC_PORT": "0", "METRICS_PORT": "0", "SHUTDOWN_GRACE_S": "2",
         "TRAINER_ARTIFACT_URI": (tmp_path / "artifacts").as_uri(), **TINY_MODEL,
+        # Longer than the tiny model's 2 s: between etcd's stop and the first refresh that gets
+        # through lie etcd's own start, the client's failed-endpoint pause (ENDPOINT_RETRY_S) and a
+        # new authentication, which on these shared cores took more than 2 s about one run in
+        # three; the lease then expired and the trainer took the key again with a new one.
+        "TRAINER_LEADER_TTL_S": str(LEADER_TTL_S),
         **settings(endpoint, access, etcd_prefix)})
     etcd = client(endpoint, access, etcd_prefix)
     try:
@@ -67,7 +73,7 @@ def test_a_service_holds_its_lease_over_tls_with_auth_and_through_an_etcd_restar
         # gets "invalid auth token", authenticates again and keeps the same lease alive.
         infra.stop_etcd(state)
         infra.start_etcd(state, tls=True, auth=True, auth_token_ttl_s=TOKEN_TTL_S)
-        time.sleep(3 * int(TINY_MODEL["TRAINER_LEADER_TTL_S"]))   # several TTLs: refreshes must succeed
+        time.sleep(3 * LEADER_TTL_S)   # several TTLs: refreshes must succeed
         after = wait_until(lambda: etcd.get(TRAINER_LEADER), "the leader key after the restart")
         assert (after.value, after.lease_id) == (held.value, held.lease_id)
         assert trainer.process.poll() is None
