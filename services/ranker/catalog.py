@@ -232,6 +232,10 @@ class Catalog:
     def name_of(self, iid: int) -> str:
         return self._item_ids[iid] if 0 <= iid < len(self._item_ids) else ""
 
+    def title_of(self, iid: int) -> str:
+        """The title alone (an answer's items need only id and title: `meta` assembles all)."""
+        return self._titles[iid] if 0 <= iid < len(self._titles) else ""
+
     def category_of(self, iid: int) -> str:
         return self._categories.values[self._category[iid]] if 0 <= iid < len(self._item_ids) else ""
 

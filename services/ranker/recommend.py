@@ -97,19 +97,20 @@ class Recommender:
         history_vectors = bundle.index.vectors_of(iids) if user.indexed else bundle.history_vectors(iids)
         found_vectors = bundle.index.vectors_of([iid for iid, _ in found])
         closest = (found_vectors @ history_vectors.T).argmax(axis=1).tolist()
-        meta = self.catalog.meta
+        # Only ids and titles are needed: read them, not a whole ItemMeta per item.
+        name_of, title_of = self.catalog.name_of, self.catalog.title_of
         # One reason per anchor (several found items often share their closest history item).
         reasons: dict[int, str] = {}
         items = []
         for (iid, score), position in zip(found, closest):
             reason = reasons.get(position)
             if reason is None:
-                anchor = meta(int(iids[position]))
+                anchor = int(iids[position])
+                anchor_name = name_of(anchor)
                 reason = (_VERBS.get(int(events[position]), "because you viewed {}").format(
-                    short(anchor.title or anchor.item_id)) if anchor is not None else "picked for you")
+                    short(title_of(anchor) or anchor_name)) if anchor_name else "picked for you")
                 reasons[position] = reason
-            found_meta = meta(iid)
-            items.append(Scored(found_meta.item_id, score, reason, found_meta.title))
+            items.append(Scored(name_of(iid), score, reason, title_of(iid)))
         return items
 
     # ------------------------------------------------------------------ cold start
@@ -173,9 +174,7 @@ class Recommender:
             excluded = {iid} | self.catalog.known_iids(filters.exclude_item_ids)
             anchor = self.catalog.meta(iid)
             reason = f"similar to {short(anchor.title or anchor.item_id)}"
-            meta = self.catalog.meta
-            items = []
-            for found, score in retrieve(self.catalog, index, query, k, filters, excluded):
-                found_meta = meta(found)
-                items.append(Scored(found_meta.item_id, score, reason, found_meta.title))
+            name_of, title_of = self.catalog.name_of, self.catalog.title_of
+            items = [Scored(name_of(found), score, reason, title_of(found))
+                     for found, score in retrieve(self.catalog, index, query, k, filters, excluded)]
             return Answer(items, version, watermark)
