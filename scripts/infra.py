@@ -131,6 +131,14 @@ def _chown_to_pg_user(path: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    # A child of this process that has exited stays a zombie until reaped, and a zombie still
+    # answers kill(pid, 0): without reaping it, stop_etcd waited its whole 15 s timeout for an etcd
+    # that had stopped at once (an etcd "restart" in a test then lasted longer than a lease's TTL).
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:   # not our child: its own parent reaps it
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

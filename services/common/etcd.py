@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 
 ENDPOINT_RETRY_S = 1.0
+RECONNECT_BACKOFF_MS = 1000   # the channel's reconnect backoff (see _make_client)
 FILES_CHECK_S = 1.0      # how often a call may look at the TLS files for a rotation
 RETIRE_S = 120.0         # a replaced client lives on this long for the calls still using it
 AUTH_RETRY_S = 0.5       # while authentication fails (etcd down), try again at most this often
@@ -152,7 +153,12 @@ class Etcd:
     # ---------------------------------------------------------------- the client
     def _make_client(self):
         host, port = self.endpoint.rsplit(":", 1)
-        options = []
+        # gRPC's reconnect backoff grows to 120 s: after an etcd outage of some seconds the channel
+        # would wait several more before even trying, longer than a leader lease's TTL, and the
+        # lease would expire with etcd back up. Try again at least once a second instead.
+        options = [("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+                   ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+                   ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS)]
         if self.access.server_name:
             options.append(("grpc.ssl_target_name_override", self.access.server_name))
         if self._files is None:
