@@ -5,7 +5,7 @@ import dataclasses
 
 from services.common.config import GRPC_TARGET, CommonConfig, ConfigError, env
 from services.ranker.filters import EXCLUDE_POLICIES
-from services.ranker.index_structures import IndexOptions
+from services.ranker.index_structures import TEXT_BUILD_PRIORITY, IndexOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +27,10 @@ class RankerConfig(CommonConfig):
                              help="embed search queries through features.EmbedText or with MiniLM in-process")
     index_kind: str = env("RANKER_INDEX", "auto", choices=("auto", "flat", "hnsw"),
                           help="faiss index: flat (exact), hnsw, or auto (flat below RANKER_HNSW_MIN_ITEMS)")
-    # Measured (bench/ranker.py, one core): at dim 64 HNSW search is faster from ~22k items, by
-    # 1.25x at 50k, 2x at 100k, 4.5x at 200k, but every model swap rebuilds it in the background
-    # (6 s at 50k, 20 s at 100k). At dim 384 flat is already 1.7 ms at 25k against 0.37 ms.
-    hnsw_min_items: int = env("RANKER_HNSW_MIN_ITEMS", 50_000, minimum=1,
+    # At dim 64 HNSW search is faster from ~22k items, but every model swap rebuilds it and its
+    # recall is below 1 (the figures: IndexOptions.hnsw_min_items). At dim 384 flat is already
+    # 1.7 ms at 25k against 0.37 ms, and the text index is built once, not per swap.
+    hnsw_min_items: int = env("RANKER_HNSW_MIN_ITEMS", IndexOptions.hnsw_min_items, minimum=1,
                               help="items from which auto uses HNSW for the model-space indexes")
     text_hnsw_min_items: int = env("RANKER_TEXT_HNSW_MIN_ITEMS", 20_000, minimum=1,
                                    help="the same for the 384-d text index Search uses "
@@ -91,7 +91,8 @@ class RankerConfig(CommonConfig):
                             hnsw_min_items=self.text_hnsw_min_items if text else self.hnsw_min_items,
                             hnsw_m=self.hnsw_m, hnsw_ef_search=self.hnsw_ef_search,
                             hnsw_ef_construction=self.hnsw_ef_construction,
-                            rebuild_dead_fraction=self.rebuild_dead_fraction)
+                            rebuild_dead_fraction=self.rebuild_dead_fraction,
+                            build_priority=TEXT_BUILD_PRIORITY if text else IndexOptions.build_priority)
 
 
 def check_settings(config: RankerConfig) -> None:

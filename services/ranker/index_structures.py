@@ -20,12 +20,21 @@ import faiss
 import numpy as np
 
 KINDS = ("flat", "hnsw", "auto")
+# Background builds of a replica run one at a time, the lowest number first (vector_index.BuildGate):
+# a model index (rebuilt on every swap, what Recommend waits for) before the text index (built
+# once at start; Search answers by an exact scan meanwhile).
+MODEL_BUILD_PRIORITY = 0
+TEXT_BUILD_PRIORITY = 1
 
 
 @dataclass(frozen=True)
 class IndexOptions:
     kind: str = "auto"
-    hnsw_min_items: int = 50_000
+    # Measured at dim 64 (bench/scale.py and bench/ranker.py, one query, k=30, load ~2): exact
+    # flat search 643 us at 100k and 1.5 ms at 200k, HNSW 327 us / 0.37 ms but with recall@30
+    # 0.925 / 0.883 and a build of 12.8 s / 31 s on every model swap (at load 4+, minutes). Below
+    # 200k the exact index answers well inside the 25 ms p99 target and makes a swap a copy.
+    hnsw_min_items: int = 200_000
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
@@ -37,6 +46,8 @@ class IndexOptions:
     # faiss threads of a structure build (the build runs in a thread of its own; requests keep
     # RANKER_TORCH_THREADS): an HNSW build is most of a large replica's start and of its swaps.
     build_threads: int = 2
+    # Order among the replica's background builds (MODEL_BUILD_PRIORITY first).
+    build_priority: int = MODEL_BUILD_PRIORITY
 
     def initial_kind(self, size: int) -> str:
         if self.kind != "auto":

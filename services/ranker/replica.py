@@ -43,6 +43,9 @@ class RankerReplica:
             "text_index_size": self.catalog.text_index.size,
             "text_index_kind": self.catalog.text_index.kind,
             "rebuilding": index.rebuilding or self.catalog.text_index.rebuilding,
+            # apart: a swap is complete once its model index is built, whatever the text index does
+            "index_rebuilding": index.rebuilding,
+            "text_index_rebuilding": self.catalog.text_index.rebuilding,
             "canary_version": routing.canary.version if routing.canary else 0,
             "canary_share": routing.canary_share,
             "refused_version": self.state.refused_version,

@@ -10,6 +10,11 @@ replayed onto the new structure before one reference swap.
 With kind `auto` the index starts flat and switches to HNSW (by the same background rebuild) when
 it grows past `hnsw_min_items`, and back below 80 % of it.
 
+Background builds of all the indexes of a process take turns through one `BuildGate`, the most
+urgent first (`IndexOptions.build_priority`: a model index before the text index), and a build
+gives way between chunks when a more urgent one waits: on two cores, two HNSW builds at once
+each took about as long as both in turn, so a swap waited for the text index's build too.
+
 Searches take a shared lock and mutations an exclusive one (`RWLock`; faiss structures are safe
 for concurrent searches, not for a search concurrent with an add). Each request calls faiss
 itself: combining concurrent queries into one call cost more GIL time in thread handoffs than it
@@ -32,16 +37,66 @@ from services.ranker.rwlock import RWLock
 log = logging.getLogger(__name__)
 
 # A rebuild copies the vectors it adds this many rows at a time (not all at once: at 1M 384-d
-# items a full copy is 1.5 GB on top of the store and the structure being built).
-REBUILD_CHUNK = 65_536
+# items a full copy is 1.5 GB on top of the store and the structure being built); between chunks
+# a background build gives way to a more urgent one (a 384-d HNSW chunk is seconds of CPU).
+REBUILD_CHUNK = 16_384
 # Changes made during a rebuild are replayed in rounds outside the write lock until at most this
 # many are left; those are replayed under it (searches wait only for them).
 REPLAY_UNDER_LOCK = 4096
 
 
+class BuildGate:
+    """Lets one background structure build run at a time, the lowest `priority` first; a running
+    build calls `checkpoint` between chunks and waits there while a more urgent one runs."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = False
+        self._waiting: list[int] = []       # priorities of the builds waiting for their turn
+
+    def acquire(self, priority: int) -> None:
+        with self._cond:
+            self._waiting.append(priority)
+            try:
+                while self._running or min(self._waiting) < priority:
+                    self._cond.wait()
+            finally:
+                self._waiting.remove(priority)
+            self._running = True
+
+    def release(self) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+
+    def more_urgent_waiting(self, priority: int) -> bool:
+        with self._cond:
+            return any(waiting < priority for waiting in self._waiting)
+
+    def checkpoint(self, priority: int) -> bool:
+        """Gives the turn to a more urgent waiting build and takes it back after; True if it did."""
+        if not self.more_urgent_waiting(priority):
+            return False
+        self.release()
+        self.acquire(priority)
+        return True
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+
+# The process's one gate: a replica's indexes (text, each model version's) share its cores.
+BUILD_GATE = BuildGate()
+
+
 class VectorIndex:
-    def __init__(self, dim: int, options: IndexOptions | None = None, *, kind: str | None = None) -> None:
+    def __init__(self, dim: int, options: IndexOptions | None = None, *, kind: str | None = None,
+                 build_gate: BuildGate | None = None) -> None:
         self.dim = dim
+        self._gate = build_gate or BUILD_GATE
+        self._holds_gate = False
         self.options = options or IndexOptions()
         if self.options.kind not in KINDS:
             raise ValueError(f"index kind {self.options.kind!r} not in {KINDS}")
@@ -158,8 +213,7 @@ class VectorIndex:
         self.auto_rebuild = True
         kind = self.options.initial_kind(self._count) if self.options.kind == "auto" else self.options.kind
         if kind == "hnsw" and self.options.background and self._count:
-            self._rebuilding = True
-            threading.Thread(target=self.rebuild, args=(kind,), name="index-rebuild", daemon=True).start()
+            self._start_background_rebuild(kind)
         else:
             self.rebuild(kind)
 
@@ -274,11 +328,29 @@ class VectorIndex:
     def _maybe_rebuild(self, force: bool = False) -> None:
         if self._rebuilding or not (self.auto_rebuild or force) or not self.needs_rebuild():
             return
-        self._rebuilding = True
         if self.options.background:
-            threading.Thread(target=self.rebuild, name="index-rebuild", daemon=True).start()
+            self._start_background_rebuild(None)
         else:
+            self._rebuilding = True
             self.rebuild()
+
+    def _start_background_rebuild(self, kind: str | None) -> None:
+        self._rebuilding = True
+        threading.Thread(target=self._gated_rebuild, args=(kind,), name="index-rebuild", daemon=True).start()
+
+    def _gated_rebuild(self, kind: str | None) -> None:
+        """`rebuild` in its turn among the process's background builds (BuildGate)."""
+        try:
+            self._gate.acquire(self.options.build_priority)
+        except BaseException:
+            self._rebuilding = False
+            raise
+        self._holds_gate = True
+        try:
+            self.rebuild(kind)
+        finally:
+            self._holds_gate = False
+            self._gate.release()
 
     def rebuild(self, kind: str | None = None) -> None:
         """A fresh structure from the dense copy, built without blocking searches or writes; the
@@ -299,6 +371,9 @@ class VectorIndex:
             # Read without the lock, a chunk at a time: a row written meanwhile has a newer
             # sequence and is replayed below; a grown store is a new array (this one stays).
             for start in range(0, ids.size, REBUILD_CHUNK):
+                if self._holds_gate and self._gate.checkpoint(self.options.build_priority):
+                    log.info("index build resumed after a more urgent one",
+                             extra={"kind": kind, "rows_built": start, "items": int(ids.size)})
                 part = ids[start:start + REBUILD_CHUNK]
                 structure.add(part, store[part], np.zeros(0, np.int64))
             del ids

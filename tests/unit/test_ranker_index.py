@@ -224,3 +224,83 @@ def test_rebuild_replays_many_concurrent_changes_in_rounds(monkeypatch):
     for n in (1, 2, 3):
         _, found = index.search(-x[n:n + 1], 1)
         assert found[0, 0] == n
+
+
+def test_build_gate_runs_one_build_at_a_time_most_urgent_first():
+    import threading
+    import time
+
+    from services.ranker.vector_index import BuildGate
+    gate = BuildGate()
+    gate.acquire(1)                    # a text build runs
+    order: list[str] = []
+
+    def build(name: str, priority: int) -> None:
+        gate.acquire(priority)
+        order.append(name)
+        gate.release()
+    late_text = threading.Thread(target=build, args=("text", 1))
+    late_text.start()
+    while gate.waiting < 1:
+        time.sleep(0.001)
+    model = threading.Thread(target=build, args=("model", 0))
+    model.start()
+    while gate.waiting < 2:
+        time.sleep(0.001)
+    assert order == []                 # nothing starts while one runs
+    # the running text build reaches a chunk boundary: the model build waits, so it gives way
+    assert gate.checkpoint(1) is True
+    assert order[0] == "model"         # ran before the running build took its turn back
+    assert gate.checkpoint(1) is False  # only an equally urgent one waits: no yielding to it
+    gate.release()
+    model.join(5)
+    late_text.join(5)
+    assert order == ["model", "text"]
+
+
+def test_background_build_gives_way_to_a_more_urgent_one_between_chunks(monkeypatch):
+    """A text-priority HNSW build paused at a chunk boundary while a model-priority build runs
+    whole; both end with exact indexes of their own vectors."""
+    import threading
+
+    import services.ranker.vector_index as vector_index
+    from services.ranker.index_structures import MODEL_BUILD_PRIORITY, TEXT_BUILD_PRIORITY
+    from services.ranker.vector_index import BuildGate
+    monkeypatch.setattr(vector_index, "REBUILD_CHUNK", 50)
+    gate = BuildGate()
+    text = VectorIndex(16, IndexOptions(kind="hnsw", build_priority=TEXT_BUILD_PRIORITY), build_gate=gate)
+    model = VectorIndex(16, IndexOptions(kind="hnsw", build_priority=MODEL_BUILD_PRIORITY), build_gate=gate)
+    x_text, x_model = vectors(400, seed=1), vectors(300, seed=2)
+    events: list[str] = []
+    model_started = threading.Event()
+    original_add = vector_index.STRUCTURES["hnsw"].add
+
+    def add(structure, ids, vecs, replaced):
+        owner = "text" if vecs is not None and vecs.shape[0] and np.array_equal(vecs[0], x_text[ids[0]]) else "model"
+        events.append(owner)
+        if owner == "text" and len(events) == 1:
+            # the model index's build is queued while the text build is in its first chunk
+            model.begin_bulk_load()
+            model.upsert(np.arange(300), x_model)
+            model.end_bulk_load()
+            model_started.set()
+            while gate.waiting < 1:
+                threading.Event().wait(0.001)
+        original_add(structure, ids, vecs, replaced)
+    monkeypatch.setattr(vector_index.STRUCTURES["hnsw"], "add", add)
+    text.begin_bulk_load()
+    text.upsert(np.arange(400), x_text)
+    text.end_bulk_load()
+    deadline = threading.Event()
+    for _ in range(500):
+        if model_started.is_set() and not text.rebuilding and not model.rebuilding:
+            break
+        deadline.wait(0.01)
+    assert not text.rebuilding and not model.rebuilding
+    assert text.kind == "hnsw" and model.kind == "hnsw"
+    # text chunk 1, then the whole model build (6 chunks of 50), then text chunks 2..8
+    assert events == ["text"] + ["model"] * 6 + ["text"] * 7
+    _, found = text.search(x_text[:50], 1)
+    assert (found[:, 0] == np.arange(50)).mean() > 0.9
+    _, found = model.search(x_model[:50], 1)
+    assert (found[:, 0] == np.arange(50)).mean() > 0.9
