@@ -41,12 +41,20 @@ def random_text_vectors(n: int, seed: int = 1, dim: int = 384) -> np.ndarray:
 def make_artifact(version: int, item_ids: list[str], item_text: np.ndarray, *, dim: int = 32,
                   max_len: int = 20, num_layers: int = 1, seed: int | None = None,
                   popular: list[str] | None = None, data_lsn: int = 0, parent_version: int = 0,
-                  extra_ids: int = 0) -> ModelArtifact:
+                  extra_ids: int = 0, perturb: float = 0.0) -> ModelArtifact:
     """An untrained (randomly initialised, seeded) model over `item_ids`, with their item vectors.
-    `extra_ids` more rows in the id table (items no longer in the catalog: a bigger model)."""
+    `extra_ids` more rows in the id table (items no longer in the catalog: a bigger model).
+    `perturb`: every weight moved by that share of its tensor's standard deviation (seeded by
+    `version`): with the `seed` of an earlier version, a stand-in for an incremental update."""
     torch.manual_seed(version if seed is None else seed)
     config = ModelConfig(dim=dim, num_layers=num_layers, num_heads=2, max_len=max_len, dropout=0.0)
     model = DeltaRecModel(config, num_items=len(item_ids) + extra_ids).eval()
+    if perturb:
+        generator = torch.Generator().manual_seed(version)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.numel() > 1:
+                    parameter += perturb * parameter.std() * torch.randn(parameter.shape, generator=generator)
     vectors = np.zeros((0, dim), np.float32)
     if item_ids:
         with torch.inference_mode():

@@ -38,6 +38,10 @@ class RankerConfig(CommonConfig):
     hnsw_m: int = env("RANKER_HNSW_M", 32, minimum=4, maximum=256)
     hnsw_ef_search: int = env("RANKER_HNSW_EF_SEARCH", 128, minimum=8, maximum=4096)
     hnsw_ef_construction: int = env("RANKER_HNSW_EF_CONSTRUCTION", 80, minimum=8, maximum=4096)
+    reuse_index_graph: bool = env("RANKER_REUSE_INDEX_GRAPH", IndexOptions.reuse_graph,
+                                  help="a swap's HNSW index takes the served version's graph with the new "
+                                       "vectors when its sampled recall holds (an incremental update), "
+                                       "instead of building one")
     rebuild_dead_fraction: float = env("RANKER_REBUILD_DEAD_FRACTION", 0.25, minimum=0.01, maximum=10.0,
                                        help="HNSW is rebuilt in the background when dead rows exceed "
                                             "this share")
@@ -92,6 +96,7 @@ class RankerConfig(CommonConfig):
                             hnsw_m=self.hnsw_m, hnsw_ef_search=self.hnsw_ef_search,
                             hnsw_ef_construction=self.hnsw_ef_construction,
                             rebuild_dead_fraction=self.rebuild_dead_fraction,
+                            reuse_graph=self.reuse_index_graph,
                             build_priority=TEXT_BUILD_PRIORITY if text else IndexOptions.build_priority)
 
 

@@ -241,7 +241,7 @@ class ModelManager:
                 raise ArtifactInvalid(f"artifact says version {artifact.version}, etcd says {spec.version}")
             model = artifact.build_model()
             bundle = ModelBundle(artifact, spec, model, self.catalog, self.index_options)
-            bundle.build_index()
+            bundle.build_index(reuse_graph_of=self.state.routing.current)
             bundle.warm_up()
             agreement = bundle.artifact_agreement(artifact)
             if agreement is not None:

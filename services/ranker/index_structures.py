@@ -46,6 +46,9 @@ class IndexOptions:
     # faiss threads of a structure build (the build runs in a thread of its own; requests keep
     # RANKER_TORCH_THREADS): an HNSW build is most of a large replica's start and of its swaps.
     build_threads: int = 2
+    # A swap's index takes the served version's HNSW graph with its own vectors when that keeps
+    # the recall (VectorIndex.reuse_graph), instead of building one.
+    reuse_graph: bool = True
     # Order among the replica's background builds (MODEL_BUILD_PRIORITY first).
     build_priority: int = MODEL_BUILD_PRIORITY
 
@@ -98,6 +101,43 @@ class HnswStructure:
         self.live = np.zeros(0, np.uint8)           # bitmap over rows, 1 = live
         self.row_by_id = np.zeros(0, np.int64)      # item id -> its live row, -1 = none
         self.dead = 0
+
+    @classmethod
+    def from_graph(cls, dim: int, options: IndexOptions, index, row_ids: np.ndarray, row_by_id: np.ndarray,
+                   ids: np.ndarray, store: np.ndarray) -> "HnswStructure":
+        """A structure on `index`, a clone of another index's HNSW graph (`row_ids`: its row ->
+        item id, `row_by_id`: its item id -> live row), whose rows are given the vectors `store`
+        holds now for their items. An item's live row stays live when the item is among `ids`;
+        every other row is dead, its vector the item's new one (zero when there is none), so a
+        walk through it still moves in the new space; items of `ids` without a row are added."""
+        structure = cls(dim, options)
+        structure.index = index
+        rows = int(row_ids.size)
+        storage = faiss.downcast_index(index.storage)
+        rows_view = faiss.rev_swig_ptr(storage.get_xb(), rows * dim).reshape(rows, dim)
+        known = (row_ids >= 0) & (row_ids < store.shape[0])
+        for start in range(0, rows, 65_536):                  # in place, no full-size temporary
+            stop = min(start + 65_536, rows)
+            part = np.where(known[start:stop], row_ids[start:stop], 0)
+            block = store[part]
+            block[~known[start:stop]] = 0.0
+            rows_view[start:stop] = block
+        top = int(max(ids.max() if ids.size else 0, row_ids.max() if rows else 0))
+        structure._grow(rows, top)
+        structure.row_ids[:rows] = row_ids
+        inside = ids[ids < row_by_id.shape[0]]
+        live_rows = row_by_id[inside]
+        kept = live_rows >= 0
+        inside, live_rows = inside[kept], live_rows[kept]
+        structure.row_by_id[inside] = live_rows
+        structure._set_live(live_rows, True)
+        structure.dead = rows - int(live_rows.size)
+        has_row = np.zeros(top + 1, bool)
+        has_row[inside] = True
+        new = ids[~has_row[ids]]
+        if new.size:
+            structure.add(new, store[new], np.zeros(0, np.int64))
+        return structure
 
     def _grow(self, rows: int, max_id: int) -> None:
         if rows > self.row_ids.shape[0]:

@@ -89,9 +89,12 @@ class ModelBundle:
             out[start:stop] = block
         return out
 
-    def build_index(self) -> None:
+    def build_index(self, reuse_graph_of: "ModelBundle | None" = None) -> None:
         """Fills the index from a catalog snapshot and attaches to the catalog (which replays
-        the changes made during the build). Runs in the loader thread, never on a request."""
+        the changes made during the build). Runs in the loader thread, never on a request.
+        `reuse_graph_of`: the version served now, whose HNSW graph this one's index takes with
+        its own vectors when that keeps the recall (VectorIndex.reuse_graph: an incremental
+        update moves the vectors little), instead of building one."""
         iids, item_ids, text_vectors, seq = self.catalog.snapshot()
         vectors = self.compute_vectors(item_ids, text_vectors)
         if vectors.size and not np.isfinite(vectors).all():
@@ -101,7 +104,8 @@ class ModelBundle:
         self.index.begin_bulk_load()
         self.index.upsert(iids, vectors)
         del vectors
-        self.index.end_bulk_load()
+        parent = reuse_graph_of.index if reuse_graph_of is not None and reuse_graph_of.dim == self.dim else None
+        self.index.end_bulk_load(reuse_graph_of=parent)
         self._note_id_less(iids, item_ids)
         self.catalog.attach(self, seq)
 

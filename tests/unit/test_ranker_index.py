@@ -304,3 +304,67 @@ def test_background_build_gives_way_to_a_more_urgent_one_between_chunks(monkeypa
     assert (found[:, 0] == np.arange(50)).mean() > 0.9
     _, found = model.search(x_model[:50], 1)
     assert (found[:, 0] == np.arange(50)).mean() > 0.9
+
+
+def clustered(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((40, dim)).astype(np.float32)
+    return centers[rng.integers(0, 40, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
+
+
+def loaded(x: np.ndarray, ids: np.ndarray, parent: VectorIndex | None = None, **options) -> VectorIndex:
+    index = VectorIndex(x.shape[1], IndexOptions(kind="hnsw", background=False, **options))
+    index.begin_bulk_load()
+    index.upsert(ids, x)
+    index.end_bulk_load(reuse_graph_of=parent)
+    return index
+
+
+def test_a_swap_reuses_the_parents_graph_when_the_vectors_moved_little():
+    x = clustered(3000)
+    parent = loaded(x, np.arange(3000))
+    assert parent.graph_reuses == 0 and parent.built_graph_recall > 0.9
+    parent.remove(np.arange(10))                           # dead rows in the parent's graph
+    parent.upsert(np.arange(10, 20), x[10:20] * 1.5)
+    # the next version: every vector moved by ~5% of its norm, items 0-29 gone, 3000-3099 new
+    rng = np.random.default_rng(1)
+    y = np.concatenate([x, clustered(100, seed=9)])
+    y += 0.05 * np.linalg.norm(y, axis=1, keepdims=True) / 4 * rng.standard_normal(y.shape).astype(np.float32)
+    ids = np.arange(30, 3100)
+    child = loaded(y[30:], ids, parent=parent)
+    assert child.graph_reuses == 1 and child.kind == "hnsw"
+    assert child.built_graph_recall == parent.built_graph_recall      # the lineage's fresh build
+    assert child.graph_recall >= child.built_graph_recall - 0.02
+    # answers are the child's own vectors: exact top-10 found, removed items never
+    queries = y[3000:3050]
+    _, found = child.search(queries, 10)
+    truth = np.argsort(-(y[30:] @ queries.T), axis=0)[:10].T + 30
+    assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found.tolist(), truth.tolist())]) > 0.9
+    assert not set(found.ravel().tolist()) & set(range(30))
+    assert child.contains_many(np.arange(3000, 3100)).all()
+    # the parent's graph still holds the parent's vectors (the child rewrote a copy)
+    scores, found = parent.search(x[100:101], 20)
+    assert np.allclose(scores[0], parent.score(x[100], found[0]), atol=1e-4)
+
+
+def test_a_swap_to_an_unrelated_space_builds_a_new_graph():
+    x = clustered(2000)
+    parent = loaded(x, np.arange(2000))
+    other = clustered(2000, seed=7)                        # a full retrain: another space
+    child = loaded(other, np.arange(2000), parent=parent)
+    assert child.graph_reuses == 0 and child.rebuilds == 1
+    assert child.built_graph_recall == child.graph_recall > 0.9
+    off = loaded(clustered(2000), np.arange(2000), parent=parent, reuse_graph=False)
+    assert off.graph_reuses == 0
+
+
+def test_sampled_recall_is_one_for_an_exact_structure_and_lower_for_a_wrong_one():
+    from services.ranker.index_structures import FlatStructure
+    from services.ranker.vector_index import sampled_recall
+    x = vectors(500, seed=3)
+    flat = FlatStructure(16, IndexOptions())
+    flat.add(np.arange(500), x, np.zeros(0, np.int64))
+    assert sampled_recall(flat, x, np.arange(500)) == 1.0
+    wrong = FlatStructure(16, IndexOptions())
+    wrong.add(np.arange(500), vectors(500, seed=4), np.zeros(0, np.int64))
+    assert sampled_recall(wrong, x, np.arange(500)) < 0.3
