@@ -6,6 +6,7 @@ bytes, in the same run; plus the flat-vs-HNSW crossover of the faiss index.
     .venv/bin/python bench/ranker.py            # full
     .venv/bin/python bench/ranker.py --quick    # 3000 users, short runs
     .venv/bin/python bench/ranker.py --profile  # + where the ranker's CPU goes (py-spy), c=8
+    .venv/bin/python bench/ranker.py --quick --only beauty --workers 2   # RANKER_WORKERS=2
 
 What runs (each a process started by bench/_harness.py, etcd through scripts/infra.py):
 - the real ranker (python -m services.ranker, LOG_LEVEL=WARNING so no access line per call),
@@ -26,7 +27,17 @@ WatchUsers) then holds them, which is the steady state of a replica whose cache 
 users (RANKER_USER_CACHE_SIZE, 50k by default); `user_cache` in the output shows the reads of
 features that remained. Requests draw users uniformly. Search queries are the first three words
 of item titles, with a user; SimilarItems asks for random items.
-The load generator is one asyncio gRPC client process (this one) for both servers.
+The load generator is one asyncio gRPC client process (this one) for both servers, over
+`--connections` TCP connections (1 by default, 8 with --workers > 1), the same for every server.
+
+Workers (`--workers N`, the ranker started with RANKER_WORKERS=N: N ranker processes on one
+SO_REUSEPORT port, services/ranker/supervisor.py): the kernel spreads connections, not requests,
+over the processes, so one connection reaches one worker; each worker's user cache is warmed
+through its own port. Two references in the same run, right after each level: `echo` (the one
+process as always) and `echo_n` (the same echo server as N processes on one SO_REUSEPORT port:
+the ranker's shape); `ratio` and `ratio_echo_n`. CPU per request sums the worker processes
+(`cpu_shares`: each one's part, how evenly the connections spread), and the RSS of each worker
+and of the supervisor is reported after the warm-up and after the runs.
 
 Attribution on vs off (issue 14): two replicas of the same catalog and model, one with
 RANKER_ATTRIBUTION=true (each answer gets a recommendation_id and queues its impression, which a
@@ -102,9 +113,13 @@ def serve_echo() -> None:
             request_deserializer=getattr(ranker_pb2, request_class).FromString,
             response_serializer=getattr(ranker_pb2, response_class).SerializeToString)
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=int(os.environ.get("BENCH_ECHO_WORKERS", "16"))))
+    # BENCH_ECHO_PORT: a port reserved by the benchmark that several echo processes share through
+    # SO_REUSEPORT (the reference of a ranker with RANKER_WORKERS > 1); else a port of its own.
+    shared_port = int(os.environ.get("BENCH_ECHO_PORT", "0"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=int(os.environ.get("BENCH_ECHO_WORKERS", "16"))),
+                         options=[("grpc.so_reuseport", 1 if shared_port else 0)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("deltarec.v1.RankerService", handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{shared_port}")
     server.start()
     print(f"DELTAREC_READY echo grpc_port={port} metrics_port=None", flush=True)
     server.wait_for_termination()
@@ -132,17 +147,24 @@ def requests_for(method: str, users: list[str], item_ids: list[str], titles: lis
     return [ranker_pb2.SimilarItemsRequest(item_id=i, k=k) for i in rng.sample(item_ids, min(5000, len(item_ids)))]
 
 
-def run_load(address: str, method: str, requests: list, concurrency: int, duration_s: float, warmup_s: float) -> dict:
+def run_load(address: str, method: str, requests: list, concurrency: int, duration_s: float, warmup_s: float,
+             connections: int = 1) -> dict:
+    """`connections`: TCP connections the load is spread over (request loop j uses connection
+    j % connections). SO_REUSEPORT spreads connections, not requests, over the processes of a
+    port: one connection reaches one worker."""
     import grpc
 
     from deltarec.v1 import ranker_pb2
     request_class, response_class = METHODS[method]
 
     async def main() -> dict:
-        channel = grpc.aio.insecure_channel(address)
-        call = channel.unary_unary(f"/deltarec.v1.RankerService/{method}",
-                                   request_serializer=getattr(ranker_pb2, request_class).SerializeToString,
-                                   response_deserializer=getattr(ranker_pb2, response_class).FromString)
+        # A local subchannel pool per channel: channels to one target otherwise share one connection.
+        channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(max(1, min(connections, concurrency)))]
+        calls = [channel.unary_unary(f"/deltarec.v1.RankerService/{method}",
+                                     request_serializer=getattr(ranker_pb2, request_class).SerializeToString,
+                                     response_deserializer=getattr(ranker_pb2, response_class).FromString)
+                 for channel in channels]
         latencies: list[float] = []
         errors: dict[str, int] = {}
         start = time.perf_counter()
@@ -150,6 +172,7 @@ def run_load(address: str, method: str, requests: list, concurrency: int, durati
 
         async def worker(seed: int) -> None:
             rng = random.Random(seed)
+            call = calls[seed % len(calls)]
             while True:
                 began = time.perf_counter()
                 if began >= stop_at:
@@ -163,7 +186,8 @@ def run_load(address: str, method: str, requests: list, concurrency: int, durati
                         errors[error.code().name] = errors.get(error.code().name, 0) + 1
 
         await asyncio.gather(*(worker(seed) for seed in range(concurrency)))
-        await channel.close()
+        for channel in channels:
+            await channel.close()
         figures = _harness.percentiles(latencies, scale=1000, digits=2)
         return {"rps": round(len(latencies) / duration_s, 1), "p50_ms": figures["p50"], "p99_ms": figures["p99"],
                 "requests": len(latencies), "errors": errors}
@@ -267,7 +291,8 @@ def crossover(sizes: list[int], dims: list[int], queries: int) -> dict:
 
 def bench_one_catalog(suite, spec: str, etcd, levels, duration_s: float, warmup_s: float,
                       extra_env: dict | None = None, profile_level: int | None = None,
-                      max_users: int | None = None) -> tuple[dict, dict[str, bytes]]:
+                      max_users: int | None = None, workers: int = 1,
+                      connections: int = 1) -> tuple[dict, dict[str, bytes]]:
     """Recommend, Search and SimilarItems at each concurrency on one catalog; returns the
     figures and one response of each method (the echo server's payloads)."""
     import grpc
@@ -289,76 +314,135 @@ def bench_one_catalog(suite, spec: str, etcd, levels, duration_s: float, warmup_
     del artifact
     fakes.publish(etcd, spec_json)
     processes = []
+    holder = None      # the echo_n reference's shared port
     try:
         stand_in = suite.start_features_stand_in(spec)
         processes.append(stand_in)
         replica_id = f"bench-{uuid.uuid4().hex[:6]}"
         ranker = suite.start_ranker(stand_in.address, replica_id, name=f"ranker-{spec.replace(':', '-')}",
-                                    database=False, **(extra_env or {}))
+                                    database=False, RANKER_WORKERS=str(workers), **(extra_env or {}))
         processes.append(ranker)
+        # With workers each registers as <id>-w<i> at its own port: waited for, warmed and
+        # measured apart (each has its own user cache); the load goes to the shared port.
+        replica_ids = [replica_id] if workers == 1 else [f"{replica_id}-w{i}" for i in range(workers)]
+        registrations = [wait_settled(etcd, rid, spec) for rid in replica_ids]
+        registration = registrations[0]
         channel = grpc.insecure_channel(ranker.address)
         stub = ranker_pb2_grpc.RankerServiceStub(channel)
-        registration = wait_settled(etcd, replica_id, spec)
         status = stub.Status(ranker_pb2.RankerServiceStatusRequest(), timeout=10)
         progress(f"{spec}: ranker ready in {time.perf_counter() - began:.1f}s (model v{status.freshness.model_version}, "
-                 f"{status.index_size} items)")
+                 f"{status.index_size} items, {workers} worker(s))")
         requests = {method: requests_for(method, users, item_ids, titles) for method in METHODS}
         samples = {method: getattr(stub, method)(requests[method][0], timeout=30).SerializeToString()
                    for method in METHODS}
         channel.close()
-        warm_s = warm_users(ranker.address, users)
-        progress(f"{spec}: user cache warmed with {len(users)} users in {warm_s:.1f}s")
-        # The reference, measured right after each level of the ranker with the same requests:
-        # on this shared machine the load drifts over minutes, and a reference measured at the
-        # end of the run compared the two under different loads (ratios swung 0.2-0.8x).
-        echo = suite.start_script("ranker", {"BENCH_RANKER_ROLE": "echo",
-                                             **{f"BENCH_ECHO_{m.upper()}": p.hex() for m, p in samples.items()}},
-                                  name=f"echo-{spec.replace(':', '-')}", timeout_s=60)
+        own_addresses = [ranker.address] if workers == 1 else \
+            [f"127.0.0.1:{r['address'].rsplit(':', 1)[-1]}" for r in registrations]
+        warm_s = sum(warm_users(address, users) for address in own_addresses)
+        progress(f"{spec}: user cache of {len(own_addresses)} process(es) warmed with {len(users)} users in {warm_s:.1f}s")
+        server_pids = (lambda: [ranker.process.pid]) if workers == 1 else (lambda: child_pids(ranker.process.pid))
+        memory_after_warm_up = rss_mb(server_pids(), ranker.process.pid, workers)
+        progress(f"{spec}: RSS after warm-up {memory_after_warm_up}")
+        # The references, measured right after each level of the ranker with the same requests and
+        # the same client: on this shared machine the load drifts over minutes, and a reference
+        # measured at the end of the run compared the two under different loads (ratios swung
+        # 0.2-0.8x). `echo`: one process, as always; `echo_n` (workers > 1): the same echo server
+        # as `workers` processes on one SO_REUSEPORT port, the same shape as the ranker's.
+        payload_env = {"BENCH_RANKER_ROLE": "echo", **{f"BENCH_ECHO_{m.upper()}": p.hex() for m, p in samples.items()}}
+        echo = suite.start_script("ranker", payload_env, name=f"echo-{spec.replace(':', '-')}", timeout_s=60)
         processes.append(echo)
+        references = {"echo": (echo.address, lambda: [echo.process.pid])}
+        if workers > 1:
+            from services.ranker.workers import reserve_shared_port
+            holder = reserve_shared_port("127.0.0.1", 0)
+            shared = holder.getsockname()[1]   # held (never listening) until the end of this catalog
+            echo_n = [suite.start_script("ranker", {**payload_env, "BENCH_ECHO_PORT": str(shared)},
+                                         name=f"echo-{workers}p-{i}-{spec.replace(':', '-')}", timeout_s=60)
+                      for i in range(workers)]
+            processes.extend(echo_n)
+            references["echo_n"] = (f"127.0.0.1:{shared}", lambda: [e.process.pid for e in echo_n])
         result = {"items": len(item_ids), "users": len(users), "index_size": status.index_size,
+                  "workers": workers, "connections": connections,
                   "index_kind": registration.get("index_kind"), "text_index_kind": registration.get("text_index_kind"),
                   "response_bytes": {method: len(sample) for method, sample in samples.items()},
-                  "warm_up_s": round(warm_s, 1), "methods": {},
-                  "echo": {"response_bytes": {m: len(p) for m, p in samples.items()}, "methods": {}}}
+                  "warm_up_s": round(warm_s, 1), "methods": {}, "rss_mb_after_warm_up": memory_after_warm_up}
+        for name in references:
+            result[name] = {"response_bytes": {m: len(p) for m, p in samples.items()}, "methods": {},
+                            "processes": 1 if name == "echo" else workers}
         for method in METHODS:
             by_level = result["methods"].setdefault(method, {})
             for concurrency in levels:
                 sampler = None
                 if concurrency == profile_level:
                     raw = suite.work_dir / f"profile-{spec.replace(':', '-')}-{method}-c{concurrency}.txt"
-                    sampler = _profile.record(ranker.process.pid, duration_s + warmup_s, raw)
-                figures = with_cpu(ranker, lambda: run_load(ranker.address, method, requests[method], concurrency,
-                                                             duration_s, warmup_s), duration_s, warmup_s)
+                    sampler = _profile.record(server_pids()[0], duration_s + warmup_s, raw)
+                figures = with_cpu(server_pids, lambda: run_load(ranker.address, method, requests[method], concurrency,
+                                                                 duration_s, warmup_s, connections),
+                                   duration_s, warmup_s)
                 if sampler is not None:
                     sampler.wait(timeout=60)
                     profile = {"concurrency": concurrency, **_profile.summarise(raw)}
                     result.setdefault("profile", {})[method] = profile
                     progress(f"{spec}: {method} profile at concurrency {concurrency}: {profile.get('share_pct')}")
                 by_level[str(concurrency)] = figures
-                reference = with_cpu(echo, lambda: run_load(echo.address, method, requests[method], concurrency,
-                                                            duration_s, warmup_s), duration_s, warmup_s)
-                result["echo"]["methods"].setdefault(method, {})[str(concurrency)] = reference
-                progress(f"{spec}: {method} concurrency {concurrency}: {figures['rps']} req/s, p50 "
-                         f"{figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, errors {figures['errors']}; echo "
-                         f"{reference['rps']} req/s (p99 {reference['p99_ms']} ms): "
-                         f"{_harness.ratio(figures['rps'], reference['rps'])}x; CPU per request "
-                         f"{figures['cpu_us_per_request']} us vs echo {reference['cpu_us_per_request']} us")
-        kv = etcd.get(__import__("services.contracts.etcd_keys", fromlist=["ranker_key"]).ranker_key(replica_id))
-        result["user_cache"] = json.loads(kv.value).get("user_cache") if kv is not None else None
+                line = (f"{spec}: {method} c={concurrency}: {figures['rps']} req/s, p50 {figures['p50_ms']} ms, "
+                        f"p99 {figures['p99_ms']} ms, errors {figures['errors']}, CPU/request "
+                        f"{figures['cpu_us_per_request']} us (process shares {figures['cpu_shares']})")
+                for name, (address, pids) in references.items():
+                    reference = with_cpu(pids, lambda: run_load(address, method, requests[method], concurrency,
+                                                                duration_s, warmup_s, connections),
+                                         duration_s, warmup_s)
+                    result[name]["methods"].setdefault(method, {})[str(concurrency)] = reference
+                    line += (f"; {name} {reference['rps']} req/s (p99 {reference['p99_ms']} ms, CPU "
+                             f"{reference['cpu_us_per_request']} us): {_harness.ratio(figures['rps'], reference['rps'])}x")
+                progress(line)
+        result["rss_mb_after_runs"] = rss_mb(server_pids(), ranker.process.pid, workers)
+        caches = []
+        for rid in replica_ids:
+            kv = etcd.get(__import__("services.contracts.etcd_keys", fromlist=["ranker_key"]).ranker_key(rid))
+            caches.append(json.loads(kv.value).get("user_cache") if kv is not None else None)
+        result["user_cache"] = caches[0] if workers == 1 else caches
         return result, samples
     finally:   # the next catalog gets the memory
         for process in reversed(processes):
             suite.stop(process, timeout_s=20)
+        if holder is not None:
+            holder.close()
 
 
-def with_cpu(process, load, duration_s: float, warmup_s: float) -> dict:
-    """A load's figures plus the server process's CPU per request (user + system over the load,
-    warm-up included; the warm-up's requests, not counted by run_load, scaled in at the measured
-    rate): far steadier than req/s on the shared machine."""
-    before = process_cpu_s(process.process.pid)
+def with_cpu(pids, load, duration_s: float, warmup_s: float) -> dict:
+    """A load's figures plus the server's CPU per request (user + system of its processes,
+    `pids()`, over the load, warm-up included; the warm-up's requests, not counted by run_load,
+    scaled in at the measured rate): far steadier than req/s on the shared machine.
+    `cpu_shares`: each process's part of that CPU (how evenly the connections spread)."""
+    measured = pids()
+    before = [process_cpu_s(pid) for pid in measured]
     figures = load()
     requests = max(figures["requests"] * (duration_s + warmup_s) / duration_s, 1.0)
-    figures["cpu_us_per_request"] = round((process_cpu_s(process.process.pid) - before) / requests * 1e6, 1)
+    used = [process_cpu_s(pid) - b for pid, b in zip(measured, before)]
+    figures["cpu_us_per_request"] = round(sum(used) / requests * 1e6, 1)
+    figures["cpu_shares"] = [round(u / max(sum(used), 1e-9), 2) for u in used]
+    return figures
+
+
+def child_pids(pid: int) -> list[int]:
+    """The worker processes of a ranker supervisor (its children), in start order."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return sorted(int(child) for child in children.read().split())
+
+
+def rss_mb(pids: list[int], supervisor_pid: int, workers: int) -> dict:
+    """Resident memory of each server process (and the supervisor's, with workers), MB."""
+    def rss(pid: int) -> float:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        return 0.0
+    figures = {"processes": [rss(pid) for pid in pids]}
+    if workers > 1:
+        figures["supervisor"] = rss(supervisor_pid)
+    figures["total"] = round(sum(figures["processes"]) + figures.get("supervisor", 0.0), 1)
     return figures
 
 
@@ -540,7 +624,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="attribution part with both replicas off: the noise floor of its ratio")
     parser.add_argument("--profile", action="store_true",
                         help="sample the ranker with py-spy at concurrency 8 and report where its CPU goes")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="RANKER_WORKERS of the ranker under test; > 1 adds the echo_n reference "
+                             "(the echo server as that many processes on one SO_REUSEPORT port)")
+    parser.add_argument("--connections", type=int, default=None,
+                        help="client connections the load is spread over, the same for the ranker and "
+                             "every reference (default 1; 8 with --workers > 1: SO_REUSEPORT spreads "
+                             "connections, not requests)")
     args = parser.parse_args(argv)
+    connections = args.connections or (1 if args.workers == 1 else 8)
     if args.profile and not _profile.available():
         parser.error("--profile needs py-spy (.venv/bin/pip install py-spy)")
     profile_level = 8 if args.profile else None
@@ -553,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
                               "memory) instead of collector+Postgres+features; untrained model of production "
                               "shape built here and published via etcd; random unit text vectors",
                      "target_ratio": TARGET_RATIO, "target_p99_ms": TARGET_P99_MS}
+    summary.update(workers=args.workers, connections=connections)
     max_users = 3000 if args.quick else None
     with _harness.Suite("ranker") as suite:
         etcd = suite.etcd()
@@ -561,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "beauty"):
             catalogs["beauty"], payloads = bench_one_catalog(suite, "beauty", etcd, LEVELS, duration_s, warmup_s,
                                                              extra_env={"RANKER_INDEX": args.index, **extra_env},
-                                                             profile_level=profile_level, max_users=max_users)
+                                                             profile_level=profile_level, max_users=max_users,
+                                                             workers=args.workers, connections=connections)
         if args.only in (None, "synthetic"):
             spec = f"synthetic:{args.synthetic_items}"
             name = f"synthetic_{args.synthetic_items // 1000}k"
@@ -575,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
                 key = name if label == variants[0][0] else f"{name}_{label}"
                 catalogs[key], synthetic_payloads = bench_one_catalog(
                     suite, spec, etcd, LEVELS, duration_s, warmup_s, extra_env={**extra, **extra_env},
-                    profile_level=profile_level, max_users=max_users)
+                    profile_level=profile_level, max_users=max_users, workers=args.workers,
+                    connections=connections)
                 catalogs[key]["ranker_index_setting"] = label
                 payloads = payloads or synthetic_payloads
                 if label == "flat" and args.index == "flat":
@@ -605,6 +700,13 @@ def main(argv: list[str] | None = None) -> int:
                                      for level in by_level}
                             for method, by_level in figures["methods"].items()}
         summary["ratio"] = ratios
+        if args.workers > 1:
+            # against the echo server in the ranker's own shape (N processes on one port)
+            summary["ratio_echo_n"] = {name: {method: {level: _harness.ratio(
+                by_level[level]["rps"], figures["echo_n"]["methods"][method][level]["rps"]) for level in by_level}
+                for method, by_level in figures["methods"].items()} for name, figures in catalogs.items()}
+            summary["ratio_echo_n_min"] = min(r for by_method in summary["ratio_echo_n"].values()
+                                              for r in by_method["Recommend"].values())
         # echo's CPU per request / the ranker's: the req/s ratio the pair would show if both were
         # bound by their own CPU alone (each server is one Python process, so GIL-bound near one core)
         summary["cpu_ratio"] = {name: {method: {level: _harness.ratio(
@@ -618,6 +720,9 @@ def main(argv: list[str] | None = None) -> int:
         summary["errors"] = sum(sum(level["errors"].values()) for figures in catalogs.values()
                                 for by_level in figures["methods"].values() for level in by_level.values())
         summary["meets_target"] = summary["ratio_min"] >= TARGET_RATIO and summary["p99_max_ms"] < TARGET_P99_MS
+        if args.workers > 1:
+            summary["meets_target_vs_echo_n"] = (summary["ratio_echo_n_min"] >= TARGET_RATIO
+                                                 and summary["p99_max_ms"] < TARGET_P99_MS)
         if args.only:
             pass
         elif args.quick:

@@ -10,6 +10,7 @@ SIGTERM/SIGINT (in-flight calls get `shutdown_grace_s` to finish).
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 from concurrent import futures
@@ -29,6 +30,16 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
+# The line on stdout that launchers (make run, tests, benchmarks; the ranker's supervisor) parse to
+# find the ports of a service once it is ready; more ` key=value` fields may follow.
+READY_LINE = re.compile(r"DELTAREC_READY (\S+) grpc_port=(\d+) metrics_port=(\S+)")
+
+
+def ready_line(name: str, grpc_port: int, metrics_port: int | None, **extra) -> str:
+    return " ".join([f"DELTAREC_READY {name} grpc_port={grpc_port} metrics_port={metrics_port}",
+                     *(f"{key}={value}" for key, value in extra.items())])
+
+
 # The largest message any DeltaRec service sends or accepts (per-service limits: limits.py).
 MAX_MESSAGE_BYTES = limits.LARGEST_MESSAGE_BYTES
 
@@ -37,10 +48,15 @@ class GrpcService:
     def __init__(self, name: str, service_names: Iterable[str], *, port: int = 0,
                  metrics_port: int | None = 0, workers: int = 16, grace_s: float = 10.0,
                  host: str = "127.0.0.1", max_connection_age_s: float = 0.0, security=None,
-                 health_port: int | None = None) -> None:
+                 health_port: int | None = None, reuse_port: bool = False,
+                 own_port: int | None = None) -> None:
         """`security`: a SecurityConfig (TLS, mutual TLS, authentication, limits); None serves
         plaintext without authentication and with the services' default limits. `health_port`:
-        an extra plaintext port serving the health service alone (None: none; 0: a free port)."""
+        an extra plaintext port serving the health service alone (None: none; 0: a free port).
+        `reuse_port`: `port` (and `health_port`) are bound with SO_REUSEPORT, shared with other
+        processes of the same service (the ranker's workers, services/ranker/workers.py); without
+        it a port in use is an error. `own_port`: one more port for the same services, not
+        shared (0: a free one; `self.own_port`), where this very process is reached."""
         self.name = name
         self.service_names = list(service_names)
         self.grace_s = grace_s
@@ -56,7 +72,9 @@ class GrpcService:
             self.service_names, *((security.grpc_max_receive_bytes, security.grpc_max_send_bytes)
                                   if security is not None else ()))
         metadata_bytes = security.grpc_max_metadata_bytes if security is not None else limits.METADATA_BYTES
-        options = limits.server_options(self.limits, metadata_bytes) + [("grpc.so_reuseport", 0)]
+        # Off unless asked: another process on the port is a conflict to report, not a share.
+        reuse = [("grpc.so_reuseport", 1 if reuse_port else 0)]
+        options = limits.server_options(self.limits, metadata_bytes) + reuse
         if max_connection_age_s > 0:
             # GOAWAY after this age: clients reconnect and re-resolve their dns:/// target, so
             # replicas added since (HPA) get their share. No grace limit: streams in flight (the
@@ -77,13 +95,11 @@ class GrpcService:
                                       reflection.SERVICE_NAME], self.server, pool=MethodResolvingPool())
         self._set_health(NOT_SERVING)
         self.certificates = None     # the TLS certificate fetcher (reloads on file change)
+        credentials = None
         if tls.server_tls_enabled(security):
             credentials, self.certificates = tls.server_credentials(security)
-            self.port = self.server.add_secure_port(f"{host}:{port}", credentials)
-        else:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise RuntimeError(f"could not bind gRPC port {host}:{port}")
+        self.port = self._add_port(host, port, credentials)
+        self.own_port = None if own_port is None else self._add_port(host, own_port, credentials)
         # Kubelet's gRPC probes speak neither TLS nor mTLS: with TLS on, they get a plaintext port
         # of their own that serves the same health status and nothing else (no other service is
         # registered on this server; health is open on the main port too).
@@ -91,7 +107,8 @@ class GrpcService:
         if health_port is not None:
             self.health_server = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{name}-health"),
-                maximum_concurrent_rpcs=16, options=limits.server_options(limits.DEFAULT_LIMITS, metadata_bytes))
+                maximum_concurrent_rpcs=16,
+                options=limits.server_options(limits.DEFAULT_LIMITS, metadata_bytes) + (reuse if reuse_port else []))
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = self.health_server.add_insecure_port(f"{host}:{health_port}")
             if self.health_port == 0:
@@ -102,6 +119,13 @@ class GrpcService:
             self.metrics = metrics_http.start(host, metrics_port, security)
             self.metrics_port = self.metrics.port
 
+    def _add_port(self, host: str, port: int, credentials) -> int:
+        bound = (self.server.add_secure_port(f"{host}:{port}", credentials) if credentials is not None
+                 else self.server.add_insecure_port(f"{host}:{port}"))
+        if bound == 0:
+            raise RuntimeError(f"could not bind gRPC port {host}:{port}")
+        return bound
+
     @classmethod
     def from_config(cls, name: str, service_names: Iterable[str], config) -> "GrpcService":
         """From a config carrying the CommonConfig fields (ports, workers, grace, host, security)."""
@@ -109,7 +133,8 @@ class GrpcService:
         return cls(name, service_names, port=config.grpc_port, metrics_port=config.metrics_port,
                    workers=config.grpc_workers, grace_s=config.shutdown_grace_s, host=config.bind_host,
                    max_connection_age_s=getattr(config, "max_connection_age_s", 0.0), security=config,
-                   health_port=None if health_port < 0 else health_port)
+                   health_port=None if health_port < 0 else health_port,
+                   reuse_port=getattr(config, "reuse_port", False), own_port=getattr(config, "own_port", None))
 
     def _set_health(self, status) -> None:
         self.health.set("", status)
@@ -180,7 +205,5 @@ def run_service(service: GrpcService, ready_check: Callable[[], None] | None = N
     if ready_check is not None:
         ready_check()
     service.set_ready(True)
-    # A line on stdout that launchers (make run, tests) parse to find the ports.
-    print(f"DELTAREC_READY {service.name} grpc_port={service.port} metrics_port={service.metrics_port}",
-          flush=True)
+    print(ready_line(service.name, service.port, service.metrics_port), flush=True)
     service.wait()

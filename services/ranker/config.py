@@ -6,6 +6,7 @@ import dataclasses
 from services.common.config import GRPC_TARGET, CommonConfig, ConfigError, env
 from services.ranker.filters import EXCLUDE_POLICIES
 from services.ranker.index_structures import TEXT_BUILD_PRIORITY, IndexOptions
+from services.ranker.workers import check_worker_settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,29 @@ class RankerConfig(CommonConfig):
     impression_queue: int = env("RANKER_IMPRESSION_QUEUE", 100_000, minimum=1, maximum=10_000_000,
                                 help="impressions buffered in memory before new ones are dropped (counted)")
 
+    # Worker processes (services/ranker/workers.py, supervisor.py; README "Serving", "Workers").
+    workers: int = env("RANKER_WORKERS", 1, minimum=1, maximum=64,
+                       help="ranker processes of this replica, each a complete replica with its own "
+                            "catalog, indexes and user cache (N times the memory), serving GRPC_PORT "
+                            "together through SO_REUSEPORT under a supervisor; 1 = one process, no "
+                            "supervisor")
+    worker_index: int = env("RANKER_WORKER_INDEX", -1, minimum=-1, maximum=63,
+                            help="set by the supervisor for its workers (do not set): -1 = not a worker")
+    worker_grpc_port: int = env("RANKER_WORKER_GRPC_PORT", 0, minimum=0, maximum=65535,
+                                help="with RANKER_WORKERS > 1: worker i also listens alone on this + i "
+                                     "(0 = a free port each) and registers that address, so the "
+                                     "consistency service reaches each worker itself")
+
+    @property
+    def reuse_port(self) -> bool:
+        """A worker shares GRPC_PORT (and HEALTH_PORT) with its siblings."""
+        return self.worker_index >= 0
+
+    @property
+    def own_port(self) -> int | None:
+        """A worker's own port (GrpcService `own_port`), None outside worker mode."""
+        return self.worker_grpc_port if self.worker_index >= 0 else None
+
     def index_options(self, text: bool = False) -> IndexOptions:
         """Options of the model-space item indexes, or (text=True) of the text index."""
         return IndexOptions(kind=self.index_kind,
@@ -104,3 +128,9 @@ def check_settings(config: RankerConfig) -> None:
     """What `env()` cannot express; a failure stops the start like a bad variable (exit 2)."""
     if not config.features_address:
         raise ConfigError("FEATURES_ADDRESS is required (host:port of the features service)")
+    if config.workers > 1 and config.worker_index >= 0:
+        raise ConfigError("RANKER_WORKER_INDEX is set by the supervisor for its workers, each with "
+                          "RANKER_WORKERS=1: do not set it with RANKER_WORKERS > 1")
+    check_worker_settings(config.workers, replica_id=config.replica_id, metrics_port=config.metrics_port,
+                          worker_grpc_port=config.worker_grpc_port, grpc_port=config.grpc_port,
+                          health_port=config.health_port)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from services.common.server import GrpcService
 from services.ranker.artifact_reader import ArtifactReader
@@ -47,6 +48,13 @@ class ReplicaLifecycle:
     def start(self, service: GrpcService) -> None:
         """Runs as the service's ready check; stops `service` and exits with status 1 when the
         catalog does not catch up within the start-up timeout."""
+        self.catch_up(lambda: service.stop(0))
+        self.register()
+
+    def catch_up(self, on_failure: Callable[[], None] = lambda: None) -> None:
+        """Everything of start() before registering: the feeds until the catalog caught up, then
+        the first model. A worker (RANKER_WORKERS > 1) runs this before its server listens at all:
+        on a shared SO_REUSEPORT port a listening worker gets connections, ready or not."""
         deadline = time.monotonic() + self.startup_timeout_s
         self.feed.start()
         if self.user_feed is not None:
@@ -54,7 +62,7 @@ class ReplicaLifecycle:
         if not self.catalog.ready.wait(self.startup_timeout_s):
             log.error("catalog not caught up in time; is the features service at FEATURES_ADDRESS up?",
                       extra={"features_address": self.features.address})
-            service.stop(0)
+            on_failure()
             raise SystemExit(1)
         self.manager.start()
         self.watcher.start()
@@ -62,6 +70,8 @@ class ReplicaLifecycle:
             self.manager.idle.wait(max(deadline - time.monotonic(), 0.1))
         else:
             log.warning("etcd unreachable at start: serving without a model until it returns")
+
+    def register(self) -> None:
         routing = self.state.routing
         log.info("serving", extra={"replica_id": self.replica_id, "items": self.catalog.active_count,
                                    "model_version": routing.current.version if routing.current else 0,
