@@ -97,7 +97,8 @@ def reserve_shared_port(host: str, port: int) -> socket.socket:
     family, address = _socket_address(host)
     probe = socket.socket(family, socket.SOCK_STREAM)
     # SO_REUSEADDR: connections of a ranker that just stopped linger in TIME_WAIT for a minute and
-    # would fail a plain bind; a socket listening there still fails it (the conflict looked for)
+    # would fail a plain bind; a socket listening there still fails it (the conflict looked for),
+    # and so does another supervisor's holder (bound without SO_REUSEADDR)
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.bind((address, port))
@@ -108,7 +109,6 @@ def reserve_shared_port(host: str, port: int) -> socket.socket:
         probe.close()
     holder = socket.socket(family, socket.SOCK_STREAM)
     try:
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         holder.bind((address, port))
     except OSError as error:

@@ -139,3 +139,22 @@ def test_grpc_service_shares_a_port_only_when_asked():
         for server in servers:
             server.server.stop(0)
         holder.close()
+
+
+def test_a_restart_within_time_wait_of_the_last_connections_is_not_a_conflict():
+    import time
+    holder = reserve_shared_port("127.0.0.1", 0)
+    port = holder.getsockname()[1]
+    worker = socket.socket()              # as gRPC listens: SO_REUSEADDR and SO_REUSEPORT
+    worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    worker.bind(("127.0.0.1", port))
+    worker.listen()
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    accepted, _ = worker.accept()
+    accepted.close()                      # the server side closes first: its end in TIME_WAIT
+    time.sleep(0.05)
+    client.close()
+    worker.close()
+    holder.close()
+    reserve_shared_port("127.0.0.1", port).close()     # the ranker started again on its port
