@@ -133,6 +133,16 @@ class ModelConfig:
     id_dropout .5 (weight 0 / best prior)                  0.0291 / 0.0000
     ====================================================  =================
 
+    2026-12-02, session 4: a ridge map from the MiniLM vector (+ bias) to
+    the trained item vector of items with an id (closed form, lambda 0.1 /
+    1 / 10, uniform or log-popularity weights), used for the id-less items
+    instead of text projection + row 0, same protocol (d=64, 6 epochs,
+    prior off; a one-off script, not kept): held-out validation R@10 0.0000
+    at every setting (popularity 0.0404), all targets 0.0656-0.0658 against
+    0.0659 without it. The map puts held-out items where items with their
+    kind of text are, but not among anyone's ten best of 12k: what ranks
+    them is their popularity, which text does not carry. Not kept.
+
     No prior pays overall (it lifts popular held-out items into everyone's
     top 10), so the default weight stays 0: off; a higher id dropout costs
     the other targets and does not make the text path rank held-out items
