@@ -102,6 +102,7 @@ def serve_echo() -> None:
     import grpc
 
     from deltarec.v1 import ranker_pb2
+    from services.contracts.ready_line import ready_line
     handlers = {}
     for method, (request_class, response_class) in METHODS.items():
         payload = os.environ.get(f"BENCH_ECHO_{method.upper()}")
@@ -121,7 +122,7 @@ def serve_echo() -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("deltarec.v1.RankerService", handlers),))
     port = server.add_insecure_port(f"127.0.0.1:{shared_port}")
     server.start()
-    print(f"DELTAREC_READY echo grpc_port={port} metrics_port=None", flush=True)
+    print(ready_line("echo", port, None), flush=True)
     server.wait_for_termination()
 
 

@@ -7,7 +7,6 @@ service is started is exercised everywhere. A service prints
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,8 +14,9 @@ import threading
 import time
 from pathlib import Path
 
+from services.contracts.ready_line import READY_LINE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-READY = re.compile(r"DELTAREC_READY (\S+) grpc_port=(\d+) metrics_port=(\S+)")
 
 
 class ServiceProcess:
@@ -59,7 +59,7 @@ class ServiceProcess:
     def _read_stdout(self, process: subprocess.Popen, log) -> None:
         for raw in process.stdout:
             line = raw.decode(errors="replace")
-            match = READY.search(line)
+            match = READY_LINE.search(line)
             if match:
                 self.port = int(match.group(2))
                 self.metrics_port = None if match.group(3) == "None" else int(match.group(3))

@@ -15,6 +15,7 @@ from services.common.artifacts import ArtifactStore
 from services.common.etcd import Etcd
 from services.common.text_encoder import hashed_unit_vector
 from services.contracts.model_pointer import ModelPointer
+from services.contracts.ready_line import ready_line
 from services.model.artifact import ModelArtifact
 from services.model.network import DeltaRecModel, ModelConfig
 from services.trainer.publisher import Publisher
@@ -202,7 +203,7 @@ def serve_features_stand_in(dataset, vectors: np.ndarray) -> None:
     features_pb2_grpc.add_FeaturesServiceServicer_to_server(stand_in.servicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    print(f"DELTAREC_READY features-stand-in grpc_port={port} metrics_port=None", flush=True)
+    print(ready_line("features-stand-in", port, None), flush=True)
     server.wait_for_termination()
 
 

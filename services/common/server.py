@@ -10,7 +10,6 @@ SIGTERM/SIGINT (in-flight calls get `shutdown_grace_s` to finish).
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import threading
 from concurrent import futures
@@ -24,21 +23,12 @@ from services.common import limits, metrics_http, tls
 from services.common.auth import AuthInterceptor, Authorizer
 from services.common.interceptors import ObservabilityInterceptor
 from services.common.reflection_pool import MethodResolvingPool
+from services.contracts.ready_line import ready_line
 
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-# The line on stdout that launchers (make run, tests, benchmarks; the ranker's supervisor) parse to
-# find the ports of a service once it is ready; more ` key=value` fields may follow.
-READY_LINE = re.compile(r"DELTAREC_READY (\S+) grpc_port=(\d+) metrics_port=(\S+)")
-
-
-def ready_line(name: str, grpc_port: int, metrics_port: int | None, **extra) -> str:
-    return " ".join([f"DELTAREC_READY {name} grpc_port={grpc_port} metrics_port={metrics_port}",
-                     *(f"{key}={value}" for key, value in extra.items())])
-
 
 # The largest message any DeltaRec service sends or accepts (per-service limits: limits.py).
 MAX_MESSAGE_BYTES = limits.LARGEST_MESSAGE_BYTES

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.common.boot import Boot
-from services.common.server import READY_LINE, ready_line
+from services.contracts.ready_line import READY_LINE, ready_line
 from services.ranker.workers import RestartPolicy, reserve_shared_port, worker_environment
 
 log = logging.getLogger(__name__)
