@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from services.contracts.ready_line import READY_LINE
+from services.contracts.ready_line import READY_LINE, ready_fields
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +32,7 @@ class ServiceProcess:
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.workers = 1        # a ranker with RANKER_WORKERS > 1 says how many in its ready line
         self._ready = threading.Event()
 
     @property
@@ -63,6 +64,7 @@ class ServiceProcess:
             if match:
                 self.port = int(match.group(2))
                 self.metrics_port = None if match.group(3) == "None" else int(match.group(3))
+                self.workers = int(ready_fields(line).get("workers", 1))
                 self._ready.set()
             log.write(raw)
             log.flush()

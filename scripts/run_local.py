@@ -88,9 +88,10 @@ class LocalSuite:
         print(f"    {name:<12} grpc 127.0.0.1:{process.port}  metrics :{process.metrics_port}")
         return process
 
-    def channel(self, address: str, service: str):
-        """This script's channel to a service: plaintext, or mTLS with the operator's token."""
-        return channels.make_channel(address, service, security=self.client)
+    def channel(self, address: str, service: str, connections: int = 1):
+        """This script's channel to a service: plaintext, or mTLS with the operator's token.
+        `connections`: one per ranker worker (RANKER_WORKERS), or the calls reach one of them."""
+        return channels.make_channel(address, service, security=self.client, connections=connections)
 
     def grpcurl_flags(self) -> str:
         return self.pki.grpcurl_flags("operator") if self.pki else "-plaintext"
@@ -435,7 +436,7 @@ def main() -> int:
         rankers = [suite.start("services.ranker", f"ranker-{name}",
                                {"FEATURES_ADDRESS": features.address, "RANKER_REPLICA_ID": f"ranker-{name}"})
                    for name in ("a", "b")]
-        ranker_stubs = [ranker_pb2_grpc.RankerServiceStub(suite.channel(r.address, channels.RANKER))
+        ranker_stubs = [ranker_pb2_grpc.RankerServiceStub(suite.channel(r.address, channels.RANKER, connections=r.workers))
                         for r in rankers]
         # A user of the history replay: once both replicas answer them personally, the suite serves.
         served_after = wait_for_personal_answer(ranker_stubs, order[split - 1][0], replayed_at, limit_s=600)
@@ -484,7 +485,7 @@ def main() -> int:
 
         say("replicas")
         for ranker in rankers:
-            ranker_stub = ranker_pb2_grpc.RankerServiceStub(suite.channel(ranker.address, channels.RANKER))
+            ranker_stub = ranker_pb2_grpc.RankerServiceStub(suite.channel(ranker.address, channels.RANKER, connections=ranker.workers))
             status = ranker_stub.Status(ranker_pb2.RankerServiceStatusRequest(), timeout=10)
             print(f"    {status.replica_id}: model v{status.freshness.model_version}, data LSN "
                   f"{status.freshness.data_lsn}, {status.index_size} items, index {status.index_checksum[:12]}")
@@ -498,7 +499,7 @@ def main() -> int:
         status_env = {**os.environ, **{key: value for key, value in suite.env.items() if key.startswith("ETCD_")},
                       **(suite.pki.client_env("operator", "operator") if suite.pki else {})}
         subprocess.run(status_command, cwd=REPO_ROOT, timeout=120, env=status_env)
-        demo(suite.channel(rankers[0].address, channels.RANKER), dataset)
+        demo(suite.channel(rankers[0].address, channels.RANKER, connections=rankers[0].workers), dataset)
 
         say("consistency check (every part against the source)")
         print_consistency(consistency_stub)

@@ -4,7 +4,10 @@
 //   COLLECTOR_ADDRESS=127.0.0.1:50051 RANKER_ADDRESS=127.0.0.1:50054 node storefront.js
 //
 // In a cluster, point both at the headless Services (dns:///ranker.deltarec.svc:8080): the
-// channels below ask for round_robin, so calls spread over every ranker pod.
+// channels below ask for round_robin, so calls spread over every ranker pod. A ranker run with
+// RANKER_WORKERS=N is N processes on one port, and the kernel gives each *connection* to one of
+// them: set RANKER_CONNECTIONS to at least N so that this client opens that many connections
+// per address and takes them in turn (one connection would keep the other workers idle).
 //
 // It upserts a few catalog items, sends behaviour events for a user, asks for recommendations
 // and searches for one of the new items by its title, and prints one JSON summary as its last
@@ -20,6 +23,11 @@ const PROTO_ROOT = process.env.DELTAREC_PROTO_ROOT || path.resolve(__dirname, '.
 const COLLECTOR = process.env.COLLECTOR_ADDRESS || '127.0.0.1:50051';
 const RANKER = process.env.RANKER_ADDRESS || '127.0.0.1:50054';
 const SEARCH_WAIT_MS = Number(process.env.SEARCH_WAIT_MS || 30000);
+const RANKER_CONNECTIONS = Number(process.env.RANKER_CONNECTIONS || 1);
+if (!Number.isInteger(RANKER_CONNECTIONS) || RANKER_CONNECTIONS < 1 || RANKER_CONNECTIONS > 64) {
+  console.error(`RANKER_CONNECTIONS: ${process.env.RANKER_CONNECTIONS} is not an integer in 1..64`);
+  process.exit(2);
+}
 
 const definition = protoLoader.loadSync(
   ['deltarec/v1/collector.proto', 'deltarec/v1/ranker.proto'],
@@ -30,7 +38,11 @@ const channelOptions = {
   'grpc.service_config': JSON.stringify({loadBalancingConfig: [{round_robin: {}}]}),
 };
 const collector = new v1.CollectorService(COLLECTOR, grpc.credentials.createInsecure(), channelOptions);
-const ranker = new v1.RankerService(RANKER, grpc.credentials.createInsecure(), channelOptions);
+// Clients on one target share one connection unless each has its own subchannel pool.
+const rankers = Array.from({length: RANKER_CONNECTIONS}, () => new v1.RankerService(
+  RANKER, grpc.credentials.createInsecure(), {...channelOptions, 'grpc.use_local_subchannel_pool': 1}));
+let rankerTurn = 0;
+const ranker = () => rankers[rankerTurn++ % rankers.length];   // the next connection
 
 function call(client, method, request, timeoutMs = 10000) {
   return new Promise((resolve, reject) => {
@@ -82,14 +94,14 @@ async function main() {
   let search;
   const deadline = Date.now() + SEARCH_WAIT_MS;
   for (;;) {
-    search = await call(ranker, 'Search', {query: marker, user_id: user, k: 5});
+    search = await call(ranker(), 'Search', {query: marker, user_id: user, k: 5});
     if (search.items.some((item) => item.item_id === items[0].item_id) || Date.now() > deadline) break;
     await sleep(200);
   }
 
   // Now that the catalog has them: recommendations for the user (without a trained model yet,
   // popular and fresh items; each answer names the model version it came from).
-  const recommend = await call(ranker, 'Recommend', {user_id: user, k: 5});
+  const recommend = await call(ranker(), 'Recommend', {user_id: user, k: 5});
 
   const summary = {
     upserted: upsert.upserted,
@@ -108,7 +120,7 @@ async function main() {
 
 main().then((code) => {
   collector.close();
-  ranker.close();
+  rankers.forEach((client) => client.close());
   process.exitCode = code;
 }, (error) => {
   console.error(error.message);

@@ -23,6 +23,13 @@ gRPC's default (`pick_first`) sends every call of a long-lived channel to the on
 first connected to, so replicas added later would take no load from it. (Servers end their
 connections after GRPC_MAX_CONNECTION_AGE_S so clients also re-resolve and find new pods.)
 
+Connections: `make_channel(..., connections=N)` opens N TCP connections per address (a
+`PooledChannel`: N channels, each with its own subchannel pool, calls taken in turn). One
+connection per address is enough for a server that is one process, but a ranker with
+RANKER_WORKERS > 1 is N processes on one SO_REUSEPORT port: the kernel hands each *connection*
+to one worker, so a client with one connection keeps every other worker idle. gRPC channels to
+one target otherwise share one connection (the global subchannel pool), hence the option.
+
 Rotation: gRPC fixes a channel's TLS credentials when the channel is made, so a TLS channel here
 is a `ReloadingChannel`: on a call, at most once a second, it looks whether the CA, certificate
 or key file changed; if so it builds a new channel from the new files and sends new calls there.
@@ -32,6 +39,7 @@ finish (or, for endless streams, end and reconnect - every DeltaRec stream resum
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import threading
@@ -52,6 +60,10 @@ TRAINER = "deltarec.v1.TrainerService"
 RANKER = "deltarec.v1.RankerService"
 CONSISTENCY = "deltarec.v1.ConsistencyService"
 
+# Channels with this option own their connections (gRPC shares one per target between channels
+# otherwise): what makes a PooledChannel's channels separate TCP connections.
+OWN_CONNECTIONS_OPTION = ("grpc.use_local_subchannel_pool", 1)
+MAX_CONNECTIONS = 64
 ROUND_ROBIN_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 _LIST_SCHEMES = ("ipv4:", "ipv6:")
 RECHECK_S = 1.0
@@ -67,9 +79,17 @@ def environment_security() -> SecurityConfig:
 
 
 def make_channel(address: str, service: str, *, security=FROM_ENVIRONMENT,
-                 options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
+                 options: Sequence[tuple[str, object]] = (), connections: int = 1) -> grpc.Channel:
     """A channel to the DeltaRec `service` (full proto name) at `address`. `security`: a
-    SecurityConfig, None for plaintext without credentials, or (default) the environment's."""
+    SecurityConfig, None for plaintext without credentials, or (default) the environment's.
+    `connections` > 1: that many TCP connections per address, calls spread over them in turn
+    (PooledChannel; for a ranker with RANKER_WORKERS, at least as many as it has workers)."""
+    if not 1 <= connections <= MAX_CONNECTIONS:
+        raise ValueError(f"connections: {connections} is outside 1..{MAX_CONNECTIONS}")
+    if connections > 1:
+        own = [*options, OWN_CONNECTIONS_OPTION]
+        return PooledChannel([make_channel(address, service, security=security, options=own)
+                              for _ in range(connections)])
     config = environment_security() if security is FROM_ENVIRONMENT else security
     channel_options = [("grpc.service_config", ROUND_ROBIN_SERVICE_CONFIG)] + limits.client_options(
         service, config.grpc_max_metadata_bytes if config is not None else limits.METADATA_BYTES)
@@ -197,6 +217,80 @@ class ReloadingChannel(grpc.Channel):
     def __exit__(self, exc_type, exc_val, exc_tb):
         self.close()
         return False
+
+
+class PooledChannel(grpc.Channel):
+    """Several channels (each its own TCP connection) used as one: each call of a stub's method
+    goes to the next channel in turn. Streams too: a stream stays on the channel it started on."""
+
+    def __init__(self, channels: Sequence[grpc.Channel]) -> None:
+        if not channels:
+            raise ValueError("a PooledChannel needs at least one channel")
+        self.channels = list(channels)
+
+    def _pooled(self, kind: str, method, args, kwargs) -> "_PooledMulticallable":
+        return _PooledMulticallable([getattr(channel, kind)(method, *args, **kwargs) for channel in self.channels])
+
+    def unary_unary(self, method, *args, **kwargs):
+        return self._pooled("unary_unary", method, args, kwargs)
+
+    def unary_stream(self, method, *args, **kwargs):
+        return self._pooled("unary_stream", method, args, kwargs)
+
+    def stream_unary(self, method, *args, **kwargs):
+        return self._pooled("stream_unary", method, args, kwargs)
+
+    def stream_stream(self, method, *args, **kwargs):
+        return self._pooled("stream_stream", method, args, kwargs)
+
+    def subscribe(self, callback, try_to_connect=False):
+        # The first connection's state stands for the pool's (they all go to the same target).
+        self.channels[0].subscribe(callback, try_to_connect=try_to_connect)
+        if try_to_connect:
+            for channel in self.channels[1:]:
+                channel.subscribe(_ignore_state, try_to_connect=True)
+
+    def unsubscribe(self, callback):
+        for channel in self.channels:
+            try:
+                channel.unsubscribe(callback)
+            except (ValueError, KeyError):
+                pass
+
+    def close(self):
+        for channel in self.channels:
+            channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.close()
+        return False
+
+
+def _ignore_state(_state) -> None:
+    """A connectivity callback that only makes subscribe() start connecting."""
+
+
+class _PooledMulticallable:
+    """A stub's method over a PooledChannel: each call on the next channel's multicallable."""
+
+    def __init__(self, callables: list) -> None:
+        self._callables = callables
+        self._turn = itertools.count()   # next() of a count is atomic in CPython: no lock
+
+    def _next(self):
+        return self._callables[next(self._turn) % len(self._callables)]
+
+    def __call__(self, *args, **kwargs):
+        return self._next()(*args, **kwargs)
+
+    def with_call(self, *args, **kwargs):
+        return self._next().with_call(*args, **kwargs)
+
+    def future(self, *args, **kwargs):
+        return self._next().future(*args, **kwargs)
 
 
 class _Multicallable:

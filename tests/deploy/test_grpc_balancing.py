@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from deltarec.v1 import features_pb2, features_pb2_grpc, ranker_pb2, ranker_pb2_grpc
-from services.common.channels import client_channel, split_targets
+from services.common.channels import PooledChannel, client_channel, make_channel, split_targets
 from services.common.config import GRPC_TARGET
 from services.common.server import GrpcService
 from services.ranker.features_client import FeaturesClient
@@ -32,6 +32,13 @@ class NamedRanker(ranker_pb2_grpc.RankerServiceServicer):
 
     def Status(self, request, context):
         return ranker_pb2.RankerServiceStatusResponse(replica_id=self.name)
+
+
+class PeerEcho(ranker_pb2_grpc.RankerServiceServicer):
+    """Answers with the caller's address: one `ip:port` per client TCP connection."""
+
+    def Status(self, request, context):
+        return ranker_pb2.RankerServiceStatusResponse(replica_id=context.peer())
 
 
 class CountingFeatures(features_pb2_grpc.FeaturesServiceServicer):
@@ -124,6 +131,57 @@ def test_ranker_to_features_client_balances_over_features_replicas():
     finally:
         for service in services:
             service.stop(0)
+
+
+def test_a_pooled_channel_opens_its_connections_and_takes_them_in_turn():
+    """connections=N: N TCP connections to one address, each call on the next (the server sees
+    N peers, each with an equal share); a plain channel is one connection."""
+    service = _server("peer", ranker_pb2_grpc.add_RankerServiceServicer_to_server, PeerEcho())
+    address = f"127.0.0.1:{service.port}"
+    try:
+        pooled = make_channel(address, "deltarec.v1.RankerService", security=None, connections=4)
+        assert isinstance(pooled, PooledChannel) and len(pooled.channels) == 4
+        counts = _answers(pooled, 40)
+        assert len(counts) == 4 and set(counts.values()) == {10}, counts
+        plain = make_channel(address, "deltarec.v1.RankerService", security=None)
+        assert len(_answers(plain, 20)) == 1
+        pooled.close()
+        plain.close()
+    finally:
+        service.stop(0)
+
+
+def test_a_pooled_channel_reaches_every_process_of_a_shared_port():
+    """Two servers on one SO_REUSEPORT port, as a ranker's RANKER_WORKERS processes are: the
+    kernel gives each connection to one of them, so one connection reaches one process and 16
+    connections reach both (all 16 landing on one of two: p = 2^-15)."""
+    first = _server("w0", ranker_pb2_grpc.add_RankerServiceServicer_to_server, NamedRanker("w0"))
+    first.stop(0)
+    port = first.port
+    services = []
+    try:
+        for name in ("w0", "w1"):
+            service = GrpcService(name, [], port=port, metrics_port=None, workers=4, grace_s=0, reuse_port=True)
+            ranker_pb2_grpc.add_RankerServiceServicer_to_server(NamedRanker(name), service.server)
+            service.start()
+            service.set_ready()
+            services.append(service)
+        plain = make_channel(f"127.0.0.1:{port}", "deltarec.v1.RankerService", security=None)
+        assert len(_answers(plain, 30)) == 1
+        pooled = make_channel(f"127.0.0.1:{port}", "deltarec.v1.RankerService", security=None, connections=16)
+        counts = _answers(pooled, 160)
+        assert set(counts) == {"w0", "w1"}, counts
+        plain.close()
+        pooled.close()
+    finally:
+        for service in services:
+            service.stop(0)
+
+
+@pytest.mark.parametrize("connections", [0, -1, 65])
+def test_connections_outside_the_bound_are_refused(connections):
+    with pytest.raises(ValueError, match="connections"):
+        make_channel("127.0.0.1:1", "deltarec.v1.RankerService", security=None, connections=connections)
 
 
 def _ipv6_loopback() -> bool:

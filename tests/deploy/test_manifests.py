@@ -225,7 +225,8 @@ def _rule_allows(rule: dict, peer_key: str, peer: dict, port: int, own_namespace
     if peers is not None and not any(_peer_matches(p, peer, own_namespace) for p in peers):
         return False
     ports = rule.get("ports")
-    return ports is None or any(p.get("port") == port for p in ports)
+    return ports is None or any(p.get("port") == port or p.get("port", 0) <= port <= p.get("endPort", -1)
+                                for p in ports)
 
 
 def _allowed(policies, source: dict, destination: dict, port: int, namespace: dict) -> bool:

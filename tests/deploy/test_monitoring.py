@@ -130,7 +130,36 @@ def test_the_scrape_config_loads_the_rules_and_keeps_the_metrics_ports():
     for the rules, and it keeps the ports the manifests name `metrics`."""
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     assert config["rule_files"] == ["alerts.yml"]
-    relabel = config["scrape_configs"][0]["relabel_configs"]
-    assert {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "metrics",
-            "action": "keep"} in relabel
-    assert {r["target_label"] for r in relabel if "target_label" in r} >= {"namespace", "pod", "app"}
+    for job in config["scrape_configs"]:
+        relabel = job["relabel_configs"]
+        assert {r["target_label"] for r in relabel if "target_label" in r} >= {"namespace", "pod", "app", "worker"}
+        scheme = "https" if job["job_name"].endswith("https") else ""
+        # The manifests' `metrics` port, a ranker worker's `metrics-w<i>` (9090 + i), nothing else.
+        assert _relabel(relabel, _target("metrics", scheme))["worker"] == "0", job["job_name"]
+        assert _relabel(relabel, _target("metrics-w3", scheme))["worker"] == "3", job["job_name"]
+        for other in ("grpc", "metricsx", "metrics-w", "health"):
+            assert _relabel(relabel, _target(other, scheme)) is None, (job["job_name"], other)
+        assert _relabel(relabel, _target("metrics", "https" if not scheme else "")) is None
+
+
+def _target(port_name: str, scheme: str) -> dict:
+    return {"__meta_kubernetes_pod_container_port_name": port_name, "__meta_kubernetes_namespace": "deltarec",
+            "__meta_kubernetes_pod_name": "ranker-abc", "__meta_kubernetes_pod_label_app_kubernetes_io_name": "ranker",
+            "__meta_kubernetes_pod_annotation_deltarec_io_metrics_scheme": scheme}
+
+
+def _relabel(rules: list[dict], labels: dict) -> dict | None:
+    """Prometheus's relabelling (keep, drop, replace; anchored regex, `;` separator, `$n`
+    references) for the rules this config uses; None = the target is dropped."""
+    labels = dict(labels)
+    for rule in rules:
+        value = ";".join(labels.get(name, "") for name in rule.get("source_labels", []))
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        action = rule.get("action", "replace")
+        if action == "keep" and not match or action == "drop" and match:
+            return None
+        if action == "replace" and match:
+            replacement = re.sub(r"\$\{?(\d+)\}?", lambda ref: match.group(int(ref.group(1))) or "",
+                                 rule.get("replacement", "$1"))
+            labels[rule["target_label"]] = replacement
+    return labels

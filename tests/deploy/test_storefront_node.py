@@ -28,7 +28,8 @@ def test_node_storefront_upserts_sends_events_and_gets_recommendations_and_searc
     # dns:/// as in a cluster (an IP literal resolves to itself).
     result = subprocess.run([node, "storefront.js"], cwd=EXAMPLE, capture_output=True, text=True, timeout=240,
                             env={"PATH": "/usr/bin:/bin", "COLLECTOR_ADDRESS": f"dns:///{collector.address}",
-                                 "RANKER_ADDRESS": f"dns:///{ranker.address}", "SEARCH_WAIT_MS": "120000"})
+                                 "RANKER_ADDRESS": f"dns:///{ranker.address}", "SEARCH_WAIT_MS": "120000",
+                                 "RANKER_CONNECTIONS": "3"})
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["upserted"] == 3 and summary["events_accepted"] == 4

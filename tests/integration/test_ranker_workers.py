@@ -16,6 +16,7 @@ import pytest
 
 from deltarec.v1 import ranker_pb2, ranker_pb2_grpc
 from scripts.launch import ServiceProcess
+from services.common import channels
 from services.common.artifacts import ArtifactStore
 from services.common.etcd import Etcd
 from tests import fakes
@@ -81,14 +82,16 @@ def test_two_workers_register_answer_and_a_killed_one_comes_back(infra_env, data
             assert status_at(f"127.0.0.1:{address.rsplit(':', 1)[-1]}").replica_id == f"rk-w{w}"
         assert values[0]["index_checksum"] == values[1]["index_checksum"]
 
-        # The shared port: connections land on both workers (32 new connections all on one would
-        # be a chance of 2^-31), and each answers a Recommend.
+        # The shared port: a client's connections land on both workers (32 connections all on
+        # one would be a chance of 2^-31), and each answers a Recommend. The launcher read the
+        # worker count from the ready line; a pooled channel opens that many connections or more.
+        assert ranker.workers == 2
         seen = set()
-        for _ in range(32):
-            with grpc.insecure_channel(ranker.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-                stub = ranker_pb2_grpc.RankerServiceStub(channel)
+        with channels.make_channel(ranker.address, channels.RANKER, security=None, connections=32) as channel:
+            stub = ranker_pb2_grpc.RankerServiceStub(channel)
+            user = next(iter(dataset.sequences))
+            for _ in range(64):
                 seen.add(stub.Status(ranker_pb2.RankerServiceStatusRequest(), timeout=10).replica_id)
-                user = next(iter(dataset.sequences))
                 answer = stub.Recommend(ranker_pb2.RecommendRequest(user_id=user, k=5), timeout=10)
                 assert len(answer.items) == 5 and answer.freshness.model_version == 1
         assert seen == {"rk-w0", "rk-w1"}
