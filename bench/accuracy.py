@@ -14,15 +14,19 @@ Protocol (leave-one-out, the target ranked against ALL items):
    validation item), stopped at the selected epoch, so that the test target is one step past the
    training data as the validation target was (the train-only model's test figures are reported too);
 3. cold start: the train part with 5% of the items (seeded) removed entirely, stopped at the
-   selected epoch. Those items reach the model through their text only (id row 0) - and, served,
-   through the popularity they gathered since (``id_less_popularity_prior``; what the features
-   service counts and the model never trained on). The prior's weight is chosen on the validation
-   targets (all of them: what it gains on held-out items against what it costs the others), then
-   the test targets that are held-out items are scored as served, by the text path alone, and by
-   popularity counted at prediction time. The cold model is trained on the train part, not
-   refit on train + validation: choosing the weight on validation needs a model that did not
-   train on the validation items, and a fourth training does not fit the machine; so its test
-   targets are two steps past its training data (a handicap, like the train-only model's).
+   selected epoch. Those items reach the model through their text only (id row 0) and, served,
+   through the reserved new-item slots (services/model/new_items.py): the last
+   ``--new-item-slots`` of the top 10 go to items without a learned id that have traction (a
+   popularity from the interactions visible at prediction time: what the features service counts
+   and the model never trained on), ordered among themselves by model score + weight * log(1 +
+   popularity / scale). The order's (weight, scale) is chosen on the validation held-out targets;
+   then the test targets that are held-out items are scored as served, by the plain ranking
+   without slots (their text path alone), and by popularity counted at prediction time, and all
+   test targets with and without the slots (what the slots cost the others). The cold model is
+   trained on the train part, not refit on train + validation: choosing on validation needs a
+   model that did not train on the validation items, and a fourth training does not fit the
+   machine; so its test targets are two steps past its training data (a handicap, like the
+   train-only model's).
 
 With ``--jobs`` > 1 (default 3) the three trainings run at once, one process each: the refits run
 the whole schedule and keep a snapshot at every epoch the selection run evaluates, then the
@@ -62,6 +66,7 @@ from scripts.datasets import load_beauty_interactions
 from services.contracts.event_types import NUM_EVENT_TYPES, EventType
 from services.features.item_stats import EVENT_WEIGHTS
 from services.model.network import DeltaRecModel, ModelConfig, id_less_popularity_prior
+from services.model.new_items import DEFAULT_NEW_ITEM_SLOTS
 from services.trainer.evaluation import (
     cold_start_items,
     evaluate_model,
@@ -69,6 +74,7 @@ from services.trainer.evaluation import (
     metrics_from_ranks,
     popularity_counts,
     rank_targets_with_biases,
+    ranks_with_new_item_slots,
     without_items,
 )
 from services.trainer.interaction_data import InteractionData
@@ -78,11 +84,11 @@ from services.trainer.training import DEVICE_SETTINGS, resolve_device, train_ful
 QUICK_USERS = 2000
 QUICK_EPOCHS = 6
 COLD_START_SHARE = 0.05
-# id_less_popularity_weight and _scale values compared on validation (every pair; weight 0 = the
-# text path alone). A first full-data sweep (d=64, scale 1) lost overall from weight 0.5 up: the
-# lift must start at a higher popularity, hence the scales.
-PRIOR_WEIGHTS = (0.0, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0)
-PRIOR_SCALES = (1.0, 30.0, 300.0, 3000.0)
+# The new-item slots' order (ModelConfig.new_item_popularity_weight / _scale) compared on the
+# validation held-out targets (every pair; weight 0 = the text score alone). 2026-12-02, d=128
+# refit to epoch 12, 1 slot: (2, 30) best, held-out NDCG@10 0.0186 (text alone 0.0145).
+PRIOR_WEIGHTS = (0.0, 0.35, 1.0, 2.0, 4.0)
+PRIOR_SCALES = (1.0, 30.0, 300.0)
 UNMASKED, MASKED, NOT_STATED = "unmasked", "history masked", "not stated"
 # Published on the same data and protocol (leave-one-out, ranked against all items); constants,
 # quoted, not measured here. None = not reported by the source. The protocol column says whether
@@ -117,9 +123,12 @@ def _parse_args() -> argparse.Namespace:
                         help="stop the selection run after this many validations without a new best")
     parser.add_argument("--device", default="auto", choices=DEVICE_SETTINGS, help="auto = CUDA when present")
     parser.add_argument("--prior-weights", type=float, nargs="+", default=list(PRIOR_WEIGHTS),
-                        help="cold start: id-less popularity prior weights compared on validation")
+                        help="cold start: weights of the new-item slots' popularity term compared on validation")
     parser.add_argument("--prior-scales", type=float, nargs="+", default=list(PRIOR_SCALES),
-                        help="cold start: id-less popularity prior scales compared on validation")
+                        help="cold start: scales of that term compared on validation")
+    parser.add_argument("--new-item-slots", type=int, default=DEFAULT_NEW_ITEM_SLOTS,
+                        help="cold start: places of the top 10 reserved for new items with traction "
+                             "(the ranker's RANKER_NEW_ITEM_SLOTS; 0 = the plain ranking)")
     parser.add_argument("--cold-start-only", type=int, default=None, metavar="EPOCH",
                         help="only the cold-start training, stopped at EPOCH (a full run's selected epoch), "
                              "and its figures")
@@ -393,7 +402,7 @@ def main() -> int:
             cold_model, cold_stats = _train("cold_start", config.to_json(), options, prepared,
                                             stop_after_epoch=best_epoch)
         summary.update(_cold_start(cold_model, cold_stats, cold_items, data, split, args.prior_weights,
-                                   args.prior_scales))
+                                   args.prior_scales, args.new_item_slots))
     if pool is not None:
         pool.shutdown()
     summary["trainings_wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -410,13 +419,7 @@ def main() -> int:
           f"{options['threads']} thread(s) per training, {jobs} training(s) at once, {device}); "
           f"selection run {stats.train_seconds:.0f}s")
     if "cold_start_cases" in summary:
-        print(f"cold start, {summary['cold_start_cases']} test targets among {summary['cold_start_items']} items "
-              f"held out of training: DeltaRec R@10 {summary['cold_start_recall_at_10']:.4f} "
-              f"N@10 {summary['cold_start_ndcg_at_10']:.4f}; popularity R@10 "
-              f"{summary['cold_start_popularity_recall_at_10']:.4f} N@10 {summary['cold_start_popularity_ndcg_at_10']:.4f} "
-              f"(text path alone, no popularity prior: R@10 {summary['cold_start_text_only_recall_at_10']:.4f} "
-              f"N@10 {summary['cold_start_text_only_ndcg_at_10']:.4f}; prior weight "
-              f"{summary['cold_start_prior_weight']} scale {summary['cold_start_prior_scale']})")
+        print(_cold_start_line(summary))
     comparison = _comparison({UNMASKED: test, MASKED: test_masked})
     summary.update(comparison)
     for metric in METRICS:
@@ -440,24 +443,39 @@ def main() -> int:
 
 
 def _cold_start(cold_model: DeltaRecModel, cold_stats, cold_items: np.ndarray, data: InteractionData, split,
-                weights, scales) -> dict:
-    """Step 3 on a trained cold-start model: the prior weight chosen on validation, then the test
-    figures (see the module docstring)."""
+                weights, scales, slots: int) -> dict:
+    """Step 3 on a trained cold-start model: the new-item slots' order chosen on validation, then
+    the test figures (see the module docstring)."""
     cold_histories = without_items(split.train, cold_items)
-    prior_weight, prior_scale, sweep = choose_prior(cold_model, split.validation, cold_items, cold_histories,
-                                                    data, weights, scales)
+    weight, scale, sweep = choose_new_item_order(cold_model, split.validation, cold_items, cold_histories,
+                                                 data, weights, scales, slots)
     for entry in sweep:
-        progress(f"  cold-start prior weight {entry['prior_weight']} scale {entry['prior_scale']}: validation all targets "
-                 f"R@10 {entry['all_recall_at_10']:.4f} N@10 {entry['all_ndcg_at_10']:.4f}; held-out targets "
-                 f"R@10 {entry['held_out_recall_at_10']:.4f} N@10 {entry['held_out_ndcg_at_10']:.4f}")
-    figures = cold_start_figures(cold_model, split.test, cold_items, cold_histories, data, prior_weight,
-                                 prior_scale)
+        progress(f"  new-item order weight {entry['weight']} scale {entry['scale']} ({slots} slot(s)): validation "
+                 f"all targets R@10 {entry['all_recall_at_10']:.4f} N@10 {entry['all_ndcg_at_10']:.4f}; held-out "
+                 f"targets R@10 {entry['held_out_recall_at_10']:.4f} N@10 {entry['held_out_ndcg_at_10']:.4f}")
+    validation = cold_start_figures(cold_model, split.validation, cold_items, cold_histories, data, weight, scale,
+                                    slots, prefix="cold_start_validation_")
+    figures = cold_start_figures(cold_model, split.test, cold_items, cold_histories, data, weight, scale, slots)
     progress(f"cold start ({len(cold_items)} items held out of training, {figures['cold_start_cases']} test "
-             f"targets): served {_brief(_pick(figures, 'cold_start_'))}  text only "
+             f"targets): served {_brief(_pick(figures, 'cold_start_'))}  without slots "
              f"{_brief(_pick(figures, 'cold_start_text_only_'))}  popularity "
              f"{_brief(_pick(figures, 'cold_start_popularity_'))}  ({cold_stats.train_seconds:.1f}s)")
-    return {**figures, "cold_start_prior_weight_validation": sweep, "cold_start_items": int(len(cold_items)),
-            "cold_start_train_seconds": round(cold_stats.train_seconds, 1)}
+    return {**figures, **validation, "cold_start_new_item_order_validation": sweep,
+            "cold_start_items": int(len(cold_items)), "cold_start_train_seconds": round(cold_stats.train_seconds, 1)}
+
+
+def _cold_start_line(summary: dict) -> str:
+    return (f"cold start, {summary['cold_start_cases']} test targets among {summary['cold_start_items']} items "
+            f"held out of training: DeltaRec R@10 {summary['cold_start_recall_at_10']:.4f} "
+            f"N@10 {summary['cold_start_ndcg_at_10']:.4f} ({summary['cold_start_new_item_slots']} new-item slot(s), "
+            f"order weight {summary['cold_start_new_item_popularity_weight']} scale "
+            f"{summary['cold_start_new_item_popularity_scale']}); popularity R@10 "
+            f"{summary['cold_start_popularity_recall_at_10']:.4f} N@10 {summary['cold_start_popularity_ndcg_at_10']:.4f}; "
+            f"without slots R@10 {summary['cold_start_text_only_recall_at_10']:.4f} "
+            f"N@10 {summary['cold_start_text_only_ndcg_at_10']:.4f}. All test targets: R@10 "
+            f"{summary['cold_start_all_targets_recall_at_10']:.4f} with slots vs "
+            f"{summary['cold_start_all_targets_text_only_recall_at_10']:.4f} without, N@10 "
+            f"{summary['cold_start_all_targets_ndcg_at_10']:.4f} vs {summary['cold_start_all_targets_text_only_ndcg_at_10']:.4f}")
 
 
 def _cold_start_only(args, config: ModelConfig, prepared, options: dict, summary: dict) -> int:
@@ -469,17 +487,11 @@ def _cold_start_only(args, config: ModelConfig, prepared, options: dict, summary
     cold_model, cold_stats = _train("cold_start", config.to_json(), options, prepared,
                                     stop_after_epoch=args.cold_start_only)
     summary.update(_cold_start(cold_model, cold_stats, cold_items, data, split, args.prior_weights,
-                                   args.prior_scales))
+                               args.prior_scales, args.new_item_slots))
     summary.update({"cold_start_only": True, "epochs_run": args.cold_start_only, "seed": args.seed,
                     "trainings_wall_seconds": round(time.perf_counter() - started, 1),
                     "torch_threads_per_training": options["threads"], "config": config.to_dict()})
-    print(f"cold start, {summary['cold_start_cases']} test targets among {summary['cold_start_items']} items "
-          f"held out of training: DeltaRec R@10 {summary['cold_start_recall_at_10']:.4f} "
-          f"N@10 {summary['cold_start_ndcg_at_10']:.4f}; popularity R@10 "
-          f"{summary['cold_start_popularity_recall_at_10']:.4f} N@10 {summary['cold_start_popularity_ndcg_at_10']:.4f} "
-          f"(text path alone: R@10 {summary['cold_start_text_only_recall_at_10']:.4f} "
-          f"N@10 {summary['cold_start_text_only_ndcg_at_10']:.4f}; prior weight {summary['cold_start_prior_weight']} "
-          f"scale {summary['cold_start_prior_scale']})")
+    print(_cold_start_line(summary))
     _harness.print_summary(summary, sort_keys=True)
     return 0
 
@@ -507,55 +519,73 @@ def _id_less_and_popularity(cases, training_histories: dict, data: InteractionDa
     return id_less, served_popularity((case.history for case in cases), table_size)
 
 
+def _slot_inputs(cases, training_histories: dict, data: InteractionData, config: ModelConfig):
+    """What the ranker has for these cases: which items have no learned id, their served
+    popularity, the candidates of the new-item slots (id-less with traction) and the id-less
+    prior every item's score gets first (the model's id_less_popularity_weight, 0 by default)."""
+    id_less, popularity = _id_less_and_popularity(cases, training_histories, data)
+    base = id_less_popularity_prior(popularity, id_less, config.id_less_popularity_weight,
+                                    config.id_less_popularity_scale)
+    return id_less, popularity, id_less & (popularity > 0), base
+
+
 def cold_start_figures(model: DeltaRecModel, cases, cold_items: np.ndarray, training_histories: dict,
-                       data: InteractionData, prior_weight: float, prior_scale: float = 1.0,
+                       data: InteractionData, weight: float, scale: float, slots: int,
                        prefix: str = "cold_start_") -> dict:
     """The cold-start figures on ``cases`` for a model trained on ``training_histories`` (which
-    lack ``cold_items``): on the targets that are held-out items, the served score (text path +
-    the id-less popularity prior, id_less_popularity_prior), the text path alone, and popularity;
-    on all targets the served and text-only figures (what the prior costs the other targets).
-    Popularity and the prior both count what is visible at prediction time: every case's history,
-    so the held-out items' interactions by other users are known to both (never a target)."""
-    id_less, popularity = _id_less_and_popularity(cases, training_histories, data)
-    biases = np.stack([id_less_popularity_prior(popularity, id_less, prior_weight, prior_scale),
-                       np.zeros(len(id_less))])
+    lack ``cold_items``): on the targets that are held-out items, the served answer (the last
+    ``slots`` of the top 10 reserved for new items with traction, ordered by model score +
+    ``weight * log(1 + popularity / scale)``: services/model/new_items.py), the plain ranking
+    without slots (``text_only_``: the held-out items' text path alone), and popularity; on all
+    targets the served and plain figures (what the slots cost the other targets). Popularity and
+    the slots' order count what is visible at prediction time: every case's history (never a
+    target)."""
+    id_less, popularity, candidates, base = _slot_inputs(cases, training_histories, data, model.config)
+    order = id_less_popularity_prior(popularity, id_less, weight, scale)[None, :]
     held_out = np.isin([case.target_item for case in cases], cold_items)
     cold_cases = [case for case, held in zip(cases, held_out) if held]
-    out: dict = {f"{prefix}cases": len(cold_cases), f"{prefix}prior_weight": prior_weight,
-                 f"{prefix}prior_scale": prior_scale}
+    out: dict = {f"{prefix}cases": len(cold_cases), f"{prefix}new_item_slots": slots,
+                 f"{prefix}new_item_popularity_weight": weight, f"{prefix}new_item_popularity_scale": scale}
     counts = popularity_counts((case.history for case in cases), data.item_ids.table_size)
     for mask, tag in ((False, ""), (True, "history_masked_")):
-        served, text_only = rank_targets_with_biases(model, cases, data.item_text, biases, mask_history=mask)
+        served = ranks_with_new_item_slots(model, cases, data.item_text, candidates, order, slots,
+                                           score_bias=base, mask_history=mask)[0]
+        plain = rank_targets_with_biases(model, cases, data.item_text, base[None, :], mask_history=mask)[0]
         for name, rows in (("", held_out), ("all_targets_", np.ones_like(held_out))):
             out.update(_rounded(metrics_from_ranks(served[rows]), f"{prefix}{name}{tag}"))
-            out.update(_rounded(metrics_from_ranks(text_only[rows]), f"{prefix}{name}text_only_{tag}"))
+            out.update(_rounded(metrics_from_ranks(plain[rows]), f"{prefix}{name}text_only_{tag}"))
         out.update(_rounded(evaluate_popularity(cold_cases, counts, mask_history=mask), f"{prefix}popularity_{tag}"))
     for metric in ("recall_at_10", "ndcg_at_10"):
         reference = out[f"{prefix}popularity_{metric}"]
         out[f"{prefix}ratio_{metric}_vs_popularity"] = _ratio(out[f"{prefix}{metric}"], reference) if reference else None
         out[f"{prefix}text_only_ratio_{metric}_vs_popularity"] = (
             _ratio(out[f"{prefix}text_only_{metric}"], reference) if reference else None)
+        plain_all = out[f"{prefix}all_targets_text_only_{metric}"]
+        out[f"{prefix}all_targets_ratio_{metric}_slots_vs_none"] = (
+            _ratio(out[f"{prefix}all_targets_{metric}"], plain_all) if plain_all else None)
     return out
 
 
-def choose_prior(model: DeltaRecModel, cases, cold_items: np.ndarray, training_histories: dict,
-                 data: InteractionData, weights, scales) -> tuple[float, float, list[dict]]:
-    """The id-less popularity prior (weight, scale) with the best NDCG@10 over ALL ``cases``
-    (validation: the gain on held-out items is weighed against the loss on the others), and each
-    pair's figures (all targets and held-out targets). Weight 0 is tried once."""
-    id_less, popularity = _id_less_and_popularity(cases, training_histories, data)
+def choose_new_item_order(model: DeltaRecModel, cases, cold_items: np.ndarray, training_histories: dict,
+                          data: InteractionData, weights, scales, slots: int) -> tuple[float, float, list[dict]]:
+    """The order of the new-item slots (weight, scale of the popularity term) with the best
+    NDCG@10 on the held-out ``cases`` targets (validation): the order only ranks new items among
+    themselves, so what it decides is which held-out item a slot shows; what the slots cost the
+    other targets is their number's, reported beside. Each pair's figures (all targets and
+    held-out targets); weight 0 (text score alone) is tried once."""
+    id_less, popularity, candidates, base = _slot_inputs(cases, training_histories, data, model.config)
     pairs = [(float(w), float(c)) for w in weights for c in scales if w > 0] + [(0.0, 1.0)]
-    biases = np.stack([id_less_popularity_prior(popularity, id_less, w, c) for w, c in pairs])
+    orders = np.stack([id_less_popularity_prior(popularity, id_less, w, c) for w, c in pairs])
     held_out = np.isin([case.target_item for case in cases], cold_items)
-    ranks = rank_targets_with_biases(model, cases, data.item_text, biases)
+    ranks = ranks_with_new_item_slots(model, cases, data.item_text, candidates, orders, slots, score_bias=base)
     sweep = []
     for (weight, scale), row in zip(pairs, ranks):
         every, held = metrics_from_ranks(row), metrics_from_ranks(row[held_out])
-        sweep.append({"prior_weight": weight, "prior_scale": scale,
+        sweep.append({"weight": weight, "scale": scale,
                       **{f"all_{m}": round(every[m], 5) for m in ("recall_at_10", "ndcg_at_10")},
                       **{f"held_out_{m}": round(held[m], 5) for m in ("recall_at_10", "ndcg_at_10")}})
-    best = max(sweep, key=lambda entry: (entry["all_ndcg_at_10"], -entry["prior_weight"]))
-    return best["prior_weight"], best["prior_scale"], sweep
+    best = max(sweep, key=lambda entry: (entry["held_out_ndcg_at_10"], -entry["weight"]))
+    return best["weight"], best["scale"], sweep
 
 
 def _pick(figures: dict, prefix: str) -> dict:

@@ -179,6 +179,10 @@ class ModelConfig:
     # serving: the popularity prior of id-less items (id_less_popularity_prior); weight 0 = off
     id_less_popularity_weight: float = 0.0
     id_less_popularity_scale: float = 1.0
+    # serving: the order of new items in their reserved slots (services/model/new_items.py): text
+    # score + weight * log(1 + popularity / scale); chosen on validation held-out targets
+    new_item_popularity_weight: float = 2.0
+    new_item_popularity_scale: float = 30.0
 
     def to_dict(self) -> dict:
         return asdict(self)

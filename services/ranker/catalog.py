@@ -261,6 +261,15 @@ class Catalog:
         out[known] = self._popularity[iids[known]]
         return out
 
+    def set_popularity(self, iids: np.ndarray, popularity: np.ndarray) -> None:
+        """Newer popularity for known items, read from features outside the item feed (the feed
+        carries an item's statistics only with its catalog changes; new_item_stats.py reads them
+        for the items that need them between changes). The cold-start lists keep theirs."""
+        iids = np.asarray(iids, np.int64)
+        with self._lock:
+            known = (iids >= 0) & (iids < self._popularity.shape[0])
+            self._popularity[iids[known]] = np.asarray(popularity, np.float64)[known]
+
     def is_active(self, iid: int) -> bool:
         return 0 <= iid < self._active.shape[0] and bool(self._active[iid])
 

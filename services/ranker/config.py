@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from services.common.config import GRPC_TARGET, CommonConfig, ConfigError, env
+from services.model.new_items import DEFAULT_NEW_ITEM_SLOTS
 from services.ranker.filters import EXCLUDE_POLICIES
 from services.ranker.index_structures import TEXT_BUILD_PRIORITY, IndexOptions
 from services.ranker.workers import check_worker_settings
@@ -69,6 +70,14 @@ class RankerConfig(CommonConfig):
                                help="what Recommend leaves out when the request's filters do not say: "
                                     "seen (every item the user interacted with; suits a storefront's "
                                     "recommendation slots), purchased, or none")
+    new_item_slots: int = env("RANKER_NEW_ITEM_SLOTS", DEFAULT_NEW_ITEM_SLOTS, minimum=0, maximum=100,
+                              help="places at the end of a personal Recommend answer reserved for new items "
+                                   "(no learned id yet) that have interactions, best first by text and "
+                                   "popularity (services/model/new_items.py); 0 = the plain ranking")
+    new_item_stats_interval_s: float = env("RANKER_NEW_ITEM_STATS_INTERVAL_S", 5.0, minimum=0.0, maximum=3600.0,
+                                           help="how often the popularity of items without a learned id is "
+                                                "read from features (GetItemFeatures); 0 = never (their "
+                                                "popularity then moves only with their catalog changes)")
     history_length: int = env("RANKER_HISTORY_LENGTH", 50, minimum=1, maximum=1000,
                               help="history items asked of features (the model uses at most its max_len)")
     # features' WatchItems and WatchUsers follow every commit, so the wait is about as long as

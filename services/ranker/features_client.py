@@ -1,5 +1,6 @@
 """The ranker's client of the features service: user histories (GetUserFeatures,
-BatchGetUserFeatures), query embeddings (EmbedText) and the applied LSN (Status). The item feed
+BatchGetUserFeatures), query embeddings (EmbedText), item popularity (GetItemFeatures) and the
+applied LSN (Status). The item feed
 (WatchItems) is item_feed.py, the user-change feed (WatchUsers) user_feed.py."""
 from __future__ import annotations
 
@@ -58,6 +59,16 @@ class FeaturesClient:
                 raise InvalidArgument(f"user_id: refused by features: {(error.details() or '')[:200]}") from None
             raise FeaturesUnavailable(f"GetUserFeatures: {error.code().name}") from None
         return user_history_of(response.features, response.data_lsn)
+
+    def item_popularity(self, item_ids: list[str], timeout_s: float | None = None) -> dict[str, float]:
+        """Features' current popularity of up to 1000 items (items it does not know are left out)."""
+        try:
+            response = self.stub.GetItemFeatures(
+                features_pb2.GetItemFeaturesRequest(item_ids=item_ids, include_embedding=False),
+                timeout=self._timeout(timeout_s))
+        except grpc.RpcError as error:
+            raise FeaturesUnavailable(f"GetItemFeatures: {error.code().name}") from None
+        return {item.item_id: float(item.stats.popularity) for item in response.items}
 
     def user_histories(self, user_ids: list[str], max_history: int,
                        timeout_s: float | None) -> dict[str, UserHistory]:

@@ -23,6 +23,7 @@ from services.ranker.item_feed import ItemFeed
 from services.ranker.model_watch import EtcdModelWatcher
 from services.ranker.registration import Registration
 from services.ranker.routing import ServingState
+from services.ranker.new_item_stats import NewItemStats
 from services.ranker.user_feed import UserFeed
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class ReplicaLifecycle:
     registration: Registration
     startup_timeout_s: float
     user_feed: UserFeed | None = None     # features.WatchUsers into the user cache
+    new_item_stats: NewItemStats | None = None   # new items' popularity (their reserved places)
 
     def start(self, service: GrpcService) -> None:
         """Runs as the service's ready check; stops `service` and exits with status 1 when the
@@ -66,6 +68,8 @@ class ReplicaLifecycle:
             raise SystemExit(1)
         self.manager.start()
         self.watcher.start()
+        if self.new_item_stats is not None:
+            self.new_item_stats.start()
         if self.watcher.synced.wait(min(ETCD_AT_START_S, max(deadline - time.monotonic(), 0.1))):
             self.manager.idle.wait(max(deadline - time.monotonic(), 0.1))
         else:
@@ -85,5 +89,7 @@ class ReplicaLifecycle:
         self.feed.stop()
         if self.user_feed is not None:
             self.user_feed.stop()
+        if self.new_item_stats is not None:
+            self.new_item_stats.stop()
         self.features.close()
         self.reader.close()

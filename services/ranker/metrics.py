@@ -27,3 +27,7 @@ CONSISTENCY_WAIT = Histogram("deltarec_ranker_consistency_wait_seconds",
                              buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5))
 INCONSISTENT_ANSWERS = Counter("deltarec_ranker_inconsistent_answers_total",
                                "answers whose items never reached the user's latest change in time (degraded)")
+NEW_ITEM_STATS_READ = Counter("deltarec_ranker_new_item_stats_read_total",
+                              "popularity values of items without a learned id read from features")
+NEW_ITEM_STATS_FAILURES = Counter("deltarec_ranker_new_item_stats_failures_total",
+                                  "rounds of reading new items' popularity that features did not answer")

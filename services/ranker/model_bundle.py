@@ -54,6 +54,9 @@ class ModelBundle:
         # served with the model's popularity prior on top of their text score (retrieval.py).
         self.id_less_popularity_weight = float(config.id_less_popularity_weight)
         self.id_less_popularity_scale = float(config.id_less_popularity_scale)
+        # ... and the order of those with traction in the answer's reserved places (new_items.py).
+        self.new_item_popularity_weight = float(config.new_item_popularity_weight)
+        self.new_item_popularity_scale = float(config.new_item_popularity_scale)
         self.id_less_iids: set[int] = set()
         self.popular_item_ids = list(artifact.popular_item_ids)
         # The item tower as plain arrays: text projection + learned id row (0 = text only).

@@ -19,13 +19,14 @@ import numpy as np
 
 from services.common.errors import InvalidArgument, NotFound
 from services.contracts.event_types import EventType
+from services.model.new_items import DEFAULT_NEW_ITEM_SLOTS
 from services.ranker.answer import Answer, Scored
 from services.ranker.arguments import check_id, check_k
 from services.ranker.catalog import Catalog
 from services.ranker.filters import FilterSpec, make_acceptor
 from services.ranker.model_bundle import ModelBundle
 from services.ranker.request_path import RequestPath
-from services.ranker.retrieval import retrieve, with_id_less_prior
+from services.ranker.retrieval import retrieve, with_id_less_prior, with_new_item_slots
 from services.ranker.routing import ServingState
 from services.ranker.seen_filter import excluded_items
 from services.ranker.session import SessionEvent, check_session, with_session
@@ -49,9 +50,12 @@ def short(title: str) -> str:
 
 class Recommender:
     def __init__(self, catalog: Catalog, state: ServingState, path: RequestPath, *,
-                 fresh_share: float = 0.3, default_filters: FilterSpec | None = None) -> None:
+                 fresh_share: float = 0.3, default_filters: FilterSpec | None = None,
+                 new_item_slots: int = DEFAULT_NEW_ITEM_SLOTS) -> None:
         self.catalog, self.state, self.path = catalog, state, path
         self.fresh_share = fresh_share
+        # The last places of a personal answer kept for new items with traction (RANKER_NEW_ITEM_SLOTS).
+        self.new_item_slots = new_item_slots
         # The deployment's exclusion policy (RANKER_DEFAULT_EXCLUDE) for requests that leave it unset.
         self.default_filters = default_filters if default_filters is not None else FilterSpec()
 
@@ -92,6 +96,9 @@ class Recommender:
         found = with_id_less_prior(self.catalog, bundle.index, user.vector, k, filters, excluded, found,
                                    bundle.id_less_iids, bundle.id_less_popularity_weight,
                                    bundle.id_less_popularity_scale)
+        found = with_new_item_slots(self.catalog, bundle.index, user.vector, k, filters, excluded, found,
+                                    bundle.id_less_iids, self.new_item_slots, bundle.new_item_popularity_weight,
+                                    bundle.new_item_popularity_scale)
         if not found:
             return []
         history_vectors = bundle.index.vectors_of(iids) if user.indexed else bundle.history_vectors(iids)

@@ -24,6 +24,7 @@ from services.ranker.index_digest import IndexDigester
 from services.ranker.item_feed import ItemFeed
 from services.ranker.lifecycle import ReplicaLifecycle
 from services.ranker.model_watch import EtcdModelWatcher
+from services.ranker.new_item_stats import NewItemStats
 from services.ranker.query_encoder import CachedEncoder, LocalEncoder
 from services.ranker.recommend import Recommender
 from services.ranker.registration import Registration, advertised_address
@@ -58,7 +59,8 @@ def serve(boot: Boot[RankerConfig], drop_feed_updates=None) -> int:
     admission = AdmissionControl(config.max_running, config.max_waiting)
     path = RequestPath(catalog, users, admission, history_length=config.history_length,
                        max_wait_s=config.max_wait_s)
-    recommender = Recommender(catalog, state, path, default_filters=default_exclusions(config.default_exclude))
+    recommender = Recommender(catalog, state, path, default_filters=default_exclusions(config.default_exclude),
+                              new_item_slots=config.new_item_slots)
     searcher = Searcher(catalog, state, path, encoder)
     replica = RankerReplica(replica_id, catalog, state, recommender, searcher)
 
@@ -71,7 +73,8 @@ def serve(boot: Boot[RankerConfig], drop_feed_updates=None) -> int:
                                 interval_s=config.register_interval_s)
     manager.on_change = registration.poke
     lifecycle = ReplicaLifecycle(replica_id, catalog, state, features, feed, reader, manager, watcher,
-                                 registration, config.startup_timeout_s, user_feed=UserFeed(features, users))
+                                 registration, config.startup_timeout_s, user_feed=UserFeed(features, users),
+                                 new_item_stats=NewItemStats(features, catalog, state, config.new_item_stats_interval_s))
     worker = config.worker_index >= 0
     if worker:
         # Not listening before it can answer: the shared port's other workers serve meanwhile.

@@ -6,6 +6,7 @@ import numpy as np
 from services.ranker.catalog import Catalog
 from services.ranker.filters import FilterSpec, make_acceptor
 from services.model.network import id_less_popularity_prior
+from services.model.new_items import reserve_new_item_slots
 from services.ranker.vector_index import VectorIndex
 
 # Candidate sets (e.g. one category) up to this size are scored exactly instead of searched.
@@ -52,22 +53,21 @@ def retrieve(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, fi
         fetch = min(size, MAX_FETCH, fetch * 4)
 
 
-def with_id_less_prior(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, filters: FilterSpec,
-                       excluded: set[int], found: list[tuple[int, float]], id_less: set[int],
-                       weight: float, scale: float = 1.0) -> list[tuple[int, float]]:
-    """``found`` (the index's top k by inner product) re-ranked with the model's popularity prior
-    for items without a learned id (services/model/network.py, id_less_popularity_prior): only
-    those with a positive popularity change score, so they are scored exactly (at most
-    CANDIDATE_SCAN_MAX, the most popular) and merged; every other item's index score is already
-    its served score. bench/accuracy.py evaluates this score."""
-    if weight <= 0 or not id_less:
-        return found
+def _lifted_id_less(catalog: Catalog, index: VectorIndex, query: np.ndarray, filters: FilterSpec,
+                    excluded: set[int], id_less: set[int], weight: float,
+                    scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Items without a learned id that have a positive popularity and pass the filters (at most
+    CANDIDATE_SCAN_MAX, the most popular), with their inner product and that + the popularity
+    prior (services/model/network.py, id_less_popularity_prior)."""
+    empty = np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
+    if not id_less:
+        return empty
     ids = np.asarray(list(id_less), np.int64)   # list(set) is one step: the feed thread may add to it
     popularity = catalog.popularity_of(ids)
     lifted = popularity > 0
     ids, popularity = ids[lifted], popularity[lifted]
     if not ids.size:
-        return found
+        return empty
     if ids.size > CANDIDATE_SCAN_MAX:
         top = np.argpartition(-popularity, CANDIDATE_SCAN_MAX - 1)[:CANDIDATE_SCAN_MAX]
         ids, popularity = ids[top], popularity[top]
@@ -75,9 +75,42 @@ def with_id_less_prior(catalog: Catalog, index: VectorIndex, query: np.ndarray, 
     keep = np.fromiter((accept(int(i)) and index.contains(int(i)) for i in ids), bool, ids.size)
     ids, popularity = ids[keep], popularity[keep]
     if not ids.size:
-        return found
+        return empty
     scores = index.score(np.asarray(query, np.float32).reshape(-1), ids)
-    scores = scores + id_less_popularity_prior(popularity, np.ones(ids.size, bool), weight, scale)
+    return ids, scores, scores + id_less_popularity_prior(popularity, np.ones(ids.size, bool), weight, scale)
+
+
+def with_id_less_prior(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, filters: FilterSpec,
+                       excluded: set[int], found: list[tuple[int, float]], id_less: set[int],
+                       weight: float, scale: float = 1.0) -> list[tuple[int, float]]:
+    """``found`` (the index's top k by inner product) re-ranked with the model's popularity prior
+    for items without a learned id (services/model/network.py, id_less_popularity_prior): only
+    those with a positive popularity change score, so they are scored exactly and merged; every
+    other item's index score is already its served score. bench/accuracy.py evaluates this score."""
+    if weight <= 0:
+        return found
+    ids, _, scores = _lifted_id_less(catalog, index, query, filters, excluded, id_less, weight, scale)
+    if not ids.size:
+        return found
     merged = {iid: score for iid, score in found}
     merged.update(zip(ids.tolist(), scores.tolist()))
     return sorted(merged.items(), key=lambda pair: -pair[1])[:k]
+
+
+def with_new_item_slots(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, filters: FilterSpec,
+                        excluded: set[int], found: list[tuple[int, float]], id_less: set[int], slots: int,
+                        weight: float, scale: float) -> list[tuple[int, float]]:
+    """``found`` (the top k) with its last ``slots`` places given to items without a learned id
+    that have traction, best first by inner product + the model's new-item popularity prior
+    (services/model/new_items.py: the rule, which bench/accuracy.py scores). A slot's item keeps
+    its inner product as its score: the place is the policy's, the score the model's."""
+    if slots <= 0 or k <= slots:
+        return found
+    ids, plain, ordered = _lifted_id_less(catalog, index, query, filters, excluded, id_less, weight, scale)
+    if not ids.size:
+        return found
+    best = np.argsort(-ordered, kind="stable")[:k]
+    score_of = dict(found)
+    score_of.update((int(ids[o]), float(plain[o])) for o in best)
+    served = reserve_new_item_slots([iid for iid, _ in found], [int(ids[o]) for o in best], k, slots)
+    return [(iid, score_of[iid]) for iid in served]

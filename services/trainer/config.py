@@ -59,6 +59,13 @@ class TrainerConfig(CommonConfig):
     id_less_popularity_scale: float = env(
         "TRAINER_MODEL_ID_LESS_POPULARITY_SCALE", _MODEL.id_less_popularity_scale, minimum=1e-6,
         help="the popularity in that prior is divided by this: log(1 + popularity / scale)")
+    new_item_popularity_weight: float = env(
+        "TRAINER_MODEL_NEW_ITEM_POPULARITY_WEIGHT", _MODEL.new_item_popularity_weight, minimum=0.0,
+        help="published with the model: new items (no learned id) in the ranker's reserved slots are ordered "
+             "by text score + weight * log(1 + popularity / scale)")
+    new_item_popularity_scale: float = env(
+        "TRAINER_MODEL_NEW_ITEM_POPULARITY_SCALE", _MODEL.new_item_popularity_scale, minimum=1e-6,
+        help="the scale in that order")
     # drift limits of a warm-start update (training.IncrementalPolicy; README "Incremental vs full")
     incremental_anchor: float = env("TRAINER_INCREMENTAL_ANCHOR", 0.0, minimum=0.0, maximum=0.999,
                                     help="after each optimizer step of an update, every weight moves this fraction "
@@ -152,7 +159,9 @@ class TrainerConfig(CommonConfig):
             num_negatives=self.num_negatives, batch_size=self.batch_size, learning_rate=self.learning_rate,
             incremental_learning_rate=self.incremental_learning_rate,
             id_less_popularity_weight=self.id_less_popularity_weight,
-            id_less_popularity_scale=self.id_less_popularity_scale)
+            id_less_popularity_scale=self.id_less_popularity_scale,
+            new_item_popularity_weight=self.new_item_popularity_weight,
+            new_item_popularity_scale=self.new_item_popularity_scale)
 
 
 def check_settings(config: TrainerConfig) -> None:

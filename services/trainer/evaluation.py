@@ -29,6 +29,7 @@ from services.trainer.batching import collate_histories
 from services.trainer.interaction_data import UserHistory
 from services.trainer.leave_one_out import EvalCase
 from services.model.network import DeltaRecModel
+from services.model.new_items import reserve_new_item_slots
 
 DEFAULT_CUTOFFS: tuple[int, ...] = (5, 10)
 
@@ -123,6 +124,70 @@ def rank_targets_with_biases(
             if mask_history:
                 _mask_seen_items(scores, [case.history for case in chunk], targets)
             ranks[position].append(target_ranks(scores, targets).cpu().numpy())
+    model.train(was_training)
+    return np.stack([np.concatenate(r) if r else np.zeros(0, np.int64) for r in ranks])
+
+
+@torch.no_grad()
+def ranks_with_new_item_slots(
+    model: DeltaRecModel,
+    cases: Sequence[EvalCase],
+    item_text: np.ndarray | torch.Tensor,
+    candidates: np.ndarray,
+    slot_biases: np.ndarray,
+    slots: int,
+    k: int = 10,
+    score_bias: np.ndarray | None = None,
+    batch_size: int = 1024,
+    mask_history: bool = False,
+) -> np.ndarray:
+    """0-based rank of each case's target in the answer the ranker serves with ``slots`` of its
+    top ``k`` reserved for new items (services/model/new_items.py, reserve_new_item_slots — the
+    same function): ``candidates`` (bool ``[n]``: items without a learned id that have traction)
+    ordered among themselves by model score + a row of ``slot_biases`` (``[b, n]``, one row per
+    ordering compared). Returns ``[b, cases]``; a target outside the served top k gets
+    ``k + its plain rank`` (>= k: a miss at every cutoff up to k). ``score_bias``: added to every
+    item's score first (the id-less prior, as rank_targets)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    text_table = torch.as_tensor(item_text, dtype=torch.float32).to(device)
+    item_vectors = model.all_item_vectors(text_table)
+    base = None if score_bias is None else torch.as_tensor(score_bias, dtype=torch.float32).to(device)
+    not_candidate = ~torch.as_tensor(np.asarray(candidates, bool), device=device)
+    orders = [torch.as_tensor(row, dtype=torch.float32).to(device) for row in np.asarray(slot_biases)]
+    ranks: list[list[np.ndarray]] = [[] for _ in orders]
+    for start in range(0, len(cases), batch_size):
+        chunk = cases[start : start + batch_size]
+        batch = collate_histories(
+            [case.history for case in chunk], [case.target_time for case in chunk], model.config.max_len
+        )
+        items = torch.from_numpy(batch.items).to(device)
+        user_vectors = model.user_vector(
+            items, torch.from_numpy(batch.events).to(device), torch.from_numpy(batch.ages).to(device),
+            history_item_vectors=item_vectors[items], query_ages=torch.from_numpy(batch.query_ages).to(device),
+        )
+        scores = model.score(user_vectors, item_vectors)
+        if base is not None:
+            scores = scores + base
+        scores[:, 0] = -math.inf
+        targets = torch.tensor([case.target_item for case in chunk], dtype=torch.long, device=device)
+        if mask_history:
+            _mask_seen_items(scores, [case.history for case in chunk], targets)
+        plain_ranks = target_ranks(scores, targets).cpu().numpy()
+        ranked = scores.topk(k, dim=1).indices.cpu().numpy()
+        target_list = targets.cpu().numpy()
+        for position, order in enumerate(orders):
+            slot_scores = (scores + order).masked_fill(not_candidate, -math.inf)
+            best, best_index = slot_scores.topk(k, dim=1)
+            finite = torch.isfinite(best).cpu().numpy()
+            best_index = best_index.cpu().numpy()
+            out = np.empty(len(chunk), np.int64)
+            for row in range(len(chunk)):
+                served = reserve_new_item_slots(ranked[row].tolist(), best_index[row][finite[row]].tolist(), k, slots)
+                target = int(target_list[row])
+                out[row] = served.index(target) if target in served else k + int(plain_ranks[row])
+            ranks[position].append(out)
     model.train(was_training)
     return np.stack([np.concatenate(r) if r else np.zeros(0, np.int64) for r in ranks])
 

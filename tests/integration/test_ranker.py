@@ -120,7 +120,8 @@ def stack(infra_env, database_url, tmp_path_factory):
         stack.publish(1)
         ranker_process = ServiceProcess("services.ranker", {
             **env, "FEATURES_ADDRESS": features_process.address, "RANKER_REPLICA_ID": "ranker-it",
-            "RANKER_MAX_LSN_WAIT_S": "60", "RANKER_USER_CACHE_TTL_S": "0.5", "RANKER_REGISTER_INTERVAL_S": "0.5"},
+            "RANKER_MAX_LSN_WAIT_S": "60", "RANKER_USER_CACHE_TTL_S": "0.5", "RANKER_REGISTER_INTERVAL_S": "0.5",
+            "RANKER_NEW_ITEM_STATS_INTERVAL_S": "0.5"},
             name="ranker", log_dir=logs).start(timeout_s=240)
         processes.append(ranker_process)
         stack.ranker = ranker_pb2_grpc.RankerServiceStub(channel_to(ranker_process))
@@ -435,6 +436,37 @@ def test_anonymous_session_gets_personal_answers_from_its_items(stack):
     with pytest.raises(grpc.RpcError) as failure:
         stack.recommend("", 10)
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "user_id" in failure.value.details()
+
+
+def test_a_new_item_with_traction_takes_the_last_place(stack):
+    """An item created after the served model was trained has no learned id, so it reaches the
+    ranking through its text alone. Once users buy it, features counts its popularity, the ranker
+    reads it (GetItemFeatures, every RANKER_NEW_ITEM_STATS_INTERVAL_S) and the item takes the last
+    place of personal answers (RANKER_NEW_ITEM_SLOTS=1, the default); the first nine stay the
+    plain ranking's."""
+    new_id = f"item-new-{uuid.uuid4().hex[:8]}"
+    upserted = stack.collector.UpsertItems(collector_pb2.UpsertItemsRequest(items=[common_pb2.Item(
+        item_id=new_id, title="Rose Amber Lip Balm Limited Edition", category=CATEGORIES[0], brand="Belle Rose",
+        active=True, price=common_pb2.Money(currency_code="EUR", units=9))]), timeout=30)
+    before: dict[str, list[str]] = {}
+    for u in range(N_USERS):
+        ids = [i.item_id for i in stack.recommend(f"user-{u}", 10, timeout=90, min_data_lsn=upserted.commit_lsn).items]
+        if new_id not in ids:          # not in the plain top 10 (whose order the slot must keep)
+            before[f"user-{u}"] = ids
+        if len(before) == 3:
+            break
+    assert before, "the new item ranks high for every user: nothing to show"
+    bought = stack.collector.IngestEvents(collector_pb2.IngestEventsRequest(events=[
+        event(f"new-{new_id}-{b}", f"new-buyer-{new_id}-{b}", new_id) for b in range(5)]), timeout=30)
+    assert bought.accepted == 5
+
+    def slotted():
+        answers = {user: [i.item_id for i in stack.recommend(user, 10, min_data_lsn=bought.commit_lsn).items]
+                   for user in before}
+        return answers if all(ids[9:] == [new_id] for ids in answers.values()) else None
+    answers = wait_until(slotted, "the new item in the 10th place", timeout_s=90)
+    for user, ids in answers.items():
+        assert ids[:9] == before[user][:9], (user, ids, before[user])
 
 
 def test_user_stream_resumes_after_features_is_killed(stack):

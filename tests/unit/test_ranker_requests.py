@@ -263,3 +263,36 @@ def test_admission_refuses_beyond_the_queue_at_once():
     holder.join(30)
     queued.join(30)
     assert results == ["ran"] and admission.rejected == 1
+
+
+def test_the_last_place_goes_to_a_new_item_with_traction(world):
+    """i350..i399 have no learned id (the model knows ITEMS[:350]) and most have a popularity:
+    with RANKER_NEW_ITEM_SLOTS=1 the best of them (text score + the model's popularity term)
+    takes the 10th place; the other nine are the plain ranking's first nine. An id-less item
+    without interactions never gets the place, nor one the filters or exclusions leave out."""
+    world["histories"].add("u1", ["i1", "i2", "i3"], [VIEW, PURCHASE, VIEW])
+    recommender = world["recommender"]
+    state, catalog = world["state"], world["catalog"]
+    plain = Recommender(catalog, state, recommender.path, new_item_slots=0).recommend("u1", 10)
+    served = recommender.recommend("u1", 10)
+    plain_ids = [item.item_id for item in plain.items]
+    served_ids = [item.item_id for item in served.items]
+    id_less = {f"i{n}" for n in range(350, N)}
+    assert not id_less & set(plain_ids[:9])
+    assert served_ids[:9] == plain_ids[:9] and served_ids[9] in id_less
+    assert recommender.new_item_slots == 1
+    slotted = served_ids[9]
+    assert catalog.popularity_of([catalog.iid(slotted)])[0] > 0
+    # Popularity gone (features says 0 interactions): no longer a candidate.
+    catalog.set_popularity([catalog.iid(f"i{n}") for n in range(350, N)], [0.0] * (N - 350))
+    assert [item.item_id for item in recommender.recommend("u1", 10).items] == plain_ids
+    # One new item with traction again; a filter that leaves it out leaves the place to the ranking.
+    catalog.set_popularity([catalog.iid("i351")], [5.0])
+    again = [item.item_id for item in recommender.recommend("u1", 10).items]
+    assert again[:9] == plain_ids[:9] and again[9] == "i351"
+    other_category = FilterSpec(categories=("Beauty > Skin",))       # i351 is "Beauty > Lips"
+    assert "i351" not in {item.item_id for item in recommender.recommend("u1", 10, other_category).items}
+    excluded = FilterSpec(exclude_item_ids=("i351",))
+    assert "i351" not in {item.item_id for item in recommender.recommend("u1", 10, excluded).items}
+    # A one-item answer is the best item.
+    assert [item.item_id for item in recommender.recommend("u1", 1).items] == plain_ids[:1]
