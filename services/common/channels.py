@@ -126,7 +126,44 @@ def split_targets(value: str) -> list[str]:
     return [target.strip() for target in value.split(",") if target.strip()]
 
 
-class ReloadingChannel(grpc.Channel):
+class _WrappingChannel(grpc.Channel):
+    """What ReloadingChannel and PooledChannel share: a grpc.Channel whose stubs' methods are
+    bound by `_multicallable` to channels of its own (`_underlying`)."""
+
+    def _multicallable(self, kind: str, method, args, kwargs):
+        raise NotImplementedError
+
+    def _underlying(self) -> list[grpc.Channel]:
+        raise NotImplementedError
+
+    def unary_unary(self, method, *args, **kwargs):
+        return self._multicallable("unary_unary", method, args, kwargs)
+
+    def unary_stream(self, method, *args, **kwargs):
+        return self._multicallable("unary_stream", method, args, kwargs)
+
+    def stream_unary(self, method, *args, **kwargs):
+        return self._multicallable("stream_unary", method, args, kwargs)
+
+    def stream_stream(self, method, *args, **kwargs):
+        return self._multicallable("stream_stream", method, args, kwargs)
+
+    def unsubscribe(self, callback):
+        for channel in self._underlying():
+            try:
+                channel.unsubscribe(callback)
+            except (ValueError, KeyError):
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.close()
+        return False
+
+
+class ReloadingChannel(_WrappingChannel):
     """A channel that re-creates its underlying channel when `fingerprint()` changes, and adds
     `authorization: Bearer <token>` (read at call time) to every call when given a token. (The
     token goes in here rather than through a gRPC client interceptor, which costs more per call.)"""
@@ -182,27 +219,14 @@ class ReloadingChannel(grpc.Channel):
         channel.close()
 
     # ---- grpc.Channel
-    def unary_unary(self, method, *args, **kwargs):
-        return _Multicallable(self, "unary_unary", method, args, kwargs)
+    def _multicallable(self, kind, method, args, kwargs):
+        return _Multicallable(self, kind, method, args, kwargs)
 
-    def unary_stream(self, method, *args, **kwargs):
-        return _Multicallable(self, "unary_stream", method, args, kwargs)
-
-    def stream_unary(self, method, *args, **kwargs):
-        return _Multicallable(self, "stream_unary", method, args, kwargs)
-
-    def stream_stream(self, method, *args, **kwargs):
-        return _Multicallable(self, "stream_stream", method, args, kwargs)
+    def _underlying(self) -> list[grpc.Channel]:
+        return [self._channel, *self._retired]
 
     def subscribe(self, callback, try_to_connect=False):
         self._current()[0].subscribe(callback, try_to_connect=try_to_connect)
-
-    def unsubscribe(self, callback):
-        for channel in [self._channel, *self._retired]:
-            try:
-                channel.unsubscribe(callback)
-            except (ValueError, KeyError):
-                pass
 
     def close(self):
         with self._lock:
@@ -211,15 +235,8 @@ class ReloadingChannel(grpc.Channel):
         for channel in channels:
             channel.close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, exc_type, exc_val, exc_tb):
-        self.close()
-        return False
-
-
-class PooledChannel(grpc.Channel):
+class PooledChannel(_WrappingChannel):
     """Several channels (each its own TCP connection) used as one: each call of a stub's method
     goes to the next channel in turn. Streams too: a stream stays on the channel it started on."""
 
@@ -228,20 +245,11 @@ class PooledChannel(grpc.Channel):
             raise ValueError("a PooledChannel needs at least one channel")
         self.channels = list(channels)
 
-    def _pooled(self, kind: str, method, args, kwargs) -> "_PooledMulticallable":
+    def _multicallable(self, kind, method, args, kwargs):
         return _PooledMulticallable([getattr(channel, kind)(method, *args, **kwargs) for channel in self.channels])
 
-    def unary_unary(self, method, *args, **kwargs):
-        return self._pooled("unary_unary", method, args, kwargs)
-
-    def unary_stream(self, method, *args, **kwargs):
-        return self._pooled("unary_stream", method, args, kwargs)
-
-    def stream_unary(self, method, *args, **kwargs):
-        return self._pooled("stream_unary", method, args, kwargs)
-
-    def stream_stream(self, method, *args, **kwargs):
-        return self._pooled("stream_stream", method, args, kwargs)
+    def _underlying(self) -> list[grpc.Channel]:
+        return self.channels
 
     def subscribe(self, callback, try_to_connect=False):
         # The first connection's state stands for the pool's (they all go to the same target).
@@ -250,23 +258,9 @@ class PooledChannel(grpc.Channel):
             for channel in self.channels[1:]:
                 channel.subscribe(_ignore_state, try_to_connect=True)
 
-    def unsubscribe(self, callback):
-        for channel in self.channels:
-            try:
-                channel.unsubscribe(callback)
-            except (ValueError, KeyError):
-                pass
-
     def close(self):
         for channel in self.channels:
             channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc_val, exc_tb):
-        self.close()
-        return False
 
 
 def _ignore_state(_state) -> None:

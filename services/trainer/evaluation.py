@@ -84,6 +84,36 @@ def rank_targets(
     return rank_targets_with_biases(model, cases, item_text, biases, batch_size, mask_history)[0]
 
 
+def _scored_batches(model: DeltaRecModel, cases: Sequence[EvalCase], item_text: np.ndarray | torch.Tensor,
+                    batch_size: int):
+    """Per batch of ``cases``: (the cases, the model's scores of every item ``[b, n]``, the
+    targets), inputs built as serving builds them (:func:`collate_histories`); the model in eval
+    mode meanwhile, on its device."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            item_vectors = model.all_item_vectors(torch.as_tensor(item_text, dtype=torch.float32).to(device))
+            for start in range(0, len(cases), batch_size):
+                chunk = cases[start : start + batch_size]
+                batch = collate_histories(
+                    [case.history for case in chunk], [case.target_time for case in chunk], model.config.max_len
+                )
+                items = torch.from_numpy(batch.items).to(device)
+                user_vectors = model.user_vector(
+                    items,
+                    torch.from_numpy(batch.events).to(device),
+                    torch.from_numpy(batch.ages).to(device),
+                    history_item_vectors=item_vectors[items],
+                    query_ages=torch.from_numpy(batch.query_ages).to(device),
+                )
+                targets = torch.tensor([case.target_item for case in chunk], dtype=torch.long, device=device)
+                yield chunk, model.score(user_vectors, item_vectors), targets
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def rank_targets_with_biases(
     model: DeltaRecModel,
@@ -95,36 +125,17 @@ def rank_targets_with_biases(
 ) -> np.ndarray:
     """Ranks ``[b, cases]`` under each of ``b`` per-item score biases (``[b, n]``; None = one
     run without a bias), the user tower run once: comparing prior weights costs one scoring."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    text_table = torch.as_tensor(item_text, dtype=torch.float32).to(device)
-    item_vectors = model.all_item_vectors(text_table)
     biases = [None] if score_biases is None else [
         torch.as_tensor(row, dtype=torch.float32).to(device) for row in np.asarray(score_biases)]
     ranks: list[list[np.ndarray]] = [[] for _ in biases]
-    for start in range(0, len(cases), batch_size):
-        chunk = cases[start : start + batch_size]
-        batch = collate_histories(
-            [case.history for case in chunk], [case.target_time for case in chunk], model.config.max_len
-        )
-        items = torch.from_numpy(batch.items).to(device)
-        user_vectors = model.user_vector(
-            items,
-            torch.from_numpy(batch.events).to(device),
-            torch.from_numpy(batch.ages).to(device),
-            history_item_vectors=item_vectors[items],
-            query_ages=torch.from_numpy(batch.query_ages).to(device),
-        )
-        plain = model.score(user_vectors, item_vectors)
-        targets = torch.tensor([case.target_item for case in chunk], dtype=torch.long, device=device)
+    for chunk, plain, targets in _scored_batches(model, cases, item_text, batch_size):
         for position, bias in enumerate(biases):
             scores = plain + bias if bias is not None else plain
             scores[:, 0] = -math.inf  # padding row is not an item
             if mask_history:
                 _mask_seen_items(scores, [case.history for case in chunk], targets)
             ranks[position].append(target_ranks(scores, targets).cpu().numpy())
-    model.train(was_training)
     return np.stack([np.concatenate(r) if r else np.zeros(0, np.int64) for r in ranks])
 
 
@@ -148,30 +159,15 @@ def ranks_with_new_item_slots(
     ordering compared). Returns ``[b, cases]``; a target outside the served top k gets
     ``k + its plain rank`` (>= k: a miss at every cutoff up to k). ``score_bias``: added to every
     item's score first (the id-less prior, as rank_targets)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    text_table = torch.as_tensor(item_text, dtype=torch.float32).to(device)
-    item_vectors = model.all_item_vectors(text_table)
     base = None if score_bias is None else torch.as_tensor(score_bias, dtype=torch.float32).to(device)
     not_candidate = ~torch.as_tensor(np.asarray(candidates, bool), device=device)
     orders = [torch.as_tensor(row, dtype=torch.float32).to(device) for row in np.asarray(slot_biases)]
     ranks: list[list[np.ndarray]] = [[] for _ in orders]
-    for start in range(0, len(cases), batch_size):
-        chunk = cases[start : start + batch_size]
-        batch = collate_histories(
-            [case.history for case in chunk], [case.target_time for case in chunk], model.config.max_len
-        )
-        items = torch.from_numpy(batch.items).to(device)
-        user_vectors = model.user_vector(
-            items, torch.from_numpy(batch.events).to(device), torch.from_numpy(batch.ages).to(device),
-            history_item_vectors=item_vectors[items], query_ages=torch.from_numpy(batch.query_ages).to(device),
-        )
-        scores = model.score(user_vectors, item_vectors)
+    for chunk, scores, targets in _scored_batches(model, cases, item_text, batch_size):
         if base is not None:
             scores = scores + base
         scores[:, 0] = -math.inf
-        targets = torch.tensor([case.target_item for case in chunk], dtype=torch.long, device=device)
         if mask_history:
             _mask_seen_items(scores, [case.history for case in chunk], targets)
         plain_ranks = target_ranks(scores, targets).cpu().numpy()
@@ -188,7 +184,6 @@ def ranks_with_new_item_slots(
                 target = int(target_list[row])
                 out[row] = served.index(target) if target in served else k + int(plain_ranks[row])
             ranks[position].append(out)
-    model.train(was_training)
     return np.stack([np.concatenate(r) if r else np.zeros(0, np.int64) for r in ranks])
 
 
