@@ -66,7 +66,7 @@ from scripts.datasets import load_beauty_interactions
 from services.contracts.event_types import NUM_EVENT_TYPES, EventType
 from services.features.item_stats import EVENT_WEIGHTS
 from services.model.network import DeltaRecModel, ModelConfig, id_less_popularity_prior
-from services.model.new_items import DEFAULT_NEW_ITEM_SLOTS
+from services.model.new_items import DEFAULT_NEW_ITEM_SLOTS, new_item_candidates
 from services.trainer.evaluation import (
     cold_start_items,
     evaluate_model,
@@ -521,12 +521,16 @@ def _id_less_and_popularity(cases, training_histories: dict, data: InteractionDa
 
 def _slot_inputs(cases, training_histories: dict, data: InteractionData, config: ModelConfig):
     """What the ranker has for these cases: which items have no learned id, their served
-    popularity, the candidates of the new-item slots (id-less with traction) and the id-less
-    prior every item's score gets first (the model's id_less_popularity_weight, 0 by default)."""
+    popularity, the candidates of the new-item slots (the most popular id-less items with
+    traction, services/model/new_items.py) and the id-less prior every item's score gets first
+    (the model's id_less_popularity_weight, 0 by default)."""
     id_less, popularity = _id_less_and_popularity(cases, training_histories, data)
     base = id_less_popularity_prior(popularity, id_less, config.id_less_popularity_weight,
                                     config.id_less_popularity_scale)
-    return id_less, popularity, id_less & (popularity > 0), base
+    ids = np.flatnonzero(id_less)
+    candidates = np.zeros(len(id_less), bool)
+    candidates[new_item_candidates(ids, popularity[ids])] = True   # the ranker's: the most popular
+    return id_less, popularity, candidates, base
 
 
 def cold_start_figures(model: DeltaRecModel, cases, cold_items: np.ndarray, training_histories: dict,

@@ -169,6 +169,8 @@ class Catalog:
         self._updated_lsn = np.zeros(0, np.int64)
         self._active = np.zeros(0, bool)                # listed and indexed (has a text vector)
         self._popularity = np.zeros(0, np.float64)
+        # Moves whenever any popularity may have changed: a reader's cache key (model_bundle.py).
+        self.popularity_changes = 0
         self._fresh = np.zeros(0, np.int64)
         self._changed = np.zeros(0, np.int64)
         self._seq = 0
@@ -269,6 +271,7 @@ class Catalog:
         with self._lock:
             known = (iids >= 0) & (iids < self._popularity.shape[0])
             self._popularity[iids[known]] = np.asarray(popularity, np.float64)[known]
+            self.popularity_changes += 1
 
     def is_active(self, iid: int) -> bool:
         return 0 <= iid < self._active.shape[0] and bool(self._active[iid])
@@ -394,6 +397,7 @@ class Catalog:
         with self._lock:
             if positions:
                 self._apply_locked(batch, positions)
+                self.popularity_changes += 1
             self.applied_changes += len(positions)
             self.last_apply_at = time.time()
         self.advance_watermark(watermark)

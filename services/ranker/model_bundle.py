@@ -22,7 +22,8 @@ import torch
 
 from services.contracts.model_pointer import ModelPointer
 from services.model.artifact import ArtifactInvalid, ModelArtifact
-from services.model.network import DeltaRecModel
+from services.model.network import DeltaRecModel, id_less_popularity_prior
+from services.model.new_items import new_item_candidates
 from services.ranker.catalog import Catalog
 from services.ranker.index_structures import IndexOptions
 from services.ranker.numpy_tower import serving_tower
@@ -57,6 +58,9 @@ class ModelBundle:
         # ... and the order of those with traction in the answer's reserved places (new_items.py).
         self.new_item_popularity_weight = float(config.new_item_popularity_weight)
         self.new_item_popularity_scale = float(config.new_item_popularity_scale)
+        self._id_less_changes = 0
+        self._traction: tuple[tuple[int, int], np.ndarray, np.ndarray] = (
+            (-1, -1), np.zeros(0, np.int64), np.zeros(0, np.float64))
         self.id_less_iids: set[int] = set()
         self.popular_item_ids = list(artifact.popular_item_ids)
         # The item tower as plain arrays: text projection + learned id row (0 = text only).
@@ -118,6 +122,23 @@ class ModelBundle:
                 self.id_less_iids.discard(iid)
             else:
                 self.id_less_iids.add(iid)
+        self._id_less_changes += 1          # after the change: a reader's key never runs ahead of it
+
+    def new_items_with_traction(self) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates of an answer's new-item places (services/model/new_items.py,
+        new_item_candidates: the most popular id-less items with traction) and each one's
+        popularity term of the model's order. Made again only when the id-less set or any
+        popularity changed since (the item feed, new_item_stats.py), not per request."""
+        key = (self.catalog.popularity_changes, self._id_less_changes)
+        made, candidates, priors = self._traction
+        if made == key:
+            return candidates, priors
+        ids = np.asarray(list(self.id_less_iids), np.int64)   # list(set): one step against the feed thread
+        candidates = new_item_candidates(ids, self.catalog.popularity_of(ids))
+        priors = id_less_popularity_prior(self.catalog.popularity_of(candidates), np.ones(candidates.size, bool),
+                                          self.new_item_popularity_weight, self.new_item_popularity_scale)
+        self._traction = (key, candidates, priors)
+        return candidates, priors
 
     def items_upserted(self, iids: np.ndarray, item_ids: list[str], text_vectors: np.ndarray) -> None:
         self.index.upsert(iids, self.compute_vectors(item_ids, text_vectors))
@@ -126,6 +147,7 @@ class ModelBundle:
     def items_removed(self, iids: np.ndarray) -> None:
         self.index.remove(iids)
         self.id_less_iids.difference_update(np.asarray(iids).tolist())
+        self._id_less_changes += 1
 
     def detach(self) -> None:
         self.catalog.detach(self)

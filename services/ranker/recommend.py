@@ -96,9 +96,10 @@ class Recommender:
         found = with_id_less_prior(self.catalog, bundle.index, user.vector, k, filters, excluded, found,
                                    bundle.id_less_iids, bundle.id_less_popularity_weight,
                                    bundle.id_less_popularity_scale)
-        found = with_new_item_slots(self.catalog, bundle.index, user.vector, k, filters, excluded, found,
-                                    bundle.id_less_iids, self.new_item_slots, bundle.new_item_popularity_weight,
-                                    bundle.new_item_popularity_scale)
+        if self.new_item_slots > 0:
+            candidates, priors = bundle.new_items_with_traction()
+            found = with_new_item_slots(self.catalog, bundle.index, user.vector, k, filters, excluded, found,
+                                        candidates, priors, self.new_item_slots)
         if not found:
             return []
         history_vectors = bundle.index.vectors_of(iids) if user.indexed else bundle.history_vectors(iids)

@@ -98,17 +98,26 @@ def with_id_less_prior(catalog: Catalog, index: VectorIndex, query: np.ndarray, 
 
 
 def with_new_item_slots(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, filters: FilterSpec,
-                        excluded: set[int], found: list[tuple[int, float]], id_less: set[int], slots: int,
-                        weight: float, scale: float) -> list[tuple[int, float]]:
-    """``found`` (the top k) with its last ``slots`` places given to items without a learned id
-    that have traction, best first by inner product + the model's new-item popularity prior
-    (services/model/new_items.py: the rule, which bench/accuracy.py scores). A slot's item keeps
-    its inner product as its score: the place is the policy's, the score the model's."""
-    if slots <= 0 or k <= slots:
+                        excluded: set[int], found: list[tuple[int, float]], candidates: np.ndarray,
+                        priors: np.ndarray, slots: int) -> list[tuple[int, float]]:
+    """``found`` (the top k) with its last ``slots`` places given to ``candidates`` (the most
+    popular items without a learned id that have traction, ModelBundle.new_items_with_traction)
+    that pass the filters, best first by inner product + ``priors`` (their popularity term of the
+    model's order; services/model/new_items.py: the rule, which bench/accuracy.py scores). A slot's
+    item keeps its inner product as its score: the place is the policy's, the score the model's."""
+    if slots <= 0 or k <= slots or not candidates.size:
         return found
-    ids, plain, ordered = _lifted_id_less(catalog, index, query, filters, excluded, id_less, weight, scale)
+    keep = index.contains_many(candidates) & catalog.active_mask(candidates)
+    if filters.restricts_items:
+        accept = make_acceptor(catalog, filters, excluded)
+        keep &= np.fromiter((accept(i) for i in candidates.tolist()), bool, candidates.size)
+    elif excluded:
+        keep &= np.fromiter((i not in excluded for i in candidates.tolist()), bool, candidates.size)
+    ids = candidates[keep]
     if not ids.size:
         return found
+    plain = index.score(np.asarray(query, np.float32).reshape(-1), ids)
+    ordered = plain + priors[keep]
     best = np.argsort(-ordered, kind="stable")[:k]
     score_of = dict(found)
     score_of.update((int(ids[o]), float(plain[o])) for o in best)

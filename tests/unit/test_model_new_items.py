@@ -1,7 +1,9 @@
 """The new-item slots rule (services/model/new_items.py), shared by the ranker and the benchmark."""
 import pytest
 
-from services.model.new_items import reserve_new_item_slots
+import numpy as np
+
+from services.model.new_items import new_item_candidates, reserve_new_item_slots
 
 RANKED = ["a", "b", "c", "d", "e", "f"]
 
@@ -35,3 +37,11 @@ def test_no_candidates_is_the_plain_ranking_and_nothing_repeats():
     assert reserve_new_item_slots(RANKED, [], 4, 1) == RANKED[:4]
     served = reserve_new_item_slots(RANKED[:3], ["x", "x", "a"], 5, 2)
     assert served == ["a", "b", "c", "x"] and len(set(served)) == len(served)
+
+
+def test_candidates_are_the_most_popular_items_with_traction():
+    ids = np.array([5, 6, 7, 8, 9])
+    popularity = np.array([0.0, 3.0, 9.0, 3.0, 1.0])
+    assert new_item_candidates(ids, popularity).tolist() == [7, 6, 8, 9]      # 0 = no traction; ties by id
+    assert new_item_candidates(ids, popularity, limit=2).tolist() == [7, 6]
+    assert new_item_candidates(np.zeros(0, np.int64), np.zeros(0)).size == 0
