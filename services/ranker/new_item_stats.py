@@ -38,6 +38,11 @@ class NewItemStats:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
+        self.last_read = 0            # items whose popularity the last good round read
+
+    def status(self) -> dict:
+        """For the replica's Status / registration: whether the reads work."""
+        return {"interval_s": self.interval_s, "failing": self._failing, "last_read": self.last_read}
 
     def id_less_iids(self) -> np.ndarray:
         """The items the served versions (current and canary) have no id for, newest first
@@ -65,6 +70,7 @@ class NewItemStats:
             self.catalog.set_popularity(chunk_iids[found], np.array([popularity[chunk_names[n]] for n in found]))
             read += len(found)
         metrics.NEW_ITEM_STATS_READ.inc(read)
+        self.last_read = read
         return read
 
     # ------------------------------------------------------------------ thread

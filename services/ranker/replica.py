@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from services.feedback.variant_outcomes import VARIANT_OUTCOMES_FIELD, VariantOutcomes
 
 from services.ranker.catalog import Catalog
+from services.ranker.new_item_stats import NewItemStats
 from services.ranker.recommend import Recommender
 from services.ranker.routing import ServingState
 from services.ranker.search import Searcher
@@ -22,6 +23,7 @@ class RankerReplica:
     address: str = ""
     # requests and server-side failures per (version, variant): the canary decider's error rates
     outcomes: VariantOutcomes = field(default_factory=VariantOutcomes)
+    new_item_stats: NewItemStats | None = None
 
     def live_index(self) -> VectorIndex:
         """The index Recommend retrieves from: the current model's, else the text index."""
@@ -52,5 +54,13 @@ class RankerReplica:
             "refused_reason": self.state.refused_reason,
             "swaps": self.state.swaps,
             "user_cache": self.recommender.path.users.status(),
+            "new_items": self._new_items(routing),
             VARIANT_OUTCOMES_FIELD: self.outcomes.snapshot(),
         }
+
+    def _new_items(self, routing) -> dict:
+        """The new-item places (services/model/new_items.py): how many, how many candidates the
+        current model has now, and whether their popularity is being read."""
+        candidates = routing.current.new_items_with_traction()[0].size if routing.current else 0
+        return {"slots": self.recommender.new_item_slots, "candidates": int(candidates),
+                **(self.new_item_stats.status() if self.new_item_stats is not None else {})}

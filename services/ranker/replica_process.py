@@ -62,7 +62,8 @@ def serve(boot: Boot[RankerConfig], drop_feed_updates=None) -> int:
     recommender = Recommender(catalog, state, path, default_filters=default_exclusions(config.default_exclude),
                               new_item_slots=config.new_item_slots)
     searcher = Searcher(catalog, state, path, encoder)
-    replica = RankerReplica(replica_id, catalog, state, recommender, searcher)
+    new_item_stats = NewItemStats(features, catalog, state, config.new_item_stats_interval_s)
+    replica = RankerReplica(replica_id, catalog, state, recommender, searcher, new_item_stats=new_item_stats)
 
     attribution = None
     if config.attribution:
@@ -74,7 +75,7 @@ def serve(boot: Boot[RankerConfig], drop_feed_updates=None) -> int:
     manager.on_change = registration.poke
     lifecycle = ReplicaLifecycle(replica_id, catalog, state, features, feed, reader, manager, watcher,
                                  registration, config.startup_timeout_s, user_feed=UserFeed(features, users),
-                                 new_item_stats=NewItemStats(features, catalog, state, config.new_item_stats_interval_s))
+                                 new_item_stats=new_item_stats)
     worker = config.worker_index >= 0
     if worker:
         # Not listening before it can answer: the shared port's other workers serve meanwhile.

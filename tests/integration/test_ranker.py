@@ -467,6 +467,10 @@ def test_a_new_item_with_traction_takes_the_last_place(stack):
     answers = wait_until(slotted, "the new item in the 10th place", timeout_s=90)
     for user, ids in answers.items():
         assert ids[:9] == before[user][:9], (user, ids, before[user])
+    # The registration says so: one place, candidates, the popularity reads working.
+    new_items = wait_until(lambda: (lambda v: v if v.get("candidates") else None)(
+        json.loads(stack.etcd.get("rankers/ranker-it").value).get("new_items") or {}), "registered candidates")
+    assert new_items["slots"] == 1 and new_items["failing"] is False and new_items["last_read"] >= 1
 
 
 def test_user_stream_resumes_after_features_is_killed(stack):

@@ -69,9 +69,11 @@ def test_the_thread_retries_after_features_failed_and_stops():
     stats = NewItemStats(features, catalog, state, interval_s=0.05).start()
     try:
         assert features.called.wait(5)
+        wait_until(lambda: stats.status()["failing"], "the failure shown", 10)
         features.values = {"i24": 3.0}
         features.down = False
         wait_until(lambda: catalog.popularity_of(np.array([catalog.iid("i24")]))[0] == 3.0, "popularity read", 10)
+        wait_until(lambda: not stats.status()["failing"] and stats.status()["last_read"] == 1, "shown working", 10)
     finally:
         stats.stop()
     calls = len(features.calls)
