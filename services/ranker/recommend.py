@@ -42,6 +42,8 @@ _VERBS = {
     int(EventType.VIEW): "because you viewed {}",
 }
 _TITLE_CHARS = 80
+# An item the model has no id for yet: new in the catalog, chosen for its likeness to this history item.
+_NEW_ITEM_REASON = "new in the catalog, like {}"
 
 
 def short(title: str) -> str:
@@ -109,6 +111,7 @@ class Recommender:
         name_of, title_of = self.catalog.name_of, self.catalog.title_of
         # One reason per anchor (several found items often share their closest history item).
         reasons: dict[int, str] = {}
+        id_less = bundle.id_less_iids
         items = []
         for (iid, score), position in zip(found, closest):
             reason = reasons.get(position)
@@ -118,6 +121,9 @@ class Recommender:
                 reason = (_VERBS.get(int(events[position]), "because you viewed {}").format(
                     short(title_of(anchor) or anchor_name)) if anchor_name else "picked for you")
                 reasons[position] = reason
+            if iid in id_less:   # new since the model's training (often in the reserved place)
+                anchor = int(iids[position])
+                reason = _NEW_ITEM_REASON.format(short(title_of(anchor) or name_of(anchor)))
             items.append(Scored(name_of(iid), score, reason, title_of(iid)))
         return items
 
