@@ -354,3 +354,24 @@ class Suite:
         (`python -m tests.fakes`)."""
         return self.start("tests.fakes", {"STAND_IN_CATALOG": catalog},
                           name=name or f"features-stand-in-{catalog.replace(':', '-')}", timeout_s=timeout_s)
+
+
+def vector_movement(parent: tuple, child: tuple) -> dict:
+    """How far an update moved the item vectors: ||child - parent|| / ||parent|| per item both
+    versions have (the ranker's graph reuse on a swap depends on it: README "Scale").
+    `parent`, `child`: (item ids, vectors [n, dim])."""
+    import numpy as np
+
+    parent_ids, parent_vectors = parent
+    child_ids, child_vectors = child
+    if parent_vectors is None or child_vectors is None:
+        return {}
+    position = {item_id: n for n, item_id in enumerate(parent_ids)}
+    pairs = [(position[item_id], n) for n, item_id in enumerate(child_ids) if item_id in position]
+    if not pairs:
+        return {}
+    old_rows, new_rows = (np.array(side, np.int64) for side in zip(*pairs))
+    before, after = parent_vectors[old_rows], child_vectors[new_rows]
+    relative = np.linalg.norm(after - before, axis=1) / np.maximum(np.linalg.norm(before, axis=1), 1e-12)
+    return {"items": int(relative.size), "median": round(float(np.median(relative)), 5),
+            "p90": round(float(np.quantile(relative, 0.9)), 5), "max": round(float(relative.max()), 5)}

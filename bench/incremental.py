@@ -124,6 +124,7 @@ class Chain:
     seconds: float = 0.0
     shadow_seconds: float = 0.0
     replaced_at: list = dataclasses.field(default_factory=list)
+    vectors: tuple = ((), None)         # the item-vector table of its last version (ids, vectors)
 
 
 def parse_variant(text: str, default: Chain) -> Chain:
@@ -240,8 +241,8 @@ def full_run(interactions, catalog, vectors, config, seed, epochs):
     prepared = run_steps.prepare(interactions, catalog_items=catalog, eval_users=0)
     run_steps.set_item_text(prepared, vectors)
     model, stats = run_steps.run_full(prepared, config, seed=seed, epochs=epochs)
-    run_steps.item_vector_table(model, prepared, catalog)
-    return model, prepared, clock.stop()
+    table = run_steps.item_vector_table(model, prepared, catalog)
+    return model, prepared, clock.stop(), table
 
 
 def incremental_run(parent, parent_ids, interactions, catalog, vectors, after_lsn, strategy, seed, chain):
@@ -255,8 +256,8 @@ def incremental_run(parent, parent_ids, interactions, catalog, vectors, after_ls
                                        incremental_epochs=chain.epochs)
     stats = run_steps.run_incremental(model, prepared, run_steps.examples_of(selection.selected),
                                      chain.replay_ratio, seed=seed, policy=chain.policy)
-    run_steps.item_vector_table(model, prepared, catalog)
-    return model, prepared, clock.stop(), selection, stats
+    table = run_steps.item_vector_table(model, prepared, catalog)
+    return model, prepared, clock.stop(), selection, stats, table
 
 
 def ratio(value: float, reference: float) -> float | None:
@@ -315,11 +316,12 @@ def main() -> int:
 
     fed = [Interaction(i.event_id, i.user_id, i.item_id, i.event_type, i.occurred_at, 1, i.row_id) for i in base]
     progress(f"step 0: full training on the starting data ({len(fed)} interactions)")
-    model, prepared, (seconds0, _) = full_run(fed, catalog, vectors, config, args.seed, epochs)
+    model, prepared, (seconds0, _), table0 = full_run(fed, catalog, vectors, config, args.seed, epochs)
     start_metrics = metrics(ranks_of(model, prepared, tests))
     progress(f"step 0: {seconds0:.1f}s {start_metrics}")
     for chain in chains:
         chain.model, chain.item_ids = model, prepared.data.item_ids.external_ids()
+        chain.vectors = table0
 
     rows = []
     print(f"{'step':>4} {'chain':>8} {'delta':>6} {'incr s':>8} {'full s':>8} {'time':>7} "
@@ -331,7 +333,7 @@ def main() -> int:
         fed = fed + [Interaction(i.event_id, i.user_id, i.item_id, i.event_type, i.occurred_at, lsn, i.row_id)
                      for i in chunk_rows]
         progress(f"step {step}: full retrain on {len(fed)} interactions")
-        full_model, prepared_f, (seconds_f, cpu_f) = full_run(fed, catalog, vectors, config, args.seed, epochs)
+        full_model, prepared_f, (seconds_f, cpu_f), table_f = full_run(fed, catalog, vectors, config, args.seed, epochs)
         ranks_f = ranks_of(full_model, prepared_f, tests)
         figures_f, gains_f = metrics(ranks_f), per_user_gains(ranks_f)
         progress(f"step {step}: full {seconds_f:.1f}s {figures_f}")
@@ -340,7 +342,7 @@ def main() -> int:
                "chains": {}}
         shadow_step = args.shadow_every > 0 and step % args.shadow_every == 0
         for chain in chains:
-            chain.model, prepared_i, (seconds_i, cpu_i), selection, stats = incremental_run(
+            chain.model, prepared_i, (seconds_i, cpu_i), selection, stats, table_i = incremental_run(
                 chain.model, chain.item_ids, fed, catalog, vectors, lsn - 1, strategy, args.seed, chain)
             chain.item_ids = prepared_i.data.item_ids.external_ids()
             chain.seconds += seconds_i
@@ -348,7 +350,9 @@ def main() -> int:
             figures_i = metrics(ranks_i)
             entry = step_row(chain, figures_i, figures_f, seconds_i, cpu_i, seconds_f, cpu_f,
                              per_user_gains(ranks_i), gains_f, args.bootstrap, args.seed + step)
-            entry.update(selected=len(selection.selected), replay_examples=stats.replay_examples)
+            entry.update(selected=len(selection.selected), replay_examples=stats.replay_examples,
+                         vector_movement=_harness.vector_movement(chain.vectors, table_i))
+            chain.vectors = table_i
             # the trainer's drift bound: the shadow full retrain replaces a chain that drifted past it
             served = figures_i
             if shadow_step:
@@ -357,6 +361,7 @@ def main() -> int:
                 entry["shadow_drift"] = round(drift, 4)
                 if drift > args.drift_bound:
                     chain.model, chain.item_ids = full_model, prepared_f.data.item_ids.external_ids()
+                    chain.vectors = table_f
                     chain.replaced_at.append(step)
                     served = figures_f
             entry["served"] = served
@@ -370,14 +375,16 @@ def main() -> int:
                   f"{entry['recall_at_10_ratio']!s:>6} {figures_i['ndcg_at_10']:>10.4f} {figures_f['ndcg_at_10']:>10.4f} "
                   f"{entry['ndcg_at_10_ratio']!s:>6} {met:>10}"
                   f"  CI R {entry['recall_at_10_ratio_ci95']} {entry['recall_at_10_verdict']}"
-                  f"  N {entry['ndcg_at_10_ratio_ci95']} {entry['ndcg_at_10_verdict']}" + (f"  shadow: drift {entry['shadow_drift']:+.2%}"
+                  f"  N {entry['ndcg_at_10_ratio_ci95']} {entry['ndcg_at_10_verdict']}"
+                  f"  vectors moved {entry['vector_movement'].get('median', float('nan')):.2%} median"
+                  f" / {entry['vector_movement'].get('p90', float('nan')):.2%} p90" + (f"  shadow: drift {entry['shadow_drift']:+.2%}"
                                                                    + (" -> replaced by the full retrain"
                                                                       if step in chain.replaced_at else "")
                                                                    if shadow_step else ""), flush=True)
         if args.reference_seed and step == steps:
             # the reference's own noise: another seed, same data and config
             progress(f"step {step}: second full retrain, seed {args.seed + 1}")
-            other, prepared_o, (seconds_o, cpu_o) = full_run(fed, catalog, vectors, config, args.seed + 1, epochs)
+            other, prepared_o, (seconds_o, cpu_o), _ = full_run(fed, catalog, vectors, config, args.seed + 1, epochs)
             ranks_o = ranks_of(other, prepared_o, tests)
             seed_chain = Chain(f"full seed {args.seed + 1}", config.learning_rate, 0.0, epochs)
             entry = step_row(seed_chain, metrics(ranks_o), figures_f, seconds_o, cpu_o, seconds_f, cpu_f,
@@ -408,6 +415,9 @@ def main() -> int:
             "served_recall_at_10_ratio_min": min((e["served_recall_at_10_ratio"] or 0 for e in entries), default=None),
             "served_ndcg_at_10_ratio_min": min((e["served_ndcg_at_10_ratio"] or 0 for e in entries), default=None),
             "replaced_by_full_at_steps": chain.replaced_at,
+            # ||v_new - v_old|| / ||v_old|| per item, per update: what the ranker's graph reuse faces
+            "vector_movement_median_max": max((e["vector_movement"].get("median", 0.0) for e in entries), default=None),
+            "vector_movement_p90_max": max((e["vector_movement"].get("p90", 0.0) for e in entries), default=None),
             # what keeping the model current cost per step, shadow retrains included, against a full retrain per step
             "amortised_time_ratio": round((chain.seconds + chain.shadow_seconds) / (len(rows) * full_mean), 4)
             if rows and full_mean else None,

@@ -211,6 +211,12 @@ def items_row(suite, etcd, n_items: int, budget_s: float, duration_s: float) -> 
                                        popular=item_ids[:200], seed=2 if version == 3 else None,
                                        perturb=INCREMENTAL_MOVE if version == 3 else 0.0)
         specs[version] = fakes.store_artifact(suite.artifact_store(), artifact)
+        if version == 2:
+            full_vectors = np.asarray(artifact.item_vectors)
+        if version == 3:   # how far the stand-in moves the vectors (a real update: bench/incremental.py)
+            row["incremental_vector_movement"] = _harness.vector_movement(
+                (item_ids, full_vectors), (item_ids, np.asarray(artifact.item_vectors)))
+            del full_vectors
         del artifact
     del vectors     # 1.5 GB at 1M items, needed only for the artifacts (the stand-in has its own)
     try:
