@@ -53,21 +53,22 @@ def retrieve(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, fi
         fetch = min(size, MAX_FETCH, fetch * 4)
 
 
-def _lifted_id_less(catalog: Catalog, index: VectorIndex, query: np.ndarray, filters: FilterSpec,
-                    excluded: set[int], id_less: set[int], weight: float,
-                    scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Items without a learned id that have a positive popularity and pass the filters (at most
-    CANDIDATE_SCAN_MAX, the most popular), with their inner product and that + the popularity
-    prior (services/model/network.py, id_less_popularity_prior)."""
-    empty = np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
-    if not id_less:
-        return empty
+def with_id_less_prior(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, filters: FilterSpec,
+                       excluded: set[int], found: list[tuple[int, float]], id_less: set[int],
+                       weight: float, scale: float = 1.0) -> list[tuple[int, float]]:
+    """``found`` (the index's top k by inner product) re-ranked with the model's popularity prior
+    for items without a learned id (services/model/network.py, id_less_popularity_prior): only
+    those with a positive popularity change score, so they are scored exactly (at most
+    CANDIDATE_SCAN_MAX, the most popular) and merged; every other item's index score is already
+    its served score. bench/accuracy.py evaluates this score."""
+    if weight <= 0 or not id_less:
+        return found
     ids = np.asarray(list(id_less), np.int64)   # list(set) is one step: the feed thread may add to it
     popularity = catalog.popularity_of(ids)
     lifted = popularity > 0
     ids, popularity = ids[lifted], popularity[lifted]
     if not ids.size:
-        return empty
+        return found
     if ids.size > CANDIDATE_SCAN_MAX:
         top = np.argpartition(-popularity, CANDIDATE_SCAN_MAX - 1)[:CANDIDATE_SCAN_MAX]
         ids, popularity = ids[top], popularity[top]
@@ -75,23 +76,9 @@ def _lifted_id_less(catalog: Catalog, index: VectorIndex, query: np.ndarray, fil
     keep = np.fromiter((accept(int(i)) and index.contains(int(i)) for i in ids), bool, ids.size)
     ids, popularity = ids[keep], popularity[keep]
     if not ids.size:
-        return empty
+        return found
     scores = index.score(np.asarray(query, np.float32).reshape(-1), ids)
-    return ids, scores, scores + id_less_popularity_prior(popularity, np.ones(ids.size, bool), weight, scale)
-
-
-def with_id_less_prior(catalog: Catalog, index: VectorIndex, query: np.ndarray, k: int, filters: FilterSpec,
-                       excluded: set[int], found: list[tuple[int, float]], id_less: set[int],
-                       weight: float, scale: float = 1.0) -> list[tuple[int, float]]:
-    """``found`` (the index's top k by inner product) re-ranked with the model's popularity prior
-    for items without a learned id (services/model/network.py, id_less_popularity_prior): only
-    those with a positive popularity change score, so they are scored exactly and merged; every
-    other item's index score is already its served score. bench/accuracy.py evaluates this score."""
-    if weight <= 0:
-        return found
-    ids, _, scores = _lifted_id_less(catalog, index, query, filters, excluded, id_less, weight, scale)
-    if not ids.size:
-        return found
+    scores = scores + id_less_popularity_prior(popularity, np.ones(ids.size, bool), weight, scale)
     merged = {iid: score for iid, score in found}
     merged.update(zip(ids.tolist(), scores.tolist()))
     return sorted(merged.items(), key=lambda pair: -pair[1])[:k]
