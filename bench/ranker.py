@@ -342,7 +342,10 @@ def bench_one_catalog(suite, spec: str, etcd, levels, duration_s: float, warmup_
         warm_s = sum(warm_users(address, users) for address in own_addresses)
         progress(f"{spec}: user cache of {len(own_addresses)} process(es) warmed with {len(users)} users in {warm_s:.1f}s")
         server_pids = (lambda: [ranker.process.pid]) if workers == 1 else (lambda: child_pids(ranker.process.pid))
+        metrics_ports = [ranker.metrics_port] if workers == 1 else ranker.worker_metrics_ports
         memory_after_warm_up = rss_mb(server_pids(), ranker.process.pid, workers)
+        idle = idle_cpu_pct(server_pids())
+        progress(f"{spec}: ranker CPU while idle {idle}% of a core (background threads; charged to every request below)")
         progress(f"{spec}: RSS after warm-up {memory_after_warm_up}")
         # The references, measured right after each level of the ranker with the same requests and
         # the same client: on this shared machine the load drifts over minutes, and a reference
@@ -366,7 +369,8 @@ def bench_one_catalog(suite, spec: str, etcd, levels, duration_s: float, warmup_
                   "workers": workers, "connections": connections,
                   "index_kind": registration.get("index_kind"), "text_index_kind": registration.get("text_index_kind"),
                   "response_bytes": {method: len(sample) for method, sample in samples.items()},
-                  "warm_up_s": round(warm_s, 1), "methods": {}, "rss_mb_after_warm_up": memory_after_warm_up}
+                  "warm_up_s": round(warm_s, 1), "methods": {}, "rss_mb_after_warm_up": memory_after_warm_up,
+                  "idle_cpu_pct": idle}
         for name in references:
             result[name] = {"response_bytes": {m: len(p) for m, p in samples.items()}, "methods": {},
                             "processes": 1 if name == "echo" else workers}
@@ -377,9 +381,11 @@ def bench_one_catalog(suite, spec: str, etcd, levels, duration_s: float, warmup_
                 if concurrency == profile_level:
                     raw = suite.work_dir / f"profile-{spec.replace(':', '-')}-{method}-c{concurrency}.txt"
                     sampler = _profile.record(server_pids()[0], duration_s + warmup_s, raw)
+                gc_before = gc_pauses(metrics_ports)
                 figures = with_cpu(server_pids, lambda: run_load(ranker.address, method, requests[method], concurrency,
                                                                  duration_s, warmup_s, connections),
                                    duration_s, warmup_s)
+                figures["gc"] = gc_pause_delta(gc_before, gc_pauses(metrics_ports))
                 if sampler is not None:
                     sampler.wait(timeout=60)
                     profile = {"concurrency": concurrency, **_profile.summarise(raw)}
@@ -388,7 +394,8 @@ def bench_one_catalog(suite, spec: str, etcd, levels, duration_s: float, warmup_
                 by_level[str(concurrency)] = figures
                 line = (f"{spec}: {method} c={concurrency}: {figures['rps']} req/s, p50 {figures['p50_ms']} ms, "
                         f"p99 {figures['p99_ms']} ms, errors {figures['errors']}, CPU/request "
-                        f"{figures['cpu_us_per_request']} us (process shares {figures['cpu_shares']})")
+                        f"{figures['cpu_us_per_request']} us (process shares {figures['cpu_shares']}), "
+                        f"gc {figures['gc']}")
                 for name, (address, pids) in references.items():
                     reference = with_cpu(pids, lambda: run_load(address, method, requests[method], concurrency,
                                                                 duration_s, warmup_s, connections),
@@ -424,6 +431,52 @@ def with_cpu(pids, load, duration_s: float, warmup_s: float) -> dict:
     figures["cpu_us_per_request"] = round(sum(used) / requests * 1e6, 1)
     figures["cpu_shares"] = [round(u / max(sum(used), 1e-9), 2) for u in used]
     return figures
+
+
+def gc_pauses(ports: list[int]) -> dict:
+    """The cyclic garbage collector's pauses so far in the ranker's processes (their
+    deltarec_gc_pause_seconds, services/common/gc_pauses.py): per generation count and seconds,
+    and how many pauses took 5 ms or more (a tail a request waiting on the GIL feels)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    totals: dict = {}
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name != "deltarec_gc_pause_seconds":
+                continue
+            for sample in family.samples:
+                generation = totals.setdefault(sample.labels.get("generation"), {"count": 0, "seconds": 0.0,
+                                                                                 "le_5ms": 0})
+                if sample.name.endswith("_count"):
+                    generation["count"] += int(sample.value)
+                elif sample.name.endswith("_sum"):
+                    generation["seconds"] += sample.value
+                elif sample.name.endswith("_bucket") and sample.labels.get("le") == "0.005":
+                    generation["le_5ms"] += int(sample.value)
+    return totals
+
+
+def gc_pause_delta(before: dict, after: dict) -> dict:
+    """Per generation: collections, their total ms and the pauses of 5 ms or more between two
+    gc_pauses() snapshots."""
+    delta = {}
+    for generation, figures in sorted(after.items()):
+        earlier = before.get(generation, {"count": 0, "seconds": 0.0, "le_5ms": 0})
+        count = figures["count"] - earlier["count"]
+        delta[generation] = {"count": count, "total_ms": round((figures["seconds"] - earlier["seconds"]) * 1e3, 1),
+                             "over_5ms": count - (figures["le_5ms"] - earlier["le_5ms"])}
+    return delta
+
+
+def idle_cpu_pct(pids: list[int], seconds: float = 3.0) -> float:
+    """The server processes' CPU with no request in flight, in % of one core: what background
+    threads cost (it is in every level's CPU per request too)."""
+    before = sum(process_cpu_s(pid) for pid in pids)
+    time.sleep(seconds)
+    return round((sum(process_cpu_s(pid) for pid in pids) - before) / seconds * 100, 1)
 
 
 def child_pids(pid: int) -> list[int]:

@@ -33,6 +33,7 @@ class ServiceProcess:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.workers = 1        # a ranker with RANKER_WORKERS > 1 says how many in its ready line
+        self.worker_metrics_ports: list[int] = []   # ... and each worker's metrics port
         self._ready = threading.Event()
 
     @property
@@ -64,7 +65,10 @@ class ServiceProcess:
             if match:
                 self.port = int(match.group(2))
                 self.metrics_port = None if match.group(3) == "None" else int(match.group(3))
-                self.workers = int(ready_fields(line).get("workers", 1))
+                fields = ready_fields(line)
+                self.workers = int(fields.get("workers", 1))
+                self.worker_metrics_ports = [int(p) for p in fields.get("worker_metrics_ports", "").split(",")
+                                             if p.isdigit()]
                 self._ready.set()
             log.write(raw)
             log.flush()

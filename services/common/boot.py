@@ -36,7 +36,7 @@ from typing import Callable, Generic, TypeVar
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError
 
-from services.common import db, logs
+from services.common import db, gc_pauses, logs
 from services.common.config import ConfigError, load
 from services.common.etcd import Etcd
 from services.common.server import GrpcService, run_service
@@ -65,6 +65,7 @@ class Boot(Generic[T]):
         except ConfigError as error:
             _exit_config_error(name, str(error))
         logs.setup(name, config.log_level)
+        gc_pauses.install()
         return cls(name, config)
 
     def config_error(self, message: str) -> None:
