@@ -267,6 +267,51 @@ def test_admission_refuses_beyond_the_queue_at_once():
     assert results == ["ran"] and admission.rejected == 1
 
 
+def test_waiting_requests_are_admitted_in_arrival_order_and_newcomers_queue_behind_them():
+    admission = AdmissionControl(max_running=1, max_waiting=10)
+    order, release = [], threading.Event()
+    lock = threading.Lock()
+
+    def request(name, hold=None):
+        with admission.admit(30):
+            with lock:
+                order.append(name)
+            if hold is not None:
+                hold.wait(30)
+
+    holder = threading.Thread(target=request, args=("holder", release))
+    holder.start()
+    while admission.running == 0:
+        time.sleep(0.001)
+    waiters = []
+    for n in range(6):
+        waiter = threading.Thread(target=request, args=(f"w{n}",))
+        waiter.start()
+        waiters.append(waiter)
+        while admission.waiting < n + 1:      # each one queued before the next arrives
+            time.sleep(0.001)
+    release.set()
+    # A request arriving while the queue drains takes its turn after every earlier waiter.
+    late = threading.Thread(target=request, args=("late",))
+    late.start()
+    for thread in [holder, *waiters, late]:
+        thread.join(30)
+    assert order == ["holder", "w0", "w1", "w2", "w3", "w4", "w5", "late"]
+    assert admission.running == 0 and admission.waiting == 0 and admission.rejected == 0
+
+
+def test_a_waiter_whose_deadline_passes_leaves_the_queue_and_the_slot_goes_on():
+    admission = AdmissionControl(max_running=1, max_waiting=10)
+    with admission.admit(None):
+        with pytest.raises(ResourceExhausted):
+            with admission.admit(0.05):
+                pass
+        assert admission.waiting == 0 and admission.rejected == 1
+    assert admission.running == 0
+    with admission.admit(0.05):                # the slot was not lost to the gone waiter
+        assert admission.running == 1
+
+
 def test_the_last_place_goes_to_a_new_item_with_traction(world):
     """i350..i399 have no learned id (the model knows ITEMS[:350]) and most have a popularity:
     with RANKER_NEW_ITEM_SLOTS=1 the best of them (text score + the model's popularity term)
