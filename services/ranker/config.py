@@ -6,7 +6,7 @@ import dataclasses
 from services.common.config import GRPC_TARGET, CommonConfig, ConfigError, env
 from services.model.new_items import DEFAULT_NEW_ITEM_SLOTS
 from services.ranker.filters import EXCLUDE_POLICIES
-from services.ranker.index_structures import TEXT_BUILD_PRIORITY, IndexOptions
+from services.ranker.index_structures import FLAT_CODES, TEXT_BUILD_PRIORITY, IndexOptions
 from services.ranker.workers import check_worker_settings
 
 
@@ -38,6 +38,10 @@ class RankerConfig(CommonConfig):
                                    help="the same for the 384-d text index Search uses "
                                         "(built once, not per swap)")
     hnsw_m: int = env("RANKER_HNSW_M", 32, minimum=4, maximum=256)
+    # float16 halves the bytes every flat scan reads (the answers stay exact: re-ranked with the
+    # float32 vectors, checked against the codes' error bound; index_structures.py).
+    flat_codes: str = env("RANKER_FLAT_CODES", IndexOptions.flat_codes, choices=FLAT_CODES,
+                          help="codes a flat index scans: float16 (exact after re-ranking) or float32")
     hnsw_ef_search: int = env("RANKER_HNSW_EF_SEARCH", 128, minimum=8, maximum=4096)
     hnsw_ef_construction: int = env("RANKER_HNSW_EF_CONSTRUCTION", 80, minimum=8, maximum=4096)
     reuse_index_graph: bool = env("RANKER_REUSE_INDEX_GRAPH", IndexOptions.reuse_graph,
@@ -129,7 +133,7 @@ class RankerConfig(CommonConfig):
                             hnsw_m=self.hnsw_m, hnsw_ef_search=self.hnsw_ef_search,
                             hnsw_ef_construction=self.hnsw_ef_construction,
                             rebuild_dead_fraction=self.rebuild_dead_fraction,
-                            reuse_graph=self.reuse_index_graph,
+                            reuse_graph=self.reuse_index_graph, flat_codes=self.flat_codes,
                             build_priority=TEXT_BUILD_PRIORITY if text else IndexOptions.build_priority)
 
 

@@ -1,8 +1,13 @@
 """The two faiss structures a `VectorIndex` retrieves with, and the options that choose and tune them.
 
-- `flat` (`FlatStructure`): IndexIDMap over IndexFlatIP. Exact; add is an append, remove/update
-  compact the arrays (O(n) per batch). Best for small catalogs (see the crossover measured by
-  bench/ranker.py).
+- `flat` (`FlatStructure`): IndexIDMap over a flat scan of every row; add is an append,
+  remove/update compact the arrays (O(n) per batch). Best for small catalogs (see the crossover
+  measured by bench/ranker.py). Its codes are float16 by default (`flat_codes`,
+  RANKER_FLAT_CODES): a Recommend's scan reads half the bytes (12k x 64: 1.5 MB instead of 3.1;
+  the 384-d text index of Search 9.3 MB instead of 18.6), and that memory traffic costs twice —
+  the scan itself, and the rest of the request running on evicted caches (README "Serving").
+  float16 scores are approximate, so the owning index re-ranks an over-fetched candidate list
+  with its exact float32 vectors and proves the answer exact (VectorIndex._exact_top_k).
 - `scan` (`ScanStructure`): no structure, an exact scan of the index's own vector store; what a
   large index answers from while its first HNSW structure is built after a bulk load.
 - `hnsw` (`HnswStructure`): IndexHNSWFlat (inner product). Sub-linear search for large catalogs.
@@ -20,6 +25,8 @@ import faiss
 import numpy as np
 
 KINDS = ("flat", "hnsw", "auto")
+FLAT_CODES = ("float16", "float32")
+FLOAT16_SAFE_MAX = 60_000.0        # float16's largest finite value is 65,504
 # Background builds of a replica run one at a time, the lowest number first (vector_index.BuildGate):
 # a model index (rebuilt on every swap, what Recommend waits for) before the text index (built
 # once at start; Search answers by an exact scan meanwhile).
@@ -51,6 +58,8 @@ class IndexOptions:
     reuse_graph: bool = True
     # Order among the replica's background builds (MODEL_BUILD_PRIORITY first).
     build_priority: int = MODEL_BUILD_PRIORITY
+    # What a flat structure scans: float16 codes (re-ranked exactly) or the float32 vectors.
+    flat_codes: str = "float16"
 
     def initial_kind(self, size: int) -> str:
         if self.kind != "auto":
@@ -62,13 +71,26 @@ class FlatStructure:
     kind = "flat"
 
     def __init__(self, dim: int, options: IndexOptions) -> None:
-        self.index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+        if options.flat_codes not in FLAT_CODES:
+            raise ValueError(f"flat codes {options.flat_codes!r} not in {FLAT_CODES}")
+        # approximate: scores are of float16 codes; the owner re-ranks (VectorIndex._exact_top_k).
+        self.approximate = options.flat_codes == "float16"
+        inner = (faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+                 if self.approximate else faiss.IndexFlatIP(dim))
+        self.index = faiss.IndexIDMap(inner)
         self.dead = 0
+        # The largest norm ever added (removals do not lower it): the error bound of the codes.
+        self.max_norm = 0.0
+        self.codes_exceeded = False
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, replaced: np.ndarray) -> None:
         if replaced.size:
             self.index.remove_ids(replaced)
         if ids.size:
+            if self.approximate:
+                self.max_norm = max(self.max_norm, float(np.sqrt((vectors * vectors).sum(axis=1).max())))
+                # Beyond float16's range a code is inf: no bound holds, the owner scans exactly.
+                self.codes_exceeded |= bool(np.abs(vectors).max() > FLOAT16_SAFE_MAX)
             self.index.add_with_ids(vectors, ids)
 
     def remove(self, ids: np.ndarray) -> None:
@@ -90,6 +112,7 @@ class FlatStructure:
 
 class HnswStructure:
     kind = "hnsw"
+    approximate = False      # its recall is below 1, but the scores it returns are exact
 
     def __init__(self, dim: int, options: IndexOptions) -> None:
         self.index = faiss.IndexHNSWFlat(dim, options.hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -218,6 +241,7 @@ class ScanStructure:
     marks present). What a large index searches while its first real structure is built from
     a bulk load (a flat copy of 1M 384-d vectors would be 1.5 GB more for those minutes)."""
     kind = "scan"
+    approximate = False
 
     def __init__(self, dim: int, store) -> None:
         self.store = store      # () -> (vectors [capacity, dim], present [capacity]) of the owner

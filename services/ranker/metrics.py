@@ -9,6 +9,9 @@ SWAPS = Counter("deltarec_ranker_swaps_total", "model swaps completed")
 SWAP_SECONDS = Histogram("deltarec_ranker_swap_seconds", "artifact read to swap, seconds",
                          buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
 REFUSED = Counter("deltarec_ranker_refused_artifacts_total", "artifacts refused", ["reason"])
+EXACT_RESCANS = Counter("deltarec_ranker_index_exact_rescans_total",
+                        "searches whose float16 candidates could not prove the top k exact, answered by a full "
+                        "exact scan instead")
 INDEX_SIZE = Gauge("deltarec_ranker_index_size", "items in the live index", ["index"])
 DATA_LSN = Gauge("deltarec_ranker_data_lsn", "data watermark applied by this replica")
 ITEM_CHANGES = Counter("deltarec_ranker_item_changes_total", "item changes applied from WatchItems")

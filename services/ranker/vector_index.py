@@ -31,6 +31,7 @@ import numpy as np
 
 import faiss
 
+from services.ranker import metrics
 from services.ranker.index_structures import KINDS, STRUCTURES, HnswStructure, IndexOptions, ScanStructure
 from services.ranker.rwlock import RWLock
 
@@ -47,6 +48,10 @@ REPLAY_UNDER_LOCK = 4096
 # below the recall of the lineage's fresh build.
 REUSE_RECALL_TOLERANCE = 0.02
 SAMPLED_RECALL_K = 30
+# A structure with float16 codes returns this many candidates beyond k, re-ranked with the exact
+# float32 vectors; a row it left out could only belong to the top k if the codes' error bound
+# (float16_score_error) allows it, which is checked per query (else: an exact scan).
+RERANK_MARGIN = 16
 SAMPLED_RECALL_QUERIES = 64
 
 
@@ -75,6 +80,16 @@ def sampled_recall(structure, store: np.ndarray, ids: np.ndarray, *, k: int = SA
     _, found = structure.search(query, k, None)
     hits = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact))
     return hits / float(sample.size * k)
+
+
+def float16_score_error(dim: int, max_norm: float, query: np.ndarray) -> float:
+    """An upper bound of |score of the float16 code - exact score| for any row of norm <= max_norm:
+    each component is rounded by at most 2^-11 of itself (2^-25 absolute below float16's normal
+    range), and both scores are float32 sums of `dim` products (at most dim * 2^-24 relative
+    each); with 1% to spare."""
+    query_norm = float(np.sqrt(query @ query))
+    relative = 2.0 ** -11 + dim * 2.0 ** -23
+    return 1.01 * (relative * max_norm * query_norm + 2.0 ** -25 * float(np.abs(query).sum()))
 
 
 class BuildGate:
@@ -322,7 +337,42 @@ class VectorIndex:
         k = max(1, min(int(k), max(self._count, 1)))
         with self._lock.read():
             allowed = None if allowed is None else np.asarray(allowed, np.int64)
+            if self._structure.approximate:
+                return self._exact_top_k(queries, k, allowed)
             return self._structure.search(queries, k, allowed)
+
+    def _exact_top_k(self, queries: np.ndarray, k: int, allowed: np.ndarray | None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top k from a structure of approximate (float16) scores: its best
+        k + RERANK_MARGIN candidates re-scored with the float32 vectors. Exact when the k-th exact
+        score beats the weakest candidate's approximate score by more than the codes' error bound
+        (no row left out can reach it), or when every row was a candidate; otherwise that query is
+        answered by an exact scan (counted: deltarec_ranker_index_exact_rescans_total)."""
+        structure = self._structure
+        fetch = min(self._count, k + RERANK_MARGIN)
+        approximate, found = structure.search(queries, fetch, allowed)
+        out_scores = np.full((queries.shape[0], k), -np.inf, np.float32)
+        out_ids = np.full((queries.shape[0], k), -1, np.int64)
+        for row in range(queries.shape[0]):
+            candidates = found[row][found[row] >= 0]
+            if not candidates.size:
+                continue
+            query = queries[row]
+            exact = self._vectors[candidates] @ query
+            order = np.argsort(-exact, kind="stable")[:k]
+            every_row = candidates.size < fetch or fetch >= self._count
+            proven = every_row or (
+                not structure.codes_exceeded and order.size == k
+                and exact[order[-1]] > approximate[row, candidates.size - 1]
+                + float16_score_error(self.dim, structure.max_norm, query))
+            if proven:
+                out_scores[row, :order.size] = exact[order]
+                out_ids[row, :order.size] = candidates[order]
+            else:
+                metrics.EXACT_RESCANS.inc()
+                scores, ids = ScanStructure(self.dim, self._scan_view).search(query[None, :], k, allowed)
+                out_scores[row], out_ids[row] = scores[0], ids[0]
+        return out_scores, out_ids
 
     def score(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact scores of one query against given ids (candidate-set scoring)."""

@@ -123,6 +123,61 @@ def test_flat_results_are_exact():
     assert found[0].tolist() == exact_top(x, ids, query, 10)
 
 
+def rescans() -> float:
+    from prometheus_client import REGISTRY
+    return REGISTRY.get_sample_value("deltarec_ranker_index_exact_rescans_total") or 0.0
+
+
+def test_float16_flat_codes_answer_exactly_what_float32_does_after_updates_and_removals():
+    """The default flat codes are float16: same ids and (float32) scores as the float32 index, on
+    random queries, after updates and removals, with and without an allowed set."""
+    x = vectors(3000, dim=64, seed=11)
+    codes16 = VectorIndex(64, IndexOptions(kind="flat"))
+    codes32 = VectorIndex(64, IndexOptions(kind="flat", flat_codes="float32"))
+    assert codes16._structure.approximate and not codes32._structure.approximate
+    for index in (codes16, codes32):
+        index.upsert(np.arange(3000), x)
+        index.upsert(np.arange(0, 300), vectors(300, dim=64, seed=12))
+        index.remove(np.arange(300, 400))
+    queries = vectors(200, dim=64, seed=13)
+    allowed = np.arange(0, 3000, 7)
+    before = rescans()
+    for subset in (None, allowed):
+        scores16, ids16 = codes16.search(queries, 20, allowed=subset)
+        scores32, ids32 = codes32.search(queries, 20, allowed=subset)
+        assert (ids16 == ids32).all()
+        assert np.allclose(scores16, scores32, atol=1e-5)
+        assert not np.isin(ids16, np.arange(300, 400)).any()
+    assert rescans() == before          # well-separated scores: proven from the candidates alone
+
+
+def test_float16_candidates_that_cannot_prove_the_top_k_fall_back_to_an_exact_scan():
+    """600 items whose scores differ by less than float16 can tell apart: the re-ranked candidates
+    do not prove the top 10, so the query is answered by an exact scan — the true top 10."""
+    rng = np.random.default_rng(3)
+    base = vectors(1, dim=32, seed=2)[0]
+    x = (base + rng.standard_normal((600, 32)).astype(np.float32) * 1e-5).astype(np.float32)
+    index = VectorIndex(32, IndexOptions(kind="flat"))
+    index.upsert(np.arange(600), x)
+    before = rescans()
+    scores, found = index.search(base, 10)
+    assert rescans() == before + 1
+    truth = np.argsort(-(x @ base), kind="stable")[:10]
+    assert found[0].tolist() == truth.tolist()
+    assert np.allclose(scores[0], (x @ base)[truth])
+
+
+def test_vectors_beyond_float16s_range_are_searched_exactly():
+    x = vectors(200, dim=16, seed=9) * 1e5      # a code would be inf
+    index = VectorIndex(16, IndexOptions(kind="flat"))
+    index.upsert(np.arange(200), x)
+    query = vectors(1, dim=16, seed=10)[0]
+    before = rescans()
+    _, found = index.search(query, 5)
+    assert found[0].tolist() == exact_top(x, np.arange(200), query, 5)
+    assert rescans() == before + 1
+
+
 def test_checksum_is_order_independent_and_tracks_content():
     names = {i: f"item-{i}" for i in range(50)}
     x = vectors(50, seed=7)
