@@ -423,3 +423,17 @@ def test_sampled_recall_is_one_for_an_exact_structure_and_lower_for_a_wrong_one(
     wrong = FlatStructure(16, IndexOptions())
     wrong.add(np.arange(500), vectors(500, seed=4), np.zeros(0, np.int64))
     assert sampled_recall(wrong, x, np.arange(500)) < 0.3
+
+
+def test_the_flat_codes_setting_reaches_both_indexes_and_a_bad_value_names_the_variable():
+    from services.common.config import ConfigError, load
+    from services.ranker.config import RankerConfig
+    minimal = {"DATABASE_URL": "postgresql+psycopg2://postgres@127.0.0.1:5432/deltarec",
+               "FEATURES_ADDRESS": "127.0.0.1:50052"}
+    default = load(RankerConfig, minimal)
+    assert default.index_options().flat_codes == default.index_options(text=True).flat_codes == "float16"
+    plain = load(RankerConfig, {**minimal, "RANKER_FLAT_CODES": "float32"})
+    assert plain.index_options().flat_codes == plain.index_options(text=True).flat_codes == "float32"
+    assert not VectorIndex(8, plain.index_options())._structure.approximate
+    with pytest.raises(ConfigError, match="RANKER_FLAT_CODES"):
+        load(RankerConfig, {**minimal, "RANKER_FLAT_CODES": "int8"})
