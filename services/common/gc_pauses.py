@@ -14,7 +14,6 @@ sets the ranker's p99, so nothing tunes it (no gc.freeze, default thresholds).
 from __future__ import annotations
 
 import gc
-import threading
 import time
 
 from prometheus_client import Counter, Histogram
@@ -24,8 +23,7 @@ GC_PAUSE = Histogram("deltarec_gc_pause_seconds", "time the cyclic garbage colle
 GC_COLLECTED = Counter("deltarec_gc_collected_objects_total", "objects freed by the cyclic garbage collector",
                        ["generation"])
 
-_lock = threading.Lock()
-_state = {"installed": False, "started": 0.0}
+_state = {"started": 0.0}
 _pause_children = {g: GC_PAUSE.labels(generation=str(g)) for g in (0, 1, 2)}
 _collected_children = {g: GC_COLLECTED.labels(generation=str(g)) for g in (0, 1, 2)}
 
@@ -44,8 +42,6 @@ def _on_collection(phase: str, info: dict) -> None:
 
 
 def install() -> None:
-    """Idempotent: one callback per process."""
-    with _lock:
-        if not _state["installed"]:
-            gc.callbacks.append(_on_collection)
-            _state["installed"] = True
+    """Idempotent: one callback per process (called once, from Boot.load)."""
+    if _on_collection not in gc.callbacks:
+        gc.callbacks.append(_on_collection)

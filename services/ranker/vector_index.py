@@ -360,9 +360,10 @@ class VectorIndex:
             query = queries[row]
             exact = self._vectors[candidates] @ query
             order = np.argsort(-exact, kind="stable")[:k]
+            # Otherwise fetch (> k) candidates came back, so `order` holds k of them.
             every_row = candidates.size < fetch or fetch >= self._count
             proven = every_row or (
-                not structure.codes_exceeded and order.size == k
+                not structure.codes_exceeded
                 and exact[order[-1]] > approximate[row, candidates.size - 1]
                 + float16_score_error(self.dim, structure.max_norm, query))
             if proven:
