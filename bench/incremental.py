@@ -46,7 +46,12 @@ Statistical resolution: every ratio comes with a paired bootstrap 95% interval o
 says whether 1% is resolved: "met" (interval above 0.99), "missed" (interval below 0.99) or
 "unresolved" (0.99 inside the interval; the point ratio is printed beside it). `--reference-seed`
 trains, at the last step, a second full retrain with another seed: its ratio to the first is the
-noise between two equally valid full retrains, the floor under any "within 1%" claim.
+noise between two equally valid full retrains, the floor under any "within 1%" claim. `--seeds K`
+runs the whole protocol K times (seeds --seed .. --seed+K-1: step 0, the full retrains and the
+chains) and judges each step by the mean of the K chains against the mean of the K full retrains,
+with the same paired bootstrap over the users (a user's gains summed over the seeds); the
+reference's own spread is printed beside it (each seed's full retrain against the others' mean).
+With K > 1 the summary's verdicts are the pooled ones; the first seed's stay under `per_step`.
 
 Progress goes to stderr; the per-step table to stdout; the LAST stdout line is one JSON object
 with the full-retrain reference measured in this run, each step and the ratios.
@@ -100,6 +105,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--incremental-epochs", type=int, default=TrainerConfig.incremental_epochs,
                         help="default: TRAINER_MODEL_INCREMENTAL_EPOCHS")
     parser.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples of the test users")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run the protocol with K seeds (--seed .. --seed+K-1) and judge the mean of the K "
+                             "chains against the mean of the K full retrains (the seed noise of one full retrain "
+                             "is ~2%% here, more than the 1%% target); prints each seed's full retrain against "
+                             "the others' mean")
     parser.add_argument("--reference-seed", action="store_true",
                         help="at the last step, a second full retrain with another seed (the reference's own noise)")
     parser.add_argument("--shadow-every", type=int, default=TrainerConfig.shadow_full_every,
@@ -284,72 +294,59 @@ def step_row(chain: Chain, figures: dict, full: dict, seconds: float, cpu: float
     return row
 
 
-def main() -> int:
-    args = parse_args()
-    torch.set_num_threads(max(1, min(2, args.threads)))
-    if not (args.data_dir / "sequences.txt").is_file():
-        return _harness.skip(f"Beauty data not found under {args.data_dir}")
-    users = args.users if args.users is not None else (QUICK_USERS if args.quick else None)
-    config = ModelConfig()
-    config = dataclasses.replace(config, dim=args.dim or config.dim, num_negatives=args.negatives or config.num_negatives)
-    epochs = args.epochs or (QUICK_EPOCHS if args.quick else config.epochs)
-    steps_wanted = args.steps or (QUICK_STEPS if args.quick else 5)
-    strategy = strategies.Strategy(priority=args.priority, top_share=args.top_share,
-                                   replay_ratio=args.replay_ratio).validate()
-    primary = Chain("trainer", args.incremental_lr, args.replay_ratio, args.incremental_epochs,
-                    IncrementalPolicy(TrainerConfig.incremental_anchor, TrainerConfig.incremental_parent_weight,
-                                      TrainerConfig.incremental_freeze_items,
-                                      TrainerConfig.incremental_replay_from).validate())
-    chains = [primary] + [parse_variant(text, primary) for text in args.variant]
+@dataclasses.dataclass
+class Replicate:
+    """One seed's run of the whole protocol: step 0, then every step's full retrain and chains."""
+    seed: int
+    chains: list
+    step0_seconds: float = 0.0
+    step0_metrics: dict = dataclasses.field(default_factory=dict)
+    rows: list = dataclasses.field(default_factory=list)
+    # per step: {"full": per-user gains of the full retrain, chain name: the chain's} (users paired)
+    gains: list = dataclasses.field(default_factory=list)
+    last_prepared: object = None
 
-    data, titles = load_beauty_interactions(args.data_dir, max_users=users)
-    vectors = text_vectors(data, titles)
-    catalog = data.item_ids.external_ids()
-    base, pool, tests = split(data)
-    trainable = len(base) + len(pool)
-    chunk = max(1, math.ceil(args.step_share * trainable))
-    steps = min(steps_wanted, len(pool) // chunk)
-    progress(f"users={len(tests)} items={len(catalog)} training interactions={trainable} "
-             f"(start {len(base)}, delta pool {len(pool)}); {steps} steps of {chunk} ({args.step_share:.1%}); "
-             f"full epochs={epochs}; chains {[dataclasses.asdict(c) for c in chains]}; strategy {strategy.name}; "
-             f"shadow every {args.shadow_every}, drift bound {args.drift_bound}")
 
+def run_replicate(args, seed: int, chains: list, config, epochs: int, strategy, catalog, vectors, base, pool,
+                  tests, chunk: int, steps: int, trainable: int) -> Replicate:
+    """The protocol of the module docstring with one seed (step 0, full retrains and every chain's
+    updates all seeded by it); prints the per-step table lines."""
+    replicate = Replicate(seed, chains)
     fed = [Interaction(i.event_id, i.user_id, i.item_id, i.event_type, i.occurred_at, 1, i.row_id) for i in base]
-    progress(f"step 0: full training on the starting data ({len(fed)} interactions)")
-    model, prepared, (seconds0, _), table0 = full_run(fed, catalog, vectors, config, args.seed, epochs)
-    start_metrics = metrics(ranks_of(model, prepared, tests))
-    progress(f"step 0: {seconds0:.1f}s {start_metrics}")
+    progress(f"seed {seed} step 0: full training on the starting data ({len(fed)} interactions)")
+    model, prepared, (replicate.step0_seconds, _), table0 = full_run(fed, catalog, vectors, config, seed, epochs)
+    replicate.step0_metrics = metrics(ranks_of(model, prepared, tests))
+    progress(f"seed {seed} step 0: {replicate.step0_seconds:.1f}s {replicate.step0_metrics}")
     for chain in chains:
         chain.model, chain.item_ids = model, prepared.data.item_ids.external_ids()
         chain.vectors = table0
 
-    rows = []
-    print(f"{'step':>4} {'chain':>8} {'delta':>6} {'incr s':>8} {'full s':>8} {'time':>7} "
-          f"{'R@10 incr':>10} {'R@10 full':>10} {'ratio':>6} {'N@10 incr':>10} {'N@10 full':>10} {'ratio':>6} "
-          f"{'1%/5% met':>10}")
     for step in range(1, steps + 1):
         lsn = step + 1
         chunk_rows = pool[(step - 1) * chunk: step * chunk]
         fed = fed + [Interaction(i.event_id, i.user_id, i.item_id, i.event_type, i.occurred_at, lsn, i.row_id)
                      for i in chunk_rows]
-        progress(f"step {step}: full retrain on {len(fed)} interactions")
-        full_model, prepared_f, (seconds_f, cpu_f), table_f = full_run(fed, catalog, vectors, config, args.seed, epochs)
+        progress(f"seed {seed} step {step}: full retrain on {len(fed)} interactions")
+        full_model, prepared_f, (seconds_f, cpu_f), table_f = full_run(fed, catalog, vectors, config, seed, epochs)
         ranks_f = ranks_of(full_model, prepared_f, tests)
         figures_f, gains_f = metrics(ranks_f), per_user_gains(ranks_f)
-        progress(f"step {step}: full {seconds_f:.1f}s {figures_f}")
+        replicate.last_prepared = prepared_f
+        progress(f"seed {seed} step {step}: full {seconds_f:.1f}s {figures_f}")
         row = {"step": step, "delta_interactions": len(chunk_rows), "delta_share": round(len(chunk_rows) / trainable, 5),
                "full_seconds": round(seconds_f, 3), "full_cpu_seconds": round(cpu_f, 3), "full": figures_f,
                "chains": {}}
+        step_gains = {"full": gains_f}
         shadow_step = args.shadow_every > 0 and step % args.shadow_every == 0
         for chain in chains:
             chain.model, prepared_i, (seconds_i, cpu_i), selection, stats, table_i = incremental_run(
-                chain.model, chain.item_ids, fed, catalog, vectors, lsn - 1, strategy, args.seed, chain)
+                chain.model, chain.item_ids, fed, catalog, vectors, lsn - 1, strategy, seed, chain)
             chain.item_ids = prepared_i.data.item_ids.external_ids()
             chain.seconds += seconds_i
             ranks_i = ranks_of(chain.model, prepared_i, tests)
-            figures_i = metrics(ranks_i)
+            figures_i, gains_i = metrics(ranks_i), per_user_gains(ranks_i)
+            step_gains[chain.name] = gains_i
             entry = step_row(chain, figures_i, figures_f, seconds_i, cpu_i, seconds_f, cpu_f,
-                             per_user_gains(ranks_i), gains_f, args.bootstrap, args.seed + step)
+                             gains_i, gains_f, args.bootstrap, seed + step)
             entry.update(selected=len(selection.selected), replay_examples=stats.replay_examples,
                          vector_movement=_harness.vector_movement(chain.vectors, table_i))
             chain.vectors = table_i
@@ -370,7 +367,7 @@ def main() -> int:
             row["chains"][chain.name] = entry
             met = ("R" if entry["meets_recall"] else "-") + ("N" if entry["meets_ndcg"] else "-") + \
                   ("T" if entry["meets_time"] else "-")
-            print(f"{step:>4} {chain.name[:8]:>8} {len(chunk_rows):>6} {seconds_i:>8.2f} {seconds_f:>8.1f} "
+            print(f"{seed:>4} {step:>4} {chain.name[:8]:>8} {len(chunk_rows):>6} {seconds_i:>8.2f} {seconds_f:>8.1f} "
                   f"{entry['time_ratio']:>7.2%} {figures_i['recall_at_10']:>10.4f} {figures_f['recall_at_10']:>10.4f} "
                   f"{entry['recall_at_10_ratio']!s:>6} {figures_i['ndcg_at_10']:>10.4f} {figures_f['ndcg_at_10']:>10.4f} "
                   f"{entry['ndcg_at_10_ratio']!s:>6} {met:>10}"
@@ -383,22 +380,112 @@ def main() -> int:
                                                                    if shadow_step else ""), flush=True)
         if args.reference_seed and step == steps:
             # the reference's own noise: another seed, same data and config
-            progress(f"step {step}: second full retrain, seed {args.seed + 1}")
-            other, prepared_o, (seconds_o, cpu_o), _ = full_run(fed, catalog, vectors, config, args.seed + 1, epochs)
+            progress(f"seed {seed} step {step}: second full retrain, seed {seed + 1}")
+            other, prepared_o, (seconds_o, cpu_o), _ = full_run(fed, catalog, vectors, config, seed + 1, epochs)
             ranks_o = ranks_of(other, prepared_o, tests)
-            seed_chain = Chain(f"full seed {args.seed + 1}", config.learning_rate, 0.0, epochs)
+            seed_chain = Chain(f"full seed {seed + 1}", config.learning_rate, 0.0, epochs)
             entry = step_row(seed_chain, metrics(ranks_o), figures_f, seconds_o, cpu_o, seconds_f, cpu_f,
-                             per_user_gains(ranks_o), gains_f, args.bootstrap, args.seed + step)
+                             per_user_gains(ranks_o), gains_f, args.bootstrap, seed + step)
             row["full_other_seed"] = entry
-            print(f"{step:>4} {'fullseed':>8} {'':>6} {seconds_o:>8.1f} {seconds_f:>8.1f} {'':>7} "
+            print(f"{seed:>4} {step:>4} {'fullseed':>8} {'':>6} {seconds_o:>8.1f} {seconds_f:>8.1f} {'':>7} "
                   f"{entry['incremental']['recall_at_10']:>10.4f} {figures_f['recall_at_10']:>10.4f} "
                   f"{entry['recall_at_10_ratio']!s:>6} {entry['incremental']['ndcg_at_10']:>10.4f} "
                   f"{figures_f['ndcg_at_10']:>10.4f} {entry['ndcg_at_10_ratio']!s:>6} {'':>10}"
                   f"  CI R {entry['recall_at_10_ratio_ci95']}  N {entry['ndcg_at_10_ratio_ci95']}", flush=True)
-        rows.append(row)
+        replicate.rows.append(row)
+        replicate.gains.append(step_gains)
+    return replicate
 
-    popularity = evaluate_popularity(cases_for(prepared_f, tests), popularity_counts(
-        prepared_f.data.histories.values(), prepared_f.data.item_ids.table_size)) if rows else {}
+
+def pooled_over_seeds(replicates: list[Replicate], chain_names: list[str], resamples: int, seed: int) -> dict:
+    """Every chain's ratio to the full retrain with each side averaged over the seeds (the mean of K
+    incremental chains against the mean of K full retrains: the seed noise of both sides averages
+    out), its paired bootstrap interval over the users (a user's gains summed over the seeds stay
+    together), and the reference's own spread: each seed's full retrain against the mean of the
+    others, the noise a single full retrain carries."""
+    per_step = []
+    for index in range(min(len(r.rows) for r in replicates)):
+        full_sum = {m: sum(r.gains[index]["full"][m] for r in replicates) for m in ("recall_at_10", "ndcg_at_10")}
+        step = {"step": index + 1, "full_mean": {m: round(float(full_sum[m].mean()) / len(replicates), 5)
+                                                 for m in full_sum}, "chains": {}}
+        for name in chain_names:
+            entry = {"time_ratio_mean": round(float(np.mean([r.rows[index]["chains"][name]["time_ratio"]
+                                                             for r in replicates])), 5),
+                     "time_ratio_max": max(r.rows[index]["chains"][name]["time_ratio"] for r in replicates)}
+            for metric in ("recall_at_10", "ndcg_at_10"):
+                candidate = sum(r.gains[index][name][metric] for r in replicates)
+                point = ratio(float(candidate.sum()), float(full_sum[metric].sum()))
+                interval = bootstrap_ratio_interval(candidate, full_sum[metric], resamples, seed + index + 1)
+                entry[f"{metric}_ratio"] = point
+                entry[f"{metric}_ratio_ci95"] = interval
+                entry[f"{metric}_verdict"] = resolution_verdict(point, interval)
+                entry[f"{metric}_ratio_per_seed"] = [r.rows[index]["chains"][name][f"{metric}_ratio"] for r in replicates]
+            entry["meets_time"] = entry["time_ratio_max"] <= TARGET_TIME_RATIO
+            entry["meets_accuracy"] = min(entry["recall_at_10_ratio"] or 0, entry["ndcg_at_10_ratio"] or 0) \
+                >= TARGET_ACCURACY_RATIO
+            step["chains"][name] = entry
+        spread = {}
+        for metric in ("recall_at_10", "ndcg_at_10"):
+            ratios = []
+            for r in replicates:
+                own = r.gains[index]["full"][metric]
+                others = (full_sum[metric] - own) / (len(replicates) - 1)
+                ratios.append(ratio(float(own.sum()), float(others.sum())))
+            spread[f"{metric}_full_vs_other_seeds"] = ratios
+        step["reference_spread"] = spread
+        per_step.append(step)
+    return {"seeds": [r.seed for r in replicates],
+            "what": "ratios of the mean over the seeds of each side (incremental chains / full retrains)",
+            "per_step": per_step}
+
+
+def main() -> int:
+    args = parse_args()
+    torch.set_num_threads(max(1, min(2, args.threads)))
+    if not (args.data_dir / "sequences.txt").is_file():
+        return _harness.skip(f"Beauty data not found under {args.data_dir}")
+    if args.seeds < 1:
+        raise SystemExit("--seeds must be at least 1")
+    users = args.users if args.users is not None else (QUICK_USERS if args.quick else None)
+    config = ModelConfig()
+    config = dataclasses.replace(config, dim=args.dim or config.dim, num_negatives=args.negatives or config.num_negatives)
+    epochs = args.epochs or (QUICK_EPOCHS if args.quick else config.epochs)
+    steps_wanted = args.steps or (QUICK_STEPS if args.quick else 5)
+    strategy = strategies.Strategy(priority=args.priority, top_share=args.top_share,
+                                   replay_ratio=args.replay_ratio).validate()
+
+    def new_chains() -> list[Chain]:
+        primary = Chain("trainer", args.incremental_lr, args.replay_ratio, args.incremental_epochs,
+                        IncrementalPolicy(TrainerConfig.incremental_anchor, TrainerConfig.incremental_parent_weight,
+                                          TrainerConfig.incremental_freeze_items,
+                                          TrainerConfig.incremental_replay_from).validate())
+        return [primary] + [parse_variant(text, primary) for text in args.variant]
+
+    data, titles = load_beauty_interactions(args.data_dir, max_users=users)
+    vectors = text_vectors(data, titles)
+    catalog = data.item_ids.external_ids()
+    base, pool, tests = split(data)
+    trainable = len(base) + len(pool)
+    chunk = max(1, math.ceil(args.step_share * trainable))
+    steps = min(steps_wanted, len(pool) // chunk)
+    progress(f"users={len(tests)} items={len(catalog)} training interactions={trainable} "
+             f"(start {len(base)}, delta pool {len(pool)}); {steps} steps of {chunk} ({args.step_share:.1%}); "
+             f"full epochs={epochs}; chains {[dataclasses.asdict(c) for c in new_chains()]}; strategy {strategy.name}; "
+             f"shadow every {args.shadow_every}, drift bound {args.drift_bound}; seeds {args.seed}.."
+             f"{args.seed + args.seeds - 1}")
+
+    print(f"{'seed':>4} {'step':>4} {'chain':>8} {'delta':>6} {'incr s':>8} {'full s':>8} {'time':>7} "
+          f"{'R@10 incr':>10} {'R@10 full':>10} {'ratio':>6} {'N@10 incr':>10} {'N@10 full':>10} {'ratio':>6} "
+          f"{'1%/5% met':>10}")
+    replicates = [run_replicate(args, args.seed + offset, new_chains(), config, epochs, strategy, catalog, vectors,
+                                base, pool, tests, chunk, steps, trainable) for offset in range(args.seeds)]
+    first = replicates[0]
+    rows, chains = first.rows, first.chains
+    primary = chains[0]
+    seconds0, start_metrics = first.step0_seconds, first.step0_metrics
+
+    popularity = evaluate_popularity(cases_for(first.last_prepared, tests), popularity_counts(
+        first.last_prepared.data.histories.values(), first.last_prepared.data.item_ids.table_size)) if rows else {}
     full_mean = float(np.mean([r["full_seconds"] for r in rows])) if rows else None
 
     def chain_summary(chain: Chain) -> dict:
@@ -451,6 +538,27 @@ def main() -> int:
         "served_meets_accuracy_target": trainer["served_recall_at_10_ratio_min"] is not None
         and min(trainer["served_recall_at_10_ratio_min"], trainer["served_ndcg_at_10_ratio_min"]) >= TARGET_ACCURACY_RATIO,
     }
+    if len(replicates) > 1:
+        # the verdicts above are the first seed's; with several seeds the pooled ratios decide
+        pooled = pooled_over_seeds(replicates, [chain.name for chain in chains], args.bootstrap, args.seed)
+        trainer_steps = [step["chains"][primary.name] for step in pooled["per_step"]]
+        summary["pooled"] = pooled
+        summary["first_seed_meets_accuracy_target"] = summary["meets_accuracy_target"]
+        summary["meets_accuracy_target"] = all(step["meets_accuracy"] for step in trainer_steps)
+        summary["meets_time_target"] = all(step["meets_time"] for step in trainer_steps)
+        summary["recall_at_10_ratio_min"] = min(step["recall_at_10_ratio"] or 0 for step in trainer_steps)
+        summary["ndcg_at_10_ratio_min"] = min(step["ndcg_at_10_ratio"] or 0 for step in trainer_steps)
+        summary["pooled_verdicts"] = [(step["recall_at_10_verdict"], step["ndcg_at_10_verdict"]) for step in trainer_steps]
+        for step in pooled["per_step"]:
+            for name, entry in step["chains"].items():
+                print(f"pooled step {step['step']} {name[:8]:>8}: R@10 {entry['recall_at_10_ratio']} "
+                      f"{entry['recall_at_10_ratio_ci95']} {entry['recall_at_10_verdict']}  N@10 "
+                      f"{entry['ndcg_at_10_ratio']} {entry['ndcg_at_10_ratio_ci95']} {entry['ndcg_at_10_verdict']}  "
+                      f"time {entry['time_ratio_mean']:.2%} mean", flush=True)
+            print(f"pooled step {step['step']} reference spread (each seed's full / the others'): "
+                  f"R@10 {step['reference_spread']['recall_at_10_full_vs_other_seeds']}  "
+                  f"N@10 {step['reference_spread']['ndcg_at_10_full_vs_other_seeds']}", flush=True)
+    summary["seeds"] = [r.seed for r in replicates]
     _harness.print_summary(summary, sort_keys=True)
     return 0
 
