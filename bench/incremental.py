@@ -3,6 +3,7 @@
     .venv/bin/python bench/incremental.py            # all users, 5 steps of 1%
     .venv/bin/python bench/incremental.py --quick    # < ~60 s: 2000 users, 8 epochs, 2 steps
     .venv/bin/python bench/incremental.py --epochs 10 --steps 5 --step-share 0.01
+    .venv/bin/python bench/incremental.py --steps 2 --seeds 3   # judged on 3 seeds a side (~35 min)
 
 This benchmark calls the trainer's pure run steps (services/trainer/run_steps.py: the same
 functions the trainer service runs for Train and Update) directly: no servers, no database, no
