@@ -197,6 +197,9 @@ class CommonConfig(SecurityConfig, EtcdConfig):
                            help="an extra plaintext gRPC port serving only grpc.health.v1 (for "
                                 "kubelet's gRPC probes, which speak no TLS); -1 = none, 0 = a free port")
     grpc_workers: int = env("GRPC_WORKERS", 16, minimum=1, maximum=1024)
+    grpc_running_handlers: int = env("GRPC_RUNNING_HANDLERS", 0, minimum=0, maximum=1024,
+                                     help="handler threads that run at once, apart from those waiting "
+                                          "(services/common/handler_pool.py); 0 = all GRPC_WORKERS")
     max_connection_age_s: float = env("GRPC_MAX_CONNECTION_AGE_S", 0.0, minimum=0.0, maximum=86400.0,
                                       help="close client connections after this long (streams in "
                                            "flight finish first) so clients re-resolve and spread "

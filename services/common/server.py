@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import limits, metrics_http, tls
 from services.common.auth import AuthInterceptor, Authorizer
+from services.common.handler_pool import HandlerPool
 from services.common.interceptors import ObservabilityInterceptor
 from services.common.reflection_pool import MethodResolvingPool
 from services.contracts.ready_line import ready_line
@@ -39,14 +40,16 @@ class GrpcService:
                  metrics_port: int | None = 0, workers: int = 16, grace_s: float = 10.0,
                  host: str = "127.0.0.1", max_connection_age_s: float = 0.0, security=None,
                  health_port: int | None = None, reuse_port: bool = False,
-                 own_port: int | None = None) -> None:
+                 own_port: int | None = None, running_handlers: int = 0) -> None:
         """`security`: a SecurityConfig (TLS, mutual TLS, authentication, limits); None serves
         plaintext without authentication and with the services' default limits. `health_port`:
         an extra plaintext port serving the health service alone (None: none; 0: a free port).
         `reuse_port`: `port` (and `health_port`) are bound with SO_REUSEPORT, shared with other
         processes of the same service (the ranker's workers, services/ranker/workers.py); without
         it a port in use is an error. `own_port`: one more port for the same services, not
-        shared (0: a free one; `self.own_port`), where this very process is reached."""
+        shared (0: a free one; `self.own_port`), where this very process is reached.
+        `running_handlers`: at most this many of the `workers` handler threads run at once, the
+        others being calls inside a `blocking()` wait (handler_pool.py); 0: all of them."""
         self.name = name
         self.service_names = list(service_names)
         self.grace_s = grace_s
@@ -70,8 +73,10 @@ class GrpcService:
             # replicas added since (HPA) get their share. No grace limit: streams in flight (the
             # delta stream, WatchItems) finish on the old connection.
             options.append(("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)))
+        self.handler_pool = (HandlerPool(running_handlers, workers, name=f"{name}-rpc")
+                             if 0 < running_handlers < workers else None)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-rpc"),
+            self.handler_pool or futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-rpc"),
             interceptors=interceptors,
             # Past this many calls in flight gRPC answers RESOURCE_EXHAUSTED itself: overload is
             # refused early instead of queueing without bound in front of the handler threads.
@@ -124,7 +129,8 @@ class GrpcService:
                    workers=config.grpc_workers, grace_s=config.shutdown_grace_s, host=config.bind_host,
                    max_connection_age_s=getattr(config, "max_connection_age_s", 0.0), security=config,
                    health_port=None if health_port < 0 else health_port,
-                   reuse_port=getattr(config, "reuse_port", False), own_port=getattr(config, "own_port", None))
+                   reuse_port=getattr(config, "reuse_port", False), own_port=getattr(config, "own_port", None),
+                   running_handlers=getattr(config, "grpc_running_handlers", 0))
 
     def _set_health(self, status) -> None:
         self.health.set("", status)
@@ -162,6 +168,8 @@ class GrpcService:
         terminated = self.server.stop(grace)
         self._run_hooks(self._stopping_hooks)
         terminated.wait()
+        if self.handler_pool is not None:
+            self.handler_pool.shutdown(wait=False)
         self._run_hooks(self._shutdown_hooks)
         if self.health_server is not None:
             self.health_server.stop(0)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from services.common.errors import ResourceExhausted
+from services.common.handler_pool import blocking
 
 
 class Overloaded(ResourceExhausted):
@@ -54,11 +55,12 @@ class AdmissionControl:
             turn.acquire()
             self._waiters.append(turn)
         wait = None if timeout_s is None else timeout_s * 0.9
-        if wait is None:
-            turn.acquire()
-            return
-        if wait > 0 and turn.acquire(timeout=wait):
-            return
+        with blocking():
+            if wait is None:
+                turn.acquire()
+                return
+            if wait > 0 and turn.acquire(timeout=wait):
+                return
         with self._lock:
             try:
                 self._waiters.remove(turn)

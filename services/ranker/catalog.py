@@ -27,6 +27,7 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
+from services.common.handler_pool import blocking
 from services.ranker.index_structures import IndexOptions
 from services.ranker.vector_index import VectorIndex
 from services.ranker.lexical import LexicalIndex
@@ -302,7 +303,7 @@ class Catalog:
         if self._watermark >= lsn:
             return True
         deadline = None if timeout_s is None else time.monotonic() + max(timeout_s, 0.0)
-        with self._cond:
+        with blocking(), self._cond:
             while self._watermark < lsn:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:

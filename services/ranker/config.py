@@ -12,11 +12,16 @@ from services.ranker.workers import check_worker_settings
 
 @dataclasses.dataclass(frozen=True)
 class RankerConfig(CommonConfig):
-    # Measured (bench/ranker.py, Beauty, users cached): 16 handler threads serve 1.4x the
-    # requests/s of 64 at concurrency 8 (1901 vs 1325) with a third of the p99: on two cores more
-    # threads only contend for the GIL. The server takes up to 4x this many calls at once (queued
-    # for a thread, then admission control below); more are refused with RESOURCE_EXHAUSTED.
+    # Up to 16 handler threads, of which only GRPC_RUNNING_HANDLERS run at once; the others are
+    # calls waiting (read-your-writes, a features read on a cache miss, admission). The server
+    # takes up to 4x GRPC_WORKERS calls at once (queued for a thread); more are refused with
+    # RESOURCE_EXHAUSTED. Measured (bench/ranker.py, Beauty, users cached): 16 threads serve 1.4x
+    # the requests/s of 64 at concurrency 8, and 1 running of 16 1.24-1.33x again, at 25-30% less
+    # CPU per request (README "Serving"): on two cores runnable threads only contend for the GIL.
     grpc_workers: int = env("GRPC_WORKERS", 16, minimum=1, maximum=1024)
+    grpc_running_handlers: int = env("GRPC_RUNNING_HANDLERS", 1, minimum=0, maximum=1024,
+                                     help="handler threads that run at once, apart from those waiting "
+                                          "(services/common/handler_pool.py); 0 = all GRPC_WORKERS")
     replica_id: str = env("RANKER_REPLICA_ID", "", pattern=r"[A-Za-z0-9._\-]{0,128}",
                           help="name of this replica under rankers/ in etcd (default: host-pid)")
     # Required; a default only because dataclass fields with defaults precede it (see check_settings()).

@@ -8,6 +8,8 @@ from typing import Protocol
 
 import numpy as np
 
+from services.common.handler_pool import blocking
+
 
 class QueryEncoder(Protocol):
     def encode(self, texts: list[str]) -> np.ndarray: ...
@@ -46,5 +48,7 @@ class LocalEncoder:
         self._lock = threading.Lock()
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        with self._lock:
+        # Milliseconds of MiniLM that run without the GIL (or a wait for the lock): other
+        # handlers may run meanwhile (services/common/handler_pool.py).
+        with blocking(), self._lock:
             return self._encoder.encode(texts)

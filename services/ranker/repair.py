@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
+from services.common.handler_pool import blocking
 from services.ranker.catalog import Catalog
 from services.ranker.hot_swap import ModelManager
 from services.ranker.item_feed import ItemFeed
@@ -24,7 +25,8 @@ class ReplicaRepair:
         log.warning("reload of the model asked for")
         self.manager.forget_refusals()
         self.watcher.refresh()
-        return self.manager.idle.wait(max(timeout_s, 0.0))
+        with blocking():
+            return self.manager.idle.wait(max(timeout_s, 0.0))
 
     def resync_index(self, timeout_s: float) -> bool:
         """Reads every item again from the feature store, drops what it no longer lists, and
@@ -32,4 +34,5 @@ class ReplicaRepair:
         log.warning("full resync of the item index asked for", extra={"data_lsn": self.catalog.watermark})
         done = self.feed.request_resync()
         deadline = time.monotonic() + max(timeout_s, 0.0)
-        return done.wait(max(deadline - time.monotonic(), 0.0))
+        with blocking():
+            return done.wait(max(deadline - time.monotonic(), 0.0))

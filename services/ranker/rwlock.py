@@ -5,6 +5,8 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from services.common.handler_pool import blocking
+
 
 class RWLock:
     """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
@@ -18,8 +20,10 @@ class RWLock:
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
+            if self._writer or self._writers_waiting:
+                with blocking():
+                    while self._writer or self._writers_waiting:
+                        self._cond.wait()
             self._readers += 1
         try:
             yield

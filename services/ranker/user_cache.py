@@ -38,6 +38,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
+from services.common.handler_pool import blocking
 from services.ranker import metrics
 
 
@@ -114,6 +115,10 @@ class MissBatcher:
         return {user_id: self.source.user_history(user_id, max_history, timeout_s) for user_id in user_ids}
 
     def fetch(self, user_id: str, max_history: int, timeout_s: float | None) -> UserHistory:
+        with blocking():     # queued behind other reads, then a call to features
+            return self._fetch(user_id, max_history, timeout_s)
+
+    def _fetch(self, user_id: str, max_history: int, timeout_s: float | None) -> UserHistory:
         slot = _Slot(user_id)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:

@@ -191,6 +191,24 @@ def test_min_data_lsn_waits_then_answers(stack):
     assert int(trailers["deltarec-data-lsn"]) >= lsn
 
 
+def test_calls_waiting_for_their_lsn_do_not_hold_up_the_others(stack):
+    """The ranker runs one handler at a time (GRPC_RUNNING_HANDLERS=1, its default); calls
+    waiting for a min_data_lsn hand their place on, so other calls are answered meanwhile."""
+    future_lsn = wal_lsn(stack.engine) + (1 << 40)
+    waiting = [stack.ranker.Recommend.future(ranker_pb2.RecommendRequest(
+        user_id=f"user-{n}", k=5, min_data_lsn=future_lsn), timeout=8.0) for n in range(4)]
+    try:
+        for n in range(20):
+            response = stack.recommend(f"user-{n % 10}", 5, timeout=2.0)
+            assert len(response.items) == 5
+        assert not any(call.done() for call in waiting), "the waits were to outlast the other calls"
+    finally:
+        for call in waiting:
+            with pytest.raises(grpc.RpcError) as failure:
+                call.result()
+            assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
 def test_new_item_is_found_by_exact_title_without_a_model_update(stack):
     version = stack.version()
     item_id = f"new-{uuid.uuid4().hex[:8]}"
