@@ -10,7 +10,8 @@ handler also *waits*: for its read-your-writes LSN, for a features read on a cac
 admission slot. A plain ThreadPoolExecutor of 2 threads would let two waiting calls stall every
 other one.
 
-So a handler that is about to wait says so (`with blocking(): ...`): its thread stops counting
+So a handler that is about to wait says so (`with blocking(): ...`), as does one about to run
+long enough that the others should not queue behind it (a digest of the whole index): its thread stops counting
 as running, and the pool lets another thread take the next queued call (starting one, up to
 `max_threads`); when the wait ends the thread goes on at once, briefly above the cap, and takes
 no new call until the running count is back under it. A thread that finishes a call takes the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from services.common.handler_pool import blocking
 from services.contracts import digest as dg
 from services.ranker.catalog import Catalog
 
@@ -34,18 +35,21 @@ class IndexDigester:
         # the next batch (the catalog advances its watermark after applying), never fewer, so a
         # checker that treats changes above the stated watermark as lag stays right.
         watermark = self.catalog.watermark
-        _, item_ids, vectors, seq = self.catalog.snapshot()
-        with self._lock:
-            cached = self._cache
-            if cached is not None and cached[0] == seq:
-                return IndexDigest(max(watermark, cached[1].data_lsn), cached[1].digest,
-                                   cached[1].fingerprints, cached[1].items)
-            fingerprints = {item_id: dg.vector_fingerprint(vectors[n].astype("<f4", copy=False).tobytes())
-                            for n, item_id in enumerate(item_ids)}
-            digest = dg.Digest.of_rows(dg.INDEX_ITEMS, fingerprints.items())
-            result = IndexDigest(watermark, digest, fingerprints, len(fingerprints))
-            self._cache = (seq, result)
-            return result
+        # Seconds of Python at a million items: the other calls must not queue behind it
+        # (services/common/handler_pool.py).
+        with blocking():
+            _, item_ids, vectors, seq = self.catalog.snapshot()
+            with self._lock:
+                cached = self._cache
+                if cached is not None and cached[0] == seq:
+                    return IndexDigest(max(watermark, cached[1].data_lsn), cached[1].digest,
+                                       cached[1].fingerprints, cached[1].items)
+                fingerprints = {item_id: dg.vector_fingerprint(vectors[n].astype("<f4", copy=False).tobytes())
+                                for n, item_id in enumerate(item_ids)}
+                digest = dg.Digest.of_rows(dg.INDEX_ITEMS, fingerprints.items())
+                result = IndexDigest(watermark, digest, fingerprints, len(fingerprints))
+                self._cache = (seq, result)
+                return result
 
     @staticmethod
     def entries(taken: IndexDigest, buckets: list[int]) -> list[tuple[str, str]]:
