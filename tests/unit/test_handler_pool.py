@@ -17,6 +17,12 @@ def _wait_until(condition, timeout_s: float = 5.0) -> None:
         time.sleep(0.005)
 
 
+def _hold(pool: HandlerPool) -> tuple[threading.Event, object]:
+    """A call that holds its running place (it waits without saying so) until the event is set."""
+    release = threading.Event()
+    return release, pool.submit(lambda: release.wait(5))
+
+
 class Tracker:
     """Counts calls running outside blocking() at once, and the most seen."""
 
@@ -86,8 +92,7 @@ def test_a_blocked_call_lets_the_next_queued_call_run():
 def test_without_blocking_a_waiting_call_holds_its_place():
     """The counter-case of the test above: the cap holds for calls that do not say they wait."""
     pool = HandlerPool(1, 4)
-    release = threading.Event()
-    holding = pool.submit(lambda: release.wait(5))
+    release, holding = _hold(pool)
     queued = pool.submit(lambda: "ran")
     time.sleep(0.1)
     assert not queued.done() and pool.counts()["queued"] == 1
@@ -158,8 +163,7 @@ def test_blocking_outside_a_pool_thread_and_nested_does_nothing():
 
 def test_shutdown_runs_what_is_queued_refuses_new_calls_and_can_cancel():
     pool = HandlerPool(1, 1)
-    release = threading.Event()
-    first = pool.submit(lambda: release.wait(5))
+    release, first = _hold(pool)
     queued = pool.submit(lambda: "queued ran")
     release.set()
     pool.shutdown(wait=True)
@@ -168,8 +172,7 @@ def test_shutdown_runs_what_is_queued_refuses_new_calls_and_can_cancel():
         pool.submit(lambda: None)
 
     pool = HandlerPool(1, 1)
-    release = threading.Event()
-    pool.submit(lambda: release.wait(5))
+    release, _ = _hold(pool)
     cancelled = pool.submit(lambda: "never")
     pool.shutdown(wait=False, cancel_futures=True)
     release.set()
