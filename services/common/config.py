@@ -199,7 +199,7 @@ class CommonConfig(SecurityConfig, EtcdConfig):
     grpc_workers: int = env("GRPC_WORKERS", 16, minimum=1, maximum=1024)
     grpc_running_handlers: int = env("GRPC_RUNNING_HANDLERS", 0, minimum=0, maximum=1024,
                                      help="handler threads that run at once, apart from those waiting "
-                                          "(services/common/handler_pool.py); 0 = all GRPC_WORKERS")
+                                          "(services/common/handler_pool.py); 0 or >= GRPC_WORKERS = all")
     max_connection_age_s: float = env("GRPC_MAX_CONNECTION_AGE_S", 0.0, minimum=0.0, maximum=86400.0,
                                       help="close client connections after this long (streams in "
                                            "flight finish first) so clients re-resolve and spread "

@@ -4,18 +4,19 @@ may be in flight.
 Why: on a Python process every runnable handler thread contends for the GIL. Measured on the
 ranker (bench/ranker.py, Beauty, 2 shared cores): with 16 handler threads all runnable at
 concurrency 8, a Recommend cost ~800 µs of CPU against ~150 µs for the same logic in one thread,
-the rest being GIL hand-offs between threads; with 2 threads taking the calls in turn the same
-calls cost ~550 µs and the process answered 1.4x the requests/s at a third of the p99. But a
-handler also *waits*: for its read-your-writes LSN, for a features read on a cache miss, for an
-admission slot. A plain ThreadPoolExecutor of 2 threads would let two waiting calls stall every
-other one.
+the rest being GIL hand-offs between threads; with 1-2 threads taking the calls in turn the
+same calls cost ~560-620 µs and the process answered 1.25-1.4x the requests/s (README
+"Serving"). But a handler also *waits*: for its read-your-writes LSN, for a features read on a
+cache miss, for an admission slot. A plain ThreadPoolExecutor of 1 or 2 threads would let one or
+two waiting calls stall every other one.
 
 So a handler that is about to wait says so (`with blocking(): ...`), as does one about to run
-long enough that the others should not queue behind it (a digest of the whole index): its thread stops counting
-as running, and the pool lets another thread take the next queued call (starting one, up to
-`max_threads`); when the wait ends the thread goes on at once, briefly above the cap, and takes
-no new call until the running count is back under it. A thread that finishes a call takes the
-next queued one itself, without waking another thread (that hand-off is the cost being avoided).
+long enough that the others should not queue behind it (a digest of the whole index): its thread
+stops counting as running, and the pool lets another thread take the next queued call (starting
+one, up to `max_threads`); when the wait ends the thread goes on at once, briefly above the cap,
+and takes no new call until the running count is back under it. A thread that finishes a call
+takes the next queued one itself, without waking another thread (that hand-off is the cost being
+avoided).
 Outside a pool thread `blocking()` does nothing, so the core runs the same in tests and tools.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ class RankerConfig(CommonConfig):
     grpc_workers: int = env("GRPC_WORKERS", 16, minimum=1, maximum=1024)
     grpc_running_handlers: int = env("GRPC_RUNNING_HANDLERS", 1, minimum=0, maximum=1024,
                                      help="handler threads that run at once, apart from those waiting "
-                                          "(services/common/handler_pool.py); 0 = all GRPC_WORKERS")
+                                          "(services/common/handler_pool.py); 0 or >= GRPC_WORKERS = all")
     replica_id: str = env("RANKER_REPLICA_ID", "", pattern=r"[A-Za-z0-9._\-]{0,128}",
                           help="name of this replica under rankers/ in etcd (default: host-pid)")
     # Required; a default only because dataclass fields with defaults precede it (see check_settings()).
