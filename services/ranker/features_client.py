@@ -11,7 +11,6 @@ from deltarec.v1 import features_pb2, features_pb2_grpc
 
 from services.common import channels
 from services.common.errors import InvalidArgument
-from services.common.handler_pool import blocking
 from services.contracts.event_types import MODEL_INDEX_BY_PROTO, EventType
 from services.ranker.user_cache import FeaturesUnavailable, UserHistory
 
@@ -50,10 +49,9 @@ class FeaturesClient:
 
     def user_history(self, user_id: str, max_history: int, timeout_s: float | None) -> UserHistory:
         try:
-            with blocking():
-                response = self.stub.GetUserFeatures(
-                    features_pb2.GetUserFeaturesRequest(user_id=user_id, max_history=max_history),
-                    timeout=self._timeout(timeout_s))
+            response = self.stub.GetUserFeatures(
+                features_pb2.GetUserFeaturesRequest(user_id=user_id, max_history=max_history),
+                timeout=self._timeout(timeout_s))
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return UserHistory()
@@ -65,10 +63,9 @@ class FeaturesClient:
     def item_popularity(self, item_ids: list[str], timeout_s: float | None = None) -> dict[str, float]:
         """Features' current popularity of up to 1000 items (items it does not know are left out)."""
         try:
-            with blocking():
-                response = self.stub.GetItemFeatures(
-                    features_pb2.GetItemFeaturesRequest(item_ids=item_ids, include_embedding=False),
-                    timeout=self._timeout(timeout_s))
+            response = self.stub.GetItemFeatures(
+                features_pb2.GetItemFeaturesRequest(item_ids=item_ids, include_embedding=False),
+                timeout=self._timeout(timeout_s))
         except grpc.RpcError as error:
             raise FeaturesUnavailable(f"GetItemFeatures: {error.code().name}") from None
         return {item.item_id: float(item.stats.popularity) for item in response.items}
@@ -81,10 +78,9 @@ class FeaturesClient:
         if not self._batch_supported:
             return {user_id: self.user_history(user_id, max_history, timeout_s) for user_id in user_ids}
         try:
-            with blocking():
-                response = self.stub.BatchGetUserFeatures(
-                    features_pb2.BatchGetUserFeaturesRequest(user_ids=user_ids, max_history=max_history),
-                    timeout=self._timeout(timeout_s))
+            response = self.stub.BatchGetUserFeatures(
+                features_pb2.BatchGetUserFeaturesRequest(user_ids=user_ids, max_history=max_history),
+                timeout=self._timeout(timeout_s))
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self._batch_supported = False
@@ -96,9 +92,8 @@ class FeaturesClient:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         try:
-            with blocking():
-                response = self.stub.EmbedText(features_pb2.EmbedTextRequest(texts=texts),
-                                               timeout=self.timeout_s * 5)
+            response = self.stub.EmbedText(features_pb2.EmbedTextRequest(texts=texts),
+                                           timeout=self.timeout_s * 5)
         except grpc.RpcError as error:
             raise FeaturesUnavailable(f"EmbedText: {error.code().name}") from None
         return np.stack([np.frombuffer(vector.values, dtype="<f4") for vector in response.vectors])

@@ -30,7 +30,10 @@ class CachedEncoder:
             if vector is not None:
                 self._entries.move_to_end(key)
                 return vector
-        vector = np.asarray(self.encoder.encode([key]), np.float32).reshape(-1)
+        # A call to features' EmbedText, or milliseconds of MiniLM here without the GIL: other
+        # handlers may run meanwhile (services/common/handler_pool.py).
+        with blocking():
+            vector = np.asarray(self.encoder.encode([key]), np.float32).reshape(-1)
         if self.capacity:
             with self._lock:
                 self._entries[key] = vector
@@ -48,7 +51,5 @@ class LocalEncoder:
         self._lock = threading.Lock()
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        # Milliseconds of MiniLM that run without the GIL (or a wait for the lock): other
-        # handlers may run meanwhile (services/common/handler_pool.py).
-        with blocking(), self._lock:
+        with self._lock:
             return self._encoder.encode(texts)
